@@ -1,0 +1,240 @@
+"""The Plan: how a model is split into pipeline stages and replicated (format "dapple-plan/1").
+
+A plan is plain data shared by the planner (which writes it), the graph rewriter and the runtime
+(which execute it). See ARCHITECTURE.md, "Plan (contract)".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+PLAN_FORMAT = "dapple-plan/1"
+SCHEDULES = ("gpipe", "1f1b")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, or that cannot be executed on the model or devices at hand."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    layers: tuple[str, ...]
+    devices: tuple[int, ...]
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    global_batch_size: int
+    num_micro_batches: int
+    schedule: str
+    stages: tuple[Stage, ...]
+    predicted: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(
+            s if isinstance(s, Stage) else Stage(tuple(s["layers"]), tuple(s["devices"]))
+            for s in self.stages))
+        object.__setattr__(self, "stages", tuple(
+            Stage(tuple(s.layers), tuple(int(d) for d in s.devices)) for s in self.stages))
+        self._check_shape()
+
+    # ---- derived facts -------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // self.num_micro_batches
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """All device ids the plan uses, in stage order."""
+        return tuple(d for s in self.stages for d in s.devices)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(name for s in self.stages for name in s.layers)
+
+    @property
+    def notation(self) -> str:
+        """DAPPLE notation: replicas per stage joined by ':' (e.g. '15:1'); one stage is 'DP<n>'."""
+        if self.num_stages == 1:
+            return f"DP{self.stages[0].num_replicas}"
+        return ":".join(str(s.num_replicas) for s in self.stages)
+
+    def stage_of_layer(self) -> dict[str, int]:
+        return {name: i for i, s in enumerate(self.stages) for name in s.layers}
+
+    def rows_of_replica(self, stage: int, replica: int) -> tuple[int, int]:
+        """Row range [begin, end) of every micro-batch that replica `replica` of `stage` owns."""
+        r = self.stages[stage].num_replicas
+        per = self.micro_batch_size // r
+        return replica * per, (replica + 1) * per
+
+    # ---- validation -------------------------------------------------------------------------
+    def _check_shape(self):
+        if not self.stages:
+            raise PlanError("plan has no stages")
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"plan schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+        if self.global_batch_size <= 0 or self.num_micro_batches <= 0:
+            raise PlanError(f"plan needs positive global_batch_size and num_micro_batches, got "
+                            f"{self.global_batch_size} and {self.num_micro_batches}")
+        if self.global_batch_size % self.num_micro_batches:
+            raise PlanError(f"global_batch_size {self.global_batch_size} does not divide into "
+                            f"{self.num_micro_batches} micro-batches")
+        b = self.micro_batch_size
+        for i, s in enumerate(self.stages):
+            if not s.layers:
+                raise PlanError(f"stage {i} has no layers")
+            if not s.devices:
+                raise PlanError(f"stage {i} has no devices")
+            if b % s.num_replicas:
+                raise PlanError(
+                    f"micro-batch size {b} (= {self.global_batch_size} / {self.num_micro_batches}) "
+                    f"does not divide by stage {i}'s {s.num_replicas} replicas; choose a global "
+                    f"batch or micro-batch count so that every stage's replica count divides the "
+                    f"micro-batch size")
+        seen_devices: dict[int, int] = {}
+        for i, s in enumerate(self.stages):
+            for d in s.devices:
+                if d < 0:
+                    raise PlanError(f"stage {i} names negative device id {d}")
+                if d in seen_devices:
+                    raise PlanError(f"device {d} is used by stage {seen_devices[d]} and stage {i}; "
+                                    f"a device holds exactly one stage replica")
+                seen_devices[d] = i
+        seen_layers: dict[str, int] = {}
+        for i, s in enumerate(self.stages):
+            for name in s.layers:
+                if name in seen_layers:
+                    raise PlanError(f"layer '{name}' appears in stage {seen_layers[name]} and "
+                                    f"stage {i}")
+                seen_layers[name] = i
+
+    def check_layers(self, model_layers: Sequence[str]) -> None:
+        """Raise PlanError unless the plan covers exactly `model_layers`, in order."""
+        model_layers = list(model_layers)
+        plan_layers = list(self.layers)
+        if plan_layers == model_layers:
+            return
+        unknown = [n for n in plan_layers if n not in model_layers]
+        missing = [n for n in model_layers if n not in plan_layers]
+        if unknown:
+            problem = f"names unknown layers {unknown}"
+        elif missing:
+            problem = f"skips layers {missing}"
+        else:
+            problem = "lists the layers out of model order"
+        raise PlanError(f"plan {problem}; the model's layers, in order, are: "
+                        f"{', '.join(model_layers)}")
+
+    def check_devices(self, num_available: int, what: str = "local devices") -> None:
+        needed = max(self.devices) + 1
+        if needed > num_available:
+            raise PlanError(f"plan {self.notation} uses device ids up to {needed - 1} and needs "
+                            f"{needed} devices, but only {num_available} {what} are available")
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "global_batch_size": self.global_batch_size,
+            "num_micro_batches": self.num_micro_batches,
+            "schedule": self.schedule,
+            "stages": [{"layers": list(s.layers), "devices": list(s.devices)} for s in self.stages],
+            "notation": self.notation,
+            "predicted": dict(self.predicted),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<plan>") -> "Plan":
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: a plan is a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt != PLAN_FORMAT:
+            raise PlanError(f"{source}: expected \"format\": \"{PLAN_FORMAT}\", found {fmt!r}")
+        for key in ("global_batch_size", "num_micro_batches", "schedule", "stages"):
+            if key not in data:
+                raise PlanError(f"{source}: missing key '{key}'")
+        stages = data["stages"]
+        if not isinstance(stages, list):
+            raise PlanError(f"{source}: 'stages' must be a list")
+        for i, s in enumerate(stages):
+            if not isinstance(s, dict) or not isinstance(s.get("layers"), list) \
+                    or not isinstance(s.get("devices"), list):
+                raise PlanError(f"{source}: stage {i} must be an object with lists 'layers' and "
+                                f"'devices'")
+        try:
+            return cls(global_batch_size=int(data["global_batch_size"]),
+                       num_micro_batches=int(data["num_micro_batches"]),
+                       schedule=str(data["schedule"]),
+                       stages=tuple(stages),
+                       predicted=dict(data.get("predicted") or {}))
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<plan>") -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise PlanError(f"cannot read plan file {path}: {e.strerror}") from None
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file, then rename)."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+
+def even_plan(layers: Sequence[str], replicas_per_stage: Sequence[int], global_batch_size: int,
+              num_micro_batches: int, schedule: str = "1f1b") -> Plan:
+    """A plan that splits `layers` into len(replicas_per_stage) contiguous stages of near-equal
+    layer count, stage i on the next replicas_per_stage[i] device ids. Handy for tests and for
+    DAPPLE notation given on the command line (e.g. '3:1')."""
+    num_stages = len(replicas_per_stage)
+    if num_stages > len(layers):
+        raise PlanError(f"cannot split {len(layers)} layers into {num_stages} stages")
+    stages, start, device = [], 0, 0
+    for i, r in enumerate(replicas_per_stage):
+        end = start + (len(layers) - start) // (num_stages - i)
+        stages.append(Stage(tuple(layers[start:end]), tuple(range(device, device + r))))
+        start, device = end, device + r
+    return Plan(global_batch_size, num_micro_batches, schedule, tuple(stages))
+
+
+def parse_notation(notation: str) -> list[int]:
+    """'15:1' -> [15, 1]; 'DP4' -> [4]."""
+    text = notation.strip()
+    if text.upper().startswith("DP") and text[2:].isdigit():
+        return [int(text[2:])]
+    parts = text.split(":")
+    if not parts or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise PlanError(f"'{notation}' is not DAPPLE notation like '2:2' or '15:1'")
+    return [int(p) for p in parts]

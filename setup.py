@@ -1,0 +1,18 @@
+"""dapple-tf: hybrid pipeline + data parallel training for TensorFlow, planned automatically."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dapple-tf",
+    version="0.1.0",
+    description="DAPPLE-style planned hybrid pipeline/data parallel training for TensorFlow",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dapple_tf*", "graph_rewrite*", "planner*", "models*"]),
+    py_modules=["train"],
+    install_requires=["numpy", "absl-py"],
+    entry_points={
+        "console_scripts": [
+            "dapple-train=train:entry_point",
+            "dapple-plan=planner.__main__:main",
+        ],
+    },
+)
