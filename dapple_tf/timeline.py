@@ -1,0 +1,372 @@
+"""Timeline of one traced pipelined step: tasks, bubble fraction, Gantt PNG and Chrome trace.
+
+    python -m dapple_tf.timeline --model_dir DIR [--step N] [--stages S --micro_batches M]
+
+reads `DIR/trace_step_<N>.pb` (a serialized `RunMetadata` that `train.py --trace_step N` saves;
+the newest one if `--step` is not given) and writes next to it `trace_step_<N>.png` (one row per
+device, forward and backward of each micro-batch as labelled boxes, transfers and allreduce
+shown) and `trace_step_<N>.json` (open in chrome://tracing or https://ui.perfetto.dev), and
+prints the measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
+
+Ops are classified by the names the rewriter gives them (ARCHITECTURE.md, "The rewritten
+graph"): the ops of micro-batch i live under `dapple/mb<i>/`, stage boundaries are
+`dapple/mb<i>/s<a>_to_s<b>/{send,recv}` (forward when a < b, gradients when a > b), backward
+ops are those under a `gradients` scope inside a micro-batch clone. Ops of one kind, micro-batch
+and stage on one device merge into one task spanning first start to last end.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+from typing import Iterable, Mapping, Sequence
+
+from dapple_tf.profiler import OpRecord, op_records
+
+KINDS = ("F", "B", "transfer", "allreduce", "apply")
+
+_TRANSFER = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)(/|$)")
+_MICRO_BATCH = re.compile(r"^dapple/mb(\d+)/(.*)$")
+_STAGE_COMPONENT = re.compile(r"^(?:s|stage_?)(\d+)$")
+_ALLREDUCE = re.compile(r"allreduce|allgather|broadcast|nccl", re.IGNORECASE)
+_APPLY_TYPE = re.compile(r"^(Resource)?(Sparse)?Apply")  # optimizer updates: ResourceApplyAdam, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A box of the chart: one kind of work for one micro-batch of one stage on one device."""
+    device: str
+    kind: str                      # one of KINDS
+    micro_batch: int | None        # None for allreduce and apply
+    stage: int | None              # the sending stage for transfers
+    start_us: int
+    end_us: int
+    busy_us: int = 0               # summed op time inside [start_us, end_us)
+    to_stage: int | None = None    # the receiving stage, transfers only
+
+    @property
+    def label(self) -> str:
+        if self.kind in ("F", "B"):
+            return f"{self.kind}{self.micro_batch}"
+        if self.kind == "transfer":
+            return f"{self.stage}>{self.to_stage}"
+        return "AR" if self.kind == "allreduce" else "apply"
+
+
+def classify(name: str, op_type: str = "") -> tuple[str, int | None, int | None, int | None] | None:
+    """(kind, micro_batch, stage, to_stage) of a node by its name, or None for nodes of no task.
+
+    The stage of a compute op comes from an `s<k>`/`stage_<k>` component if the rewriter puts one
+    in the name; otherwise it is left None and taken from the device (see `tasks_from_step_stats`).
+    """
+    m = _TRANSFER.match(name)
+    if m:
+        return "transfer", int(m.group(1)), int(m.group(2)), int(m.group(3))
+    m = _MICRO_BATCH.match(name)
+    if m:
+        parts = m.group(2).split("/")
+        if _ALLREDUCE.search(op_type) or any(_ALLREDUCE.search(p) for p in parts[:1]):
+            return "allreduce", None, None, None
+        stage = next((int(s.group(1)) for s in map(_STAGE_COMPONENT.match, parts) if s), None)
+        backward = any(p == "gradients" or p.startswith("gradients_") for p in parts)
+        return ("B" if backward else "F"), int(m.group(1)), stage, None
+    if _ALLREDUCE.search(name) or _ALLREDUCE.search(op_type):
+        return "allreduce", None, None, None
+    if _APPLY_TYPE.match(op_type):
+        return "apply", None, None, None
+    return None
+
+
+def _op_type(label: str) -> str:
+    # Step stats labels read "name = Type(inputs)".
+    m = re.match(r".* = ([^(]*)\(", label)
+    return m.group(1) if m else ""
+
+
+def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
+                       stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
+    """Merges classified ops (record, op type) into tasks, sorted by device then start."""
+    records = list(records)
+    if stage_of_device is None:
+        stage_of_device = stages_from_transfers(rec for rec, _ in records)
+    groups: dict[tuple, list[OpRecord]] = collections.defaultdict(list)
+    for rec, op_type in records:
+        c = classify(rec.name, op_type)
+        if c is None:
+            continue
+        kind, mb, stage, to_stage = c
+        if stage is None and kind in ("F", "B") and stage_of_device:
+            stage = stage_of_device.get(rec.device, _short_device_match(rec.device, stage_of_device))
+        groups[(rec.device, kind, mb, stage, to_stage)].append(rec)
+    tasks = [Task(device, kind, mb, stage, min(r.start_us for r in recs),
+                  max(r.end_us for r in recs), sum(r.busy_us for r in recs), to_stage)
+             for (device, kind, mb, stage, to_stage), recs in groups.items()]
+    return sorted(tasks, key=lambda t: (device_sort_key(t.device), t.start_us, t.end_us))
+
+
+def stages_from_transfers(records: Iterable[OpRecord]) -> dict[str, int]:
+    """Device -> stage, read off the boundary ops: the device running `s<a>_to_s<b>/send` holds
+    stage a, the one running `.../recv` stage b."""
+    out = {}
+    for rec in records:
+        m = _TRANSFER.match(rec.name)
+        if m:
+            out.setdefault(rec.device, int(m.group(2) if m.group(4) == "send" else m.group(3)))
+    return out
+
+
+def _short_device_match(device: str, stage_of_device: Mapping[str, int]) -> int | None:
+    for name, stage in stage_of_device.items():
+        if device.lower().endswith(name.lower().lstrip("/")):
+            return stage
+    return None
+
+
+def tasks_from_step_stats(step_stats, stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
+    """Tasks of one traced step (`RunMetadata.step_stats`).
+
+    `stage_of_device` maps a device name (full, or a suffix such as `CPU:1`) to the stage it
+    runs, for names that do not carry the stage."""
+    labels = {}
+    for dev in step_stats.dev_stats:
+        for node in dev.node_stats:
+            labels.setdefault(node.node_name, _op_type(node.timeline_label))
+    return tasks_from_records(((r, labels.get(r.name, "")) for r in op_records(step_stats)),
+                              stage_of_device)
+
+
+# ---- analysis ----------------------------------------------------------------------------------
+def device_sort_key(device: str) -> tuple:
+    """Orders `/job:.../device:CPU:10` after `CPU:9`: by name with trailing numbers as ints."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", device))
+
+
+def devices_of(tasks: Sequence[Task]) -> list[str]:
+    return sorted({t.device for t in tasks}, key=device_sort_key)
+
+
+def _union_us(spans: Iterable[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for s, e in sorted(spans):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def pipeline_window(tasks: Sequence[Task]) -> tuple[int, int]:
+    """From the first forward's start to the last backward's end over all devices."""
+    compute = [t for t in tasks if t.kind in ("F", "B")]
+    if not compute:
+        raise ValueError("no forward or backward tasks: was the traced step a pipelined one?")
+    return min(t.start_us for t in compute), max(t.end_us for t in compute)
+
+
+def bubble_fraction(tasks: Sequence[Task]) -> dict[str, float]:
+    """Per device: the fraction of the pipeline window (`pipeline_window`) in which the device
+    runs no forward or backward. This is what (S-1)/(M+S-1) predicts for equal stages; transfers,
+    allreduce and apply are outside it."""
+    begin, end = pipeline_window(tasks)
+    window = max(end - begin, 1)
+    out = {}
+    for device in devices_of(tasks):
+        spans = [(t.start_us, t.end_us) for t in tasks if t.device == device and t.kind in ("F", "B")]
+        if spans:
+            out[device] = 1.0 - _union_us(spans) / window
+    return out
+
+
+def theoretical_bubble(num_stages: int, num_micro_batches: int) -> float:
+    return (num_stages - 1) / (num_micro_batches + num_stages - 1)
+
+
+def compute_order(tasks: Sequence[Task]) -> dict[str, list[tuple[str, int]]]:
+    """Per device, its forward/backward actions in the order they started: [("F", 0), ...] —
+    comparable with a schedule's action lists (graph_rewrite.schedule)."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for device in devices_of(tasks):
+        mine = sorted((t for t in tasks if t.device == device and t.kind in ("F", "B")),
+                      key=lambda t: t.start_us)
+        if mine:
+            out[device] = [(t.kind, t.micro_batch) for t in mine]
+    return out
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+_COLORS = {"F": "#4c78a8", "B": "#59a14f", "transfer": "#9d9d9d", "allreduce": "#f28e2b",
+           "apply": "#e15759"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chart:
+    """What `render_png` drew, read back from the figure: per row (device), the boxes' labels
+    and x extents in milliseconds, in x order."""
+    rows: dict[str, list[tuple[str, float, float]]]
+
+
+def _short(device: str) -> str:
+    m = re.search(r"(?:device:)?([A-Za-z]+:\d+)$", device)
+    return m.group(1) if m else device
+
+
+def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
+    """Draws a Gantt chart: one row per device; F/B boxes labelled `F<i>`/`B<i>` on the upper
+    lane, transfers/allreduce/apply on a thin lower lane."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if not tasks:
+        raise ValueError("no tasks to draw")
+    devices = devices_of(tasks)
+    t0 = min(t.start_us for t in tasks)
+    span_ms = (max(t.end_us for t in tasks) - t0) / 1000.0 or 1.0
+    fig = Figure(figsize=(max(8.0, min(24.0, 2.0 + 0.5 * len(tasks) / max(len(devices), 1))),
+                          1.0 + 0.9 * len(devices)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for row, device in enumerate(devices):
+        y = len(devices) - 1 - row
+        for t in (t for t in tasks if t.device == device):
+            x0, width = (t.start_us - t0) / 1000.0, max((t.end_us - t.start_us) / 1000.0, span_ms / 2000)
+            compute = t.kind in ("F", "B")
+            bottom, height = (y - 0.05, 0.45) if compute else (y - 0.40, 0.25)
+            rect = ax.broken_barh([(x0, width)], (bottom, height), facecolors=_COLORS[t.kind],
+                                  edgecolors="black", linewidth=0.4)
+            rect.set_gid(f"{device}|{t.label}")
+            if compute and width > span_ms / 60:
+                ax.text(x0 + width / 2, bottom + height / 2, t.label, ha="center", va="center",
+                        fontsize=7, color="white")
+    ax.set_yticks(range(len(devices)))
+    stage_of = {t.device: t.stage for t in tasks if t.kind in ("F", "B") and t.stage is not None}
+    ax.set_yticklabels([_short(d) + (f"\nstage {stage_of[d]}" if d in stage_of else "")
+                        for d in reversed(devices)])
+    ax.set_ylim(-0.6, len(devices) - 0.4)
+    ax.set_xlim(0, span_ms * 1.01)
+    ax.set_xlabel("time since step start (ms)")
+    ax.grid(axis="x", linestyle=":", linewidth=0.5)
+    ax.legend(handles=[Patch(color=_COLORS[k], label=k) for k in KINDS],
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(KINDS), fontsize=8,
+              frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    # Read the drawn boxes back, so tests check the picture and not the input.
+    rows: dict[str, list[tuple[str, float, float]]] = collections.defaultdict(list)
+    for coll in ax.collections:
+        gid = coll.get_gid()
+        if not gid:
+            continue
+        device, label = gid.rsplit("|", 1)
+        for path_ in coll.get_paths():
+            xs = path_.vertices[:, 0]
+            rows[device].append((label, float(xs.min()), float(xs.max())))
+    return Chart({d: sorted(boxes, key=lambda b: (b[1], b[2])) for d, boxes in rows.items()})
+
+
+def chrome_trace(tasks: Sequence[Task]) -> dict:
+    """Chrome trace (`chrome://tracing`, Perfetto): one process per device, one thread per lane
+    (compute, communication), an `X` event per task with times in microseconds."""
+    events = []
+    devices = devices_of(tasks)
+    for pid, device in enumerate(devices):
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+                       "args": {"name": device}})
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0,
+                       "args": {"name": "compute"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 1,
+                       "args": {"name": "communication"}})
+    pid_of = {d: i for i, d in enumerate(devices)}
+    t0 = min((t.start_us for t in tasks), default=0)
+    for t in tasks:
+        events.append({
+            "name": t.label, "cat": t.kind, "ph": "X", "pid": pid_of[t.device],
+            "tid": 0 if t.kind in ("F", "B") else 1, "ts": t.start_us - t0,
+            "dur": max(t.end_us - t.start_us, 1),
+            "args": {"micro_batch": t.micro_batch, "stage": t.stage, "to_stage": t.to_stage,
+                     "busy_us": t.busy_us}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def format_bubbles(tasks: Sequence[Task], num_stages: int | None = None,
+                   num_micro_batches: int | None = None) -> str:
+    """A table of the measured bubble fraction per device, with the theoretical one if known."""
+    known = {t.stage for t in tasks if t.stage is not None} | \
+        {t.to_stage for t in tasks if t.to_stage is not None}
+    stages = num_stages or (max(known) + 1 if known else 1)
+    mbs = num_micro_batches or len({t.micro_batch for t in tasks if t.kind in ("F", "B")}) or 1
+    theory = theoretical_bubble(stages, mbs)
+    begin, end = pipeline_window(tasks)
+    lines = [f"pipeline window {(end - begin) / 1000.0:.3f} ms; S={stages}, M={mbs}: theoretical "
+             f"bubble (S-1)/(M+S-1) = {theory:.3f}",
+             f"{'device':<40} {'measured bubble':>16}"]
+    for device, frac in bubble_fraction(tasks).items():
+        lines.append(f"{device:<40} {frac:16.3f}")
+    return "\n".join(lines)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+def trace_path(model_dir: str, step: int) -> str:
+    """Where `train.py --trace_step N` saves the RunMetadata of step N."""
+    return os.path.join(model_dir, f"trace_step_{step}.pb")
+
+
+def _latest_trace(model_dir: str) -> tuple[str, int]:
+    found = []
+    for path in glob.glob(os.path.join(model_dir, "trace_step_*.pb")):
+        m = re.search(r"trace_step_(\d+)\.pb$", path)
+        if m:
+            found.append((int(m.group(1)), path))
+    if not found:
+        raise SystemExit(f"{model_dir}: no trace_step_<N>.pb found; run train.py --trace_step N "
+                         f"--model_dir {model_dir} first")
+    step, path = max(found)
+    return path, step
+
+
+def load_run_metadata(path: str):
+    from tensorflow.core.protobuf import config_pb2
+    metadata = config_pb2.RunMetadata()
+    with open(path, "rb") as f:
+        metadata.ParseFromString(f.read())
+    return metadata
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dapple_tf.timeline", description=__doc__.split("\n")[0])
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--step", type=int, default=None, help="traced step (default: the newest)")
+    p.add_argument("--stages", type=int, default=None, help="S for the theoretical bubble")
+    p.add_argument("--micro_batches", type=int, default=None, help="M for the theoretical bubble")
+    args = p.parse_args(argv)
+    if args.step is None:
+        path, step = _latest_trace(args.model_dir)
+    else:
+        path, step = trace_path(args.model_dir, args.step), args.step
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: not found; run train.py --trace_step {step} first")
+    tasks = tasks_from_step_stats(load_run_metadata(path).step_stats)
+    if not tasks:
+        raise SystemExit(f"{path}: no dapple/mb<i>/ ops in the trace; was it a pipelined step?")
+    base = os.path.join(args.model_dir, f"trace_step_{step}")
+    render_png(tasks, base + ".png", title=f"{path}")
+    with open(base + ".json", "w") as f:
+        json.dump(chrome_trace(tasks), f)
+    print(format_bubbles(tasks, args.stages, args.micro_batches))
+    print(f"wrote {base}.png and {base}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

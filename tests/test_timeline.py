@@ -1,0 +1,158 @@
+"""Timeline: tasks from step stats, bubble fraction, Gantt chart and Chrome trace of a step."""
+import json
+
+import pytest
+from tensorflow.core.framework import step_stats_pb2
+from tensorflow.core.protobuf import config_pb2
+
+from dapple_tf import timeline
+from graph_rewrite import schedule
+
+pytestmark = pytest.mark.timeout(120)
+
+DEVICES = ["/job:localhost/replica:0/task:0/device:CPU:0", "/job:localhost/replica:0/task:0/device:CPU:1"]
+
+
+def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000_000):
+    """Step stats of a pipeline running `lists` (one action list per stage, stage s on DEVICES[s])
+    where each action starts when its stage is free and its input has arrived. Each action is two
+    ops named like the rewriter names them; each stage boundary is a send and a recv op."""
+    num_stages = len(lists)
+    stats = step_stats_pb2.StepStats()
+    devs = [stats.dev_stats.add(device=d) for d in DEVICES[:num_stages]]
+    done, free, position = {}, [t0] * num_stages, [0] * num_stages
+
+    def node(dev, name, op_type, start, end):
+        n = devs[dev].node_stats.add(node_name=name, all_start_micros=start,
+                                     op_start_rel_micros=0, op_end_rel_micros=end - start,
+                                     all_end_rel_micros=end - start)
+        n.timeline_label = f"{name} = {op_type}(x)"
+
+    total = sum(len(a) for a in lists)
+    while len(done) < total:
+        for s in range(num_stages):
+            if position[s] == len(lists[s]):
+                continue
+            kind, i = lists[s][position[s]]
+            dep = (s - 1, ("F", i)) if kind == "F" else (s + 1, ("B", i))
+            if 0 <= dep[0] < num_stages and dep not in done:
+                continue
+            ready = max(free[s], done.get(dep, t0) + (transfer_us if dep in done else 0))
+            if kind == "F" and s > 0:
+                node(s, f"dapple/mb{i}/s{s - 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready)
+            if kind == "B" and s < num_stages - 1:
+                node(s, f"dapple/mb{i}/s{s + 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready)
+            length = forward_us if kind == "F" else backward_us
+            half = ready + length // 2
+            if kind == "F":
+                node(s, f"dapple/mb{i}/layer_{s}/MatMul", "MatMul", ready, half)
+                node(s, f"dapple/mb{i}/layer_{s}/Relu", "Relu", half, ready + length)
+            else:
+                node(s, f"dapple/mb{i}/gradients/layer_{s}/Relu_grad/ReluGrad", "ReluGrad", ready, half)
+                node(s, f"dapple/mb{i}/gradients/layer_{s}/MatMul_grad/MatMul", "MatMul", half, ready + length)
+            end = ready + length
+            if kind == "F" and s < num_stages - 1:
+                node(s, f"dapple/mb{i}/s{s}_to_s{s + 1}/send", "Identity", end, end + 1)
+            if kind == "B" and s > 0:
+                node(s, f"dapple/mb{i}/s{s}_to_s{s - 1}/send", "Identity", end, end + 1)
+            done[(s, (kind, i))] = end
+            free[s] = end
+            position[s] += 1
+    end = max(free)
+    for s in range(num_stages):
+        node(s, "GradientDescent/update_w/ResourceApplyGradientDescent", "ResourceApplyGradientDescent",
+             end + 10, end + 20)
+    node(0, "_SOURCE", "NoOp", t0 - 5, t0 - 4)
+    return stats
+
+
+STAGES, MICRO_BATCHES = 2, 4
+
+
+@pytest.fixture(scope="module")
+def one_f_one_b_tasks():
+    lists = schedule.one_f_one_b(STAGES, MICRO_BATCHES)
+    return lists, timeline.tasks_from_step_stats(simulated_step_stats(lists, 100, 200, transfer_us=5))
+
+
+def test_compute_tasks_per_device_follow_the_schedule(one_f_one_b_tasks):
+    lists, tasks = one_f_one_b_tasks
+    assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}
+
+
+def test_each_action_is_one_task_spanning_its_ops(one_f_one_b_tasks):
+    _, tasks = one_f_one_b_tasks
+    f2 = [t for t in tasks if t.device == DEVICES[1] and t.kind == "F" and t.micro_batch == 2]
+    assert len(f2) == 1 and f2[0].end_us - f2[0].start_us == 100 and f2[0].busy_us == 100
+
+
+def test_transfers_and_apply_become_tasks(one_f_one_b_tasks):
+    _, tasks = one_f_one_b_tasks
+    sends = [(t.micro_batch, t.stage, t.to_stage) for t in tasks
+             if t.kind == "transfer" and t.device == DEVICES[0]]
+    # device 0 sends activations of each micro-batch and receives each gradient
+    assert sorted(sends) == sorted([(i, 0, 1) for i in range(4)] + [(i, 1, 0) for i in range(4)])
+    assert [t.kind for t in tasks if t.kind == "apply"] == ["apply", "apply"]
+    assert not any(t.kind == "F" and "SOURCE" in t.label for t in tasks)
+
+
+def test_bubble_of_equal_forward_and_backward_is_the_theoretical_one():
+    lists = schedule.one_f_one_b(STAGES, MICRO_BATCHES)
+    tasks = timeline.tasks_from_step_stats(simulated_step_stats(lists, 100, 100))
+    theory = timeline.theoretical_bubble(STAGES, MICRO_BATCHES)
+    assert theory == pytest.approx(1 / 5)
+    for device, fraction in timeline.bubble_fraction(tasks).items():
+        assert fraction == pytest.approx(theory), device
+
+
+def test_gpipe_and_1f1b_bubbles_differ_by_what_the_schedule_does_not_overlap():
+    # With backward = 2 x forward, GPipe on 2 stages idles each stage one forward plus one
+    # backward out of a window of (M+1) forwards and (M+1) backwards.
+    tasks = timeline.tasks_from_step_stats(
+        simulated_step_stats(schedule.gpipe(STAGES, MICRO_BATCHES), 100, 200))
+    window = (MICRO_BATCHES + 1) * 300
+    for fraction in timeline.bubble_fraction(tasks).values():
+        assert fraction == pytest.approx(300 / window)
+
+
+def test_png_boxes_per_device_are_the_schedules_actions_in_order(one_f_one_b_tasks, tmp_path):
+    lists, tasks = one_f_one_b_tasks
+    path = tmp_path / "step.png"
+    chart = timeline.render_png(tasks, str(path), title="2 stages, M=4, 1F1B")
+    assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+    for s, device in enumerate(DEVICES):
+        drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
+        assert drawn == [f"{kind}{i}" for kind, i in lists[s]]
+        for (_, a0, a1), (_, b0, _) in zip(chart.rows[device], chart.rows[device][1:]):
+            assert a0 <= b0
+    # the 1 -> 0 gradient transfers of device 0 are drawn too
+    assert sum(label == "1>0" for label, _, _ in chart.rows[DEVICES[0]]) == MICRO_BATCHES
+
+
+def test_chrome_trace_has_one_event_per_task_and_names_devices(one_f_one_b_tasks):
+    _, tasks = one_f_one_b_tasks
+    trace = json.loads(json.dumps(timeline.chrome_trace(tasks)))
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == len(tasks)
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names == set(DEVICES)
+    first = min(spans, key=lambda e: e["ts"])
+    assert first["ts"] == 0 and first["name"] == "F0"
+
+
+def test_cli_reads_the_saved_run_metadata_and_writes_png_and_trace(tmp_path, capsys):
+    metadata = config_pb2.RunMetadata()
+    metadata.step_stats.CopyFrom(simulated_step_stats(schedule.one_f_one_b(2, 4), 100, 100))
+    (tmp_path / "trace_step_7.pb").write_bytes(metadata.SerializeToString())
+    assert timeline.main(["--model_dir", str(tmp_path)]) == 0
+    assert (tmp_path / "trace_step_7.png").exists()
+    trace = json.loads((tmp_path / "trace_step_7.json").read_text())
+    assert any(e["name"] == "B3" for e in trace["traceEvents"])
+    printed = capsys.readouterr().out
+    assert "0.200" in printed  # theoretical and measured bubble of 2 stages, M = 4
+
+
+def test_stage_of_a_device_is_read_off_its_boundary_ops(one_f_one_b_tasks):
+    _, tasks = one_f_one_b_tasks
+    stages = {(t.device, t.stage) for t in tasks if t.kind in ("F", "B")}
+    assert stages == {(DEVICES[0], 0), (DEVICES[1], 1)}
