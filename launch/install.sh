@@ -9,7 +9,7 @@
 #
 # Usage: bash launch/install.sh [--gpu|--cpu] [--with-mpi] [--python PYTHON]
 #   --with-mpi   apt-get install Debian's OpenMPI first (needs root), then build Horovod with MPI.
-set -euo pipefail
+set -Eeuo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
@@ -69,15 +69,23 @@ step "create virtual environment $VENV" venv
 [ -x "$VENV/bin/python" ] || quiet "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-step "install $TF_PACKAGE, numpy, absl-py, pytest, matplotlib" pip-base
-# Horovod's own build needs cloudpickle/psutil/pyyaml/packaging/cmake when built without isolation.
-quiet "${PIP[@]}" install "$TF_PACKAGE" numpy absl-py pytest pytest-timeout matplotlib \
-  cloudpickle psutil pyyaml packaging wheel setuptools
+# Horovod's own build needs cloudpickle/psutil/pyyaml/packaging when built without isolation.
+BASE_PACKAGES=("$TF_PACKAGE" numpy absl-py pytest pytest-timeout matplotlib
+               cloudpickle psutil pyyaml packaging wheel setuptools)
+BASE_STAMP="$VENV/.dapple-base-$(echo "${BASE_PACKAGES[*]}" | cksum | cut -d' ' -f1)"
+if [ -f "$BASE_STAMP" ]; then
+  echo "==> $TF_PACKAGE, numpy, absl-py, pytest, matplotlib already installed"
+else
+  step "install $TF_PACKAGE, numpy, absl-py, pytest, matplotlib" pip-base
+  quiet "${PIP[@]}" install "${BASE_PACKAGES[@]}"
+  touch "$BASE_STAMP"
+fi
 
 horovod_ok() {
-  "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+  "$VENV/bin/python" - "$HOROVOD_VERSION" <<'PY' >/dev/null 2>&1
+import sys
 import horovod, horovod.tensorflow as hvd
-assert horovod.__version__ == "0.28.1", horovod.__version__
+assert horovod.__version__ == sys.argv[1], horovod.__version__
 assert hvd.gloo_built()
 PY
 }
@@ -88,6 +96,7 @@ WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-tf$TF_VERSION-$TF_FLAVOUR-$MPI_TAG"
 
 if horovod_ok && { [ "$MPI_TAG" = nompi ] || "$VENV/bin/python" -c 'import horovod.tensorflow as h; assert h.mpi_built()' 2>/dev/null; }; then
   echo "==> Horovod $HOROVOD_VERSION already installed"
+  HOROVOD_CHECKED=1
 else
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
     step "download Horovod $HOROVOD_VERSION source distribution" hvd-download
@@ -122,11 +131,16 @@ else
   quiet "${PIP[@]}" install cloudpickle psutil pyyaml packaging
 fi
 
-step "install dapple-tf (editable)" project
-quiet "${PIP[@]}" install --no-build-isolation --no-deps -e "$REPO_ROOT"
+if "$VENV/bin/python" -c 'import dapple_tf, planner, sys; sys.exit(0 if dapple_tf.__file__.startswith(sys.argv[1]) else 1)' "$REPO_ROOT" 2>/dev/null \
+    && [ -x "$VENV/bin/dapple-train" ]; then
+  echo "==> dapple-tf already installed (editable)"
+else
+  step "install dapple-tf (editable)" project
+  quiet "${PIP[@]}" install --no-build-isolation --no-deps -e "$REPO_ROOT"
+fi
 
-step "check: import horovod.tensorflow" check-import
-"$VENV/bin/python" -c 'import horovod.tensorflow as hvd; import tensorflow as tf; print("horovod", hvd.__name__, "tensorflow", tf.__version__)' >"$STEP_LOG" 2>&1
+step "check: import horovod.tensorflow (Gloo built)" check-import
+[ "${HOROVOD_CHECKED:-0}" = 1 ] || horovod_ok || { "$VENV/bin/python" -c 'import horovod.tensorflow' >"$STEP_LOG" 2>&1; false; }
 
 step "check: horovodrun --check-build lists TensorFlow and Gloo" check-build
 "$VENV/bin/horovodrun" --check-build >"$STEP_LOG" 2>&1
@@ -134,6 +148,12 @@ grep -E '^\s*\[X\] TensorFlow' "$STEP_LOG" >/dev/null
 grep -E '^\s*\[X\] Gloo' "$STEP_LOG" >/dev/null
 
 trap - ERR
-echo "==> done: $("$VENV/bin/python" -c 'import tensorflow as tf, horovod; print(f"TensorFlow {tf.__version__}, Horovod {horovod.__version__}")' 2>/dev/null)"
+TF_DIST="tensorflow-cpu"; [ "$TF_FLAVOUR" = gpu ] && TF_DIST="tensorflow"
+echo "==> done: $("$VENV/bin/python" - "$TF_DIST" <<'PY'
+import sys
+from importlib.metadata import version
+print(f"TensorFlow {version(sys.argv[1])}, Horovod {version('horovod')}")
+PY
+)"
 sed -n '/Available Frameworks/,$p' "$LOG_DIR/check-build.log"
 echo "Activate with: source .venv/bin/activate"
