@@ -35,6 +35,9 @@ class Plan:
     schedule: str
     stages: tuple[Stage, ...]
     predicted: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    # False only for plans kept for comparison that the runtime cannot execute (the planner's
+    # "hpgo" model may split 1-row micro-batches over 15 replicas); such plans skip the row check.
+    executable: bool = dataclasses.field(default=True, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(
@@ -91,7 +94,7 @@ class Plan:
         if self.global_batch_size <= 0 or self.num_micro_batches <= 0:
             raise PlanError(f"plan needs positive global_batch_size and num_micro_batches, got "
                             f"{self.global_batch_size} and {self.num_micro_batches}")
-        if self.global_batch_size % self.num_micro_batches:
+        if self.global_batch_size % self.num_micro_batches and self.executable:
             raise PlanError(f"global_batch_size {self.global_batch_size} does not divide into "
                             f"{self.num_micro_batches} micro-batches")
         b = self.micro_batch_size
@@ -100,7 +103,7 @@ class Plan:
                 raise PlanError(f"stage {i} has no layers")
             if not s.devices:
                 raise PlanError(f"stage {i} has no devices")
-            if b % s.num_replicas:
+            if b % s.num_replicas and self.executable:
                 raise PlanError(
                     f"micro-batch size {b} (= {self.global_batch_size} / {self.num_micro_batches}) "
                     f"does not divide by stage {i}'s {s.num_replicas} replicas; choose a global "
@@ -122,6 +125,12 @@ class Plan:
                     raise PlanError(f"layer '{name}' appears in stage {seen_layers[name]} and "
                                     f"stage {i}")
                 seen_layers[name] = i
+
+    @property
+    def rows_divide(self) -> bool:
+        """True iff every stage's replica count divides the micro-batch size."""
+        return self.global_batch_size % self.num_micro_batches == 0 and all(
+            self.micro_batch_size % s.num_replicas == 0 for s in self.stages)
 
     def check_layers(self, model_layers: Sequence[str]) -> None:
         """Raise PlanError unless the plan covers exactly `model_layers`, in order."""

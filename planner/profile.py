@@ -26,6 +26,8 @@ class LayerCost:
     backward_ms: float
     activation_bytes: float
     parameter_bytes: float
+    # Free text shown to people (graph.txt node description); the name is the identifier.
+    description: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,8 @@ class Profile:
             raise ProfileError(f"{source}: expected \"format\": \"{PROFILE_FORMAT}\", found {found!r}")
         try:
             layers = tuple(LayerCost(str(l["name"]), float(l["forward_ms"]), float(l["backward_ms"]),
-                                     float(l["activation_bytes"]), float(l["parameter_bytes"]))
+                                     float(l["activation_bytes"]), float(l["parameter_bytes"]),
+                                     str(l.get("description", "")))
                            for l in data["layers"])
             return cls(layers, tuple(tuple(e) for e in data.get("edges", [])),
                        int(data["batch_size"]), str(data.get("device", "unknown")))
@@ -90,6 +93,13 @@ class Profile:
         except json.JSONDecodeError as e:
             raise ProfileError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from None
         return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, batch_size: int | None = None) -> "Profile":
+        """Read our JSON or a PipeDream/DAPPLE graph.txt (told apart by content). graph.txt has no
+        batch size, so `batch_size` is required for it; for JSON it must agree if given."""
+        from planner.graph_txt import load_profile
+        return load_profile(path, batch_size)
 
     def save_json(self, path: str | os.PathLike) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
