@@ -5,8 +5,9 @@ The template is `model_fn` built once, in a fresh `tf.compat.v1` graph, on place
 It is run for a few warm-up steps and then several steps with `FULL_TRACE`; the `RunMetadata`
 step stats give each op's time, which is charged to the op's layer:
 
-* a *layer* is a top-level name scope holding at least one op the loss depends on, in order of
-  creation (`embedding`, `layer_0`, ..., `loss`);
+* a *layer* is a top-level name scope holding at least one op the loss depends on (variable
+  handles and placeholders do not count), in order of creation (`embedding`, `layer_0`, ...,
+  `loss`) -- the rule of `graph_rewrite.template`, so plans name the layers the rewriter finds;
 * an op outside every layer scope joins the layer of its nearest consumer (or, with no consumer
   in a layer, of its nearest producer);
 * backward ops are exactly the ops `tf.compat.v1.gradients` created. `gradients/<op>_grad/...`
@@ -39,6 +40,8 @@ BatchFn = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
 # Ops whose outputs are variables or reads of them: variables are shared by stages, never sent.
 _VARIABLE_OP_TYPES = frozenset({"VarHandleOp", "VariableV2", "Variable", "ReadVariableOp"})
+# Ops that are inputs of the template, not members of a layer; they do not make a scope a layer.
+_INPUT_OP_TYPES = frozenset({"VarHandleOp", "VariableV2", "Variable", "Placeholder"})
 
 
 # ---- the template graph ------------------------------------------------------------------------
@@ -70,7 +73,8 @@ def build_template(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int
         placeholders = {key: v1.placeholder(tf.as_dtype(dtype), [batch_size, *shape],
                                             name=_placeholder_name(key))
                         for key, (shape, dtype) in feature_spec.items()}
-        loss = model_fn(dict(placeholders))
+        with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
+            loss = model_fn(dict(placeholders))
         if not isinstance(loss, tf.Tensor) or loss.shape.rank not in (0, None):
             raise ProfileError(f"model_fn must return a scalar loss tensor, found {loss!r}")
         num_forward_ops = len(graph.get_operations())
@@ -137,7 +141,6 @@ def _ancestors(tensor: tf.Tensor) -> set[tf.Operation]:
             continue
         seen.add(op)
         todo.extend(t.op for t in op.inputs)
-        todo.extend(op.control_inputs)
     return seen
 
 
@@ -193,19 +196,16 @@ def _layer_of_gradient_name(rest: Sequence[str], forward_layer: Mapping[str, int
 
 def find_layers(template: Template) -> LayerMap:
     """Assigns every forward and backward op of the template to a layer (see module doc)."""
+    # The same rule as graph_rewrite.template, so plans name the layers the rewriter finds:
+    # scopes of the loss's data cone, minus inputs (variable handles, placeholders), in the
+    # creation order of their first such op.
     needed = _ancestors(template.loss)
-    order: dict[str, int] = {}
-    for op in template.forward_ops:
-        scope = _top_scope(op.name)
-        if scope is not None and op in needed and scope not in order:
-            order[scope] = len(order)
-    # Keep creation order of each scope's first op, not of its first op the loss needs.
-    first_seen = {}
+    first_seen: dict[str, int] = {}
     for i, op in enumerate(template.forward_ops):
         scope = _top_scope(op.name)
-        if scope in order and scope not in first_seen:
-            first_seen[scope] = i
-    names = tuple(sorted(order, key=first_seen.__getitem__))
+        if scope is not None and op in needed and op.type not in _INPUT_OP_TYPES:
+            first_seen.setdefault(scope, i)
+    names = tuple(first_seen)
     if not names:
         raise ProfileError("model_fn created no name scopes: wrap each layer in "
                            "tf.compat.v1.name_scope(<layer>) or dapple_tf.layer(<layer>)")
