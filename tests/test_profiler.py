@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from dapple_tf import profile as profile_cli
 from dapple_tf import profiler
+from planner import graph_txt
 from planner.profile import Profile
 
 v1 = tf.compat.v1
@@ -163,11 +164,32 @@ def test_cli_writes_a_profile_and_prints_the_table(tmp_path, capsys):
         asked.append((name, preset))
         return _FakeModel()
 
+    txt = tmp_path / "m.txt"
     rc = profile_cli.main(["--model", "fake", "--preset", "tiny", "--batch-size", str(B),
-                           "--out", str(out), "--measured-steps", "2", "--warmup-steps", "1"],
-                          get_model=get_model)
+                           "--out", str(out), "--graph-txt", str(txt), "--measured-steps", "2",
+                           "--warmup-steps", "1"], get_model=get_model)
     assert rc == 0 and asked == [("fake", "tiny")]
     prof = Profile.from_json(out.read_text())
     assert prof.layer_names == _FakeModel.layer_names and prof.batch_size == B
     printed = capsys.readouterr().out
     assert "layer_1" in printed and "total" in printed
+    # The planner reads the graph.txt back to the same layers, costs and edges.
+    again = graph_txt.load_profile(txt, batch_size=B)
+    assert again.layer_names == prof.layer_names and again.edges == prof.edges
+    for a, b in zip(again.layers, prof.layers):
+        assert (a.activation_bytes, a.parameter_bytes) == (b.activation_bytes, b.parameter_bytes)
+        assert a.forward_ms == pytest.approx(b.forward_ms, abs=1e-3)
+        assert a.backward_ms == pytest.approx(b.backward_ms, abs=1e-3)
+
+
+def test_profile_of_tiny_bert_names_its_layers_and_counts_all_its_parameters():
+    models = pytest.importorskip("models")
+    spec = models.get_model("bert", "tiny")
+    m = profiler.measure(spec.model_fn, spec.feature_spec, 2, warmup_steps=0, measured_steps=1,
+                         batch_fn=spec.synthetic_batch)
+    assert m.profile.layer_names == tuple(spec.layer_names)
+    with tf.Graph().as_default():
+        spec.model_fn(spec.placeholders(2))
+        expected = sum(v.shape.num_elements() * v.dtype.size for v in v1.trainable_variables())
+    assert sum(l.parameter_bytes for l in m.profile.layers) == expected
+    assert m.unattributed_ms <= 0.05 * sum(l.forward_ms + l.backward_ms for l in m.profile.layers)
