@@ -9,10 +9,11 @@ shown) and `trace_step_<N>.json` (open in chrome://tracing or https://ui.perfett
 prints the measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
 
 Ops are classified by the names the rewriter gives them (ARCHITECTURE.md, "The rewritten
-graph"): the ops of micro-batch i live under `dapple/mb<i>/`, stage boundaries are
-`dapple/mb<i>/s<a>_to_s<b>/{send,recv}` (forward when a < b, gradients when a > b), backward
-ops are those under a `gradients` scope inside a micro-batch clone. Ops of one kind, micro-batch
-and stage on one device merge into one task spanning first start to last end.
+graph", and graph_rewrite/clone.py, boundary.py): the clones of micro-batch i on slot
+`s<stage>r<replica>` are `dapple/mb<i>/s<stage>r<replica>/fwd/...` and `.../bwd/...`; every op
+under `dapple/mb<i>/s<a>_to_s<b>/` moves data between stages (send/recv endpoints and the row
+pieces; forward when a < b, gradients when a > b). Ops of one kind, micro-batch and stage on one
+device merge into one task spanning first start to last end.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from dapple_tf.profiler import OpRecord, op_records
 
 KINDS = ("F", "B", "transfer", "allreduce", "apply")
 
-_TRANSFER = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)(/|$)")
+_TRANSFER = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)(/|$)")
+_ENDPOINT = re.compile(r"/(send|recv)(?:_r\d+)?$")
 _MICRO_BATCH = re.compile(r"^dapple/mb(\d+)/(.*)$")
-_STAGE_COMPONENT = re.compile(r"^(?:s|stage_?)(\d+)$")
+_STAGE_COMPONENT = re.compile(r"^(?:s(\d+)(?:r\d+)?|stage_?(\d+))$")  # slot tag s<stage>r<replica>
 _ALLREDUCE = re.compile(r"allreduce|allgather|broadcast|nccl", re.IGNORECASE)
 _APPLY_TYPE = re.compile(r"^(Resource)?(Sparse)?Apply")  # optimizer updates: ResourceApplyAdam, ...
 
@@ -72,8 +74,9 @@ def classify(name: str, op_type: str = "") -> tuple[str, int | None, int | None,
         parts = m.group(2).split("/")
         if _ALLREDUCE.search(op_type) or any(_ALLREDUCE.search(p) for p in parts[:1]):
             return "allreduce", None, None, None
-        stage = next((int(s.group(1)) for s in map(_STAGE_COMPONENT.match, parts) if s), None)
-        backward = any(p == "gradients" or p.startswith("gradients_") for p in parts)
+        stage = next((int(s.group(1) or s.group(2))
+                      for s in map(_STAGE_COMPONENT.match, parts[:2]) if s), None)
+        backward = any(p in ("bwd", "gradients") or p.startswith("gradients_") for p in parts)
         return ("B" if backward else "F"), int(m.group(1)), stage, None
     if _ALLREDUCE.search(name) or _ALLREDUCE.search(op_type):
         return "allreduce", None, None, None
@@ -114,9 +117,9 @@ def stages_from_transfers(records: Iterable[OpRecord]) -> dict[str, int]:
     stage a, the one running `.../recv` stage b."""
     out = {}
     for rec in records:
-        m = _TRANSFER.match(rec.name)
-        if m:
-            out.setdefault(rec.device, int(m.group(2) if m.group(4) == "send" else m.group(3)))
+        m, end = _TRANSFER.match(rec.name), _ENDPOINT.search(rec.name)
+        if m and end:
+            out.setdefault(rec.device, int(m.group(2) if end.group(1) == "send" else m.group(3)))
     return out
 
 

@@ -45,11 +45,11 @@ def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000
             length = forward_us if kind == "F" else backward_us
             half = ready + length // 2
             if kind == "F":
-                node(s, f"dapple/mb{i}/layer_{s}/MatMul", "MatMul", ready, half)
-                node(s, f"dapple/mb{i}/layer_{s}/Relu", "Relu", half, ready + length)
+                node(s, f"dapple/mb{i}/s{s}r0/fwd/layer_{s}/MatMul", "MatMul", ready, half)
+                node(s, f"dapple/mb{i}/s{s}r0/fwd/layer_{s}/Relu", "Relu", half, ready + length)
             else:
-                node(s, f"dapple/mb{i}/gradients/layer_{s}/Relu_grad/ReluGrad", "ReluGrad", ready, half)
-                node(s, f"dapple/mb{i}/gradients/layer_{s}/MatMul_grad/MatMul", "MatMul", half, ready + length)
+                node(s, f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/Relu_grad/ReluGrad", "ReluGrad", ready, half)
+                node(s, f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/MatMul_grad/MatMul", "MatMul", half, ready + length)
             end = ready + length
             if kind == "F" and s < num_stages - 1:
                 node(s, f"dapple/mb{i}/s{s}_to_s{s + 1}/send", "Identity", end, end + 1)
@@ -156,3 +156,22 @@ def test_stage_of_a_device_is_read_off_its_boundary_ops(one_f_one_b_tasks):
     _, tasks = one_f_one_b_tasks
     stages = {(t.device, t.stage) for t in tasks if t.kind in ("F", "B")}
     assert stages == {(DEVICES[0], 0), (DEVICES[1], 1)}
+
+
+def test_rewriter_op_names_classify_into_kind_micro_batch_and_stage():
+    c = timeline.classify
+    assert c("dapple/mb3/s1r0/fwd/layer_2/MatMul", "MatMul") == ("F", 3, 1, None)
+    assert c("dapple/mb3/s1r1/bwd/gradients/layer_2/MatMul_grad/MatMul", "MatMul") == ("B", 3, 1, None)
+    assert c("dapple/mb0/s0_to_s1/send_r1", "IdentityN") == ("transfer", 0, 0, 1)
+    assert c("dapple/mb2/s1_to_s0/k0_j1/strided_slice", "StridedSlice") == ("transfer", 2, 1, 0)
+    assert c("GradientDescent/update_w/ResourceApplyGradientDescent",
+             "ResourceApplyGradientDescent") == ("apply", None, None, None)
+    assert c("HorovodAllreduce_grads_0", "HorovodAllreduce") == ("allreduce", None, None, None)
+    assert c("_SOURCE", "NoOp") is None
+
+
+def test_device_stages_come_from_send_and_recv_endpoints():
+    rec = timeline.OpRecord
+    records = [rec("dapple/mb0/s0_to_s1/send", "A", 0, 1, 1), rec("dapple/mb0/s0_to_s1/recv_r1", "B", 1, 2, 1),
+               rec("dapple/mb0/s0_to_s1/k0_j0/Slice", "C", 0, 1, 1)]
+    assert timeline.stages_from_transfers(records) == {"A": 0, "B": 1}
