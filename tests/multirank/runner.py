@@ -1,0 +1,78 @@
+"""Launch a script under `horovodrun --gloo -np N -H localhost:N` with a hard time limit."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def horovodrun_path() -> str | None:
+    candidate = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    return candidate if os.path.exists(candidate) else shutil.which("horovodrun")
+
+
+def horovod_missing_reason() -> str | None:
+    """Why multi-rank tests cannot run here, or None when they can."""
+    try:
+        import horovod.tensorflow as hvd  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"horovod.tensorflow does not import ({type(e).__name__}: {e}); run launch/install.sh"
+    if not hvd.gloo_built():
+        return "Horovod was built without Gloo"
+    if horovodrun_path() is None:
+        return "horovodrun is not installed next to the Python interpreter"
+    return None
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    output: str
+    seconds: float
+
+    def lines_of(self, rank: int) -> list[str]:
+        """Output lines of one rank (horovodrun prefixes them with '[rank]<stdout>:')."""
+        prefix = re.compile(rf"^\[{rank}\]<std(out|err)>:")
+        return [prefix.sub("", line) for line in self.output.splitlines() if prefix.match(line)]
+
+    def records(self, tag: str) -> dict[int, list[dict]]:
+        """JSON records printed by ranks as '<tag> {...}', by rank."""
+        out: dict[int, list[dict]] = {}
+        for line in self.output.splitlines():
+            m = re.match(rf"^\[(\d+)\]<stdout>:{re.escape(tag)} (\{{.*\}})\s*$", line)
+            if m:
+                out.setdefault(int(m.group(1)), []).append(json.loads(m.group(2)))
+        return out
+
+
+def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None,
+        on_start=None) -> Result:
+    """Run tests/multirank/<script> (or a path) on `num_ranks` local ranks. Never hangs longer
+    than timeout_s: the whole process group is killed then."""
+    path = script if os.path.isabs(script) else os.path.join(HERE, script)
+    cmd = [horovodrun_path(), "--gloo", "-np", str(num_ranks), "-H", f"localhost:{num_ranks}",
+           sys.executable, path, *map(str, args)]
+    full_env = dict(os.environ)
+    full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
+                     "PYTHONPATH": REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")})
+    full_env.update(env or {})
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, cwd=REPO_ROOT, start_new_session=True)
+    if on_start:
+        on_start(proc)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        output += f"\n[runner] killed after {timeout_s} s\n"
+    return Result(proc.returncode, output, time.time() - start)
