@@ -1,0 +1,122 @@
+"""Cost model "dapple-tf" (the default): memory-checked, schedule-simulated step time.
+
+A candidate: stages over contiguous cut points of a topological layer order, stage s with
+`r_s` replicas on a device set, micro-batch size `b` (rows; b divisible by every r_s, so the
+runtime can execute it), `M = GBS / b` micro-batches, schedule "1f1b" or "gpipe".
+
+Per micro-batch and replica: forward/backward time = profile ms/1000 x (b / r_s) / PBS (linear in
+rows). A boundary moves `out x b / PBS` bytes one way per micro-batch (activations forward,
+gradients back); with split/concat between r and r' replicas the busiest link carries
+max(1/r, 1/r') of it, over intra-host p2p bandwidth when both stages sit on one host, else
+inter-host p2p. Gradients: ring allreduce 2(r-1)/r x parameter bytes over intra-host bandwidth
+inside a host, else the inter-host allreduce bandwidth; it starts when the stage's last backward
+ends. Step time comes from `simulate`.
+
+Memory per device of stage s:
+    parameters x (1 weights + 1 gradients + optimizer_slots)
+  + activations of one micro-batch on this replica x in-flight micro-batches
+        (1f1b: min(S - s, M); gpipe: M)
+  + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from planner.cluster import Cluster
+from planner.profile import Profile
+from planner.simulate import simulate
+from planner.states import States, topological_states
+
+
+@dataclasses.dataclass(frozen=True)
+class DappleEval:
+    step_time_s: float
+    speedup: float
+    forward_s: tuple[float, ...]
+    backward_s: tuple[float, ...]
+    transfer_s: tuple[float, ...]
+    allreduce_s: tuple[float, ...]
+    peak_memory_bytes: tuple[float, ...]
+    fits: bool
+    bubble_fraction: float
+
+
+class DappleModel:
+    def __init__(self, profile: Profile, cluster: Cluster, global_batch_size: int,
+                 optimizer_slots: float = 2.0, states: States | None = None):
+        self.profile = profile
+        self.cluster = cluster
+        self.gbs = global_batch_size
+        self.pbs = profile.batch_size
+        self.optimizer_slots = optimizer_slots
+        self.states = states if states is not None else topological_states(profile)
+        st = self.states
+        self.L = len(st)
+        self.cum_fwd = np.asarray(st.forward_s, dtype=float)
+        self.cum_bwd = np.asarray(st.backward_s, dtype=float)
+        self.cum_params = np.asarray(st.params, dtype=float)
+        self.cum_act = np.asarray(st.activations, dtype=float)
+        self.out = np.asarray(st.out_bytes, dtype=float)
+        # one device, whole global batch, no communication
+        self.single_device_s = float(self.cum_fwd[-1] + self.cum_bwd[-1]) * self.gbs / self.pbs
+
+    # ---- building blocks (also used by the search, vectorised there) ------------------------------
+    def rng(self, cum: np.ndarray, b: int, e: int) -> float:
+        return States.range_sum(cum, b, e)
+
+    def link_bandwidth(self, a: Sequence[int], b: Sequence[int]) -> float:
+        c = self.cluster
+        return c.intra_host_bandwidth if c.within_one_host(list(a) + list(b)) else c.inter_host_bandwidth
+
+    def allreduce_s(self, devices: Sequence[int], nbytes: float) -> float:
+        n = len(devices)
+        if n <= 1:
+            return 0.0
+        c = self.cluster
+        bw = c.intra_host_bandwidth if c.within_one_host(devices) else c.inter_host_allreduce_bandwidth
+        return 2.0 * (n - 1) / n * nbytes / bw
+
+    def stage_memory(self, b_state: int, e_state: int, replicas: int, micro_batch_size: int,
+                     in_flight: int) -> float:
+        rows = micro_batch_size / replicas / self.pbs
+        params = self.rng(self.cum_params, b_state, e_state)
+        act = self.rng(self.cum_act, b_state, e_state)
+        boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
+        boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
+        return (params * (2.0 + self.optimizer_slots) + in_flight * act * rows
+                + 2.0 * max(boundary_in, boundary_out) * rows)
+
+    def dp_speedup(self, num_devices: int) -> float:
+        """Plain data parallelism on the largest device count <= num_devices dividing GBS."""
+        n = max(d for d in range(1, num_devices + 1) if self.gbs % d == 0)
+        ar = self.allreduce_s(range(n), float(self.cum_params[-1]))
+        return self.single_device_s / (self.single_device_s / n + ar)
+
+    # ---- a whole candidate ------------------------------------------------------------------------
+    def evaluate(self, ends: Sequence[int], devices: Sequence[Sequence[int]], micro_batch_size: int,
+                 schedule: str, device_memory: float | None = None) -> DappleEval:
+        S = len(ends)
+        M = self.gbs // micro_batch_size
+        begins = [0] + [e + 1 for e in ends[:-1]]
+        fwd, bwd, ar, mem = [], [], [], []
+        for s, (b, e) in enumerate(zip(begins, ends)):
+            r = len(devices[s])
+            rows = micro_batch_size / r / self.pbs
+            fwd.append(self.rng(self.cum_fwd, b, e) * rows)
+            bwd.append(self.rng(self.cum_bwd, b, e) * rows)
+            ar.append(self.allreduce_s(devices[s], self.rng(self.cum_params, b, e)))
+            in_flight = M if schedule == "gpipe" else min(S - s, M)
+            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight))
+        transfer = []
+        for s in range(S - 1):
+            nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
+            busiest = nbytes / min(len(devices[s]), len(devices[s + 1]))
+            transfer.append(busiest / self.link_bandwidth(devices[s], devices[s + 1]))
+        sim = simulate(schedule, fwd, bwd, transfer, ar, M)
+        limit = device_memory if device_memory is not None else self.cluster.device_memory_bytes
+        return DappleEval(sim.step_time_s, self.single_device_s / sim.step_time_s, tuple(fwd),
+                          tuple(bwd), tuple(transfer), tuple(ar), tuple(mem),
+                          max(mem) <= limit, sim.bubble_fraction)

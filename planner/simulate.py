@@ -1,0 +1,111 @@
+"""Event-level simulation of one training step of a pipeline schedule.
+
+A schedule is data: for each stage, the ordered actions `("F", i)` / `("B", i)` it runs
+(`schedule_actions`). `simulate` plays them: a stage runs one action at a time in its order;
+F(i) on stage s starts once F(i) left stage s-1 and crossed the boundary, B(i) once B(i) left
+stage s+1 and crossed back (on the last stage, once its own F(i) is done). Transfers occupy the
+boundary link, not the stages (send/recv run beside compute); each direction of a link carries
+one micro-batch at a time, in order (full duplex). After its last backward a stage allreduces its
+gradients across its replicas, overlapping the other stages' drain.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+def schedule_actions(schedule: str, num_stages: int, num_micro_batches: int) -> list[list[tuple[str, int]]]:
+    """Per-stage action lists. "gpipe": all forwards, then all backwards. "1f1b" (DAPPLE early
+    backward): stage s runs min(S-s, M) warm-up forwards, then alternates one backward and one
+    forward while forwards remain, then drains the backwards."""
+    S, M = num_stages, num_micro_batches
+    result = []
+    for s in range(S):
+        if schedule == "gpipe":
+            actions = [("F", i) for i in range(M)] + [("B", i) for i in range(M)]
+        elif schedule == "1f1b":
+            warmup = min(S - s, M)
+            actions = [("F", i) for i in range(warmup)]
+            next_f = warmup
+            for i in range(M):
+                actions.append(("B", i))
+                if next_f < M:
+                    actions.append(("F", next_f))
+                    next_f += 1
+        else:
+            raise ValueError(f"unknown schedule {schedule!r}; expected 'gpipe' or '1f1b'")
+        result.append(actions)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    step_time_s: float
+    compute_end_s: tuple[float, ...]   # per stage: end of its last backward
+    busy_s: tuple[float, ...]          # per stage: compute time per step
+
+    @property
+    def bubble_fraction(self) -> float:
+        span = max(self.compute_end_s)
+        return 1.0 - sum(self.busy_s) / (span * len(self.busy_s)) if span > 0 else 0.0
+
+
+def simulate(schedule: str, forward_s: Sequence[float], backward_s: Sequence[float],
+             transfer_s: Sequence[float], allreduce_s: Sequence[float],
+             num_micro_batches: int) -> SimResult:
+    """forward_s/backward_s: per stage, one micro-batch on one replica; transfer_s: per boundary
+    (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage."""
+    S, M = len(forward_s), num_micro_batches
+    actions = schedule_actions(schedule, S, M)
+    unset = -1.0
+    f_arrive = [[unset] * M for _ in range(S)]   # F(i) output available at stage s+1
+    b_arrive = [[unset] * M for _ in range(S)]   # B(i) gradient available at stage s-1
+    f_own = [[unset] * M for _ in range(S)]
+    link_f = [0.0] * S                          # forward link s -> s+1 free at
+    link_b = [0.0] * S                          # backward link s -> s-1 free at
+    pos = [0] * S
+    free_at = [0.0] * S
+    remaining = S * 2 * M
+    descending = False
+    while remaining:
+        progressed = False
+        # sweep up the pipeline for forwards, down for backwards, alternately
+        for s in (range(S - 1, -1, -1) if descending else range(S)):
+            acts, p, t = actions[s], pos[s], free_at[s]
+            prev_f = f_arrive[s - 1] if s > 0 else None
+            next_b = b_arrive[s + 1] if s < S - 1 else None
+            fwd, bwd = forward_s[s], backward_s[s]
+            tr_out = transfer_s[s] if s < S - 1 else 0.0
+            tr_in = transfer_s[s - 1] if s > 0 else 0.0
+            n = len(acts)
+            while p < n:
+                kind, i = acts[p]
+                if kind == "F":
+                    ready = 0.0 if prev_f is None else prev_f[i]
+                    if ready == unset:
+                        break
+                    t = (ready if ready > t else t) + fwd
+                    f_own[s][i] = t
+                    if s < S - 1:
+                        start = t if t > link_f[s] else link_f[s]
+                        link_f[s] = f_arrive[s][i] = start + tr_out
+                else:
+                    ready = f_own[s][i] if next_b is None else next_b[i]
+                    if ready == unset:
+                        break
+                    t = (ready if ready > t else t) + bwd
+                    if s > 0:
+                        start = t if t > link_b[s] else link_b[s]
+                        link_b[s] = b_arrive[s][i] = start + tr_in
+                p += 1
+            if p != pos[s]:
+                remaining -= p - pos[s]
+                pos[s], free_at[s] = p, t
+                progressed = True
+        descending = not descending
+        if not progressed and not descending:
+            raise RuntimeError(f"schedule {schedule} deadlocks with {S} stages and {M} micro-batches")
+    ends = tuple(free_at)
+    step = max(e + a for e, a in zip(ends, allreduce_s))
+    busy = tuple(M * (f + b) for f, b in zip(forward_s, backward_s))
+    return SimResult(step, ends, busy)
