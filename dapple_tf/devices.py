@@ -1,0 +1,73 @@
+"""Local devices: plan device id -> device name, logical CPU devices, session configuration.
+
+Single process: device id d is `/GPU:d` when the machine has GPUs, else the d-th CPU device of
+the session. CPU sessions get their CPU devices from `ConfigProto.device_count`, so a plan on
+n CPU "devices" runs wherever n <= the number allowed (`num_devices`, or the logical CPU devices
+configured with `create_logical_cpus` / `tf.config.set_logical_device_configuration`).
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from planner.plan_format import Plan
+
+LOCAL_JOB = "/job:localhost/replica:0/task:0"
+
+
+def device_kind() -> str:
+    """'GPU' if this process sees a GPU, else 'CPU'."""
+    return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def device_name(device_id: int, kind: str | None = None) -> str:
+    kind = kind or device_kind()
+    return f"{LOCAL_JOB}/device:{kind}:{int(device_id)}"
+
+
+def create_logical_cpus(n: int) -> None:
+    """Split the CPU into n logical devices. Must run before TensorFlow initialises its
+    runtime; afterwards it only checks that at least n exist."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+    except RuntimeError:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have < n:
+            raise RuntimeError(f"need {n} logical CPU devices but TensorFlow is already "
+                               f"initialised with {have}; call dapple_tf.devices."
+                               f"create_logical_cpus({n}) before any TensorFlow op runs") from None
+
+
+def available_devices(num_devices: int | None = None) -> tuple[str, int]:
+    """(kind, count) of the stage devices this process may use."""
+    kind = device_kind()
+    if kind == "GPU":
+        have = len(tf.config.list_physical_devices("GPU"))
+        return kind, min(have, num_devices) if num_devices else have
+    if num_devices:
+        return kind, int(num_devices)
+    return kind, len(tf.config.list_logical_devices("CPU"))
+
+
+def check_plan_devices(plan: Plan, num_devices: int | None = None) -> str:
+    """Raise PlanError (saying how many devices the plan needs) if too few exist; return kind."""
+    kind, have = available_devices(num_devices)
+    what = ("local GPUs" if kind == "GPU" else
+            "logical CPU devices (pass num_devices= to Trainer, or call "
+            "dapple_tf.devices.create_logical_cpus(n) before TensorFlow starts)")
+    plan.check_devices(have, what)
+    return kind
+
+
+def session_config(kind: str, num_devices: int, inter_op_threads: int | None = None):
+    """ConfigProto for a session whose graph uses device ids 0..num_devices-1."""
+    config = tf.compat.v1.ConfigProto()
+    if kind == "CPU":
+        config.device_count["CPU"] = max(1, int(num_devices))
+        config.allow_soft_placement = False
+    else:
+        config.gpu_options.allow_growth = True
+        config.allow_soft_placement = True  # ops without GPU kernels (e.g. int32 shape math)
+    if inter_op_threads:
+        config.inter_op_parallelism_threads = int(inter_op_threads)
+    return config

@@ -1,0 +1,204 @@
+"""Trainer: pipelined training of a plain `model_fn` in one process (ARCHITECTURE.md, Public API).
+
+    trainer = Trainer(model_fn, feature_spec, optimizer_fn, plan, global_batch_size)
+    loss = trainer.train_step(batch)         # mean loss over the global batch
+    weights = trainer.get_weights()          # by single-device variable name
+
+`get_weights()` returns every global variable: model variables, optimizer slots (e.g.
+`layer_0/dense/kernel/Momentum`), the optimizer's non-slot variables (e.g. `beta1_power`) and
+`global_step`, keyed by op name (no ':0'). `SingleDeviceTrainer` builds the plain single-device
+graph of the same model with the same methods: the reference that pipelined training equals.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from graph_rewrite import rewrite
+from graph_rewrite.template import build_model_graph, build_template, initial_values
+from planner.plan_format import Plan, PlanError
+
+from . import checkpoint, devices
+
+v1 = tf.compat.v1
+
+
+class _SessionTrainer:
+    """Session loop shared by the pipelined and the single-device trainer."""
+
+    graph: tf.Graph
+    session: Any
+    features: dict[str, tf.Tensor]
+    loss: tf.Tensor
+    train_op: tf.Operation
+    global_batch_size: int
+
+    def _finish_init(self):
+        with self.graph.as_default():
+            self._variables = checkpoint.variables_by_name(self.graph)
+            self._assign_inputs, self._assign_ops = {}, {}
+            for name, var in self._variables.items():
+                ph = v1.placeholder(var.dtype.base_dtype, var.shape,
+                                    name=f"dapple/assign/{name}")
+                self._assign_inputs[name] = ph
+                self._assign_ops[name] = var.assign(ph, read_value=False)
+            self._global_step_value = self._global_step_var.read_value()
+            self._saver = checkpoint.make_saver(self.graph)
+            initializer = v1.global_variables_initializer()
+        self.graph.finalize()
+        self.session.run(initializer)
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_step(self, batch: Mapping[str, np.ndarray], run_metadata=None) -> float:
+        """One step on `global_batch_size` rows; returns the global-batch mean loss. Pass a
+        `tf.compat.v1.RunMetadata()` to trace the step into it (full trace)."""
+        feed = self._feed(batch)
+        options = None
+        if run_metadata is not None:
+            options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
+        _, loss = self.session.run([self.train_op, self.loss], feed, options=options,
+                                   run_metadata=run_metadata)
+        return float(loss)
+
+    def traced_step(self, batch) -> tuple[float, Any]:
+        """Train one step with a full trace; returns (loss, RunMetadata)."""
+        metadata = v1.RunMetadata()
+        loss = self.train_step(batch, run_metadata=metadata)
+        return loss, metadata
+
+    run_metadata = traced_step
+
+    def _feed(self, batch):
+        missing = sorted(set(self.features) - set(batch))
+        if missing:
+            raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
+        feed = {}
+        for name, ph in self.features.items():
+            value = np.asarray(batch[name])
+            if value.shape[0] != self.global_batch_size:
+                raise ValueError(f"feature '{name}' has {value.shape[0]} rows, expected the "
+                                 f"global batch size {self.global_batch_size}")
+            feed[ph] = value
+        return feed
+
+    # ---- weights and checkpoints ------------------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        names = list(self._variables)
+        return dict(zip(names, self.session.run([self._read_ops[n] for n in names])))
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        unknown = sorted(set(weights) - set(self._variables))
+        if unknown:
+            raise KeyError(f"set_weights: unknown variables {unknown}; this model has "
+                           f"{sorted(self._variables)}")
+        names = list(weights)
+        self.session.run([self._assign_ops[n] for n in names],
+                         {self._assign_inputs[n]: weights[n] for n in names})
+
+    def save(self, path: str | os.PathLike) -> str:
+        return checkpoint.save(self.session, self._saver, path)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        checkpoint.restore(self.session, self._saver, path)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.session.run(self._global_step_value))
+
+    def close(self):
+        self.session.close()
+
+
+def _prepare_reads(trainer: _SessionTrainer):
+    with trainer.graph.as_default():
+        trainer._read_ops = {n: v.read_value() for n, v in
+                             checkpoint.variables_by_name(trainer.graph).items()}
+
+
+class Trainer(_SessionTrainer):
+    """Pipelined + data-parallel training on this process's devices, equal to single-device
+    training on the whole global batch.
+
+    plan: a `Plan`, a path to plan JSON, or "auto" (needs the profiler and planner hook).
+    Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
+    (how many logical CPU devices the session may create when there is no GPU), seed (graph
+    seed of the template, so initial weights are reproducible), inter_op_threads.
+    """
+
+    def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
+                 plan: Plan | str | os.PathLike, global_batch_size: int, *,
+                 clip_norm: float | None = None, num_devices: int | None = None,
+                 seed: int | None = None, inter_op_threads: int | None = None):
+        self.global_batch_size = int(global_batch_size)
+        self.template = build_template(model_fn, feature_spec, seed=seed)
+        self.plan = resolve_plan(plan, self.template, self.global_batch_size, num_devices)
+        kind = devices.check_plan_devices(self.plan, num_devices)
+        self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
+                                 device_name=lambda d: devices.device_name(d, kind),
+                                 clip_norm=clip_norm)
+        self.graph = self.rewritten.graph
+        self.features = self.rewritten.features
+        self.loss = self.rewritten.loss
+        self.train_op = self.rewritten.train_op
+        self._global_step_var = self.rewritten.global_step
+        self.session = v1.Session(graph=self.graph, config=devices.session_config(
+            kind, max(self.plan.devices) + 1, inter_op_threads))
+        _prepare_reads(self)
+        self._finish_init()
+        self.set_weights(initial_values(self.template))
+
+
+class SingleDeviceTrainer(_SessionTrainer):
+    """The plain single-device build of the same model: the reference for equivalence tests and
+    the graph whose variable names checkpoints use."""
+
+    def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
+                 global_batch_size: int, *, clip_norm: float | None = None,
+                 seed: int | None = None, device: str | None = None):
+        self.global_batch_size = int(global_batch_size)
+        self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
+        with self.graph.as_default(), tf.device(device):
+            variables = [v for v in v1.trainable_variables()]
+            grads = tf.gradients(self.loss, variables)
+            pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+            grads = [g for g, _ in pairs]
+            if clip_norm is not None:
+                grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+            self._global_step_var = v1.train.get_or_create_global_step()
+            self.optimizer = optimizer_fn()
+            self.train_op = self.optimizer.apply_gradients(
+                [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var)
+        self.session = v1.Session(graph=self.graph, config=devices.session_config("CPU", 1))
+        _prepare_reads(self)
+        self._finish_init()
+
+
+def resolve_plan(plan, template, global_batch_size: int, num_devices: int | None) -> Plan:
+    if isinstance(plan, str) and plan == "auto":
+        return _auto_plan(template, global_batch_size, num_devices)
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, a path to plan JSON or 'auto', got {plan!r}")
+    if plan.global_batch_size != global_batch_size:
+        raise PlanError(f"plan is for global batch size {plan.global_batch_size}, but the "
+                        f"trainer was given {global_batch_size}")
+    return plan
+
+
+def _auto_plan(template, global_batch_size, num_devices) -> Plan:
+    """Hook for plan='auto': profile the template, then search a plan. Wired by the lead once
+    the profiler and `planner.plan` exist."""
+    try:
+        import planner
+        from dapple_tf import profiler  # noqa: F401
+        search = getattr(planner, "plan")
+    except (ImportError, AttributeError):
+        raise NotImplementedError(
+            "plan='auto' needs dapple_tf.profiler and planner.plan, which are not available "
+            "yet; pass a Plan or a plan JSON path (e.g. planner.plan_format.even_plan(...))") \
+            from None
+    raise NotImplementedError(f"plan='auto': hook to {search!r} is not wired yet")

@@ -1,0 +1,93 @@
+"""GraphDef surgery shared by the passes: cut a set of nodes out of a GraphDef, turning every
+tensor it reads from outside into a Placeholder (so `import_graph_def` can map it), and strip
+device and colocation attributes (placement is decided by the rewriter, not the template)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping
+
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+_COLOCATION_ATTR = "_class"
+
+
+@dataclasses.dataclass
+class Subgraph:
+    graph_def: graph_pb2.GraphDef
+    # outside tensor name -> name of the placeholder tensor that stands for it in graph_def
+    placeholder_of: dict[str, str]
+
+
+def split_tensor_name(name: str) -> tuple[str, int]:
+    if ":" in name:
+        op, index = name.rsplit(":", 1)
+        return op, int(index)
+    return name, 0
+
+
+def strip_placement(node: node_def_pb2.NodeDef) -> None:
+    node.device = ""
+    if _COLOCATION_ATTR in node.attr:
+        del node.attr[_COLOCATION_ATTR]
+
+
+def strip_library_placement(library) -> None:
+    for function in library.function:
+        for node in function.node_def:
+            strip_placement(node)
+
+
+def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_prefix: str,
+            keep_outside: Mapping[str, node_def_pb2.NodeDef] = (), library=None) -> Subgraph:
+    """A GraphDef of `nodes` (copied, placement stripped). Data inputs produced outside become
+    Placeholders named `<placeholder_prefix>/<k>` (dtype and shape from `graph`), except inputs
+    produced by a node in `keep_outside` (e.g. variable handles), which is copied in as-is.
+    Control inputs from outside are dropped: callers order subgraphs with their own control
+    dependencies."""
+    out = graph_pb2.GraphDef()
+    nodes = list(nodes)
+    inside = {n.name for n in nodes}
+    placeholder_of: dict[str, str] = {}
+    copied_outside: set[str] = set()
+    for source in nodes:
+        node = out.node.add()
+        node.CopyFrom(source)
+        strip_placement(node)
+        del node.input[:]
+        for name in source.input:
+            if name.startswith("^"):
+                if name[1:] in inside:
+                    node.input.append(name)
+                continue
+            op_name, index = split_tensor_name(name)
+            if op_name in inside:
+                node.input.append(name)
+            elif op_name in keep_outside:
+                if op_name not in copied_outside:
+                    copied_outside.add(op_name)
+                    kept = out.node.add()
+                    kept.CopyFrom(keep_outside[op_name])
+                    strip_placement(kept)
+                node.input.append(name)
+            else:
+                tensor_name = f"{op_name}:{index}"
+                if tensor_name not in placeholder_of:
+                    placeholder_of[tensor_name] = _add_placeholder(
+                        out, f"{placeholder_prefix}/{len(placeholder_of)}",
+                        graph.get_tensor_by_name(tensor_name))
+                node.input.append(placeholder_of[tensor_name])
+    if library is not None:
+        out.library.CopyFrom(library)
+        strip_library_placement(out.library)
+    out.versions.CopyFrom(graph.graph_def_versions)
+    return Subgraph(out, placeholder_of)
+
+
+def _add_placeholder(graph_def, name: str, like: tf.Tensor) -> str:
+    node = graph_def.node.add()
+    node.name = name
+    node.op = "Placeholder"
+    node.attr["dtype"].type = like.dtype.as_datatype_enum
+    node.attr["shape"].shape.CopyFrom(like.shape.as_proto())
+    return f"{name}:0"

@@ -1,0 +1,105 @@
+"""Partition: which stage every template op belongs to, and what crosses each stage boundary."""
+from __future__ import annotations
+
+import dataclasses
+
+from planner.plan_format import Plan, PlanError
+
+from .template import Template
+
+
+class PartitionError(PlanError):
+    """The plan's stage split cannot run this model (e.g. data flowing backwards)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    index: int
+    layers: tuple[str, ...]
+    ops: tuple[str, ...]                        # template op names, topological order
+    inputs: tuple[str, ...]                     # tensors received from earlier stages
+    input_source: dict[str, int]                # input tensor -> producing stage
+    outputs: tuple[str, ...]                    # tensors sent to later stages
+    output_consumers: dict[str, tuple[int, ...]]
+    features: tuple[str, ...]                   # feature names this stage reads
+    variables: tuple[str, ...]                  # variables this stage reads
+    has_loss: bool
+
+    def outputs_to(self, stage: int) -> tuple[str, ...]:
+        return tuple(t for t in self.outputs if stage in self.output_consumers[t])
+
+    def inputs_from(self, stage: int) -> tuple[str, ...]:
+        return tuple(t for t in self.inputs if self.input_source[t] == stage)
+
+    @property
+    def source_stages(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.input_source.values())))
+
+    @property
+    def consumer_stages(self) -> tuple[int, ...]:
+        return tuple(sorted({b for c in self.output_consumers.values() for b in c}))
+
+
+def partition(template: Template, plan: Plan) -> list[StageSpec]:
+    """Split the template's ops into the plan's stages. Raises PlanError naming the model's
+    layers when the plan does not cover them exactly, in order."""
+    plan.check_layers(template.layers)
+    stage_of_layer = plan.stage_of_layer()
+    stage_of_op = {op: stage_of_layer[layer] for op, layer in template.layer_of_op.items()}
+    feature_of_tensor = {t: name for name, t in template.features.items()}
+    graph = template.graph
+    num_stages = plan.num_stages
+
+    ops: list[list[str]] = [[] for _ in range(num_stages)]
+    inputs: list[dict[str, int]] = [{} for _ in range(num_stages)]
+    consumers: list[dict[str, list[int]]] = [{} for _ in range(num_stages)]
+    features: list[dict[str, None]] = [{} for _ in range(num_stages)]
+    variables: list[dict[str, None]] = [{} for _ in range(num_stages)]
+    for layer in template.layers:
+        for name in template.ops_of_layer[layer]:
+            s = stage_of_op[name]
+            ops[s].append(name)
+            for t in graph.get_operation_by_name(name).inputs:
+                producer = t.op.name
+                if t.name in feature_of_tensor:
+                    features[s][feature_of_tensor[t.name]] = None
+                elif producer in template.variables:
+                    variables[s][producer] = None
+                elif stage_of_op[producer] != s:
+                    a = stage_of_op[producer]
+                    if a > s:
+                        raise PartitionError(
+                            f"layer '{template.layer_of_op[name]}' (stage {s}) consumes "
+                            f"{t.name} of layer '{template.layer_of_op[producer]}' (stage {a}); "
+                            f"data may only flow to later stages")
+                    _check_crossing_tensor(t, template)
+                    inputs[s][t.name] = a
+                    users = consumers[a].setdefault(t.name, [])
+                    if s not in users:
+                        users.append(s)
+    loss_stage = stage_of_op[template.loss.split(":")[0]]
+    if loss_stage != num_stages - 1:
+        raise PartitionError(f"the loss {template.loss} is in stage {loss_stage}, but it must be "
+                             f"computed by the last stage ({num_stages - 1})")
+    # Keep each stage's ops in template (topological) order.
+    position = {op: k for k, op in enumerate(template.layer_of_op)}
+    return [StageSpec(
+        index=s, layers=plan.stages[s].layers,
+        ops=tuple(sorted(ops[s], key=position.__getitem__)),
+        inputs=tuple(inputs[s]), input_source=dict(inputs[s]),
+        outputs=tuple(consumers[s]),
+        output_consumers={t: tuple(sorted(c)) for t, c in consumers[s].items()},
+        features=tuple(features[s]), variables=tuple(variables[s]),
+        has_loss=(s == num_stages - 1)) for s in range(num_stages)]
+
+
+def _check_crossing_tensor(tensor, template: Template) -> None:
+    """Batch tensors are split by rows at boundaries, so their axis 0 must be the batch axis."""
+    if tensor.name not in template.batch_tensors:
+        return
+    shape = tensor.shape
+    if shape.rank is None or shape.rank == 0 or shape[0] is not None:
+        raise PartitionError(
+            f"tensor {tensor.name} (shape {shape}) crosses a stage boundary after layer "
+            f"'{template.layer_of_op[tensor.op.name]}', but its first axis is not the batch axis; "
+            f"tensors leaving a layer must be batch-major ([batch, ...])")

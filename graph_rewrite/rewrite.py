@@ -1,0 +1,294 @@
+"""`rewrite(template, plan, ...)`: run the passes in order and return the training graph.
+
+Passes (one module each): partition -> stage_graph (differentiate each stage once) -> place ->
+clone + boundary, built in the schedule's simulated execution order so each action's start ops
+are created under a control dependency on the end op of its slot's previous action ->
+accumulate (per slot, over micro-batches) -> allreduce (over a stage's replicas, then over the
+stages of tied variables) -> clip -> one optimizer apply.
+
+An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
+feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
+gradient seed (`.../loss_grad`). Its end op: a NoOp `dapple/mb<i>/s<s>r<k>/F_end|B_end` after its
+send ops (and loss / variable gradients). So the executor runs each slot's actions in list
+order, and nothing of action k+1 that depends on its inputs starts before action k ended.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import tensorflow as tf
+
+from planner.plan_format import Plan
+
+from . import clone, schedule
+from .accumulate import accumulate_micro_batches
+from .allreduce import GradientSync, LocalGradientSync
+from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
+from .partition import StageSpec, partition
+from .place import Slot, all_slots, slot_devices, variable_devices
+from .stage_graph import StageGraph, build_stage_graphs, is_differentiable
+from .template import Template
+
+v1 = tf.compat.v1
+
+FEATURE_PREFIX = "dapple/features"
+
+
+@dataclasses.dataclass
+class TrainingGraph:
+    graph: tf.Graph
+    plan: Plan
+    features: dict[str, tf.Tensor]          # global-batch placeholders, fed by the runtime
+    loss: tf.Tensor                         # global-batch mean loss (sum of scaled clone losses)
+    train_op: tf.Operation
+    variables: dict[str, tf.Variable]       # model variables by single-device name
+    global_step: tf.Variable
+    optimizer: object
+    gradients: dict[str, object]            # variable -> final gradient (after sync, clipping)
+    schedule: list[list[schedule.Action]]
+    device_of_slot: dict[Slot, str]
+    device_of_variable: dict[str, str]
+    local_slots: tuple[Slot, ...]
+    start_ops: dict[tuple[Slot, schedule.Action], list[tf.Operation]]
+    end_ops: dict[tuple[Slot, schedule.Action], tf.Operation]
+    stage_graphs: list[StageGraph]
+
+
+def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], *,
+            device_name: Callable[[int], str], clip_norm: float | None = None,
+            local_slots: Iterable[Slot] | None = None, transport: Transport | None = None,
+            gradient_sync: GradientSync | None = None) -> TrainingGraph:
+    """Build the training graph of the slots in `local_slots` (default: all, one process).
+    `device_name` maps a plan device id to a device string of this process."""
+    specs = partition(template, plan)
+    stage_graphs = build_stage_graphs(template, specs)
+    lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
+    device_of_slot = slot_devices(plan, device_name)
+    local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
+    transport = transport or LocalTransport(device_of_slot)
+    gradient_sync = gradient_sync or LocalGradientSync()
+    builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
+                       transport)
+    graph = tf.Graph()
+    with graph.as_default():
+        builder.create_inputs_and_variables()
+        for stage, action in schedule.execution_order(lists, plan.num_micro_batches):
+            for slot in local:
+                if slot.stage == stage:
+                    builder.build_action(slot, action)
+        train_op, gradients, optimizer, global_step = builder.apply(
+            optimizer_fn, clip_norm, gradient_sync)
+        loss = builder.global_loss()
+    return TrainingGraph(
+        graph=graph, plan=plan, features=builder.features, loss=loss, train_op=train_op,
+        variables=builder.variables, global_step=global_step, optimizer=optimizer,
+        gradients=gradients, schedule=lists, device_of_slot=device_of_slot,
+        device_of_variable=builder.device_of_variable, local_slots=local,
+        start_ops=builder.start_ops, end_ops=builder.end_ops, stage_graphs=stage_graphs)
+
+
+class _Builder:
+    def __init__(self, template: Template, plan: Plan, specs: list[StageSpec],
+                 stage_graphs: list[StageGraph], lists, device_of_slot, local, transport):
+        self.template, self.plan, self.specs = template, plan, specs
+        self.stage_graphs = stage_graphs
+        self.lists = lists
+        self.device_of_slot = device_of_slot
+        self.local = local
+        self.transport = transport
+        self.device_of_variable = variable_devices(specs, local, device_of_slot)
+        self.features: dict[str, tf.Tensor] = {}
+        self.variables: dict[str, tf.Variable] = {}
+        self.forward_tensors: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
+        self.forward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
+        self.backward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
+        self.variable_grads: dict[Slot, list[dict]] = {slot: [] for slot in local}
+        self.scaled_losses: list[tf.Tensor] = []
+        self.start_ops: dict = {}
+        self.end_ops: dict = {}
+        self.last_end: dict[Slot, tf.Operation] = {}
+
+    # ---- inputs and variables -------------------------------------------------------------
+    def create_inputs_and_variables(self):
+        g = self.plan.global_batch_size
+        for name, (shape, dtype) in self.template.feature_spec.items():
+            self.features[name] = v1.placeholder(dtype, [g] + list(shape),
+                                                 name=f"{FEATURE_PREFIX}/{name}")
+        for name, info in self.template.variables.items():
+            if name not in self.device_of_variable:
+                continue
+            with tf.device(self.device_of_variable[name]):
+                self.variables[name] = v1.get_variable(
+                    name, shape=info.shape, dtype=info.dtype, trainable=info.trainable,
+                    initializer=v1.zeros_initializer(), use_resource=True)
+
+    # ---- one action of one slot -----------------------------------------------------------
+    def build_action(self, slot: Slot, action):
+        kind, i = action
+        previous = self.last_end.get(slot)
+        deps = [previous] if previous is not None else []
+        if kind == "F":
+            start, end = self._forward(slot, i, deps)
+        else:
+            start, end = self._backward(slot, i, deps)
+        self.start_ops[(slot, action)] = start
+        self.end_ops[(slot, action)] = end
+        self.last_end[slot] = end
+
+    def _forward(self, slot: Slot, i: int, deps):
+        stage = self.stage_graphs[slot.stage]
+        spec = stage.spec
+        device = self.device_of_slot[slot]
+        prefix = clone.clone_prefix(i, slot.tag)
+        start_ops, received = [], {}
+        with tf.control_dependencies(deps):
+            for a in spec.source_stages:
+                transfer = self.forward_transfers[(i, a, slot.stage)]
+                tensors = transfer.recv(slot.replica)
+                start_ops.append(tensors[0].op)
+                received.update(zip(transfer.tensors, tensors))
+            features = {}
+            if spec.features:
+                rows = self._feature_rows(slot, i)
+                with tf.device(device), tf.name_scope(prefix + "/"):
+                    sliced = [self.features[f][rows[0]:rows[1]] for f in spec.features]
+                    gated = _identity_n(sliced, f"{prefix}/features")
+                start_ops.append(gated[0].op)
+                features = dict(zip(spec.features, gated))
+        handles = {v: self.variables[v].handle for v in spec.variables}
+        tensors = clone.import_forward(stage, device, prefix, features, received, handles)
+        self.forward_tensors[(slot, i)] = tensors
+        end_deps = []
+        for b in spec.consumer_stages:
+            transfer = self._forward_transfer(i, slot.stage, b)
+            end_deps.append(transfer.send(slot.replica, [tensors[t] for t in transfer.tensors]))
+        if spec.has_loss:
+            with tf.device(device), tf.name_scope(prefix + "/"):
+                scaled = tf.multiply(tensors[stage.loss], self._loss_scale(slot), name="scaled_loss")
+            self.scaled_losses.append(scaled)
+            end_deps.append(scaled.op)
+        with tf.device(device):
+            end = tf.group(*end_deps, name=f"{prefix}/F_end")
+        return start_ops, end
+
+    def _backward(self, slot: Slot, i: int, deps):
+        stage = self.stage_graphs[slot.stage]
+        spec = stage.spec
+        device = self.device_of_slot[slot]
+        prefix = clone.clone_prefix(i, slot.tag)
+        forward = self.forward_tensors.pop((slot, i))
+        start_ops = []
+        grads_in: dict[str, list[tf.Tensor]] = {}
+        loss_grad = None
+        with tf.control_dependencies(deps):
+            for b in spec.consumer_stages:
+                transfer = self.backward_transfers.get((i, b, slot.stage))
+                if transfer is None or not transfer.tensors:
+                    continue
+                tensors = transfer.recv(slot.replica, like=[forward[t] for t in transfer.tensors])
+                start_ops.append(tensors[0].op)
+                for t, g in zip(transfer.tensors, tensors):
+                    grads_in.setdefault(t, []).append(g)
+            if spec.has_loss:
+                with tf.device(device):
+                    loss_grad = tf.identity(
+                        tf.constant(self._loss_scale(slot), forward[stage.loss].dtype),
+                        name=f"{prefix}/loss_grad")
+                start_ops.append(loss_grad.op)
+        with tf.device(device), tf.name_scope(prefix + "/"):
+            grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g))
+                           for t, g in grads_in.items()}
+        handles = {v: self.variables[v].handle for v in spec.variables}
+        input_grads, variable_grads = clone.import_backward(
+            stage, device, prefix, forward, grad_inputs, loss_grad, handles)
+        self.variable_grads[slot].append(variable_grads)
+        end_deps = []
+        for a in spec.source_stages:
+            transfer = self._backward_transfer(i, slot.stage, a)
+            if transfer.tensors:
+                end_deps.append(transfer.send(slot.replica,
+                                              [input_grads[t] for t in transfer.tensors]))
+        for g in variable_grads.values():
+            end_deps.append(g.values.op if isinstance(g, tf.IndexedSlices) else g.op)
+        with tf.device(device):
+            end = tf.group(*end_deps, name=f"{prefix}/B_end")
+        return start_ops, end
+
+    def _forward_transfer(self, i, a, b) -> BoundaryTransfer:
+        key = (i, a, b)
+        if key not in self.forward_transfers:
+            tensors = self.specs[b].inputs_from(a)
+            self.forward_transfers[key] = BoundaryTransfer(
+                i, a, b, tensors, self._modes(tensors), self._specs(tensors), self.plan,
+                self.transport)
+        return self.forward_transfers[key]
+
+    def _backward_transfer(self, i, b, a) -> BoundaryTransfer:
+        """Gradients of the differentiable tensors stage a sent to stage b, from b back to a."""
+        key = (i, b, a)
+        if key not in self.backward_transfers:
+            graph = self.template.graph
+            tensors = tuple(t for t in self.specs[b].inputs_from(a)
+                            if is_differentiable(graph.get_tensor_by_name(t).dtype))
+            self.backward_transfers[key] = BoundaryTransfer(
+                i, b, a, tensors, self._modes(tensors), self._specs(tensors), self.plan,
+                self.transport, gradient=True)
+        return self.backward_transfers[key]
+
+    def _modes(self, tensors):
+        return tuple(ROWS if t in self.template.batch_tensors else WHOLE for t in tensors)
+
+    def _specs(self, tensors):
+        specs = []
+        for t in tensors:
+            tensor = self.template.graph.get_tensor_by_name(t)
+            shape = tensor.shape[1:] if t in self.template.batch_tensors else tensor.shape
+            specs.append(tf.TensorSpec(shape, tensor.dtype))
+        return tuple(specs)
+
+    def _feature_rows(self, slot: Slot, i: int) -> tuple[int, int]:
+        lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
+        base = i * self.plan.micro_batch_size
+        return base + lo, base + hi
+
+    def _loss_scale(self, slot: Slot) -> float:
+        lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
+        return (hi - lo) / self.plan.global_batch_size
+
+    # ---- gradients and the update ---------------------------------------------------------
+    def apply(self, optimizer_fn, clip_norm, gradient_sync: GradientSync):
+        per_stage: dict[int, dict[int, dict]] = {}
+        for slot in self.local:
+            with tf.device(self.device_of_slot[slot]):
+                summed = accumulate_micro_batches(self.variable_grads[slot],
+                                                  f"dapple/accumulate/{slot.tag}")
+            per_stage.setdefault(slot.stage, {})[slot.replica] = summed
+        by_stage = {s: gradient_sync.sum_replicas(s, replicas, self.device_of_variable)
+                    for s, replicas in per_stage.items()}
+        final = gradient_sync.sum_stages(by_stage, self.device_of_variable)
+        order = [v for v in self.template.variables
+                 if v in final and self.template.variables[v].trainable]
+        grads = [final[v] for v in order]
+        if clip_norm is not None:
+            with tf.name_scope("dapple/clip"):
+                grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        first_device = self.device_of_slot[self.local[0]]
+        with tf.device(first_device):
+            global_step = v1.train.get_or_create_global_step()
+        optimizer = optimizer_fn()
+        train_op = optimizer.apply_gradients(
+            [(g, self.variables[v]) for g, v in zip(grads, order)], global_step=global_step)
+        return train_op, dict(zip(order, grads)), optimizer, global_step
+
+    def global_loss(self) -> tf.Tensor:
+        if not self.scaled_losses:
+            return tf.constant(float("nan"), name="dapple/loss")  # no last-stage slot here
+        last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
+        with tf.device(self.device_of_slot[last]):
+            return tf.add_n(self.scaled_losses, name="dapple/loss")
+
+
+def _identity_n(tensors, name):
+    with tf.compat.v1.get_default_graph().name_scope(None):
+        return list(tf.identity_n(tensors, name=name))

@@ -1,0 +1,175 @@
+"""Differentiate each stage once: a forward GraphDef and a backward GraphDef per stage.
+
+For stage s the forward GraphDef holds the stage's template ops; everything it reads from
+outside is a Placeholder (features, tensors from earlier stages) or a copy of the variable's
+VarHandleOp. `tf.gradients` (public API) is then called once, in a scratch graph holding that
+forward part, for ys = the float tensors the stage sends on (+ the loss on the last stage) and
+xs = its float received tensors + the variable handles it reads, with placeholder grad_ys. The
+new gradient ops form the backward GraphDef; the forward tensors they read become Placeholders.
+
+The clone pass imports these two GraphDefs once per (micro-batch, slot) with `import_graph_def`,
+so the rewrite never re-runs gradient construction per clone. Control-flow-v2 ops (While from
+`tf.compat.v1.while_loop`) work because their gradient is built here, before export: the forward
+While already carries the accumulator outputs its gradient reads.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2
+
+from . import graphdefs
+from .partition import StageSpec
+from .template import Template
+
+v1 = tf.compat.v1
+
+FORWARD_INPUT_PREFIX = "dapple_in"
+GRAD_INPUT_PREFIX = "dapple_grad_in"
+FORWARD_REF_PREFIX = "dapple_fwd"
+
+
+@dataclasses.dataclass(frozen=True)
+class GradRef:
+    """Where a variable's gradient is in the backward GraphDef: dense, or IndexedSlices parts."""
+    dense: str | None = None
+    indices: str | None = None
+    values: str | None = None
+    dense_shape: str | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.dense is None
+
+
+@dataclasses.dataclass
+class StageGraph:
+    spec: StageSpec
+    forward: graph_pb2.GraphDef
+    feature_inputs: dict[str, str]         # feature -> placeholder tensor in `forward`
+    boundary_inputs: dict[str, str]        # template tensor -> placeholder tensor in `forward`
+    forward_variables: tuple[str, ...]     # VarHandleOp names present in `forward`
+    loss: str | None                       # loss tensor in `forward` (last stage)
+    backward: graph_pb2.GraphDef
+    forward_refs: dict[str, str]           # placeholder in `backward` -> tensor of `forward`
+    backward_variables: tuple[str, ...]    # VarHandleOp names present in `backward`
+    grad_inputs: dict[str, str]            # float output tensor -> grad placeholder in `backward`
+    loss_grad_input: str | None
+    input_grads: dict[str, str]            # float input tensor -> its gradient in `backward`
+    variable_grads: dict[str, GradRef]
+
+    @property
+    def differentiable_outputs(self) -> tuple[str, ...]:
+        return tuple(self.grad_inputs)
+
+
+def is_differentiable(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex
+
+
+def build_stage_graphs(template: Template, specs: list[StageSpec]) -> list[StageGraph]:
+    graph_def = template.graph.as_graph_def()
+    node_by_name = {n.name: n for n in graph_def.node}
+    return [build_stage_graph(template, spec, node_by_name, graph_def.library) for spec in specs]
+
+
+def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library) -> StageGraph:
+    has_library = len(library.function) > 0
+    variable_nodes = {v: node_by_name[v] for v in spec.variables}
+    forward_part = graphdefs.extract(
+        (node_by_name[op] for op in spec.ops), template.graph, FORWARD_INPUT_PREFIX,
+        keep_outside=variable_nodes, library=library if has_library else None)
+    feature_of_tensor = {t: name for name, t in template.features.items()}
+    feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
+                      if t in feature_of_tensor}
+    boundary_inputs = {t: ph for t, ph in forward_part.placeholder_of.items()
+                       if t not in feature_of_tensor}
+
+    scratch = tf.Graph()
+    with scratch.as_default():
+        tf.graph_util.import_graph_def(forward_part.graph_def, name="")
+        forward_names = {n.name for n in forward_part.graph_def.node}
+        ys, grad_ys, grad_inputs = [], [], {}
+        for k, t in enumerate(spec.outputs):
+            tensor = scratch.get_tensor_by_name(t)
+            if is_differentiable(tensor.dtype):
+                ph = v1.placeholder(tensor.dtype, tensor.shape, name=f"{GRAD_INPUT_PREFIX}/{k}")
+                ys.append(tensor)
+                grad_ys.append(ph)
+                grad_inputs[t] = ph.name
+        loss_grad_input = None
+        if spec.has_loss:
+            loss = scratch.get_tensor_by_name(template.loss)
+            seed = v1.placeholder(loss.dtype, [], name=f"{GRAD_INPUT_PREFIX}/loss")
+            ys.append(loss)
+            grad_ys.append(seed)
+            loss_grad_input = seed.name
+        float_inputs = [t for t in spec.inputs
+                        if is_differentiable(scratch.get_tensor_by_name(boundary_inputs[t]).dtype)]
+        xs = [scratch.get_tensor_by_name(boundary_inputs[t]) for t in float_inputs]
+        handles = [scratch.get_tensor_by_name(f"{v}:0") for v in spec.variables]
+        grads = tf.gradients(ys, xs + handles, grad_ys) if ys else [None] * (len(xs) + len(handles))
+        input_grads = {}
+        for t, x, g in zip(float_inputs, xs, grads[:len(xs)]):
+            if g is None:
+                g = tf.zeros_like(x)
+            elif isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            input_grads[t] = g.name
+        variable_grads = {}
+        for v, g in zip(spec.variables, grads[len(xs):]):
+            if g is None:
+                continue
+            if isinstance(g, tf.IndexedSlices):
+                dense_shape = g.dense_shape if g.dense_shape is not None else \
+                    tf.constant(template.variables[v].shape, tf.int64)
+                variable_grads[v] = GradRef(indices=g.indices.name, values=g.values.name,
+                                            dense_shape=dense_shape.name)
+            else:
+                variable_grads[v] = GradRef(dense=g.name)
+
+    scratch_def = scratch.as_graph_def()
+    forward_names = _with_ancestors(forward_names, scratch_def)
+    forward = graph_pb2.GraphDef()
+    forward.versions.CopyFrom(scratch_def.versions)
+    backward_nodes = []
+    for node in scratch_def.node:
+        if node.name in forward_names:
+            copy = forward.node.add()
+            copy.CopyFrom(node)
+            graphdefs.strip_placement(copy)
+        else:
+            backward_nodes.append(node)
+    if len(scratch_def.library.function):
+        forward.library.CopyFrom(scratch_def.library)
+        graphdefs.strip_library_placement(forward.library)
+    handle_nodes = {n.name: n for n in forward.node if n.op == "VarHandleOp"}
+    backward_part = graphdefs.extract(
+        backward_nodes, scratch, FORWARD_REF_PREFIX, keep_outside=handle_nodes,
+        library=scratch_def.library if len(scratch_def.library.function) else None)
+    backward_variables = tuple(n.name for n in backward_part.graph_def.node
+                               if n.op == "VarHandleOp")
+    return StageGraph(
+        spec=spec, forward=forward, feature_inputs=feature_inputs,
+        boundary_inputs=boundary_inputs, forward_variables=tuple(spec.variables),
+        loss=template.loss if spec.has_loss else None,
+        backward=backward_part.graph_def,
+        forward_refs={ph: t for t, ph in backward_part.placeholder_of.items()},
+        backward_variables=backward_variables, grad_inputs=grad_inputs,
+        loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads)
+
+
+def _with_ancestors(names: set[str], graph_def) -> set[str]:
+    """`names` plus every node they read from. Gradients of while_v2 add inputs (accumulators)
+    to the forward While op; those belong to the forward part."""
+    node_by_name = {n.name: n for n in graph_def.node}
+    closed = set(names)
+    stack = list(names)
+    while stack:
+        for name in node_by_name[stack.pop()].input:
+            op = graphdefs.split_tensor_name(name.lstrip("^"))[0]
+            if op not in closed:
+                closed.add(op)
+                stack.append(op)
+    return closed

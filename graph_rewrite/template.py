@@ -1,0 +1,218 @@
+"""Template analysis: build the user's model once and describe it as plain data.
+
+The template graph holds one placeholder per feature (shape [None] + per-example shape) and the
+ops `model_fn` creates. Analysis only reads it: which layer every op of the loss's backward cone
+belongs to, the tensors that cross layers, the variables each layer reads, and which tensors
+depend on the batch. Passes read this data; none of them changes the template.
+
+Layer rules (ARCHITECTURE.md): the layer of an op is its top-level name scope; an op without a
+scope joins the earliest layer among its consumers (the loss, if unscoped, joins the last
+layer). Feature placeholders and variable handles are inputs, not layer members.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+v1 = tf.compat.v1
+
+FEATURE_SCOPE = "dapple_features"
+_VARIABLE_OPS = ("VarHandleOp",)
+_REF_VARIABLE_OPS = ("VariableV2", "Variable")
+
+
+class TemplateError(ValueError):
+    """The model cannot be used as a pipeline template (what is wrong, and where)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableInfo:
+    name: str              # single-device variable name without ':0', e.g. 'layer_0/dense/kernel'
+    shape: tuple[int, ...]
+    dtype: tf.DType
+    trainable: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """A tensor produced in one layer and consumed in another."""
+    tensor: str
+    producer: str
+    consumer: str
+
+
+@dataclasses.dataclass
+class Template:
+    graph: tf.Graph
+    loss: str                                  # tensor name of the scalar loss
+    features: dict[str, str]                   # feature name -> placeholder tensor name
+    feature_spec: dict[str, tuple[tuple[int, ...], tf.DType]]
+    layers: tuple[str, ...]                    # in order of first creation
+    layer_of_op: dict[str, str]                # every op of the loss cone (inputs excluded)
+    ops_of_layer: dict[str, tuple[str, ...]]   # in graph (topological) order
+    variables: dict[str, VariableInfo]         # handle op name -> info, creation order
+    variables_of_layer: dict[str, tuple[str, ...]]
+    edges: tuple[Edge, ...]
+    batch_tensors: frozenset[str]              # tensor names that depend on a feature
+    variable_objects: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+
+    @property
+    def graph_def(self):
+        return self.graph.as_graph_def()
+
+    def describe(self) -> str:
+        lines = [f"template: {len(self.layers)} layers, {len(self.layer_of_op)} ops, "
+                 f"{len(self.variables)} variables, loss {self.loss}"]
+        for name in self.layers:
+            lines.append(f"  {name}: {len(self.ops_of_layer[name])} ops, reads "
+                         f"{list(self.variables_of_layer[name])}")
+        return "\n".join(lines)
+
+
+def build_template(model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
+                   feature_spec: Mapping[str, tuple[tuple[int, ...], Any]],
+                   seed: int | None = None) -> Template:
+    """Build `model_fn` in a fresh graph and analyse it."""
+    graph, features, loss = build_model_graph(model_fn, feature_spec, seed)
+    return analyse(graph, features, loss, feature_spec)
+
+
+def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
+    """Create the feature placeholders and call `model_fn` with resource variables. Returns
+    (graph, {feature: placeholder}, loss). The single-device reference build uses this too, so
+    the two builds create the same ops (same random seeds, same variable names)."""
+    graph = graph or tf.Graph()
+    with graph.as_default():
+        if seed is not None:
+            v1.set_random_seed(seed)
+        features = {}
+        with tf.name_scope(FEATURE_SCOPE + "/"):
+            for name, (shape, dtype) in feature_spec.items():
+                features[name] = v1.placeholder(tf.as_dtype(dtype), [None] + list(shape), name=name)
+        with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
+            loss = model_fn(dict(features))
+        if not isinstance(loss, tf.Tensor) or loss.graph is not graph:
+            raise TemplateError(f"model_fn must return a scalar tf.Tensor of its graph, "
+                                f"got {loss!r}")
+        if loss.shape.rank not in (0, None):
+            raise TemplateError(f"model_fn must return a scalar mean loss, got shape {loss.shape}")
+    return graph, features, loss
+
+
+def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
+            feature_spec) -> Template:
+    feature_ops = {t.op.name: name for name, t in features.items()}
+    cone = _backward_cone(loss.op)
+    ops = [op for op in graph.get_operations() if op.name in cone]  # creation = topological
+    variable_objects = {v.handle.op.name: v for v in graph.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)
+                        if hasattr(v, "handle")}
+    trainable = {v.handle.op.name for v in graph.get_collection(v1.GraphKeys.TRAINABLE_VARIABLES)
+                 if hasattr(v, "handle")}
+
+    members = []
+    variables: dict[str, VariableInfo] = {}
+    for op in ops:
+        if op.type in _REF_VARIABLE_OPS:
+            raise TemplateError(f"variable '{op.name}' is a reference variable; build the model "
+                                f"with resource variables (tf.compat.v1.get_variable under "
+                                f"use_resource=True, which dapple builds model_fn under)")
+        if op.type in _VARIABLE_OPS:
+            variables[op.name] = VariableInfo(
+                op.name, tuple(op.get_attr("shape").dim[i].size
+                               for i in range(len(op.get_attr("shape").dim))),
+                tf.as_dtype(op.get_attr("dtype")), op.name in trainable)
+        elif op.name in feature_ops:
+            pass
+        elif op.type == "Placeholder":
+            raise TemplateError(f"the loss depends on placeholder '{op.name}' that is not a "
+                                f"feature; features are: {sorted(feature_ops.values())}")
+        else:
+            members.append(op)
+    if not members:
+        raise TemplateError("model_fn's loss has no ops besides its inputs")
+
+    layer_of_op = _assign_layers(members, loss.op)
+    layers = list(dict.fromkeys(layer_of_op[op.name] for op in members if "/" in op.name))
+    for name in dict.fromkeys(layer_of_op.values()):
+        if name not in layers:
+            layers.append(name)
+    ops_of_layer: dict[str, list[str]] = {name: [] for name in layers}
+    for op in members:
+        ops_of_layer[layer_of_op[op.name]].append(op.name)
+
+    variables_of_layer: dict[str, dict[str, None]] = {name: {} for name in layers}
+    edges: dict[tuple[str, str, str], None] = {}
+    for op in members:
+        for t in op.inputs:
+            producer = t.op
+            if producer.name in variables:
+                variables_of_layer[layer_of_op[op.name]][producer.name] = None
+            elif producer.name in layer_of_op and layer_of_op[producer.name] != layer_of_op[op.name]:
+                edges[(t.name, layer_of_op[producer.name], layer_of_op[op.name])] = None
+
+    batch_tensors = set(t.name for t in features.values())
+    for op in members:
+        if any(t.name in batch_tensors for t in op.inputs):
+            batch_tensors.update(t.name for t in op.outputs)
+
+    return Template(
+        graph=graph, loss=loss.name, features={n: t.name for n, t in features.items()},
+        feature_spec={n: (tuple(s), tf.as_dtype(d)) for n, (s, d) in feature_spec.items()},
+        layers=tuple(layers), layer_of_op=layer_of_op,
+        ops_of_layer={n: tuple(o) for n, o in ops_of_layer.items()},
+        variables=variables,
+        variables_of_layer={n: tuple(v) for n, v in variables_of_layer.items()},
+        edges=tuple(Edge(*e) for e in edges), batch_tensors=frozenset(batch_tensors),
+        variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
+
+
+def initial_values(template: Template) -> dict[str, np.ndarray]:
+    """Run the template's variable initializers once; values keyed by variable name."""
+    objects = [template.variable_objects[n] for n in template.variables]
+    if len(objects) != len(template.variables):
+        missing = sorted(set(template.variables) - set(template.variable_objects))
+        raise TemplateError(f"variables {missing} have no tf.Variable object (not created with "
+                            f"tf.compat.v1.get_variable/tf.Variable?)")
+    with v1.Session(graph=template.graph) as sess:
+        sess.run([v.initializer for v in objects])
+        values = sess.run([v.value() for v in objects])
+    return dict(zip(template.variables, values))
+
+
+def _backward_cone(loss_op: tf.Operation) -> set[str]:
+    seen = {loss_op.name}
+    stack = [loss_op]
+    while stack:
+        op = stack.pop()
+        for t in op.inputs:
+            if t.op.name not in seen:
+                seen.add(t.op.name)
+                stack.append(t.op)
+    return seen
+
+
+def _assign_layers(members: list[tf.Operation], loss_op: tf.Operation) -> dict[str, str]:
+    """Scoped ops: their top-level scope. Unscoped ops: the earliest layer among consumers
+    (walked in reverse creation order, so consumers are decided first)."""
+    layer_of_op = {op.name: op.name.split("/")[0] for op in members if "/" in op.name}
+    first_seen: dict[str, int] = {}
+    for k, op in enumerate(members):
+        if op.name in layer_of_op:
+            first_seen.setdefault(layer_of_op[op.name], k)
+    if not first_seen:
+        only = loss_op.name
+        return {op.name: only for op in members}
+    last_layer = max(first_seen, key=first_seen.get)
+    for op in reversed(members):
+        if op.name in layer_of_op:
+            continue
+        consumer_layers = [layer_of_op[c.name] for t in op.outputs for c in t.consumers()
+                           if c.name in layer_of_op]
+        if op is loss_op or not consumer_layers:
+            layer_of_op[op.name] = last_layer
+        else:
+            layer_of_op[op.name] = min(consumer_layers, key=lambda n: first_seen.get(n, 1 << 62))
+    return layer_of_op
