@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from planner.dapple_cost import DappleEval, DappleModel
+from planner.states import coarsen_cuts
 
 INF = float("inf")
 
@@ -73,7 +74,7 @@ def useful_cuts(model: DappleModel) -> list[int]:
 class DappleSearch:
     def __init__(self, model: DappleModel, micro_batch_size: int | None = None,
                  schedule: str | None = None, keep: int = 2, finalists: int = 8,
-                 exhaustive_limit: int = 4000):
+                 exhaustive_limit: int = 4000, max_cuts: int = 96):
         self.m = model
         self.c = model.cluster
         self.N = self.c.num_devices
@@ -87,6 +88,9 @@ class DappleSearch:
         self.best: DappleCandidate | None = None
         self.unit = 1 if self.N <= 128 else self._block_size()
         self.cuts = useful_cuts(model)
+        if len(self.cuts) > max_cuts:
+            self.cuts = coarsen_cuts(self.cuts, model.cum_fwd + model.cum_bwd, model.out, max_cuts)
+            self.stats.notes.append(f"searched {len(self.cuts)} of {model.L} cut points (coarsened)")
         self.objective = "time"
         self.j_cap = 4
 

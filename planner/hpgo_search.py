@@ -29,6 +29,7 @@ import numpy as np
 
 from planner.cluster import Cluster
 from planner.hpgo import HpgoModel, HpgoPlan, HpgoScore
+from planner.states import coarsen_cuts
 
 
 @dataclasses.dataclass
@@ -94,7 +95,8 @@ def _useful_states(model: HpgoModel) -> list[int]:
 
 class HpgoSearch:
     def __init__(self, model: HpgoModel, mbs: int = 1, max_dp_slots: int = 64, keep: int = 2,
-                 max_dp_states: int = 300, exhaustive_limit: int = 20000):
+                 max_dp_states: int = 300, exhaustive_limit: int = 20000,
+                 max_dp_cuts: int = 96):
         self.m = model
         self.c = model.cluster
         self.N = self.c.num_devices
@@ -102,6 +104,7 @@ class HpgoSearch:
         self.max_dp_slots = max_dp_slots
         self.keep = keep
         self.max_dp_states = max_dp_states
+        self.max_dp_cuts = max_dp_cuts
         self.exhaustive_limit = exhaustive_limit
         self.stats = SearchStats()
         self.best: tuple[HpgoScore, HpgoPlan] | None = None
@@ -131,6 +134,7 @@ class HpgoSearch:
                     if self.m.gbs // rp // self.mbs >= 1:
                         self._dp(rp, straight=False)
                         self._dp(rp, straight=True)
+                        self._dp(rp, straight=False, allreduce_weight=1.0)
         score, plan = self.best
         return plan, score
 
@@ -176,7 +180,10 @@ class HpgoSearch:
                     self._offer(HpgoPlan((int(k), L - 1), (G0, G1), rp, self.mbs, split))
 
     # ---- 3. min-bottleneck DP on packed ranges ---------------------------------------------------
-    def _dp(self, rp: int, straight: bool) -> None:
+    def _dp(self, rp: int, straight: bool, allreduce_weight: float = 0.0) -> None:
+        """allreduce_weight > 0 also counts each stage's gradient allreduce (times the weight)
+        as part of its bottleneck term, steering towards plans whose allreduce does not
+        overhang the pipeline (the score's delta term)."""
         m, L = self.m, self.m.L
         slots = min(self.N // rp, self.max_dp_slots)
         if slots < 2:
@@ -184,6 +191,11 @@ class HpgoSearch:
         if slots < self.N // rp and not any("slots" in n for n in self.stats.notes):
             self.stats.notes.append(f"multi-stage DP limited to {slots} slots per pipeline")
         idx = _useful_states(m) if L <= self.max_dp_states else _chain_subset(m.states)
+        if len(idx) > self.max_dp_cuts:
+            idx = coarsen_cuts(idx, m.cum_compute, m.out, self.max_dp_cuts)
+            note = f"multi-stage DP over {len(idx)} of {L} cut points (coarsened)"
+            if note not in self.stats.notes:
+                self.stats.notes.append(note)
         note = f"multi-stage DP over {len(idx)} nested states of {L}"
         if len(idx) < L and m.states.kind == "antichain" and note not in self.stats.notes:
             self.stats.notes.append(note)
@@ -193,6 +205,9 @@ class HpgoSearch:
         K = self.keep
         cum = m.cum_compute[idx]
         out = m.out[idx]
+        par = m.cum_params[idx]
+        # parameter bytes a stage ending at e allreduces: through the next state (the quirk)
+        par_next = m.cum_params[np.minimum(np.asarray(idx) + 1, L - 1)]
         valid = np.ones((n_idx, n_idx), dtype=bool)
         if m.states.kind == "antichain" and len(idx) == L:
             for i in range(n_idx):
@@ -216,9 +231,20 @@ class HpgoSearch:
         tc = _transfer_coef_grid(self.c, (g_up - g_prev) * rp, g_up * rp,
                                  np.maximum(g_up + g_n, g_up + 1) * rp)
         rows = np.arange(slots)[:, None]
+        from planner.hpgo import allreduce_time
+        # seconds/byte of an allreduce over devices [up*rp, (up+n)*rp)
+        ar = np.zeros((slots + 1, slots + 1))
+        if allreduce_weight:
+            for a in range(slots + 1):
+                for n in range(1, slots + 1 - a):
+                    ar[a, n] = allreduce_time(self.c, range(a * rp, (a + n) * rp), 1.0)
         first_P = cum / rp   # one stage on u slots: cum[e] / (u*rp)
         for e in range(n_idx):
-            cand_P = [first_P[e] / us if not straight else np.where(us == 1, first_P[e], INF)]
+            own = (par[-1] if e == n_idx - 1 else par_next[e])
+            first = first_P[e] / us
+            if allreduce_weight:
+                first = np.maximum(first, allreduce_weight * ar[0, us] * own)
+            cand_P = [first if not straight else np.where(us == 1, first, INF)]
             cand_b = [np.zeros(slots, dtype=int)]
             cand_n = [us.copy()]
             cand_r = [np.full(slots, -1)]
@@ -230,6 +256,10 @@ class HpgoSearch:
                 inp = coef * (2.0 * out[b - 1])[..., None]
                 comp = ((cum[e] - cum[b - 1]) / (n_grid * rp))[..., None]
                 P = np.maximum(np.maximum(prevP, comp), inp)
+                if allreduce_weight:
+                    own_b = (par[-1] if e == n_idx - 1 else par_next[e]) - par[b - 1]
+                    P = np.maximum(P, allreduce_weight * ar[up_safe, n_grid][..., None]
+                                   * own_b[..., None])
                 P = np.where((allowed & valid[b - 1, e])[..., None], P, INF)
                 B = P.shape[1]
                 flat = P.reshape(slots, -1)                                # (U, B*N*K)

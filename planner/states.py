@@ -195,19 +195,36 @@ def antichain_states(profile: Profile, max_antichains: int = 2000) -> States:
             for s in outs[i]:
                 succ[i] |= succ[s] | (1 << s)
 
+    out_mask = {i: 0 for i in nodes}
+    for i in nodes:
+        for o in outs[i]:
+            out_mask[i] |= 1 << o
+    extra_of: dict[int, int] = {}
+
+    def extra_for(a: int) -> int:
+        # predecessors of `a` still needed by some node outside a's past (PipeDream's "extra")
+        if a not in extra_of:
+            past = pred[a] | (1 << a)
+            extra, m = 0, pred[a]
+            while m:
+                low = m & -m
+                p = low.bit_length() - 1
+                m ^= low
+                if out_mask[p] & ~past:
+                    extra |= low
+            extra_of[a] = extra
+        return extra_of[a]
+
     def augment(antichain: tuple[int, ...]) -> tuple[int, ...]:
         extra = 0
         for a in antichain:
-            pa = pred[a]
-            m = pa
-            while m:
-                p = (m & -m).bit_length() - 1
-                m &= m - 1
-                for o in outs[p]:
-                    if not (pa >> o & 1) and o != a:
-                        extra |= 1 << p
-                        break
-        return tuple(i for i in nodes if extra >> i & 1) + antichain
+            extra |= extra_for(a)
+        ordered = []
+        while extra:
+            low = extra & -extra
+            ordered.append(low.bit_length() - 1)
+            extra ^= low
+        return tuple(ordered) + antichain
 
     def deaugment(aug: list[int]) -> tuple[int, ...]:
         members = 0
@@ -321,3 +338,24 @@ def hpgo_states(profile: Profile, max_antichains: int = 2000) -> States:
         return topological_states(
             profile, note=f"antichain DAG has more than {e.args[0]} states (the published planner "
                           f"cannot prepare this profile); using cuts in a topological order")
+
+
+def coarsen_cuts(candidates: list[int], cum_compute: np.ndarray, out_bytes: np.ndarray,
+                 limit: int) -> list[int]:
+    """At most `limit` of the cut states `candidates` (the last one always kept), for searches
+    on very long profiles: the compute range is split into limit/2 equal buckets and each keeps
+    its two cuts with the fewest bytes crossing. A heuristic: cuts it drops are never tried."""
+    if len(candidates) <= limit:
+        return list(candidates)
+    last = candidates[-1]
+    inner = candidates[:-1]
+    buckets = max(1, limit // 2)
+    total = float(cum_compute[last]) or 1.0
+    chosen: dict[int, list[int]] = {}
+    for j in inner:
+        k = min(buckets - 1, int(float(cum_compute[j]) / total * buckets))
+        chosen.setdefault(k, []).append(j)
+    keep = []
+    for group in chosen.values():
+        keep.extend(sorted(group, key=lambda j: (out_bytes[j], j))[:2])
+    return sorted(keep)[:limit - 1] + [last]
