@@ -29,14 +29,21 @@ from typing import Iterable, Mapping, Sequence
 
 from dapple_tf.profiler import OpRecord, op_records
 
-KINDS = ("F", "B", "transfer", "allreduce", "apply")
+KINDS = ("F", "B", "transfer", "accumulate", "allreduce", "apply")
 
 _TRANSFER = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)(/|$)")
 _ENDPOINT = re.compile(r"/(send|recv)(?:_r\d+)?$")
 _MICRO_BATCH = re.compile(r"^dapple/mb(\d+)/(.*)$")
-_STAGE_COMPONENT = re.compile(r"^(?:s(\d+)(?:r\d+)?|stage_?(\d+))$")  # slot tag s<stage>r<replica>
-_ALLREDUCE = re.compile(r"allreduce|allgather|broadcast|nccl", re.IGNORECASE)
+_SLOT = re.compile(r"^s(\d+)(?:r\d+)?$")  # slot tag s<stage>r<replica>
+_ACCUMULATE = re.compile(r"^dapple/accumulate/(?:s(\d+)(?:r\d+)?/)?")
+_SYNC = re.compile(r"^dapple/sync/(?:s(\d+)/)?")  # in-process sum over a stage's replicas
+_ALLREDUCE = re.compile(r"allreduce|allgather", re.IGNORECASE)
+_COLLECTIVE_TYPE = re.compile(r"^(Horovod|Nccl|Collective)")  # HorovodAllreduce, NcclAllReduce, ...
+# Ops that read no micro-batch data: the executor may run them long before their task.
+_NO_DATA_TYPES = frozenset({"Const", "ReadVariableOp", "VarHandleOp", "Shape", "ShapeN", "Size",
+                            "Rank", "BroadcastGradientArgs", "NoOp"})
 _APPLY_TYPE = re.compile(r"^(Resource)?(Sparse)?Apply")  # optimizer updates: ResourceApplyAdam, ...
+_BACKWARD_PART = re.compile(r"^(bwd|gradients(_\d+)?|B_end|B_start|loss_grad)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +51,11 @@ class Task:
     """A box of the chart: one kind of work for one micro-batch of one stage on one device."""
     device: str
     kind: str                      # one of KINDS
-    micro_batch: int | None        # None for allreduce and apply
+    micro_batch: int | None        # None for accumulate, allreduce and apply
     stage: int | None              # the sending stage for transfers
     start_us: int
     end_us: int
-    busy_us: int = 0               # summed op time inside [start_us, end_us)
+    busy_us: int = 0               # summed time of the task's ops (some may run before start_us)
     to_stage: int | None = None    # the receiving stage, transfers only
 
     @property
@@ -57,28 +64,38 @@ class Task:
             return f"{self.kind}{self.micro_batch}"
         if self.kind == "transfer":
             return f"{self.stage}>{self.to_stage}"
-        return "AR" if self.kind == "allreduce" else "apply"
+        return {"allreduce": "AR", "accumulate": "acc"}.get(self.kind, self.kind)
+
+
+def _stage_of(text: str | None) -> int | None:
+    return None if text is None else int(text)
 
 
 def classify(name: str, op_type: str = "") -> tuple[str, int | None, int | None, int | None] | None:
     """(kind, micro_batch, stage, to_stage) of a node by its name, or None for nodes of no task.
 
-    The stage of a compute op comes from an `s<k>`/`stage_<k>` component if the rewriter puts one
-    in the name; otherwise it is left None and taken from the device (see `tasks_from_step_stats`).
+    Names follow graph_rewrite (module doc). The stage of a compute op is its slot tag's; without
+    one it is None and taken from the device (see `tasks_from_step_stats`).
     """
     m = _TRANSFER.match(name)
     if m:
         return "transfer", int(m.group(1)), int(m.group(2)), int(m.group(3))
+    if _COLLECTIVE_TYPE.match(op_type):
+        return "allreduce", None, None, None
     m = _MICRO_BATCH.match(name)
     if m:
         parts = m.group(2).split("/")
-        if _ALLREDUCE.search(op_type) or any(_ALLREDUCE.search(p) for p in parts[:1]):
-            return "allreduce", None, None, None
-        stage = next((int(s.group(1) or s.group(2))
-                      for s in map(_STAGE_COMPONENT.match, parts[:2]) if s), None)
-        backward = any(p in ("bwd", "gradients") or p.startswith("gradients_") for p in parts)
+        slot = _SLOT.match(parts[0])
+        stage = int(slot.group(1)) if slot else None
+        backward = any(_BACKWARD_PART.match(p) for p in parts)
         return ("B" if backward else "F"), int(m.group(1)), stage, None
-    if _ALLREDUCE.search(name) or _ALLREDUCE.search(op_type):
+    m = _ACCUMULATE.match(name)
+    if m:
+        return "accumulate", None, _stage_of(m.group(1)), None
+    m = _SYNC.match(name)
+    if m:
+        return "allreduce", None, _stage_of(m.group(1)), None
+    if _ALLREDUCE.search(name):
         return "allreduce", None, None, None
     if _APPLY_TYPE.match(op_type):
         return "apply", None, None, None
@@ -93,11 +110,18 @@ def _op_type(label: str) -> str:
 
 def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
                        stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
-    """Merges classified ops (record, op type) into tasks, sorted by device then start."""
+    """Merges classified ops (record, op type) into tasks, sorted by device then start.
+
+    A forward or backward box starts when its inputs are there -- F(i) when its activations have
+    arrived, B(i) when F(i) is done and its gradient has arrived -- so ops of the task that need
+    no input (constants, shape arithmetic the executor runs early) count in `busy_us` but do not
+    stretch the box back in time; neither do ops that read no data (constants, variable reads,
+    shape queries)."""
     records = list(records)
     if stage_of_device is None:
         stage_of_device = stages_from_transfers(rec for rec, _ in records)
     groups: dict[tuple, list[OpRecord]] = collections.defaultdict(list)
+    no_data: set[int] = set()  # ids of records whose op reads no micro-batch data
     for rec, op_type in records:
         c = classify(rec.name, op_type)
         if c is None:
@@ -106,9 +130,35 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
         if stage is None and kind in ("F", "B") and stage_of_device:
             stage = stage_of_device.get(rec.device, _short_device_match(rec.device, stage_of_device))
         groups[(rec.device, kind, mb, stage, to_stage)].append(rec)
-    tasks = [Task(device, kind, mb, stage, min(r.start_us for r in recs),
-                  max(r.end_us for r in recs), sum(r.busy_us for r in recs), to_stage)
-             for (device, kind, mb, stage, to_stage), recs in groups.items()]
+        if op_type in _NO_DATA_TYPES:
+            no_data.add(id(rec))
+
+    stage_here = {device: stage for device, kind, _, stage, _ in groups
+                  if kind in ("F", "B") and stage is not None}
+    arrivals: dict[tuple, int] = {}  # (device, mb, forward?) -> when the last input arrived
+    for (device, kind, mb, a, b), recs in groups.items():
+        if kind == "transfer" and stage_here.get(device) == b:
+            key = (device, mb, a < b)
+            arrivals[key] = max(arrivals.get(key, 0), max(r.end_us for r in recs))
+
+    def task(key, recs, ready):
+        device, kind, mb, stage, to_stage = key
+        inside = [r for r in recs if r.end_us > ready and id(r) not in no_data] or recs
+        return Task(device, kind, mb, stage, min(r.start_us for r in inside),
+                    max(r.end_us for r in inside), sum(r.busy_us for r in recs), to_stage)
+
+    tasks, forward_end = [], {}
+    for key in sorted(groups, key=lambda k: k[1] != "F"):  # forwards first: backwards need them
+        device, kind, mb, _, _ = key
+        ready = 0
+        if kind == "F":
+            ready = arrivals.get((device, mb, True), 0)
+        elif kind == "B":
+            ready = max(arrivals.get((device, mb, False), 0), forward_end.get((device, mb), 0))
+        t = task(key, groups[key], ready)
+        if kind == "F":
+            forward_end[(device, mb)] = t.end_us
+        tasks.append(t)
     return sorted(tasks, key=lambda t: (device_sort_key(t.device), t.start_us, t.end_us))
 
 
@@ -204,8 +254,8 @@ def compute_order(tasks: Sequence[Task]) -> dict[str, list[tuple[str, int]]]:
 
 
 # ---- outputs -----------------------------------------------------------------------------------
-_COLORS = {"F": "#4c78a8", "B": "#59a14f", "transfer": "#9d9d9d", "allreduce": "#f28e2b",
-           "apply": "#e15759"}
+_COLORS = {"F": "#4c78a8", "B": "#59a14f", "transfer": "#9d9d9d", "accumulate": "#b07aa1",
+           "allreduce": "#f28e2b", "apply": "#e15759"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +297,7 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
             rect = ax.broken_barh([(x0, width)], (bottom, height), facecolors=_COLORS[t.kind],
                                   edgecolors="black", linewidth=0.4)
             rect.set_gid(f"{device}|{t.label}")
-            if compute and width > span_ms / 60:
+            if compute and width > span_ms / 90:
                 ax.text(x0 + width / 2, bottom + height / 2, t.label, ha="center", va="center",
                         fontsize=7, color="white")
     ax.set_yticks(range(len(devices)))
@@ -259,12 +309,11 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
     ax.set_xlabel("time since step start (ms)")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
     ax.legend(handles=[Patch(color=_COLORS[k], label=k) for k in KINDS],
-              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(KINDS), fontsize=8,
+              loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(KINDS), fontsize=8,
               frameon=False)
     if title:
         ax.set_title(title, fontsize=9, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     # Read the drawn boxes back, so tests check the picture and not the input.
     rows: dict[str, list[tuple[str, float, float]]] = collections.defaultdict(list)
     for coll in ax.collections:
