@@ -2,10 +2,10 @@
 
 Every model opens its layers with `layer_scope(name)`: a top-level variable scope (and thus name
 scope) whose name is the layer name the planner and the graph rewriter see. All variables are
-resource variables. Initial values are seeded from the variable's full name, so the same model
-starts from the same weights in any graph, whatever else the graph holds or in which order the
-ops were created (the pipelined and the single-device builds therefore agree without copying
-weights).
+resource variables. Initial values come from stateless random ops seeded from the variable's full
+name, so the same model starts from the same weights in any graph, whatever else the graph
+holds, in which order the ops were created and whatever the graph-level seed (the pipelined and
+the single-device builds therefore agree without copying weights).
 
 All functions keep the batch dimension dynamic and treat rows independently (no batch norm).
 """
@@ -39,20 +39,26 @@ def variable(name: str, shape, initializer: str = "normal", stddev: float = 0.02
 
     initializer: "normal" (truncated normal, `stddev`), "he" (truncated normal with stddev
     sqrt(2 / fan_in)), "glorot" (uniform in ±sqrt(6 / (fan_in + fan_out))) or "constant"
-    (`value`). The random ones take their op seed from the variable's full name and `seed`.
+    (`value`). The random ones are stateless random ops seeded from the variable's full name
+    and `seed`: neither the graph-level seed nor the graph's other ops change them.
     """
     shape = [int(d) for d in shape]
     full_name = f"{tf1.get_variable_scope().name}/{name}"
-    op_seed = _seed_of(full_name, seed)
+    op_seed = [_seed_of(full_name, seed), _seed_of(full_name, seed + 1)]
+    if initializer in ("he", "glorot"):
+        fan = fan_in if fan_in is not None else int(np.prod(shape[:-1]))
     if initializer == "normal":
-        init = tf1.truncated_normal_initializer(stddev=stddev, seed=op_seed)
+        def init(shape, dtype, partition_info=None):
+            return stddev * tf.random.stateless_truncated_normal(shape, op_seed, dtype=dtype)
     elif initializer == "he":
-        fan = fan_in if fan_in is not None else int(np.prod(shape[:-1]))
-        init = tf1.truncated_normal_initializer(stddev=math.sqrt(2.0 / max(fan, 1)), seed=op_seed)
+        def init(shape, dtype, partition_info=None):
+            return math.sqrt(2.0 / max(fan, 1)) * tf.random.stateless_truncated_normal(
+                shape, op_seed, dtype=dtype)
     elif initializer == "glorot":
-        fan = fan_in if fan_in is not None else int(np.prod(shape[:-1]))
         limit = math.sqrt(6.0 / max(fan + shape[-1], 1))
-        init = tf1.random_uniform_initializer(-limit, limit, seed=op_seed)
+
+        def init(shape, dtype, partition_info=None):
+            return tf.random.stateless_uniform(shape, op_seed, -limit, limit, dtype=dtype)
     elif initializer == "constant":
         init = tf1.constant_initializer(value)
     else:
@@ -68,8 +74,12 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None, use_bias: bool =
     in_dim = int(x.shape[-1])
     with tf1.variable_scope(name):
         w = variable("kernel", [in_dim, units], initializer=initializer, stddev=stddev)
+        inner = x.shape[1:-1].as_list()
         if x.shape.rank == 2:
             y = tf.matmul(x, w)
+        elif all(d is not None for d in inner):
+            # Fewer ops than tensordot: fold the (static) inner dimensions into the rows.
+            y = tf.reshape(tf.matmul(tf.reshape(x, [-1, in_dim]), w), [-1] + inner + [units])
         else:
             y = tf.tensordot(x, w, axes=[[x.shape.rank - 1], [0]])
         if use_bias:
@@ -77,16 +87,23 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None, use_bias: bool =
         return activation(y) if activation is not None else y
 
 
-def layer_norm(x: tf.Tensor, name: str = "layer_norm", axes=(-1,), epsilon: float = 1e-6):
-    """Normalise each row over `axes` (default: the last), with a learned scale and shift over
-    the last axis. Per example, so micro-batches give the same result as the full batch."""
+def layer_norm(x: tf.Tensor, name: str = "layer_norm", axes=(-1,), epsilon: float = 1e-6,
+               affine: bool = True):
+    """Normalise each row over `axes` (default: the last), then (if `affine`) apply a learned
+    scale and shift over the last axis. Per example, so micro-batches give the same result as
+    the full batch."""
     rank = x.shape.rank
     axes = [a % rank for a in axes]
     with tf1.variable_scope(name):
+        mean = tf.reduce_mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        var = tf.reduce_mean(tf.square(centered), axis=axes, keepdims=True)
+        y = centered * tf.math.rsqrt(var + epsilon)
+        if not affine:
+            return y
         gamma = variable("gamma", [int(x.shape[-1])], initializer="constant", value=1.0)
         beta = variable("beta", [int(x.shape[-1])], initializer="constant", value=0.0)
-        mean, var = tf.nn.moments(x, axes=axes, keepdims=True)
-        return (x - mean) * tf.math.rsqrt(var + epsilon) * gamma + beta
+        return y * gamma + beta
 
 
 def gelu(x: tf.Tensor) -> tf.Tensor:
