@@ -175,3 +175,54 @@ def test_device_stages_come_from_send_and_recv_endpoints():
     records = [rec("dapple/mb0/s0_to_s1/send", "A", 0, 1, 1), rec("dapple/mb0/s0_to_s1/recv_r1", "B", 1, 2, 1),
                rec("dapple/mb0/s0_to_s1/k0_j0/Slice", "C", 0, 1, 1)]
     assert timeline.stages_from_transfers(records) == {"A": 0, "B": 1}
+
+
+# ---- a real traced step of the pipelined Trainer ---------------------------------------------
+REAL_LAYERS = ("embed", "block_0", "block_1", "head")
+
+
+def _chain_model(features):
+    import tensorflow as tf
+    v1 = tf.compat.v1
+    h = features["x"]
+    for name in REAL_LAYERS[:-1]:
+        with v1.variable_scope(name):
+            h = tf.nn.relu(tf.matmul(h, v1.get_variable("w", [h.shape[-1], 64])))
+    with v1.variable_scope(REAL_LAYERS[-1]):
+        out = tf.matmul(h, v1.get_variable("w", [64, 1]))
+        return tf.reduce_mean(tf.square(out - features["y"]))
+
+
+def _traced_trainer_step(schedule_name):
+    import numpy as np
+    import tensorflow as tf
+    from dapple_tf.trainer import Trainer
+    from planner.plan_format import even_plan
+    plan = even_plan(REAL_LAYERS, [1, 1], 16, MICRO_BATCHES, schedule_name)
+    trainer = Trainer(_chain_model, {"x": ((32,), tf.float32), "y": ((1,), tf.float32)},
+                      lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1), plan, 16)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((16, 32)).astype(np.float32),
+             "y": rng.standard_normal((16, 1)).astype(np.float32)}
+    try:
+        trainer.train_step(batch)
+        _, metadata = trainer.traced_step(batch)
+    finally:
+        trainer.close()
+    return timeline.tasks_from_step_stats(metadata.step_stats)
+
+
+@pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe"])
+def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedule_name, tmp_path):
+    tasks = _traced_trainer_step(schedule_name)
+    lists = schedule.schedule_for(schedule_name, STAGES, MICRO_BATCHES)
+    assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}
+    assert {(t.device, t.stage) for t in tasks if t.kind in "FB"} == {(DEVICES[0], 0), (DEVICES[1], 1)}
+    # The picture shows the same: per device row, the F/B boxes in schedule order.
+    chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
+    for s, device in enumerate(DEVICES):
+        drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
+        assert drawn == [f"{kind}{i}" for kind, i in lists[s]]
+    for device, fraction in timeline.bubble_fraction(tasks).items():
+        assert 0.0 <= fraction < 1.0, device
+    assert any(t.kind == "apply" for t in tasks)
