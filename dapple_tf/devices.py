@@ -8,6 +8,7 @@ configured with `create_logical_cpus` / `tf.config.set_logical_device_configurat
 from __future__ import annotations
 
 import tensorflow as tf
+from tensorflow.core.protobuf import rewriter_config_pb2
 
 from planner.plan_format import Plan
 
@@ -59,8 +60,11 @@ def check_plan_devices(plan: Plan, num_devices: int | None = None) -> str:
     return kind
 
 
-def session_config(kind: str, num_devices: int, inter_op_threads: int | None = None):
-    """ConfigProto for a session whose graph uses device ids 0..num_devices-1."""
+def session_config(kind: str, num_devices: int, inter_op_threads: int | None = None,
+                   optimize_graph: bool = True):
+    """ConfigProto for a session whose graph uses device ids 0..num_devices-1.
+    optimize_graph=False turns Grappler off: the first step of a large pipelined graph starts
+    several times faster (tests), steady-state steps may be slower."""
     config = tf.compat.v1.ConfigProto()
     if kind == "CPU":
         config.device_count["CPU"] = max(1, int(num_devices))
@@ -68,6 +72,15 @@ def session_config(kind: str, num_devices: int, inter_op_threads: int | None = N
     else:
         config.gpu_options.allow_growth = True
         config.allow_soft_placement = True  # ops without GPU kernels (e.g. int32 shape math)
+    # Keep the explicit boundary ops (IdentityN send/recv, action start/end) that carry the
+    # schedule's control dependencies: Grappler's dependency optimizer and model pruner would
+    # fold them away (the order would survive, the ops that show it in a trace would not).
+    rewrite = config.graph_options.rewrite_options
+    rewrite.dependency_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    rewrite.disable_model_pruning = True
+    if not optimize_graph:
+        config.graph_options.rewrite_options.disable_meta_optimizer = True
+        config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0
     if inter_op_threads:
         config.inter_op_parallelism_threads = int(inter_op_threads)
     return config

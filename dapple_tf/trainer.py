@@ -131,7 +131,8 @@ class Trainer(_SessionTrainer):
     def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
-                 seed: int | None = None, inter_op_threads: int | None = None):
+                 seed: int | None = None, inter_op_threads: int | None = None,
+                 optimize_graph: bool = True):
         self.global_batch_size = int(global_batch_size)
         self.template = build_template(model_fn, feature_spec, seed=seed)
         self.plan = resolve_plan(plan, self.template, self.global_batch_size, num_devices)
@@ -145,7 +146,7 @@ class Trainer(_SessionTrainer):
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
         self.session = v1.Session(graph=self.graph, config=devices.session_config(
-            kind, max(self.plan.devices) + 1, inter_op_threads))
+            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
         _prepare_reads(self)
         self._finish_init()
         self.set_weights(initial_values(self.template))
@@ -157,7 +158,8 @@ class SingleDeviceTrainer(_SessionTrainer):
 
     def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
                  global_batch_size: int, *, clip_norm: float | None = None,
-                 seed: int | None = None, device: str | None = None):
+                 seed: int | None = None, device: str | None = None,
+                 optimize_graph: bool = True):
         self.global_batch_size = int(global_batch_size)
         self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default(), tf.device(device):
@@ -171,7 +173,8 @@ class SingleDeviceTrainer(_SessionTrainer):
             self.optimizer = optimizer_fn()
             self.train_op = self.optimizer.apply_gradients(
                 [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var)
-        self.session = v1.Session(graph=self.graph, config=devices.session_config("CPU", 1))
+        self.session = v1.Session(graph=self.graph, config=devices.session_config(
+            "CPU", 1, optimize_graph=optimize_graph))
         _prepare_reads(self)
         self._finish_init()
 

@@ -1,0 +1,60 @@
+"""The executed order of forward/backward tasks on each device equals the schedule.
+
+Read from the RunMetadata of a real traced step: every action has explicit boundary ops, and the
+start time of those ops orders the actions of a stage."""
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rewrite_models as models
+from dapple_tf.trainer import Trainer
+from graph_rewrite.schedule import format_actions, schedule_for
+from graph_rewrite.template import build_template
+from planner.plan_format import even_plan
+
+BOUNDARY = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)$")
+
+
+def action_times(run_metadata, num_stages):
+    """stage -> {action: start micros} from the boundary ops of the traced step. Stage s's F(i)
+    is its forward recv (stage 0: its forward send); B(i) its gradient recv (last stage: its
+    gradient send)."""
+    start = {}
+    for dev in run_metadata.step_stats.dev_stats:
+        for node in dev.node_stats:
+            if BOUNDARY.match(node.node_name):
+                start[node.node_name] = node.all_start_micros
+    times = {s: {} for s in range(num_stages)}
+    for name, micros in start.items():
+        i, a, b, kind = BOUNDARY.match(name).groups()
+        i, a, b = int(i), int(a), int(b)
+        if a < b and kind == "recv":
+            times[b][("F", i)] = micros
+        if a < b and kind == "send" and a == 0:
+            times[0][("F", i)] = micros
+        if a > b and kind == "recv":
+            times[b][("B", i)] = micros
+        if a > b and kind == "send" and a == num_stages - 1:
+            times[a][("B", i)] = micros
+    return times
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_each_stage_executes_its_forward_and_backward_tasks_in_schedule_order(schedule):
+    case = models.MLP
+    layers = build_template(case.model_fn, case.feature_spec).layers
+    num_stages, num_micro_batches, gbs = 4, 8, 32
+    plan = even_plan(layers, [1] * num_stages, gbs, num_micro_batches, schedule)
+    trainer = Trainer(case.model_fn, case.feature_spec,
+                      lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1), plan, gbs, seed=1)
+    batch = case.make_batch(np.random.default_rng(0), gbs)
+    trainer.train_step(batch)
+    _, metadata = trainer.traced_step(batch)
+    times = action_times(metadata, num_stages)
+    expected = schedule_for(schedule, num_stages, num_micro_batches)
+    for s in range(num_stages):
+        assert len(times[s]) == 2 * num_micro_batches, f"stage {s}: {sorted(times[s])}"
+        executed = sorted(times[s], key=times[s].get)
+        assert format_actions(executed) == format_actions(expected[s]), f"stage {s}"
