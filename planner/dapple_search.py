@@ -73,7 +73,7 @@ def useful_cuts(model: DappleModel) -> list[int]:
 
 class DappleSearch:
     def __init__(self, model: DappleModel, micro_batch_size: int | None = None,
-                 schedule: str | None = None, keep: int = 2, finalists: int = 8,
+                 schedule: str | None = None, keep: int = 3, finalists: int = 8,
                  exhaustive_limit: int = 4000, max_cuts: int = 96):
         self.m = model
         self.c = model.cluster

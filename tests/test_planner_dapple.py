@@ -1,0 +1,101 @@
+"""The "dapple-tf" cost model: schedules as data, the event simulation, the memory model."""
+import pytest
+
+import planner
+from planner.cluster import GB, Cluster
+from planner.dapple_cost import DappleModel
+from planner.plan_format import PlanError
+from planner.profile import LayerCost, Profile
+from planner.simulate import schedule_actions, simulate
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+def test_1f1b_stage_runs_S_minus_s_warmup_forwards_then_alternates():
+    actions = schedule_actions("1f1b", 3, 4)
+    fmt = [" ".join(f"{k}{i}" for k, i in stage) for stage in actions]
+    assert fmt == ["F0 F1 F2 B0 F3 B1 B2 B3",
+                   "F0 F1 B0 F2 B1 F3 B2 B3",
+                   "F0 B0 F1 B1 F2 B2 F3 B3"]
+
+
+def test_gpipe_runs_all_forwards_then_all_backwards():
+    assert schedule_actions("gpipe", 2, 2) == [[("F", 0), ("F", 1), ("B", 0), ("B", 1)]] * 2
+
+
+def test_warmup_is_capped_by_the_micro_batch_count():
+    assert schedule_actions("1f1b", 4, 2)[0] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+
+
+# ---- simulation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_uniform_pipeline_without_communication_takes_M_plus_S_minus_1_slots(schedule):
+    S, M, F, B = 4, 8, 1.0, 2.0
+    result = simulate(schedule, [F] * S, [B] * S, [0.0] * (S - 1), [0.0] * S, M)
+    assert result.step_time_s == pytest.approx((M + S - 1) * (F + B))
+    assert result.bubble_fraction == pytest.approx((S - 1) / (M + S - 1))
+
+
+def test_allreduce_starts_after_the_stages_last_backward_and_overlaps_the_drain():
+    # stage 0 finishes last, so stage 1's allreduce hides behind stage 0's drain
+    base = simulate("1f1b", [1, 1], [1, 1], [0.0], [0.0, 0.0], 4).step_time_s
+    assert simulate("1f1b", [1, 1], [1, 1], [0.0], [0.0, 1.0], 4).step_time_s == pytest.approx(base)
+    assert simulate("1f1b", [1, 1], [1, 1], [0.0], [0.5, 0.0], 4).step_time_s == pytest.approx(base + 0.5)
+
+
+def test_a_slow_link_becomes_the_bottleneck():
+    # 2 stages, transfer 3 s per micro-batch each way: the link carries M transfers serially
+    result = simulate("gpipe", [1, 1], [1, 1], [3.0], [0, 0], 4)
+    assert result.step_time_s >= 4 * 3.0 * 2 - 1e-9
+
+
+# ---- memory --------------------------------------------------------------------------------------
+def _two_layer_profile():
+    layers = [LayerCost("a", 10.0, 20.0, 1e8, 1e9), LayerCost("b", 10.0, 20.0, 4e7, 5e8)]
+    return Profile.chain(layers, batch_size=4)
+
+
+def test_memory_of_a_stage_by_hand():
+    model = DappleModel(_two_layer_profile(), Cluster.from_seps([2]), 16, optimizer_slots=2)
+    # 2 stages, 1 replica each, micro-batch 8 rows (M = 2), 1f1b: stage 0 holds min(2, 2) = 2
+    ev = model.evaluate([0, 1], [(0,), (1,)], 8, "1f1b", device_memory=1e12)
+    rows = 8 / 4
+    stage0 = 1e9 * (1 + 1 + 2) + 2 * 1e8 * rows + 2 * 1e8 * rows   # boundary out = 1e8 bytes/row-batch
+    stage1 = 5e8 * 4 + 1 * 4e7 * rows + 2 * 1e8 * rows
+    assert ev.peak_memory_bytes == pytest.approx((stage0, stage1))
+    # gpipe holds all M = 2 micro-batches everywhere
+    ev = model.evaluate([0, 1], [(0,), (1,)], 8, "gpipe", device_memory=1e12)
+    assert ev.peak_memory_bytes[1] == pytest.approx(5e8 * 4 + 2 * 4e7 * rows + 2 * 1e8 * rows)
+
+
+def test_replicas_split_the_activation_memory_not_the_parameters():
+    model = DappleModel(_two_layer_profile(), Cluster.from_seps([4]), 16)
+    one = model.evaluate([1], [(0,)], 8, "1f1b", 1e12).peak_memory_bytes[0]
+    two = model.evaluate([1], [(0, 1)], 8, "1f1b", 1e12).peak_memory_bytes[0]
+    params = 1.5e9 * 4
+    assert two - params == pytest.approx((one - params) / 2)
+
+
+def test_plans_over_the_device_memory_are_rejected_for_a_pipeline_that_fits():
+    # 8 GB of parameters x 4 (weights, gradients, Adam's 2 slots) = 32 GB: no single device holds
+    # it; with compute this heavy, data parallelism would otherwise win
+    layers = [LayerCost(f"l{i}", 500.0, 1000.0, 1e6, 1e9) for i in range(8)]
+    plan = planner.plan(Profile.chain(layers, 8), [4], 32, device_memory_gb=16)
+    assert plan.num_stages >= 2
+    assert max(plan.predicted["peak_memory_bytes"]) <= 16 * GB
+    unlimited = planner.plan(Profile.chain(layers, 8), [4], 32, device_memory_gb=1000)
+    assert unlimited.num_stages == 1
+
+
+def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would():
+    layers = [LayerCost(f"l{i}", 5.0, 10.0, 1e6, 1e9) for i in range(2)]
+    with pytest.raises(PlanError, match=r"smallest plan needs 4\.0\d* GB") as err:
+        planner.plan(Profile.chain(layers, 8), [2], 16, device_memory_gb=1)
+    assert "--device-memory-gb" in str(err.value)
+    need = float(str(err.value).split("needs ")[1].split(" GB")[0])
+    assert planner.plan(Profile.chain(layers, 8), [2], 16, device_memory_gb=need + 1e-3).num_stages == 2
+
+
+def test_optimizer_slots_are_configurable():
+    layers = [LayerCost("a", 1, 1, 0, 1e9)]
+    model = DappleModel(Profile.chain(layers, 1), Cluster.from_seps([1]), 1, optimizer_slots=0)
+    assert model.evaluate([0], [(0,)], 1, "1f1b", 1e12).peak_memory_bytes[0] == pytest.approx(2e9)
