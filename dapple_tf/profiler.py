@@ -109,6 +109,9 @@ class LayerMap:
             if candidate in self.backward_layer:
                 return self.backward_layer[candidate], True
         parts = node_name.split("/")
+        if _GRAPPLER_COMPONENT.match(parts[0]) and len(parts) > 1:
+            # `ConstantFolding/<op name>-folded-0`, `.../ShapeN-matshapes-1`: a node made from <op>.
+            return self.layer_of_node("/".join(parts[1:]).split("-", 1)[0])
         if parts[0] == self.gradient_scope and len(parts) > 1:
             layer = _layer_of_gradient_name(parts[1:], self.forward_layer, self.names)
             return None if layer is None else (layer, True)

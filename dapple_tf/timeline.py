@@ -3,7 +3,7 @@
     python -m dapple_tf.timeline --model_dir DIR [--step N] [--stages S --micro_batches M]
 
 reads `DIR/trace_step_<N>.pb` (a serialized `RunMetadata` that `train.py --trace_step N` saves;
-the newest one if `--step` is not given) and writes next to it `trace_step_<N>.png` (one row per
+the newest one if `--step` is not given) and `DIR/plan.json` if present (for S and M) and writes next to it `trace_step_<N>.png` (one row per
 device, forward and backward of each micro-batch as labelled boxes, transfers and allreduce
 shown) and `trace_step_<N>.json` (open in chrome://tracing or https://ui.perfetto.dev), and
 prints the measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
@@ -408,6 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, step = trace_path(args.model_dir, args.step), args.step
         if not os.path.exists(path):
             raise SystemExit(f"{path}: not found; run train.py --trace_step {step} first")
+    stages, micro_batches = args.stages, args.micro_batches
+    plan_file = os.path.join(args.model_dir, "plan.json")
+    if os.path.exists(plan_file) and (stages is None or micro_batches is None):
+        from planner.plan_format import Plan
+        plan = Plan.load(plan_file)
+        stages = stages or plan.num_stages
+        micro_batches = micro_batches or plan.num_micro_batches
     tasks = tasks_from_step_stats(load_run_metadata(path).step_stats)
     if not tasks:
         raise SystemExit(f"{path}: no dapple/mb<i>/ ops in the trace; was it a pipelined step?")
@@ -415,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     render_png(tasks, base + ".png", title=f"{path}")
     with open(base + ".json", "w") as f:
         json.dump(chrome_trace(tasks), f)
-    print(format_bubbles(tasks, args.stages, args.micro_batches))
+    print(format_bubbles(tasks, stages, micro_batches))
     print(f"wrote {base}.png and {base}.json")
     return 0
 

@@ -135,6 +135,8 @@ def test_grappler_renamed_nodes_map_to_the_op_they_replace():
     renamed = f"gradients/ArithmeticOptimizer/SimplifyAggregation_Mul_{base}"
     assert layers.layer_of_node(renamed) == (layers.backward_layer[addn], True)
     assert layers.layer_of_node("loss/ArithmeticOptimizer/ReplaceMulWithSquare_mul") == (2, False)
+    assert layers.layer_of_node("ConstantFolding/gradients/layer_0/MatMul_grad/MatMul-folded-1") == (0, True)
+    assert layers.layer_of_node("ConstantFolding/loss/truediv_recip") == (2, False)
     assert layers.layer_of_node("_SOURCE") is None
 
 
