@@ -73,7 +73,7 @@ def _project(x, name):
     return tf.reshape(tf.matmul(tf.reshape(x, [-1, DIM]), w), [-1, SEQ, DIM])
 
 
-def transformer_fn(features, num_blocks=3):
+def transformer_fn(features, num_blocks=2):
     with layer("embedding"):
         table = v1.get_variable("table", [VOCAB, DIM],
                                 initializer=v1.random_normal_initializer(0, 0.5))
