@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +38,12 @@ class Result:
     returncode: int
     output: str
     seconds: float
+    line_times: list = dataclasses.field(default_factory=list)  # (seconds since start, line)
+    end_time: float = 0.0  # seconds since start when the launcher exited
+
+    def first_time_of(self, text: str) -> float | None:
+        """When (seconds since start) a line containing `text` was first printed."""
+        return next((t for t, line in self.line_times if text in line), None)
 
     def lines_of(self, rank: int) -> list[str]:
         """Output lines of one rank (horovodrun prefixes them with '[rank]<stdout>:')."""
@@ -53,8 +60,7 @@ class Result:
         return out
 
 
-def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None,
-        on_start=None) -> Result:
+def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None) -> Result:
     """Run tests/multirank/<script> (or a path) on `num_ranks` local ranks. Never hangs longer
     than timeout_s: the whole process group is killed then."""
     path = script if os.path.isabs(script) else os.path.join(HERE, script)
@@ -67,12 +73,24 @@ def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict 
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env, cwd=REPO_ROOT, start_new_session=True)
-    if on_start:
-        on_start(proc)
+    line_times = []
+    timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
+    timer.start()
     try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        output, _ = proc.communicate()
+        for line in proc.stdout:  # ends when every process of the group closed its output
+            line_times.append((time.time() - start, line.rstrip("\n")))
+        proc.wait()
+    finally:
+        timer.cancel()
+    end = time.time() - start
+    output = "\n".join(line for _, line in line_times)
+    if end >= timeout_s:
         output += f"\n[runner] killed after {timeout_s} s\n"
-    return Result(proc.returncode, output, time.time() - start)
+    return Result(proc.returncode, output, end, line_times, end)
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,570 @@
+"""Horovod communication for multi-rank runs (one rank per device, plan device id d = rank d).
+
+What this module owns:
+  * starting Horovod with our settings (dynamic process sets, timeouts) and sharing the plan
+    from rank 0 (`init`, `share_plan`);
+  * the process sets a plan needs, created in the same order on every rank (`ProcessSets`):
+    one per group of ranks that sums a gradient (a stage's replicas, or the union of the stages
+    that use a tied variable) and one per pair of ranks that exchange rows at a boundary;
+  * the row bookkeeping of a boundary between stages with unequal replica counts
+    (`boundary_transfers`: pure, testable without Horovod);
+  * graph-mode collectives named after what they carry (`send_rows`, `recv_rows`,
+    `allreduce_gradient`, `step_end`), recorded so that a stall can be explained;
+  * a per-rank `Watchdog`: heartbeats, and a bounded-time exit with a message that names the
+    missing rank(s) and the collectives this rank shares with them.
+
+Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/multirank/):
+  * collectives on non-global process sets: allreduce, broadcast, allgather work; we use only
+    per-tensor allreduce and broadcast (Horovod's tensor fusion still batches allreduces);
+  * a process set equal to the global set cannot be added: such groups use the global set;
+  * process sets are registered collectively: every rank must add the same sets in the same
+    order, even sets it is not part of;
+  * a Horovod collective is keyed by its TF node name: both ends must create the same name,
+    so we create collectives under absolute name scopes and check the name we got;
+  * a rank that dies makes Horovod abort (SIGABRT) on the others at once (the launcher names
+    the dead rank); a rank that hangs or freezes makes the others wait, which the Watchdog
+    turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Callable, Iterable, Sequence
+
+from planner.plan_format import Plan, PlanError
+
+EXIT_PEER_LOST = 75  # EX_TEMPFAIL: re-running with the same model_dir resumes from the checkpoint
+
+# Our defaults for Horovod's own knobs; a value already in the environment wins.
+_HOROVOD_ENV_DEFAULTS = {
+    "HOROVOD_DYNAMIC_PROCESS_SETS": "1",
+    # Gloo gives up on a silent peer after this long and aborts without naming it; our
+    # Watchdog (DAPPLE_PEER_TIMEOUT_S) must fire first, so this is larger.
+    "HOROVOD_GLOO_TIMEOUT_SECONDS": "300",
+    "HOROVOD_STALL_CHECK_TIME_SECONDS": "30",
+}
+DEFAULT_PEER_TIMEOUT_S = 60.0
+DEFAULT_STEP_TIMEOUT_S = 1800.0
+
+
+def launched_ranks() -> int:
+    """Number of ranks the launcher started (horovodrun or mpirun), 1 when not launched."""
+    for key in ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def _hvd():
+    import horovod.tensorflow as hvd  # imported lazily: single-process users need no Horovod
+    return hvd
+
+
+# ---- process sets --------------------------------------------------------------------------
+def _rank_group(ranks: Iterable[int]) -> tuple[int, ...]:
+    return tuple(sorted(set(int(r) for r in ranks)))
+
+
+def gradient_groups(plan: Plan, tied_stages: Sequence[Sequence[int]] = ()) -> list[tuple[int, ...]]:
+    """The groups of ranks that sum a gradient, in a deterministic order: each stage's replicas,
+    then for every tied variable (given as the stages that use it) the union of those stages'
+    ranks. Groups of one rank need no collective and are left out; duplicates appear once."""
+    groups: list[tuple[int, ...]] = []
+    for stage in plan.stages:
+        groups.append(_rank_group(stage.devices))
+    for stages in tied_stages:
+        groups.append(_rank_group(d for s in stages for d in plan.stages[s].devices))
+    return _unique([g for g in groups if len(g) > 1])
+
+
+def _unique(groups: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    seen, out = set(), []
+    for g in groups:
+        if g not in seen:
+            seen.add(g)
+            out.append(g)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTransfer:
+    """Rows [begin, end) of a micro-batch that `sender_rank` (a replica of the earlier stage)
+    passes to `receiver_rank` (a replica of the later stage) at one boundary. `src_begin` and
+    `dst_begin` are where the rows start in the sender's and the receiver's local slice."""
+    sender_rank: int
+    receiver_rank: int
+    begin: int
+    end: int
+    src_begin: int
+    dst_begin: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.begin
+
+
+def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTransfer]:
+    """The row transfers of the boundary from_stage -> to_stage, ordered by receiver replica,
+    then by row: one per overlap of a sender's and a receiver's row range (equal replica
+    counts give one transfer per replica; 3:1 gives three transfers into the one receiver)."""
+    src, dst = plan.stages[from_stage], plan.stages[to_stage]
+    transfers = []
+    for j, receiver in enumerate(dst.devices):
+        r_begin, r_end = plan.rows_of_replica(to_stage, j)
+        for k, sender in enumerate(src.devices):
+            s_begin, s_end = plan.rows_of_replica(from_stage, k)
+            begin, end = max(r_begin, s_begin), min(r_end, s_end)
+            if begin < end:
+                transfers.append(RowTransfer(sender, receiver, begin, end,
+                                             begin - s_begin, begin - r_begin))
+    return transfers
+
+
+def pair_groups(plan: Plan) -> list[tuple[int, ...]]:
+    """The rank pairs that exchange rows at any boundary between consecutive stages, in
+    boundary order. Both directions (activations forward, their gradients backward) share a
+    pair. Pairs whose ranks are the only ranks of the job are left to the global set."""
+    pairs = []
+    for s in range(plan.num_stages - 1):
+        for t in boundary_transfers(plan, s, s + 1):
+            pairs.append(_rank_group((t.sender_rank, t.receiver_rank)))
+    return _unique(pairs)
+
+
+class ProcessSets:
+    """The Horovod process sets of one plan, registered on every rank in one fixed order
+    (gradient groups first, then boundary pairs). `get(ranks)` returns the set for a group of
+    ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
+
+    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None):
+        hvd = _hvd()
+        self.world_size = hvd.size() if world_size is None else world_size
+        self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan))
+        everyone = tuple(range(self.world_size))
+        self._sets = {}
+        for group in self.order:
+            if max(group) >= self.world_size:
+                raise PlanError(f"plan {plan.notation} uses rank {max(group)} but only "
+                                f"{self.world_size} ranks were launched")
+            self._sets[group] = (hvd.global_process_set if group == everyone
+                                 else _registered_or_new(group))
+
+    def get(self, ranks: Iterable[int]):
+        group = _rank_group(ranks)
+        if group == tuple(range(self.world_size)):
+            return _hvd().global_process_set
+        if group not in self._sets:
+            raise KeyError(f"no process set for ranks {list(group)}; registered: "
+                           f"{[list(g) for g in self.order]}")
+        return self._sets[group]
+
+
+def _registered_or_new(group: tuple[int, ...]):
+    """The process set with exactly these ranks: the one registered earlier in this process
+    (e.g. by a previous Trainer with the same plan), else a new one. Every rank sees the same
+    table, so every rank takes the same branch."""
+    hvd = _hvd()
+    from horovod.common.process_sets import _temp_process_set_object
+    from horovod.tensorflow.mpi_ops import _basics
+    for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
+        if set_id != 0 and tuple(ranks) == group:
+            existing = _temp_process_set_object(set_id)
+            existing.ranks = list(group)
+            return existing
+    return hvd.add_process_set(list(group))
+
+
+# ---- named collectives -----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    name: str
+    ranks: tuple[int, ...]
+
+
+class CollectiveLog:
+    """Every collective this rank created, with the ranks it waits for (for stall reports)."""
+
+    def __init__(self):
+        self._items: list[Collective] = []
+        self._lock = threading.Lock()
+
+    def add(self, name: str, ranks: Iterable[int]) -> None:
+        with self._lock:
+            self._items.append(Collective(name, _rank_group(ranks)))
+
+    def shared_with(self, rank: int) -> list[str]:
+        with self._lock:
+            return [c.name for c in self._items if rank in c.ranks]
+
+
+def transfer_name(micro_batch: int, from_stage: int, to_stage: int, t: RowTransfer,
+                  backward: bool = False) -> str:
+    """Name of one pair broadcast. Forward activations travel s<a>_to_s<b> from the earlier
+    stage; their gradients travel back under s<b>_to_s<a>, from the later stage's replica."""
+    if backward:
+        head = f"dapple/mb{micro_batch}/s{to_stage}_to_s{from_stage}/grad"
+        src, dst = t.receiver_rank, t.sender_rank
+    else:
+        head = f"dapple/mb{micro_batch}/s{from_stage}_to_s{to_stage}/act"
+        src, dst = t.sender_rank, t.receiver_rank
+    return f"{head}/rank{src}_to_rank{dst}_rows{t.begin}_{t.end}"
+
+
+def session_config(config=None):
+    """A session config safe for graphs with Horovod collectives (a copy of `config` if given).
+
+    Horovod 0.28.1 does not mark its TF ops stateful, so three Grappler passes break them:
+    dependency optimisation drops collectives whose output is only a control input (a send,
+    the backward send of an activation gradient) as if they had no effect; constant folding
+    runs a collective with constant inputs while optimising, in an order that differs between
+    ranks; arithmetic optimisation merges identical-looking collectives (two micro-batches'
+    receives from one sender). Measured: the 3:1 exchange in tests/multirank deadlocks with
+    the defaults and runs with these three passes off."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    out = tf.compat.v1.ConfigProto()
+    if config is not None:
+        out.CopyFrom(config)
+    rewrite = out.graph_options.rewrite_options
+    rewrite.dependency_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    rewrite.constant_folding = rewriter_config_pb2.RewriterConfig.OFF
+    rewrite.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    return out
+
+
+def _unfoldable(tensor):
+    """`tensor` + 0, where the 0 comes from a stateful op, so that the collective it feeds never
+    has constant inputs (see session_config; belt and braces for small tensors)."""
+    import tensorflow as tf
+    tensor = tf.convert_to_tensor(tensor)
+    return tensor + tf.raw_ops.Empty(shape=[], dtype=tensor.dtype, init=True)
+
+
+def _named(make: Callable[[str], object], full_name: str):
+    """Create a Horovod op whose TF node name is exactly `full_name` (Horovod matches ranks by
+    node name, so a silently uniquified name would deadlock)."""
+    import tensorflow as tf
+    scope, _, leaf = full_name.rpartition("/")
+    with tf.compat.v1.name_scope(scope + "/" if scope else None):
+        out = make(leaf)
+    if out.op.name != full_name:
+        raise ValueError(f"collective name '{full_name}' is already taken in this graph (TF "
+                         f"renamed it to '{out.op.name}'); every collective needs a unique name")
+    return out
+
+
+class Collectives:
+    """Graph-mode collectives of one rank. All methods add ops to the default graph."""
+
+    def __init__(self, process_sets: ProcessSets, rank: int, log: CollectiveLog | None = None):
+        self.process_sets = process_sets
+        self.rank = rank
+        self.log = log or CollectiveLog()
+
+    def pair_broadcast(self, tensor, sender: int, receiver: int, name: str):
+        """Broadcast on the 2-rank set {sender, receiver}; the receiver passes a placeholder
+        tensor of the same shape and dtype and gets the sender's value."""
+        hvd = _hvd()
+        ps = self.process_sets.get((sender, receiver))
+        self.log.add(name, (sender, receiver))
+        return _named(lambda leaf: hvd.broadcast(tensor, root_rank=sender, name=leaf,
+                                                 process_set=ps), name)
+
+    def send_rows(self, local, transfers: Sequence[RowTransfer], micro_batch: int, from_stage: int,
+                  to_stage: int, backward: bool = False) -> list:
+        """On a rank that holds rows of a boundary tensor (`local`: this rank's rows, batch
+        first), send each overlap it owns. Forward: this rank is a sender replica of from_stage.
+        Backward (`local` = gradient w.r.t. the receiver's rows): this rank is the receiver."""
+        ops = []
+        for t in transfers:
+            mine = t.receiver_rank if backward else t.sender_rank
+            if mine != self.rank:
+                continue
+            start = t.dst_begin if backward else t.src_begin
+            rows = local[start:start + t.num_rows]
+            src, dst = (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
+            ops.append(self.pair_broadcast(rows, src, dst, transfer_name(
+                micro_batch, from_stage, to_stage, t, backward)))
+        return ops
+
+    def recv_rows(self, row_shape, dtype, transfers: Sequence[RowTransfer], micro_batch: int,
+                  from_stage: int, to_stage: int, backward: bool = False):
+        """On a rank that needs rows of a boundary tensor, receive every overlap addressed to it
+        and concatenate them in row order. `row_shape` is the per-row shape (without batch)."""
+        import tensorflow as tf
+        pieces = []
+        for t in transfers:
+            mine = t.sender_rank if backward else t.receiver_rank
+            if mine != self.rank:
+                continue
+            src, dst = (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
+            placeholder = tf.raw_ops.Empty(shape=[t.num_rows] + list(row_shape), dtype=dtype)
+            key = (t.src_begin if backward else t.dst_begin)
+            pieces.append((key, self.pair_broadcast(placeholder, src, dst, transfer_name(
+                micro_batch, from_stage, to_stage, t, backward))))
+        if not pieces:
+            raise ValueError(f"rank {self.rank} receives nothing at boundary "
+                             f"s{from_stage}->s{to_stage} ({'backward' if backward else 'forward'})")
+        pieces.sort(key=lambda p: p[0])
+        return pieces[0][1] if len(pieces) == 1 else tf.concat([p for _, p in pieces], axis=0)
+
+    def allreduce_gradient(self, grad, variable_name: str, ranks: Iterable[int]):
+        """Sum a gradient over `ranks` (a stage's replicas, or all users of a tied variable).
+        Per-tensor allreduce: grouped_allreduce is not used on process sets (see module doc)."""
+        import tensorflow as tf
+        hvd = _hvd()
+        group = _rank_group(ranks)
+        if len(group) == 1:
+            return grad
+        if isinstance(grad, tf.IndexedSlices):
+            grad = tf.convert_to_tensor(grad)
+        name = "dapple/allreduce/" + variable_name.replace(":", "_")
+        self.log.add(name, group)
+        ps = self.process_sets.get(group)
+        return _named(lambda leaf: hvd.allreduce(grad, op=hvd.Sum, name=leaf, process_set=ps), name)
+
+    def step_end(self, local_loss, control_inputs: Sequence = ()):
+        """The last collective of every step, on all ranks: sums each rank's share of the loss
+        (zero on ranks without the loss stage) after everything in `control_inputs` ran. No rank
+        leaves a step before all ranks reached its end, so no rank can run ahead into
+        collectives its peers will never join (Horovod would shut down for everyone)."""
+        import tensorflow as tf
+        hvd = _hvd()
+        self.log.add("dapple/step_end", range(hvd.size()))
+        with tf.control_dependencies(list(control_inputs)):
+            local_loss = _unfoldable(local_loss)
+        return _named(lambda leaf: hvd.allreduce(local_loss, op=hvd.Sum, name=leaf), "dapple/step_end")
+
+
+# ---- init and plan sharing ------------------------------------------------------------------
+@dataclasses.dataclass
+class RankInfo:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+
+def init() -> RankInfo:
+    """Start Horovod with our defaults (a value already in the environment wins)."""
+    for key, value in _HOROVOD_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    hvd = _hvd()
+    if not hvd.is_initialized():
+        hvd.init(process_sets="dynamic")
+    return RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+
+def allgather_objects(obj, name: str) -> list:
+    """Python-level allgather on the global set (every rank must call it, in the same order)."""
+    import tensorflow as tf
+    hvd = _hvd()
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        return hvd.allgather_object(obj, session=session, name=name)
+
+
+def broadcast_object(obj, name: str, root_rank: int = 0):
+    import tensorflow as tf
+    hvd = _hvd()
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        return hvd.broadcast_object(obj, root_rank=root_rank, session=session, name=name)
+
+
+def share_plan(plan_on_rank0: Callable[[], Plan]) -> Plan:
+    """Rank 0 computes or loads the plan (`plan_on_rank0` runs only there); every rank returns
+    the same Plan. An error on rank 0 is raised on every rank, so no rank is left waiting."""
+    hvd = _hvd()
+    payload = None
+    if hvd.rank() == 0:
+        try:
+            payload = {"plan": plan_on_rank0().to_dict()}
+        except Exception as e:  # noqa: BLE001 - passed on to all ranks, re-raised below
+            payload = {"error": f"{type(e).__name__}: {e}"}
+    payload = broadcast_object(payload, name="dapple.plan")
+    if "error" in payload:
+        raise PlanError(f"rank 0 could not produce the plan: {payload['error']}")
+    plan = Plan.from_dict(payload["plan"], source="plan broadcast from rank 0")
+    plan.check_devices(hvd.size(), what="Horovod ranks")
+    if plan.num_devices != hvd.size():
+        raise PlanError(f"plan {plan.notation} uses {plan.num_devices} devices but {hvd.size()} "
+                        f"ranks were launched; launch one rank per device of the plan")
+    return plan
+
+
+# ---- watchdog ----------------------------------------------------------------------------------
+def shared_heartbeat_dir(preferred: str | None = None) -> str:
+    """A directory every rank agrees on (rank 0 chooses it). Heartbeats of ranks on other hosts
+    are only visible when it lies on a shared filesystem: set DAPPLE_HEARTBEAT_DIR (or pass
+    `preferred`, e.g. a folder in the model directory) for multi-host jobs."""
+    hvd = _hvd()
+    choice = None
+    if hvd.rank() == 0:
+        choice = preferred or os.environ.get("DAPPLE_HEARTBEAT_DIR") or os.path.join(
+            tempfile.gettempdir(), f"dapple-heartbeat-{uuid.uuid4().hex[:12]}")
+    choice = broadcast_object(choice, name="dapple.heartbeat_dir")
+    os.makedirs(choice, exist_ok=True)
+    return choice
+
+
+class Watchdog:
+    """Heartbeats of one rank, and a bounded wait for the others.
+
+    A thread writes `<directory>/rank<k>.json` every `interval_s` with this rank's step and
+    phase ("run" inside a step, "idle" between steps). While this rank is inside step s it
+    checks the others: a rank whose heartbeat is older than `peer_timeout_s`, or that has not
+    entered step s although this rank has waited in it for `peer_timeout_s`, is missing; a step
+    longer than `step_timeout_s` also ends the wait. Then it prints which ranks are missing, the
+    collectives this rank shares with them, and exits with EXIT_PEER_LOST (after a short grace
+    so that the other waiting ranks can report too)."""
+
+    def __init__(self, rank: int, size: int, directory: str, log: CollectiveLog,
+                 peer_timeout_s: float | None = None, step_timeout_s: float | None = None,
+                 interval_s: float = 1.0, exit_fn: Callable[[int], None] = os._exit):
+        self.rank, self.size, self.directory, self.log = rank, size, directory, log
+        self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else
+                                    os.environ.get("DAPPLE_PEER_TIMEOUT_S", DEFAULT_PEER_TIMEOUT_S))
+        self.step_timeout_s = float(step_timeout_s if step_timeout_s is not None else
+                                    os.environ.get("DAPPLE_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+        self.interval_s = interval_s
+        self._exit = exit_fn
+        self._host = socket.gethostname()
+        self._step, self._phase, self._since = -1, "idle", time.time()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dapple-watchdog-{rank}", daemon=True)
+        gloo = float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30"))
+        if gloo <= self.peer_timeout_s:
+            print(f"dapple: warning: HOROVOD_GLOO_TIMEOUT_SECONDS={gloo:g} is not above "
+                  f"DAPPLE_PEER_TIMEOUT_S={self.peer_timeout_s:g}: Gloo may abort before the "
+                  f"watchdog can name a missing rank", file=sys.stderr, flush=True)
+
+    def start(self) -> "Watchdog":
+        self._beat()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._phase, self._since = "done", time.time()
+        self._stop.set()
+        self._beat()
+
+    def step_begin(self, step: int) -> None:
+        with self._lock:
+            self._step, self._phase, self._since = step, "run", time.time()
+        self._beat()
+
+    def step_end(self, step: int) -> None:
+        with self._lock:
+            self._step, self._phase, self._since = step, "idle", time.time()
+        self._beat()
+
+    # ---- internals ----
+    def _path(self, rank: int) -> str:
+        return os.path.join(self.directory, f"rank{rank}.json")
+
+    def _beat(self) -> None:
+        with self._lock:
+            state = {"rank": self.rank, "pid": os.getpid(), "host": self._host, "step": self._step,
+                     "phase": self._phase, "since": self._since, "time": time.time()}
+        tmp = self._path(self.rank) + f".tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, self._path(self.rank))
+        except OSError:
+            pass  # a full or vanished disk must not kill training; peers will see us as stale
+
+    def _read(self, rank: int) -> dict | None:
+        try:
+            with open(self._path(rank)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._beat()
+            problem = self.check(time.time())
+            if problem:
+                print(problem, file=sys.stderr, flush=True)
+                time.sleep(2 * self.interval_s)  # let the other waiting ranks report too
+                self._exit(EXIT_PEER_LOST)
+                return
+
+    def missing_ranks(self, now: float) -> dict[int, str]:
+        """Ranks this rank is waiting for in its current step, with the reason."""
+        with self._lock:
+            step, phase, since = self._step, self._phase, self._since
+        if phase != "run":
+            return {}
+        waited = now - since
+        missing = {}
+        for k in range(self.size):
+            if k == self.rank:
+                continue
+            hb = self._read(k)
+            if hb is None:
+                if waited > self.peer_timeout_s:
+                    missing[k] = f"no heartbeat in {self.directory} (not a shared folder?)"
+                continue
+            age = now - hb["time"]
+            gone = hb["host"] == self._host and not _pid_alive(hb["pid"])
+            if gone:
+                missing[k] = f"process {hb['pid']} on {hb['host']} is gone (last at step {hb['step']})"
+            elif age > self.peer_timeout_s:
+                missing[k] = (f"no heartbeat for {age:.1f} s (frozen or unreachable; last at "
+                              f"step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}")
+            elif waited > self.peer_timeout_s and (hb["step"] < step or hb["phase"] != "run") \
+                    and not (hb["step"] > step):
+                missing[k] = (f"alive but has not entered step {step} for {now - hb['since']:.1f} s "
+                              f"(at step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}")
+        return missing
+
+    def check(self, now: float) -> str | None:
+        """The report to print if this rank should stop waiting now, else None."""
+        with self._lock:
+            step, phase, since = self._step, self._phase, self._since
+        if phase != "run":
+            return None
+        missing = self.missing_ranks(now)
+        waited = now - since
+        if not missing and waited <= self.step_timeout_s:
+            return None
+        lines = [f"dapple: rank {self.rank}: step {step} has waited {waited:.1f} s for its collectives"]
+        if missing:
+            for k, why in sorted(missing.items()):
+                shared = self.log.shared_with(k)
+                lines.append(f"dapple: rank {self.rank}: missing rank {k}: {why}")
+                lines.append(f"dapple: rank {self.rank}: collectives rank {self.rank} waits on with "
+                             f"rank {k}: {_abbreviate(shared)}")
+        else:
+            lines.append(f"dapple: rank {self.rank}: no rank looks missing, but the step exceeded "
+                         f"DAPPLE_STEP_TIMEOUT_S={self.step_timeout_s:g}")
+        lines.append(f"dapple: rank {self.rank}: exiting with status {EXIT_PEER_LOST}; re-run with "
+                     f"the same model directory to resume from the last checkpoint")
+        return "\n".join(lines)
+
+
+def _abbreviate(names: Sequence[str], limit: int = 8) -> str:
+    if not names:
+        return "(none)"
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,210 @@
+"""dapple_tf.comm: row bookkeeping (pure), and the collectives really run on 4 local ranks.
+
+The multi-rank tests launch `horovodrun --gloo -np 4 -H localhost:4` on
+tests/multirank/comm_checks.py; one launch checks all exchange facts, one launch per failure.
+"""
+import numpy as np
+import pytest
+
+from dapple_tf import comm
+from multirank import runner
+from planner.plan_format import Plan, Stage
+
+ROWS, MICRO_BATCHES = 6, 2  # as in tests/multirank/comm_checks.py
+
+
+def plan_of(replicas, rows=ROWS, micro_batches=MICRO_BATCHES):
+    stages, device = [], 0
+    for i, r in enumerate(replicas):
+        stages.append(Stage((f"layer_{i}",), tuple(range(device, device + r))))
+        device += r
+    return Plan(rows * micro_batches, micro_batches, "gpipe", tuple(stages))
+
+
+# ---- pure bookkeeping --------------------------------------------------------------------------
+def test_three_to_one_boundary_is_three_transfers_that_tile_the_receiver():
+    t = comm.boundary_transfers(plan_of([3, 1]), 0, 1)
+    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
+        (0, 3, 0, 2, 0, 0), (1, 3, 2, 4, 0, 2), (2, 3, 4, 6, 0, 4)]
+
+
+def test_one_to_three_boundary_sends_each_receiver_its_slice_of_the_sender():
+    t = comm.boundary_transfers(plan_of([1, 3]), 0, 1)
+    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
+        (0, 1, 0, 2, 0, 0), (0, 2, 2, 4, 2, 0), (0, 3, 4, 6, 4, 0)]
+
+
+def test_two_to_three_boundary_splits_rows_at_every_overlap():
+    t = comm.boundary_transfers(plan_of([2, 3]), 0, 1)
+    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end) for x in t] == [
+        (0, 2, 0, 2), (0, 3, 2, 3), (1, 3, 3, 4), (1, 4, 4, 6)]
+    covered = np.zeros(ROWS, int)
+    for x in t:
+        covered[x.begin:x.end] += 1
+    assert covered.tolist() == [1] * ROWS
+
+
+def test_process_set_order_is_gradient_groups_then_boundary_pairs_without_duplicates():
+    plan = plan_of([2, 2])
+    assert comm.gradient_groups(plan, tied_stages=[(0, 1)]) == [(0, 1), (2, 3), (0, 1, 2, 3)]
+    assert comm.pair_groups(plan) == [(0, 2), (1, 3)]
+    assert comm.gradient_groups(plan_of([1, 1, 1, 1]), tied_stages=[(0, 3)]) == [(0, 3)]
+    assert comm.pair_groups(plan_of([1, 1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
+    log = comm.CollectiveLog()
+    log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))
+    log.add("dapple/step_end", (0, 1, 2))
+    exits = []
+    me = comm.Watchdog(0, 3, str(tmp_path), log, peer_timeout_s=5, step_timeout_s=100,
+                       exit_fn=exits.append)
+    peer = comm.Watchdog(1, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
+    other = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
+    for w in (me, peer, other):
+        w.step_begin(7)
+    assert me.check(now=_time() + 1) is None
+    other._beat()
+    import json
+    path = tmp_path / "rank1.json"
+    state = json.loads(path.read_text())
+    state["time"] -= 30  # rank 1 stopped beating 30 s ago
+    path.write_text(json.dumps(state))
+    report = me.check(now=_time())
+    assert "missing rank 1: no heartbeat for" in report
+    assert "dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3" in report and "missing rank 2" not in report
+
+
+def _time():
+    import time
+    return time.time()
+
+
+# ---- really launched ---------------------------------------------------------------------------
+def _skip_without_horovod():
+    reason = runner.horovod_missing_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def exchange():
+    _skip_without_horovod()
+    result = runner.run("comm_checks.py", 4, ["exchange"], timeout_s=240)
+    assert result.returncode == 0, result.output[-5000:]
+    return {(rec["plan"], rank): rec for rank, recs in result.records("COMM").items() for rec in recs}
+
+
+def activation(mb, boundary):
+    rows = np.arange(ROWS, dtype=np.float32)[:, None]
+    return 1000 * boundary + 100 * mb + rows + np.array([0.0, 0.5], np.float32)
+
+
+PLANS = [[3, 1], [1, 3], [2, 2], [1, 1, 1, 1]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", PLANS, ids=lambda r: ":".join(map(str, r)))
+def test_each_receiver_gets_exactly_its_rows_of_the_previous_stage(exchange, replicas):
+    plan = plan_of(replicas)
+    for s in range(1, plan.num_stages):
+        for j, rank in enumerate(plan.stages[s].devices):
+            begin, end = plan.rows_of_replica(s, j)
+            for mb in range(MICRO_BATCHES):
+                got = exchange[(plan.notation, rank)][f"act_in/mb{mb}/s{s - 1}_to_s{s}"]
+                np.testing.assert_array_equal(got, activation(mb, s - 1)[begin:end])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", PLANS, ids=lambda r: ":".join(map(str, r)))
+def test_activation_gradients_travel_back_to_the_replica_that_sent_the_rows(exchange, replicas):
+    plan = plan_of(replicas)
+    for s in range(plan.num_stages - 1):
+        for k, rank in enumerate(plan.stages[s].devices):
+            begin, end = plan.rows_of_replica(s, k)
+            for mb in range(MICRO_BATCHES):
+                got = exchange[(plan.notation, rank)][f"grad_in/mb{mb}/s{s + 1}_to_s{s}"]
+                np.testing.assert_array_equal(got, -activation(mb, s)[begin:end])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas", PLANS, ids=lambda r: ":".join(map(str, r)))
+def test_gradients_sum_over_the_stage_replicas_and_over_all_users_of_a_tied_variable(exchange, replicas):
+    plan = plan_of(replicas)
+    tied_ranks = set(plan.stages[0].devices) | set(plan.stages[-1].devices)
+    for s, stage in enumerate(plan.stages):
+        for rank in stage.devices:
+            rec = exchange[(plan.notation, rank)]
+            assert rec["stage_grad_sum"] == [sum(r + 1.0 for r in stage.devices)] * 3
+            if s in (0, plan.num_stages - 1):
+                assert rec["tied_grad_sum"] == [sum(r + 1.0 for r in tied_ranks)] * 3
+            assert rec["step_end"] == 1.0  # one loss share of 1, summed over all ranks
+
+
+@pytest.mark.slow
+def test_every_rank_registers_the_same_process_sets_in_the_same_order(exchange):
+    for replicas in PLANS:
+        notation = plan_of(replicas).notation
+        orders = {tuple(map(tuple, exchange[(notation, r)]["set_order"])) for r in range(4)}
+        assert len(orders) == 1, orders
+    assert exchange[("3:1", 0)]["set_order"] == [[0, 1, 2], [0, 1, 2, 3], [0, 3], [1, 3], [2, 3]]
+
+
+@pytest.mark.slow
+def test_collectives_are_named_after_boundary_micro_batch_ranks_and_rows(exchange):
+    names = exchange[("3:1", 3)]["collective_names"]
+    assert "dapple/mb1/s0_to_s1/act/rank2_to_rank3_rows4_6" in names
+    assert "dapple/mb0/s1_to_s0/grad/rank3_to_rank0_rows0_2" in names
+    assert "dapple/step_end" in names
+    assert exchange[("2:2", 0)]["collective_names"].count("dapple/allreduce/stage0/w_0") == 1
+
+
+# ---- failures: every other rank exits non-zero, in bounded time, naming the missing rank --------
+def _failure_run(how, victim):
+    _skip_without_horovod()
+    return runner.run("comm_checks.py", 4, ["fail", how, victim, 3], timeout_s=200,
+                      env={"DAPPLE_PEER_TIMEOUT_S": "10"})
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_makes_the_others_exit_naming_it_and_the_collectives():
+    result = _failure_run("hang", 2)
+    failed_at = result.first_time_of("FAIL victim rank 2 hang")
+    assert failed_at is not None, result.output[-5000:]
+    assert result.returncode != 0
+    assert result.end_time - failed_at < 60, (result.end_time - failed_at, result.output[-5000:])
+    for rank in (0, 1, 3):
+        text = "\n".join(result.lines_of(rank))
+        assert f"dapple: rank {rank}: missing rank 2: alive but has not entered step 3" in text, text
+        assert f"exiting with status {comm.EXIT_PEER_LOST}" in text
+        # 75 from the watchdog, or the launcher's SIGTERM once the first rank exited
+        assert f"Process {rank} exit with status code 0" not in result.output
+    assert "dapple/mb0/s0_to_s1/act/rank0_to_rank2_rows0_3" in "\n".join(result.lines_of(0))
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_makes_the_others_exit_naming_it():
+    result = _failure_run("freeze", 1)
+    failed_at = result.first_time_of("FAIL victim rank 1 freeze")
+    assert failed_at is not None, result.output[-5000:]
+    assert result.returncode != 0
+    assert result.end_time - failed_at < 60, (result.end_time - failed_at, result.output[-5000:])
+    for rank in (0, 2, 3):
+        text = "\n".join(result.lines_of(rank))
+        assert f"dapple: rank {rank}: missing rank 1: no heartbeat for" in text, text
+
+
+@pytest.mark.slow
+def test_a_killed_rank_makes_the_others_exit_and_the_launcher_names_it():
+    # Horovod aborts the other ranks at once (Gloo sees the closed connection; its shutdown
+    # cannot finish), so they exit non-zero before our watchdog could speak; the launcher
+    # names the rank that died first.
+    result = _failure_run("kill", 2)
+    failed_at = result.first_time_of("FAIL victim rank 2 kill")
+    assert failed_at is not None, result.output[-5000:]
+    assert result.returncode != 0
+    assert result.end_time - failed_at < 60, (result.end_time - failed_at, result.output[-5000:])
+    assert "Process 2 exit with status code 137" in result.output
+    assert "The first process to do so was:\nProcess name: 2" in result.output
+    for rank in (0, 1, 3):
+        assert f"Process {rank} exit with status code 0" not in result.output
