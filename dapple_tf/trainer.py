@@ -134,8 +134,9 @@ class Trainer(_SessionTrainer):
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True):
         self.global_batch_size = int(global_batch_size)
+        self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
+                                 num_devices)
         self.template = build_template(model_fn, feature_spec, seed=seed)
-        self.plan = resolve_plan(plan, self.template, self.global_batch_size, num_devices)
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
@@ -179,9 +180,11 @@ class SingleDeviceTrainer(_SessionTrainer):
         self._finish_init()
 
 
-def resolve_plan(plan, template, global_batch_size: int, num_devices: int | None) -> Plan:
+def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
+                 num_devices: int | None) -> Plan:
+    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search)."""
     if isinstance(plan, str) and plan == "auto":
-        return _auto_plan(template, global_batch_size, num_devices)
+        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
@@ -192,16 +195,12 @@ def resolve_plan(plan, template, global_batch_size: int, num_devices: int | None
     return plan
 
 
-def _auto_plan(template, global_batch_size, num_devices) -> Plan:
-    """Hook for plan='auto': profile the template, then search a plan. Wired by the lead once
-    the profiler and `planner.plan` exist."""
+def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices) -> Plan:
+    """plan='auto': profile the template and search a plan for this process's devices."""
     try:
-        import planner
-        from dapple_tf import profiler  # noqa: F401
-        search = getattr(planner, "plan")
-    except (ImportError, AttributeError):
-        raise NotImplementedError(
-            "plan='auto' needs dapple_tf.profiler and planner.plan, which are not available "
-            "yet; pass a Plan or a plan JSON path (e.g. planner.plan_format.even_plan(...))") \
-            from None
-    raise NotImplementedError(f"plan='auto': hook to {search!r} is not wired yet")
+        from dapple_tf.auto_plan import auto_plan
+    except ImportError as e:
+        raise NotImplementedError(f"plan='auto' needs dapple_tf.auto_plan (profiler + "
+                                  f"planner), which cannot be imported: {e}") from None
+    _, count = devices.available_devices(num_devices)
+    return auto_plan(model_fn, feature_spec, global_batch_size, count)
