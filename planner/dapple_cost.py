@@ -42,6 +42,7 @@ class DappleEval:
     peak_memory_bytes: tuple[float, ...]
     fits: bool
     bubble_fraction: float
+    simulated: bool = True     # False: skipped (does not fit, or cannot beat `skip_above`)
 
 
 class DappleModel:
@@ -97,7 +98,12 @@ class DappleModel:
 
     # ---- a whole candidate ------------------------------------------------------------------------
     def evaluate(self, ends: Sequence[int], devices: Sequence[Sequence[int]], micro_batch_size: int,
-                 schedule: str, device_memory: float | None = None) -> DappleEval:
+                 schedule: str, device_memory: float | None = None,
+                 skip_above: float | None = None) -> DappleEval:
+        """Simulated step time, speedup and per-stage peak memory of one candidate. With
+        `skip_above`, a candidate that does not fit, or whose lower bound (each stage's own work
+        plus the fill and drain through the stages before it) is above it, is not simulated:
+        its step_time_s is then that bound (inf when it does not fit)."""
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
@@ -115,8 +121,20 @@ class DappleModel:
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
             busiest = nbytes / min(len(devices[s]), len(devices[s + 1]))
             transfer.append(busiest / self.link_bandwidth(devices[s], devices[s + 1]))
-        sim = simulate(schedule, fwd, bwd, transfer, ar, M)
         limit = device_memory if device_memory is not None else self.cluster.device_memory_bytes
+        fits = max(mem) <= limit
+        if skip_above is not None:
+            bound = 0.0
+            through = 0.0     # fill + drain through the stages before s
+            for s in range(S):
+                bound = max(bound, through + M * (fwd[s] + bwd[s]), M * transfer[s - 1] if s else 0.0)
+                through += fwd[s] + bwd[s] + 2 * (transfer[s] if s < S - 1 else 0.0)
+            if not fits or bound > skip_above:
+                step = bound if fits else float("inf")
+                return DappleEval(step, self.single_device_s / step if step else 0.0, tuple(fwd),
+                                  tuple(bwd), tuple(transfer), tuple(ar), tuple(mem), fits, 0.0,
+                                  simulated=False)
+        sim = simulate(schedule, fwd, bwd, transfer, ar, M)
         return DappleEval(sim.step_time_s, self.single_device_s / sim.step_time_s, tuple(fwd),
                           tuple(bwd), tuple(transfer), tuple(ar), tuple(mem),
-                          max(mem) <= limit, sim.bubble_fraction)
+                          fits, sim.bubble_fraction)

@@ -110,11 +110,12 @@ class DappleSearch:
     # ---- scoring --------------------------------------------------------------------------------
     def _offer(self, ends, devices, b) -> None:
         for schedule in self.schedules:
-            ev = self.m.evaluate(ends, devices, b, schedule, self.limit)
-            self.stats.simulated += 1
+            skip = self.best.eval.step_time_s * 1.02 if self.best is not None else float("inf")
+            ev = self.m.evaluate(ends, devices, b, schedule, self.limit, skip_above=skip)
+            self.stats.simulated += ev.simulated
             self.stats.smallest_peak_memory = min(self.stats.smallest_peak_memory,
                                                   max(ev.peak_memory_bytes))
-            if not ev.fits:
+            if not ev.fits or not ev.simulated:
                 continue
             cand = DappleCandidate(tuple(ends), tuple(tuple(d) for d in devices), b, schedule, ev)
             if self.best is None or self._better(cand, self.best):

@@ -30,10 +30,18 @@ def transfer_time(cluster: Cluster, src: Sequence[int], dst: Sequence[int], nbyt
     if not cluster.within_one_host(dst):
         return nbytes / cluster.inter_host_allreduce_bandwidth
     host = cluster.host_of(dst[0])
-    outside = sum(1 for d in src if cluster.host_of(d) != host)
+    outside = len(src) - _count_on_host(cluster, src, host)
     if outside:
         return nbytes * outside / len(src) / cluster.inter_host_bandwidth
     return nbytes / cluster.intra_host_bandwidth
+
+
+def _count_on_host(cluster: Cluster, devices: Sequence[int], host: int) -> int:
+    first, last = devices[0], devices[-1]
+    if last - first + 1 == len(devices):          # a contiguous range: count by arithmetic
+        lo, hi = cluster.host_start(host), cluster.seps[host]
+        return max(0, min(last + 1, hi) - max(first, lo))
+    return sum(1 for d in devices if cluster.host_of(d) == host)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,8 @@ class HpgoSearch:
     def __init__(self, model: HpgoModel, mbs: int = 1, max_dp_slots: int = 64, keep: int = 2,
                  max_dp_states: int = 300, exhaustive_limit: int = 20000,
                  max_dp_cuts: int = 96):
+        if model.cluster.num_devices > 64:
+            max_dp_slots = min(max_dp_slots, 16)
         self.m = model
         self.c = model.cluster
         self.N = self.c.num_devices
@@ -130,19 +132,52 @@ class HpgoSearch:
                 self.stats.exhaustive = True
                 self._exhaustive()
             else:
-                for rp in range(1, self.N + 1):
-                    if self.m.gbs // rp // self.mbs >= 1:
+                for rp in self._dp_replications():
+                    if self.m.gbs // rp // self.mbs >= 1 and not self._cannot_win(rp):
                         self._dp(rp, straight=False)
                         self._dp(rp, straight=True)
                         self._dp(rp, straight=False, allreduce_weight=1.0)
         score, plan = self.best
         return plan, score
 
+    def _cannot_win(self, rp: int) -> bool:
+        """True when no multi-stage plan with this rp can beat the best plan so far: its step is at
+        least (M-1)/M * P + T/(rp M), and P is at least the whole compute spread over every device
+        and at least the cheapest possible boundary transfer (2 x the smallest cut, fastest link)."""
+        m, c = self.m, self.c
+        M = m.gbs // rp // self.mbs
+        slots = min(self.N // rp, self.max_dp_slots)
+        largest_host = max(b - a for a, b in zip((0,) + c.seps[:-1], c.seps))
+        if rp > largest_host:
+            coef = 1.0 / c.inter_host_allreduce_bandwidth      # every stage spans hosts
+        else:
+            coef = min(1.0 / c.intra_host_bandwidth, 1.0 / c.inter_host_allreduce_bandwidth,
+                       1.0 / (self.N * c.inter_host_bandwidth))
+        P = max(m.T / (slots * rp), 2.0 * float(np.min(m.out[:-1])) * coef)
+        bound = (M - 1) / M * P + m.T / (rp * M)
+        best_step = self.best[0].step_time_s
+        return bound >= best_step
+
+    def _dp_replications(self) -> list[int]:
+        """Every rp on small clusters; on large ones the published planner's rp = N div i for
+        i = 2..N slots, as far as i <= max_dp_slots."""
+        N = self.N
+        if N <= 64:
+            return list(range(1, N // 2 + 1))
+        values = {N // i for i in range(2, min(N, self.max_dp_slots) + 1)}
+        if self.max_dp_slots < N:
+            self.stats.notes.append(f"multi-stage DP for pipelines of at most {self.max_dp_slots} "
+                                    f"slots (rp >= {N // self.max_dp_slots})")
+        return sorted(values)
+
     # ---- 1. data parallel ------------------------------------------------------------------------
     def _single_stage(self) -> None:
+        """One stage on k devices. rp = k is best (Lat = T/k exactly); small clusters also try
+        every other rp, as the published planner's degenerate candidates do."""
         last = self.m.L - 1
         for k in range(1, self.N + 1):
-            for rp in range(1, k + 1):
+            rps = range(1, k + 1) if self.N <= 64 else (k,)
+            for rp in rps:
                 if k % rp == 0 and self.m.gbs // rp // self.mbs >= 1:
                     self._offer(HpgoPlan((last,), (_range(0, k),), rp, self.mbs))
 
@@ -188,8 +223,6 @@ class HpgoSearch:
         slots = min(self.N // rp, self.max_dp_slots)
         if slots < 2:
             return
-        if slots < self.N // rp and not any("slots" in n for n in self.stats.notes):
-            self.stats.notes.append(f"multi-stage DP limited to {slots} slots per pipeline")
         idx = _useful_states(m) if L <= self.max_dp_states else _chain_subset(m.states)
         if len(idx) > self.max_dp_cuts:
             idx = coarsen_cuts(idx, m.cum_compute, m.out, self.max_dp_cuts)

@@ -99,3 +99,18 @@ def test_optimizer_slots_are_configurable():
     layers = [LayerCost("a", 1, 1, 0, 1e9)]
     model = DappleModel(Profile.chain(layers, 1), Cluster.from_seps([1]), 1, optimizer_slots=0)
     assert model.evaluate([0], [(0,)], 1, "1f1b", 1e12).peak_memory_bytes[0] == pytest.approx(2e9)
+
+
+def test_long_pipelines_are_extrapolated_within_a_tenth_of_a_percent():
+    import random
+    from planner import simulate as sim
+    rng = random.Random(0)
+    for _ in range(10):
+        S = rng.randint(1, 5)
+        fwd = [rng.uniform(0.1, 2) for _ in range(S)]
+        bwd = [rng.uniform(0.1, 4) for _ in range(S)]
+        tr = [rng.uniform(0, 3) for _ in range(S - 1)]
+        ar = [rng.uniform(0, 5) for _ in range(S)]
+        for schedule in ("1f1b", "gpipe"):
+            direct = sim._simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s
+            assert sim.simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s == pytest.approx(direct, rel=1e-3)
