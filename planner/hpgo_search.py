@@ -9,15 +9,22 @@ finalist with the exact formula (`HpgoModel.score`):
 1. one stage on k = 1..N devices (plain data parallelism), every rp dividing k;
 2. every cut x every g:(N-g) (and, for each, every rp dividing g and N-g), all cuts at once in
    numpy, the rp = 1 ones scored as the exhaustive split (no factor 2);
-3. for every rp (with M >= 1) and every number of slots u <= N div rp: a min-bottleneck DP over
+3. for every rp (with M >= 1; skipped when a lower bound on its step cannot beat the best so
+   far) and every number of slots u <= N div rp: a min-bottleneck DP over
    (last state, slots used) on packed device ranges (stage after stage, hosts filled in order),
    once with free slot counts and once "straight"; each final cell is reconstructed and scored,
    and each (rp, u) keeps its `keep` best predecessors per cell so near-ties in the bottleneck
    are decided by the full score;
 4. small problems (few states and devices) are enumerated exhaustively instead of 3.
 
-Device sets are packed ranges (the "fill hosts in order" policy). The published planner's
-scatter policy (one device per host, round robin) is not generated.
+Device sets: the DP works on packed ranges (the "fill hosts in order" policy); every finalist is
+also scored with the scatter policy (each stage takes one device per host in turn). The
+published planner's third policy (append to a partly used host first) coincides with packing
+when stages are placed in order, which is how we place them.
+
+On clusters of more than 64 devices, rp is limited to the published planner's own values
+(N div i) with at most 16 slots per pipeline, and one-stage plans use rp = k (the best rp for
+one stage: its latency is then exactly T/k).
 """
 from __future__ import annotations
 
@@ -38,6 +45,22 @@ class SearchStats:
     dp_runs: int = 0
     exhaustive: bool = False
     notes: list = dataclasses.field(default_factory=list)
+
+
+def _scattered(cluster: Cluster, sizes: list[int]) -> tuple[tuple[int, ...], ...]:
+    """The published planner's scatter policy: each stage takes one device per host in turn."""
+    free = [list(range(cluster.host_start(h), cluster.seps[h])) for h in range(cluster.num_hosts)]
+    host, result = 0, []
+    for size in sizes:
+        stage = []
+        while len(stage) < size:
+            if any(free):
+                while not free[host]:
+                    host = (host + 1) % len(free)
+                stage.append(free[host].pop(0))
+                host = (host + 1) % len(free)
+        result.append(tuple(sorted(stage)))
+    return tuple(result)
 
 
 def _range(a: int, b: int) -> tuple[int, ...]:
@@ -114,6 +137,13 @@ class HpgoSearch:
 
     # ---- bookkeeping --------------------------------------------------------------------------
     def _offer(self, plan: HpgoPlan) -> None:
+        self._score(plan)
+        if len(plan.ends) > 1 and self.c.num_hosts > 1 and not plan.two_stage_split:
+            spread = _scattered(self.c, [len(d) for d in plan.devices])
+            if spread != plan.devices:
+                self._score(dataclasses.replace(plan, devices=spread))
+
+    def _score(self, plan: HpgoPlan) -> None:
         key = (plan.ends, plan.devices, plan.rp, plan.two_stage_split)
         if key in self._seen:
             return

@@ -9,6 +9,7 @@ from planner.cluster import Cluster
 from planner.dapple_cost import DappleModel
 from planner.dapple_search import DappleSearch
 from planner.hpgo import HpgoModel, HpgoPlan
+from planner.hpgo_search import _scattered
 from planner.plan_format import PlanError
 from planner.profile import LayerCost, Profile
 from planner.states import hpgo_states
@@ -37,7 +38,8 @@ def _packed(counts, unit=1, start=0):
 
 
 def brute_force_hpgo(model, num_devices):
-    """Best speedup over every plan of the hpgo space: any cuts, any rp, any slot counts, packed."""
+    """Best speedup over every plan of the hpgo space: any cuts, any rp, any slot counts, device
+    sets packed in stage order or scattered one per host in turn."""
     best = 0.0
     L = model.L
     for S in range(1, min(L, num_devices) + 1):
@@ -49,6 +51,9 @@ def brute_force_hpgo(model, num_devices):
                 for counts in _compositions(num_devices // rp, S):
                     devices = _packed(counts, rp)
                     best = max(best, model.score(HpgoPlan(ends, devices, rp)).speedup)
+                    if S > 1:
+                        spread = _scattered(model.cluster, [len(d) for d in devices])
+                        best = max(best, model.score(HpgoPlan(ends, spread, rp)).speedup)
                     if S == 2 and rp == 1 and sum(counts) == num_devices:
                         best = max(best, model.score(HpgoPlan(ends, devices, 1, 1, True)).speedup)
     return best
