@@ -27,7 +27,8 @@ def save(session, saver, path: str | os.PathLike) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    written = saver.save(session, tmp, write_meta_graph=False, write_state=False)
+    with session.graph.as_default():  # Saver.save takes its eager path outside a graph
+        written = saver.save(session, tmp, write_meta_graph=False, write_state=False)
     parts = sorted(f for f in os.listdir(directory)
                    if f.startswith(os.path.basename(tmp) + "."))
     for f in sorted(parts, key=lambda f: f.endswith(".index")):
@@ -41,4 +42,5 @@ def restore(session, saver, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not os.path.exists(path + ".index"):
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
-    saver.restore(session, path)
+    with session.graph.as_default():
+        saver.restore(session, path)
