@@ -8,7 +8,8 @@
 # virtual environment does not rebuild it.
 #
 # Usage: bash launch/install.sh [--gpu|--cpu] [--with-mpi] [--python PYTHON]
-#   --with-mpi   apt-get install Debian's OpenMPI first (needs root), then build Horovod with MPI.
+#   --with-mpi   apt-get install Debian's OpenMPI first when it is missing (needs root; otherwise
+#                a warning and no MPI), then build Horovod with MPI so that `mpirun` works.
 set -Eeuo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --cpu) TF_FLAVOUR="cpu" ;;
     --with-mpi) WITH_MPI=1 ;;
     --python) PYTHON="$2"; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -60,9 +61,14 @@ command -v "$PYTHON" >/dev/null 2>&1 || { echo "install.sh: '$PYTHON' not found;
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' >"$STEP_LOG" 2>&1
 
 if [ "$WITH_MPI" = 1 ] && ! command -v mpicxx >/dev/null 2>&1; then
-  step "install OpenMPI (apt-get install openmpi-bin libopenmpi-dev)" apt-mpi
-  quiet apt-get update
-  DEBIAN_FRONTEND=noninteractive quiet apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    step "install OpenMPI (apt-get install openmpi-bin libopenmpi-dev)" apt-mpi
+    quiet apt-get update
+    DEBIAN_FRONTEND=noninteractive quiet apt-get install -y --no-install-recommends openmpi-bin libopenmpi-dev
+  else
+    echo "==> --with-mpi: cannot install OpenMPI here (needs root and apt-get); building Horovod" \
+         "without MPI (horovodrun --gloo still works; install openmpi-bin libopenmpi-dev for mpirun)"
+  fi
 fi
 
 step "create virtual environment $VENV" venv
@@ -112,7 +118,7 @@ else
     sed -i '/xla_mpi_ops\.cc/d' "$CMAKELISTS"
     ! grep -q 'xla_mpi_ops.cc' "$CMAKELISTS"
 
-    step "build Horovod $HOROVOD_VERSION wheel (TensorFlow + Gloo${MPI_TAG/nompi/}; about 2-4 minutes)" hvd-build
+    step "build Horovod $HOROVOD_VERSION wheel (TensorFlow + Gloo$([ "$MPI_TAG" = mpi ] && echo " + MPI"); about 2-4 minutes)" hvd-build
     TF_INCLUDE="$("$VENV/bin/python" -c 'import tensorflow as tf; print(tf.sysconfig.get_include())' 2>"$STEP_LOG")"
     for sub in external/highwayhash external/com_google_highway external/farmhash_archive/src; do
       [ -d "$TF_INCLUDE/$sub" ] || { echo "TensorFlow include dir $TF_INCLUDE/$sub is missing" >"$STEP_LOG"; false; }
