@@ -330,6 +330,33 @@ class Collectives:
         ps = self.process_sets.get(group)
         return _named(lambda leaf: hvd.allreduce(grad, op=hvd.Sum, name=leaf, process_set=ps), name)
 
+    def allgather_rows(self, grad, variable_name: str, ranks: Iterable[int]):
+        """Sum an IndexedSlices gradient over `ranks`, keeping it sparse: the rows (values and
+        indices) of every rank, concatenated in rank order (the optimizer sums duplicates)."""
+        import tensorflow as tf
+        hvd = _hvd()
+        group = _rank_group(ranks)
+        ps = self.process_sets.get(group)
+        base = "dapple/allgather/" + variable_name.replace(":", "_")
+        self.log.add(base + "/values", group)
+        self.log.add(base + "/indices", group)
+        values = _named(lambda leaf: hvd.allgather(grad.values, name=leaf, process_set=ps),
+                        base + "/values")
+        indices = _named(lambda leaf: hvd.allgather(tf.cast(grad.indices, tf.int64), name=leaf,
+                                                    process_set=ps), base + "/indices")
+        return tf.IndexedSlices(values, indices, grad.dense_shape)
+
+    def broadcast_variable(self, variable, variable_name: str, ranks: Iterable[int]):
+        """An op that sets `variable` on every rank of `ranks` to its value on the lowest one."""
+        hvd = _hvd()
+        group = _rank_group(ranks)
+        name = "dapple/init/" + variable_name.replace(":", "_")
+        self.log.add(name, group)
+        ps = self.process_sets.get(group)
+        value = _named(lambda leaf: hvd.broadcast(variable.read_value(), root_rank=group[0],
+                                                  name=leaf, process_set=ps), name)
+        return variable.assign(value, read_value=False)
+
     def step_end(self, local_loss, control_inputs: Sequence = ()):
         """The last collective of every step, on all ranks: sums each rank's share of the loss
         (zero on ranks without the loss stage) after everything in `control_inputs` ran. No rank

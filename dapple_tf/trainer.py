@@ -126,7 +126,18 @@ class Trainer(_SessionTrainer):
     Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
     (how many logical CPU devices the session may create when there is no GPU), seed (graph
     seed of the template, so initial weights are reproducible), inter_op_threads.
+
+    Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
+    `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
     """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Trainer:
+            from . import comm
+            if comm.launched_ranks() > 1:
+                from .multirank import MultiRankTrainer
+                return super().__new__(MultiRankTrainer)
+        return super().__new__(cls)
 
     def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,

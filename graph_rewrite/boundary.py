@@ -15,7 +15,9 @@ summed from every receiver replica to sender replica 0 (the other sender replica
 
 Moving a piece between slots is the Transport's job. `LocalTransport` (one process) lets TF copy
 it onto the receiver's device. A multi-rank transport (pairwise broadcast) implements the same
-three methods and gets `None` for pieces produced on another rank.
+three methods and gets `None` for pieces produced on another rank; a transport with an
+`is_local(slot)` method is also handed, at send time, the pieces for receivers on other ranks
+(nothing on the sender's rank would otherwise ask for them).
 """
 from __future__ import annotations
 
@@ -132,6 +134,10 @@ class BoundaryTransfer:
                     else:
                         parts.append([])
                 self._pieces[(replica, j)] = parts
+                if not _is_local(self.transport, Slot(self.to_stage, j)):
+                    self.transport.transfer([p for ps in parts for p in ps],
+                                            self._piece_specs(replica, j), slot,
+                                            Slot(self.to_stage, j), f"{self.name}/k{replica}_j{j}")
         return sent[0].op
 
     def recv(self, replica: int, like: Sequence[tf.Tensor] | None = None) -> list[tf.Tensor]:
@@ -146,6 +152,8 @@ class BoundaryTransfer:
             for k in range(num_senders):
                 parts = self._pieces.get((k, replica))
                 flat = [p for ps in parts for p in ps] if parts is not None else None
+                if parts is None:  # sender k is on another rank: only the layout is known
+                    parts = self._piece_layout(k, replica)
                 specs = self._piece_specs(k, replica)
                 moved = self.transport.transfer(flat, specs, Slot(self.from_stage, k), slot,
                                                 f"{self.name}/k{k}_j{replica}")
@@ -169,6 +177,17 @@ class BoundaryTransfer:
     def _whole_goes(self, sender: int, receiver: int) -> bool:
         return receiver == 0 if self.gradient else sender == 0
 
+    def _piece_layout(self, sender: int, receiver: int) -> list[list[None]]:
+        """Per tensor, one entry per piece sender -> receiver (as `send` slices them)."""
+        pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
+        layout = []
+        for mode in self.modes:
+            if mode == ROWS:
+                layout.append([None for k, j, _, _ in pieces if k == sender and j == receiver])
+            else:
+                layout.append([None] if self._whole_goes(sender, receiver) else [])
+        return layout
+
     def _piece_specs(self, sender: int, receiver: int) -> list[tf.TensorSpec]:
         pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         specs = []
@@ -179,6 +198,11 @@ class BoundaryTransfer:
             elif self._whole_goes(sender, receiver):
                 specs.append(spec)
         return specs
+
+
+def _is_local(transport, slot: Slot) -> bool:
+    is_local = getattr(transport, "is_local", None)
+    return True if is_local is None else is_local(slot)
 
 
 def _identity_n(tensors: list[tf.Tensor], name: str) -> list[tf.Tensor]:

@@ -22,7 +22,7 @@ import tensorflow as tf
 from planner.plan_format import Plan
 
 from . import clone, schedule
-from .accumulate import accumulate_micro_batches
+from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
 from .partition import StageSpec, partition
@@ -103,7 +103,8 @@ class _Builder:
         self.forward_tensors: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.forward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
         self.backward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
-        self.variable_grads: dict[Slot, list[dict]] = {slot: [] for slot in local}
+        self.accumulators = {slot: SlotAccumulator(f"dapple/accumulate/{slot.tag}")
+                             for slot in local}
         self.scaled_losses: list[tf.Tensor] = []
         self.start_ops: dict = {}
         self.end_ops: dict = {}
@@ -144,7 +145,7 @@ class _Builder:
         start_ops, received = [], {}
         with tf.control_dependencies(deps):
             for a in spec.source_stages:
-                transfer = self.forward_transfers[(i, a, slot.stage)]
+                transfer = self._forward_transfer(i, a, slot.stage)  # sender may be remote
                 tensors = transfer.recv(slot.replica)
                 start_ops.append(tensors[0].op)
                 received.update(zip(transfer.tensors, tensors))
@@ -183,8 +184,8 @@ class _Builder:
         loss_grad = None
         with tf.control_dependencies(deps):
             for b in spec.consumer_stages:
-                transfer = self.backward_transfers.get((i, b, slot.stage))
-                if transfer is None or not transfer.tensors:
+                transfer = self._backward_transfer(i, b, slot.stage)  # sender may be remote
+                if not transfer.tensors:
                     continue
                 tensors = transfer.recv(slot.replica, like=[forward[t] for t in transfer.tensors])
                 start_ops.append(tensors[0].op)
@@ -202,15 +203,15 @@ class _Builder:
         handles = {v: self.variables[v].handle for v in spec.variables}
         input_grads, variable_grads = clone.import_backward(
             stage, device, prefix, forward, grad_inputs, loss_grad, handles)
-        self.variable_grads[slot].append(variable_grads)
         end_deps = []
+        with tf.device(device):
+            for v, g in variable_grads.items():
+                end_deps += self.accumulators[slot].add(v, g)
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:
                 end_deps.append(transfer.send(slot.replica,
                                               [input_grads[t] for t in transfer.tensors]))
-        for g in variable_grads.values():
-            end_deps.append(g.values.op if isinstance(g, tf.IndexedSlices) else g.op)
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
         return start_ops, end
@@ -261,8 +262,7 @@ class _Builder:
         per_stage: dict[int, dict[int, dict]] = {}
         for slot in self.local:
             with tf.device(self.device_of_slot[slot]):
-                summed = accumulate_micro_batches(self.variable_grads[slot],
-                                                  f"dapple/accumulate/{slot.tag}")
+                summed = self.accumulators[slot].result()
             per_stage.setdefault(slot.stage, {})[slot.replica] = summed
         by_stage = {s: gradient_sync.sum_replicas(s, replicas, self.device_of_variable)
                     for s, replicas in per_stage.items()}

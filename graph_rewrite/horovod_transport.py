@@ -1,0 +1,115 @@
+"""Multi-rank transport and gradient sync: the rewrite's extension points, over Horovod.
+
+`HorovodTransport` (a boundary.Transport): a piece that crosses ranks is one Horovod broadcast
+on the 2-rank process set {sender rank, receiver rank}, root = sender. The receiver passes a
+placeholder of the piece's shape (the broadcast overwrites it). Split/concat between unequal
+replica counts needs nothing extra: BoundaryTransfer already cuts one piece per overlap of a
+sender's and a receiver's rows, so each overlap is one pair broadcast. Names:
+    dapple/mb<i>/s<from>_to_s<to>/k<sender replica>_j<receiver replica>/rank<a>_to_rank<b>/p<n>
+(backward transfers of activation gradients have the stages reversed, as their send/recv ops).
+Broadcasts whose result this rank does not use (it is the sender) are collected in `outgoing`:
+the runtime makes the step's last collective depend on them, or nothing would run them.
+
+`HorovodGradientSync` (an allreduce.GradientSync): a rank holds one slot, so its gradients are
+already summed over its micro-batches; each variable's gradient is then summed over every rank
+that holds a user of it (its stage's replicas, plus the ranks of the other stages reading a
+tied variable) with one per-tensor allreduce. Gradients that are IndexedSlices on every such
+rank stay sparse (an allgather of rows), so sparse optimizer updates match single-device
+training; otherwise they are summed dense, as tf.gradients aggregates mixed gradients.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from planner.plan_format import Plan
+
+from .place import Slot
+
+SPARSE, DENSE = "sparse", "dense"
+
+
+class HorovodTransport:
+    def __init__(self, plan: Plan, rank: int, collectives, device: str):
+        self.rank = rank
+        self.collectives = collectives
+        self.device = device
+        self.rank_of_slot = {Slot(s, k): d for s, stage in enumerate(plan.stages)
+                             for k, d in enumerate(stage.devices)}
+        self.outgoing: list[tf.Tensor] = []
+
+    def is_local(self, slot: Slot) -> bool:
+        return self.rank_of_slot[slot] == self.rank
+
+    def send(self, tensors, slot, name):
+        with tf.device(self.device):
+            return _identity_n(tensors, name)
+
+    def recv(self, tensors, slot, name):
+        with tf.device(self.device):
+            return _identity_n(tensors, name)
+
+    def transfer(self, pieces, specs, from_slot, to_slot, name):
+        src, dst = self.rank_of_slot[from_slot], self.rank_of_slot[to_slot]
+        if src == dst:
+            return pieces
+        if self.rank not in (src, dst):
+            return None
+        names = [f"{name}/rank{src}_to_rank{dst}/p{n}" for n in range(len(specs))]
+        with tf.device(self.device):
+            if self.rank == src:
+                for piece, piece_name in zip(pieces, names):
+                    self.outgoing.append(self.collectives.pair_broadcast(piece, src, dst, piece_name))
+                return None
+            received = []
+            for spec, piece_name in zip(specs, names):
+                placeholder = tf.raw_ops.Empty(shape=list(spec.shape), dtype=spec.dtype)
+                received.append(self.collectives.pair_broadcast(placeholder, src, dst, piece_name))
+            return received
+
+
+class HorovodGradientSync:
+    """`ranks_of_variable`: variable -> every rank holding a stage that reads it.
+    `exchange(obj, name)`: an allgather of Python objects over all ranks (to agree, per variable,
+    whether every rank's gradient is sparse)."""
+
+    def __init__(self, collectives, ranks_of_variable: dict[str, tuple[int, ...]], rank: int,
+                 exchange: Callable[[object, str], list]):
+        self.collectives = collectives
+        self.ranks_of_variable = ranks_of_variable
+        self.rank = rank
+        self.exchange = exchange
+
+    def sum_replicas(self, stage, grads_by_replica, device_of_variable):
+        (grads,) = grads_by_replica.values()  # one slot per rank
+        return grads
+
+    def sum_stages(self, grads_by_stage, device_of_variable):
+        (grads,) = grads_by_stage.values()
+        kinds = {v: (SPARSE if isinstance(g, tf.IndexedSlices) else DENSE) for v, g in grads.items()}
+        everyone = self.exchange(kinds, "dapple.gradient_kinds")
+        out = {}
+        for v in sorted(grads):  # the same order on every rank
+            group = self.ranks_of_variable[v]
+            g = grads[v]
+            with tf.device(device_of_variable[v]):
+                if len(group) == 1:
+                    out[v] = g
+                elif all(everyone[r].get(v) == SPARSE for r in group):
+                    out[v] = self.collectives.allgather_rows(g, v, group)
+                else:
+                    out[v] = self.collectives.allreduce_gradient(g, v, group)
+        missing = sorted(v for v, group in self.ranks_of_variable.items()
+                         if self.rank in group and v not in grads and len(group) > 1
+                         and any(v in everyone[r] for r in group))
+        if missing:
+            raise NotImplementedError(
+                f"rank {self.rank} reads variables {missing} without a gradient while other "
+                f"ranks have one; not supported by the multi-rank gradient sync")
+        return out
+
+
+def _identity_n(tensors, name):
+    with tf.compat.v1.get_default_graph().name_scope(None):
+        return list(tf.identity_n(tensors, name=name))
