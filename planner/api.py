@@ -1,6 +1,7 @@
 """`planner.plan(...)`: profile + cluster + global batch size -> the best Plan, explained."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Sequence
@@ -43,7 +44,6 @@ def _as_cluster(cluster, num_devices, device_memory_gb, bandwidths) -> Cluster:
     if device_memory_gb is not None:
         overrides["device_memory_bytes"] = float(device_memory_gb) * GB
     if overrides:
-        import dataclasses
         cluster = dataclasses.replace(cluster, **overrides)
     if num_devices is not None and int(num_devices) != cluster.num_devices:
         raise ClusterError(f"num_devices={num_devices} but the cluster {list(cluster.seps)} has "
@@ -165,16 +165,10 @@ def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:
         if rows % len(d):
             problems.append(f"stage {s}'s {len(d)} replicas do not divide a {rows}-row micro-batch")
     executable = not problems and gbs % M == 0
-    # memory, for information (the published model applies no limit)
-    dm = None
-    try:
-        from planner.dapple_cost import DappleModel
-        dm = DappleModel(prof, clu, gbs, optimizer_slots, states=states)
-        begins = hp.begins
-        peak = [dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
-                for s, (b, e, d) in enumerate(zip(begins, hp.ends, hp.devices))]
-    except Exception:  # noqa: BLE001 - informational only
-        peak = []
+    # memory under our model (1f1b), for information: the published model applies no limit
+    dm = DappleModel(prof, clu, gbs, optimizer_slots, states=states)
+    peak = [dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
+            for s, (b, e, d) in enumerate(zip(hp.begins, hp.ends, hp.devices))]
     predicted = {
         "cost_model": "hpgo",
         "step_time_s": score.step_time_s,

@@ -12,10 +12,15 @@ finalist with the exact formula (`HpgoModel.score`):
 3. for every rp (with M >= 1; skipped when a lower bound on its step cannot beat the best so
    far) and every number of slots u <= N div rp: a min-bottleneck DP over
    (last state, slots used) on packed device ranges (stage after stage, hosts filled in order),
-   once with free slot counts and once "straight"; each final cell is reconstructed and scored,
-   and each (rp, u) keeps its `keep` best predecessors per cell so near-ties in the bottleneck
-   are decided by the full score;
-4. small problems (few states and devices) are enumerated exhaustively instead of 3.
+   run with free slot counts, "straight" (one slot per stage), and once more counting each
+   stage's gradient allreduce in its bottleneck term; every cell keeps its `keep` best
+   predecessors so near-ties are decided by the full score, and every final cell is
+   reconstructed and scored;
+4. small problems (few states and devices) are enumerated exhaustively instead of 3 (exact).
+
+Beyond small problems the DP is a heuristic like the published one (it minimises the
+bottleneck, not the full score), over a superset of its candidates' shapes; on the published
+profiles it never does worse than the published planner (tests/test_planner_vs_hpgo.py).
 
 Device sets: the DP works on packed ranges (the "fill hosts in order" policy); every finalist is
 also scored with the scatter policy (each stage takes one device per host in turn). The

@@ -1,5 +1,4 @@
 """Profiles: graph.txt and JSON I/O, the published DAPPLE profiles, and every bad-input path."""
-import json
 import os
 
 import numpy as np
