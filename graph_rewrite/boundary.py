@@ -155,6 +155,9 @@ class BoundaryTransfer:
                 if parts is None:  # sender k is on another rank: only the layout is known
                     parts = self._piece_layout(k, replica)
                 specs = self._piece_specs(k, replica)
+                if not specs:  # sender k holds none of this receiver's rows
+                    arrived[k] = [[] for _ in parts]
+                    continue
                 moved = self.transport.transfer(flat, specs, Slot(self.from_stage, k), slot,
                                                 f"{self.name}/k{k}_j{replica}")
                 it = iter(moved)
