@@ -1,0 +1,129 @@
+"""dapple_tf.Trainer on 4 real ranks (horovodrun --gloo -np 4 -H localhost:4) trains exactly like
+single-device training, and a run killed mid-way resumes from its last checkpoint.
+
+One launch trains the transformer with a tied embedding (used by the first and the last stage)
+on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each); the test compares the
+losses every rank returned and the final weights (model, momentum slots, global_step) with
+SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
+(rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import rewrite_models as models
+from dapple_tf.trainer import SingleDeviceTrainer
+from multirank import runner, trainer_checks as checks
+
+pytestmark = pytest.mark.slow
+
+PLANS = ["2x2", "4stages", "3:1"]
+SCHEDULES = ["gpipe", "1f1b"]
+
+
+def _skip_without_horovod():
+    reason = runner.horovod_missing_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def single_device_run(case, steps):
+    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
+                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False)
+    try:
+        initial = trainer.get_weights()
+        losses = [trainer.train_step(b) for b in checks.batches(case, steps)]
+        return initial, losses, trainer.get_weights()
+    finally:
+        trainer.close()
+
+
+@pytest.fixture(scope="module")
+def equivalence_run(tmp_path_factory):
+    _skip_without_horovod()
+    out = tmp_path_factory.mktemp("multirank_equivalence")
+    result = runner.run("trainer_checks.py", 4, ["equivalence", out, "transformer", ",".join(PLANS),
+                                                 ",".join(SCHEDULES)], timeout_s=400)
+    assert result.returncode == 0, result.output[-6000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def transformer_reference():
+    return single_device_run(models.TRANSFORMER, checks.STEPS)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("plan", PLANS)
+def test_four_ranks_train_the_tied_transformer_like_one_device(equivalence_run, transformer_reference,
+                                                                plan, schedule):
+    out, result = equivalence_run
+    initial, expected_losses, expected = transformer_reference
+    tag = f"transformer-{plan}-{schedule}".replace(":", "_")
+    got = np.load(os.path.join(out, tag + ".npz"))
+    for name, value in initial.items():
+        np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
+    by_rank = {rank: [r for r in recs if r["tag"] == tag][0]
+               for rank, recs in result.records("LOSSES").items()}
+    assert sorted(by_rank) == [0, 1, 2, 3]
+    for rank, rec in by_rank.items():  # every rank returns the global-batch mean loss
+        np.testing.assert_allclose(rec["losses"], expected_losses, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"rank {rank}")
+        assert rec["global_step"] == checks.STEPS
+    final = {k[len("final/"):]: got[k] for k in got.files if k.startswith("final/")}
+    assert sorted(final) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sharded_checkpoint_of_four_ranks_restores_into_a_single_device_graph(
+        equivalence_run, transformer_reference):
+    out, _ = equivalence_run
+    _, _, expected = transformer_reference
+    path = os.path.join(out, "ckpt-transformer-3_1-1f1b")
+    data_files = sorted(f for f in os.listdir(out) if f.startswith("ckpt-transformer-3_1-1f1b.data"))
+    assert len(data_files) == 2, data_files  # one shard per stage of the 3:1 plan
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    case = models.TRANSFORMER
+    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
+                                  checks.GLOBAL_BATCH, seed=checks.SEED + 1, optimize_graph=False)
+    try:
+        trainer.restore(path)
+        restored = trainer.get_weights()
+    finally:
+        trainer.close()
+    for name, value in expected.items():
+        np.testing.assert_allclose(restored[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weights(tmp_path):
+    _skip_without_horovod()
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    steps, victim, kill_at = 5, 2, 3
+    killed = runner.run("trainer_checks.py", 4, ["resume", model_dir, steps, victim, kill_at],
+                        timeout_s=300)
+    killed_at = killed.first_time_of(f"KILL victim rank {victim} before step {kill_at}")
+    assert killed_at is not None, killed.output[-6000:]
+    assert killed.returncode != 0
+    assert killed.end_time - killed_at < 60, (killed.end_time - killed_at, killed.output[-4000:])
+    assert f"Process {victim} exit with status code 137" in killed.output
+    assert f"Process name: {victim}" in killed.output  # the launcher names the rank that died
+    for rank in (0, 1, 3):
+        assert f"Process {rank} exit with status code 0" not in killed.output
+    with open(model_dir / "checkpoint.json") as f:
+        assert json.load(f) == {"latest": f"ckpt-{kill_at}", "step": kill_at}
+
+    resumed = runner.run("trainer_checks.py", 4, ["resume", model_dir, steps, -1, -1], timeout_s=300)
+    assert resumed.returncode == 0, resumed.output[-6000:]
+    for rank in range(4):
+        assert f"RESUMED rank {rank} from ckpt-{kill_at} at step {kill_at}" in resumed.output
+    _, _, uninterrupted = single_device_run(models.MLP, steps)
+    final = np.load(model_dir / "final.npz")
+    assert sorted(final.files) == sorted(uninterrupted)
+    for name, value in uninterrupted.items():
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert int(final["global_step"]) == steps
