@@ -66,7 +66,7 @@ def test_device_memory_and_schedule_flags_reach_the_plan(capsys):
       "--cluster", "8"], "cannot read profile /nonexistent.txt"),
     (["--profile", VGG, "--profile-batch-size", "32", "--global-batch-size", "64", "--cluster", "8,4"],
      "increasing positive"),
-    (["--profile", VGG, "--profile-batch-size", "32", "--global-batch-size", "64", "--cluster", "8",
+    (["--profile", VGG, "--profile-batch-size", "32", "--global-batch-size", "64", "--cluster", "2",
       "--device-memory-gb", "0.001"], "no plan fits in 0.001 GB"),
 ])
 def test_errors_exit_2_with_a_message(capsys, argv, message):
