@@ -23,8 +23,10 @@ tf1 = tf.compat.v1
 
 @contextlib.contextmanager
 def layer_scope(name: str):
-    """Open the layer `name`: variables are named `name/...`, ops live under `name/`."""
-    with tf1.variable_scope(name, use_resource=True) as scope:
+    """Open the layer `name`: variables are named `name/...`, ops live under the top-level name
+    scope `name/` even inside other scopes (the same rule as `dapple_tf.layer`)."""
+    with tf1.variable_scope(name, use_resource=True, auxiliary_name_scope=False) as scope, \
+            tf.name_scope(name + "/"):
         yield scope
 
 
