@@ -580,6 +580,38 @@ class Watchdog:
         return "\n".join(lines)
 
 
+class PeerLostError(RuntimeError):
+    """A step's collective failed because another rank is gone (Horovod shut down)."""
+
+
+def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int) -> str:
+    """The message for a Horovod error inside a step: the collective this rank waited on (the
+    failed node) and the ranks that look missing by their heartbeats."""
+    op = getattr(getattr(error, "op", None), "name", None) or "(unknown collective)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    time.sleep(2 * watchdog.interval_s)  # let a dead or frozen peer's heartbeat go stale
+    now = time.time()
+    missing = {}
+    for k in range(watchdog.size):
+        if k == watchdog.rank:
+            continue
+        hb = watchdog._read(k)
+        if hb is None:
+            continue
+        if hb["host"] == watchdog._host and not _pid_alive(hb["pid"]):
+            missing[k] = f"process {hb['pid']} is gone (last at step {hb['step']}, {hb['phase']})"
+        elif hb["phase"] == "done":
+            missing[k] = f"finished training at step {hb['step']}"
+        elif now - hb["time"] > 2 * watchdog.interval_s + 1:
+            missing[k] = f"no heartbeat for {now - hb['time']:.1f} s (last at step {hb['step']})"
+    who = "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items())) or \
+        "no rank looks missing by its heartbeat (another host, or an error on a peer)"
+    return (f"dapple: rank {watchdog.rank}: step {step}: collective '{op}' failed: {first_line}\n"
+            f"dapple: rank {watchdog.rank}: missing: {who}\n"
+            f"dapple: rank {watchdog.rank}: re-run with the same model directory to resume from "
+            f"the last checkpoint")
+
+
 def _abbreviate(names: Sequence[str], limit: int = 8) -> str:
     if not names:
         return "(none)"

@@ -125,7 +125,14 @@ class MultiRankTrainer(Trainer):
     # ---- training -----------------------------------------------------------------------------
     def train_step(self, batch: Mapping[str, np.ndarray], run_metadata=None) -> float:
         self.watchdog.step_begin(self._steps_run)
-        loss = super().train_step(batch, run_metadata=run_metadata)
+        try:
+            loss = super().train_step(batch, run_metadata=run_metadata)
+        except tf.errors.OpError as e:
+            if "horovod" not in str(e).lower():
+                raise
+            message = comm.explain_collective_failure(self.watchdog, e, self._steps_run)
+            print(message, flush=True)
+            raise comm.PeerLostError(message) from e
         self.watchdog.step_end(self._steps_run)
         self._steps_run += 1
         return loss

@@ -79,6 +79,21 @@ def test_four_ranks_train_the_tied_transformer_like_one_device(equivalence_run, 
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_trainer_under_mpirun_equals_single_device_training(tmp_path, transformer_reference):
+    reason = runner.mpi_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path, "transformer", "3:1", "1f1b"],
+                        timeout_s=400, launcher="launch/mpirun.sh")
+    assert result.returncode == 0, result.output[-6000:]
+    _, expected_losses, expected = transformer_reference
+    got = np.load(tmp_path / "transformer-3_1-1f1b.npz")
+    np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert sorted(result.records("LOSSES")) == [0, 1, 2, 3]
+
+
 def test_sharded_checkpoint_of_four_ranks_restores_into_a_single_device_graph(
         equivalence_run, transformer_reference):
     out, _ = equivalence_run

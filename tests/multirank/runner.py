@@ -47,28 +47,51 @@ class Result:
 
     def lines_of(self, rank: int) -> list[str]:
         """Output lines of one rank (horovodrun prefixes them with '[rank]<stdout>:')."""
-        prefix = re.compile(rf"^\[{rank}\]<std(out|err)>:")
+        prefix = re.compile(rf"^\[(\d+,)?{rank}\]<std(out|err)>:")
         return [prefix.sub("", line) for line in self.output.splitlines() if prefix.match(line)]
 
     def records(self, tag: str) -> dict[int, list[dict]]:
         """JSON records printed by ranks as '<tag> {...}', by rank."""
         out: dict[int, list[dict]] = {}
         for line in self.output.splitlines():
-            m = re.match(rf"^\[(\d+)\]<stdout>:{re.escape(tag)} (\{{.*\}})\s*$", line)
+            # horovodrun tags lines '[rank]<stdout>:', mpirun --tag-output '[job,rank]<stdout>:'
+            # (and may glue the next line's tag onto the end); records are flat JSON objects
+            m = re.match(rf"^\[(?:\d+,)?(\d+)\]<stdout>:\s?{re.escape(tag)} (\{{[^{{}}]*\}})", line)
             if m:
                 out.setdefault(int(m.group(1)), []).append(json.loads(m.group(2)))
         return out
 
 
-def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None) -> Result:
-    """Run tests/multirank/<script> (or a path) on `num_ranks` local ranks. Never hangs longer
-    than timeout_s: the whole process group is killed then."""
+def mpi_missing_reason() -> str | None:
+    """Why `launch/mpirun.sh` cannot run here, or None when it can."""
+    if shutil.which("mpirun") is None:
+        return ("mpirun is not installed (Open MPI); `bash launch/install.sh --with-mpi` installs "
+                "Debian's openmpi-bin/libopenmpi-dev and builds Horovod with MPI")
+    try:
+        import horovod.tensorflow as hvd
+    except Exception as e:  # noqa: BLE001
+        return f"horovod.tensorflow does not import: {e}"
+    if not hvd.mpi_built():
+        return "Horovod was built without MPI; rebuild with `bash launch/install.sh --with-mpi`"
+    return None
+
+
+def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None,
+        launcher: str = "horovodrun") -> Result:
+    """Run tests/multirank/<script> (or a path) on `num_ranks` local ranks with `launcher`:
+    'horovodrun' (--gloo), or our wrappers 'launch/horovod.sh' / 'launch/mpirun.sh'. Never
+    hangs longer than timeout_s: the whole process group is killed then."""
     path = script if os.path.isabs(script) else os.path.join(HERE, script)
-    cmd = [horovodrun_path(), "--gloo", "-np", str(num_ranks), "-H", f"localhost:{num_ranks}",
-           sys.executable, path, *map(str, args)]
+    hosts = ["-np", str(num_ranks), "-H", f"localhost:{num_ranks}"]
+    if launcher == "horovodrun":
+        cmd = [horovodrun_path(), "--gloo", *hosts, sys.executable, path]
+    else:
+        cmd = ["bash", os.path.join(REPO_ROOT, launcher), *hosts, path]
+    cmd += [str(a) for a in args]
     full_env = dict(os.environ)
     full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
                      "PYTHONPATH": REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")})
+    full_env.setdefault("PYTHON", sys.executable)
     full_env.update(env or {})
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
