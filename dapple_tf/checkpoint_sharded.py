@@ -45,8 +45,9 @@ def save(session, saver_of_owned: v1.train.Saver | None, path: str | os.PathLike
     os.makedirs(tmp_dir, exist_ok=True)
     shard = None
     if saver_of_owned is not None:
-        shard = saver_of_owned.save(session, os.path.join(tmp_dir, f"shard-rank{rank}"),
-                                    write_meta_graph=False, write_state=False)
+        with session.graph.as_default():  # Saver.save takes its eager path outside a graph
+            shard = saver_of_owned.save(session, os.path.join(tmp_dir, f"shard-rank{rank}"),
+                                        write_meta_graph=False, write_state=False)
     shards = [s for s in allgather(shard, "dapple.save.shards") if s is not None]
     error = None
     if rank == 0:
