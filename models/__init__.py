@@ -1,6 +1,6 @@
 """Models for dapple-tf: VGG19, AmoebaNet, BERT, GNMT, XLNet, written with tf.compat.v1 ops.
 
-    spec = models.get_model("gnmt", preset="tiny")           # or get_model("bert", "tiny", vocab_size=30522)
+    spec = models.get_model("gnmt", "tiny")    # or get_model("bert", "tiny", vocab_size=30522)
     loss = spec.model_fn(spec.placeholders())
     batch = spec.synthetic_batch(16, np.random.default_rng(0))
 

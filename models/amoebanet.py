@@ -13,8 +13,8 @@ k's output), and adds the results. The cell output concatenates the states no bl
 
 Deviation from the paper, on purpose: no batch normalisation. Batch norm mixes rows, so a
 micro-batch would not compute what the full batch computes. In its place every convolution
-branch ends with one per-example normalisation over (height, width, channels) without learned scale and shift
-(layer norm over the feature map; GroupNorm with one group).
+branch ends with one per-example normalisation over (height, width, channels) without learned
+scale and shift (layer norm over the feature map; GroupNorm with one group).
 The factorized reduction of a skipped-over input is a 2×2 average pooling with stride 2
 followed by a 1×1 convolution.
 """

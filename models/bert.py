@@ -151,7 +151,8 @@ def synthetic_batch(cfg: BertConfig, batch_size: int, rng: np.random.Generator):
         weights = np.zeros((batch_size, p), np.float32)
         for r in range(batch_size):
             n = min(p, max(1, lengths[r] // 6))
-            masked_positions[r, :n] = np.sort(rng.choice(np.arange(1, lengths[r]), n, replace=False))
+            chosen = rng.choice(np.arange(1, lengths[r]), n, replace=False)
+            masked_positions[r, :n] = np.sort(chosen)
             weights[r, :n] = 1.0
         batch["masked_ids"] = np.take_along_axis(ids, masked_positions, 1) * (weights > 0)
         batch["masked_positions"] = masked_positions
@@ -175,7 +176,8 @@ def read_glue_pairs(tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: in
         expected = "\t".join(GLUE_COLUMNS)
         raise DataError(f"{tsv_path}:1: expected the header {expected!r}, found {lines[0]!r}")
     if seq_length < 3:
-        raise ValueError(f"seq_length must be at least 3 for [CLS] a [SEP] b [SEP], got {seq_length}")
+        raise ValueError(f"seq_length must be at least 3 for [CLS] a [SEP] b [SEP], got "
+                         f"{seq_length}")
     cls_id, sep_id = tokenizer.id_of("[CLS]"), tokenizer.id_of("[SEP]")
     rows = {"input_ids": [], "input_mask": [], "segment_ids": [], "label": []}
     for lineno, line in enumerate(lines[1:], start=2):

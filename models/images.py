@@ -22,7 +22,8 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def synthetic_images(image_size: int, num_classes: int, batch_size: int,
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"image": rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32),
+    images = rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)
+    return {"image": images,
             "label": rng.integers(0, num_classes, size=batch_size).astype(np.int32)}
 
 

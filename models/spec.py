@@ -64,11 +64,13 @@ def adam(learning_rate: float) -> Callable[[], tf.compat.v1.train.Optimizer]:
     return lambda: tf.compat.v1.train.AdamOptimizer(learning_rate)
 
 
-def momentum(learning_rate: float, value: float = 0.9) -> Callable[[], tf.compat.v1.train.Optimizer]:
+def momentum(learning_rate: float,
+             value: float = 0.9) -> Callable[[], tf.compat.v1.train.Optimizer]:
     return lambda: tf.compat.v1.train.MomentumOptimizer(learning_rate, value)
 
 
-def resolve_config(model: str, presets: Mapping[str, Any], preset: str, overrides: Mapping[str, Any]):
+def resolve_config(model: str, presets: Mapping[str, Any], preset: str,
+                   overrides: Mapping[str, Any]):
     """The preset's config dataclass with `overrides` applied; clear errors for unknown names."""
     if preset not in presets:
         raise ValueError(f"{model} has no preset '{preset}'; presets: {', '.join(presets)}")

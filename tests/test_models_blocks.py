@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import models
+from models.testing import session_config
 from models import layers as L
 from models.xlnet import rel_shift
 
@@ -14,7 +15,7 @@ tf1 = tf.compat.v1
 def _run(graph, fetches, feed=None):
     with graph.as_default():
         init = tf1.global_variables_initializer()
-    with tf1.Session(graph=graph) as s:
+    with tf1.Session(graph=graph, config=session_config()) as s:
         s.run(init)
         return s.run(fetches, feed)
 
@@ -56,7 +57,7 @@ def test_lstm_outputs_at_valid_positions_ignore_what_the_padding_holds():
         fw = L.lstm(inp, lengths, 4, "fw")
         bw = L.lstm(inp, lengths, 4, "bw", reverse=True)
         init = tf1.global_variables_initializer()
-    with tf1.Session(graph=g) as s:
+    with tf1.Session(graph=g, config=session_config()) as s:
         s.run(init)
         clean_out = s.run([fw, bw], {inp: x})
         noisy_out = s.run([fw, bw], {inp: noisy})
@@ -71,7 +72,7 @@ def test_rel_shift_picks_the_score_of_distance_i_minus_j():
     g = tf.Graph()
     with g.as_default():
         out = rel_shift(tf.constant(scores), t)
-    with tf1.Session(graph=g) as s:
+    with tf1.Session(graph=g, config=session_config()) as s:
         shifted = s.run(out)
     distances = list(range(t, -t, -1))
     for i in range(t):
@@ -88,7 +89,7 @@ class _Model:
             self.features = self.spec.placeholders()
             self.loss = self.spec.model_fn(self.features)
             init = tf1.global_variables_initializer()
-        self.session = tf1.Session(graph=self.graph)
+        self.session = tf1.Session(graph=self.graph, config=session_config())
         self.session.run(init)
 
     def loss_of(self, batch):
@@ -110,7 +111,8 @@ def test_xlnet_query_stream_predicts_a_token_without_seeing_it():
     visible = np.flatnonzero((only_p["perm_mask"][0, p] == 0) & (only_p["input_mask"][0] == 1)
                              & (np.arange(16) != p))
     changed_other = dict(only_p, input_ids=only_p["input_ids"].copy())
-    changed_other["input_ids"][0, visible[0]] = (changed_other["input_ids"][0, visible[0]] + 7) % 128
+    seen = visible[0]
+    changed_other["input_ids"][0, seen] = (changed_other["input_ids"][0, seen] + 7) % 128
     assert abs(m.loss_of(changed_other) - base) > 1e-6
     m.session.close()
 

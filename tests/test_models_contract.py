@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import models
+from models.testing import session_config
 
 tf1 = tf.compat.v1
 
@@ -27,7 +28,7 @@ class Built:
             self.grads = tf.gradients(self.loss, tf1.trainable_variables())
             self.train_op = tf1.train.GradientDescentOptimizer(1e-3).minimize(self.loss)
             init = tf1.global_variables_initializer()
-        self.session = tf1.Session(graph=self.graph)
+        self.session = tf1.Session(graph=self.graph, config=session_config())
         self.session.run(init)
 
     def run_loss(self, batch):
@@ -106,7 +107,7 @@ def test_initial_weights_do_not_depend_on_what_else_the_graph_holds(built):
         built.spec.model_fn(built.spec.placeholders())
         variables = tf1.global_variables()
         init = tf1.global_variables_initializer()
-        with tf1.Session() as s:
+        with tf1.Session(config=session_config()) as s:
             s.run(init)
             theirs = {v.op.name: s.run(v) for v in variables if v.op.name != "unrelated"}
     ours = {v.op.name: built.session.run(v) for v in built.variables}
@@ -144,5 +145,6 @@ def test_check_batch_names_a_feature_with_the_wrong_shape():
     spec = models.get_model("bert", "tiny")
     batch = spec.synthetic_batch(4, np.random.default_rng(0))
     batch["input_ids"] = batch["input_ids"][:, :5]
-    with pytest.raises(ValueError, match=r"'input_ids' has per-example shape \(5,\).*expects \(16,\)"):
+    with pytest.raises(ValueError,
+                       match=r"'input_ids' has per-example shape \(5,\).*expects \(16,\)"):
         spec.check_batch(batch)
