@@ -12,6 +12,7 @@ logical CPU devices).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Callable, Sequence
@@ -123,3 +124,109 @@ def local_cluster(num_devices: int, device_type: str = "CPU", **overrides) -> Cl
         fields["intra_host_bandwidth"] = measure_p2p_bandwidth(f"/{device_type}:0",
                                                                f"/{device_type}:1")
     return Cluster.from_seps([num_devices], **fields)
+
+
+# ---- the planner's prediction against a measured step -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PredictionCheck:
+    """The planner's predicted step time of its plan and the step time the Trainer measured."""
+    model: str
+    plan: Plan
+    predicted_s: float
+    measured_s: float
+    predicted_single_device_s: float
+    measured_single_device_s: float
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured."""
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    @property
+    def single_device_error(self) -> float:
+        return (self.predicted_single_device_s - self.measured_single_device_s) / \
+            self.measured_single_device_s
+
+    def describe(self) -> str:
+        p = self.plan
+        return (f"{self.model:<10} {p.notation:<8} {p.schedule:<6} M={p.num_micro_batches:<3} "
+                f"predicted {self.predicted_s * 1e3:9.2f} ms  measured {self.measured_s * 1e3:9.2f} ms  "
+                f"error {self.error:+7.1%}   single device: predicted "
+                f"{self.predicted_single_device_s * 1e3:8.2f} ms measured "
+                f"{self.measured_single_device_s * 1e3:8.2f} ms error {self.single_device_error:+7.1%}")
+
+
+def _median_step_s(trainer, batch, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        trainer.train_step(batch)
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        trainer.train_step(batch)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def check_prediction(spec, num_devices: int, global_batch_size: int, *, cluster: Cluster | None = None,
+                     schedule: str | None = None, warmup: int = 2, steps: int = 5,
+                     seed: int = 0, **plan_options) -> PredictionCheck:
+    """Profiles `spec` (a models.ModelSpec), plans it for `num_devices` local devices, trains
+    `steps` steps with that plan and on one device, and compares with the planner's numbers."""
+    from dapple_tf.trainer import SingleDeviceTrainer, Trainer
+
+    pbs = default_profile_batch_size(global_batch_size, num_devices)
+    profile = profiler.profile_model(spec.model_fn, spec.feature_spec, pbs,
+                                     batch_fn=spec.synthetic_batch, seed=seed)
+    cluster = cluster or local_cluster(num_devices)
+    plan = plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
+                             schedule=schedule, **plan_options)
+    batch = spec.synthetic_batch(global_batch_size, np.random.default_rng(seed))
+    trainer = Trainer(spec.model_fn, spec.feature_spec, spec.default_optimizer, plan,
+                      global_batch_size, num_devices=num_devices, seed=seed)
+    try:
+        measured = _median_step_s(trainer, batch, warmup, steps)
+    finally:
+        trainer.close()
+    single = SingleDeviceTrainer(spec.model_fn, spec.feature_spec, spec.default_optimizer,
+                                 global_batch_size, seed=seed)
+    try:
+        measured_single = _median_step_s(single, batch, warmup, steps)
+    finally:
+        single.close()
+    return PredictionCheck(f"{spec.name}/{spec.preset}", plan, float(plan.predicted["step_time_s"]),
+                           measured, float(plan.predicted.get("single_device_step_s", float("nan"))),
+                           measured_single)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m dapple_tf.auto_plan --compare [--models bert,gnmt] [--devices 2]
+    [--global-batch-size 16] [--schedule 1f1b]`: plan each model for this machine's logical CPU
+    devices (measured compute and in-process bandwidth), train with the plan, and print the
+    planner's predicted step time against the measured one."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m dapple_tf.auto_plan", description=main.__doc__)
+    p.add_argument("--compare", action="store_true", required=True)
+    p.add_argument("--models", default="bert,gnmt,xlnet,vgg19,amoebanet")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--schedule", default=None, choices=[None, "gpipe", "1f1b"])
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    from dapple_tf import devices
+    devices.create_logical_cpus(args.devices)
+    import models
+    cluster = local_cluster(args.devices)
+    print(f"this machine: {args.devices} logical CPU devices, measured in-process p2p bandwidth "
+          f"{cluster.intra_host_bandwidth / 1e9:.2f} GB/s")
+    for name in args.models.split(","):
+        spec = models.get_model(name, args.preset)
+        check = check_prediction(spec, args.devices, args.global_batch_size, cluster=cluster,
+                                 schedule=args.schedule, steps=args.steps)
+        print(check.describe(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
