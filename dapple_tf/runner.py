@@ -180,7 +180,8 @@ def local_device_count(requested: int | None) -> int:
 
 
 def run_training(config: TrainingConfig) -> dict:
-    """Train per `config`; returns {'first_loss', 'last_loss', 'steps_run', 'global_step'}."""
+    """Train per `config`; returns {'first_loss', 'last_loss', 'steps_run', 'global_step',
+    'plan', 'trainer'}."""
     import models
     from dapple_tf import comm
     from dapple_tf.trainer import Trainer
@@ -259,4 +260,4 @@ def run_training(config: TrainingConfig) -> dict:
     finally:
         summaries.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "steps_run": steps_run,
-            "global_step": trainer.global_step}
+            "global_step": trainer.global_step, "plan": plan, "trainer": trainer}
