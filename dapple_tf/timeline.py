@@ -51,7 +51,7 @@ class Task:
     """A box of the chart: one kind of work for one micro-batch of one stage on one device."""
     device: str
     kind: str                      # one of KINDS
-    micro_batch: int | None        # None for accumulate, allreduce and apply
+    micro_batch: int | None        # None for allreduce and apply
     stage: int | None              # the sending stage for transfers
     start_us: int
     end_us: int
@@ -62,6 +62,8 @@ class Task:
     def label(self) -> str:
         if self.kind in ("F", "B"):
             return f"{self.kind}{self.micro_batch}"
+        if self.kind == "accumulate" and self.micro_batch is not None:
+            return f"acc{self.micro_batch}"
         if self.kind == "transfer":
             return f"{self.stage}>{self.to_stage}"
         return {"allreduce": "AR", "accumulate": "acc"}.get(self.kind, self.kind)
@@ -102,15 +104,20 @@ def classify(name: str, op_type: str = "") -> tuple[str, int | None, int | None,
     return None
 
 
-def _op_type(label: str) -> str:
-    # Step stats labels read "name = Type(inputs)".
-    m = re.match(r".* = ([^(]*)\(", label)
-    return m.group(1) if m else ""
+def _parse_label(label: str) -> tuple[str, tuple[str, ...]]:
+    """(op type, input names) of a step stats label `name = Type(input, ^control, ...)`."""
+    m = re.match(r".* = ([^(]*)\((.*)\)\s*$", label)
+    if not m:
+        return "", ()
+    inputs = tuple(i.strip().lstrip("^") for i in m.group(2).split(",") if i.strip())
+    return m.group(1), inputs
 
 
-def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
+def tasks_from_records(records: Iterable[tuple[OpRecord, str, Sequence[str]]],
                        stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
-    """Merges classified ops (record, op type) into tasks, sorted by device then start.
+    """Merges classified ops (record, op type, input names) into tasks, sorted by device then
+    start. Gradient accumulation ops carry no micro-batch in their names; they get the newest
+    micro-batch among their inputs.
 
     A forward or backward box starts when its inputs are there -- F(i) when its activations have
     arrived, B(i) when F(i) is done and its gradient has arrived -- so ops of the task that need
@@ -119,14 +126,17 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
     shape queries)."""
     records = list(records)
     if stage_of_device is None:
-        stage_of_device = stages_from_transfers(rec for rec, _ in records)
+        stage_of_device = stages_from_transfers(rec for rec, _, _ in records)
     groups: dict[tuple, list[OpRecord]] = collections.defaultdict(list)
     no_data: set[int] = set()  # ids of records whose op reads no micro-batch data
-    for rec, op_type in records:
+    for rec, op_type, inputs in records:
         c = classify(rec.name, op_type)
         if c is None:
             continue
         kind, mb, stage, to_stage = c
+        if kind == "accumulate" and mb is None:
+            found = [int(m.group(1)) for m in map(_MICRO_BATCH.match, inputs) if m]
+            mb = max(found) if found else None
         if stage is None and kind in ("F", "B") and stage_of_device:
             stage = stage_of_device.get(rec.device, _short_device_match(rec.device, stage_of_device))
         groups[(rec.device, kind, mb, stage, to_stage)].append(rec)
@@ -147,17 +157,22 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str]],
         return Task(device, kind, mb, stage, min(r.start_us for r in inside),
                     max(r.end_us for r in inside), sum(r.busy_us for r in recs), to_stage)
 
-    tasks, forward_end = [], {}
-    for key in sorted(groups, key=lambda k: k[1] != "F"):  # forwards first: backwards need them
+    tasks, forward_end, backward_start = [], {}, {}
+    order = {"F": 0, "B": 1}  # forwards first: backwards need them, accumulation needs both
+    for key in sorted(groups, key=lambda k: order.get(k[1], 2)):
         device, kind, mb, _, _ = key
         ready = 0
         if kind == "F":
             ready = arrivals.get((device, mb, True), 0)
         elif kind == "B":
             ready = max(arrivals.get((device, mb, False), 0), forward_end.get((device, mb), 0))
+        elif kind == "accumulate" and mb is not None:
+            ready = backward_start.get((device, mb), 0)
         t = task(key, groups[key], ready)
         if kind == "F":
             forward_end[(device, mb)] = t.end_us
+        if kind == "B":
+            backward_start[(device, mb)] = t.start_us
         tasks.append(t)
     return sorted(tasks, key=lambda t: (device_sort_key(t.device), t.start_us, t.end_us))
 
@@ -188,8 +203,8 @@ def tasks_from_step_stats(step_stats, stage_of_device: Mapping[str, int] | None 
     labels = {}
     for dev in step_stats.dev_stats:
         for node in dev.node_stats:
-            labels.setdefault(node.node_name, _op_type(node.timeline_label))
-    return tasks_from_records(((r, labels.get(r.name, "")) for r in op_records(step_stats)),
+            labels.setdefault(node.node_name, _parse_label(node.timeline_label))
+    return tasks_from_records(((r, *labels.get(r.name, ("", ()))) for r in op_records(step_stats)),
                               stage_of_device)
 
 
@@ -258,6 +273,11 @@ _COLORS = {"F": "#4c78a8", "B": "#59a14f", "transfer": "#9d9d9d", "accumulate": 
            "allreduce": "#f28e2b", "apply": "#e15759"}
 
 
+# (bottom offset, height) in a device's row: compute on top, transfers, then gradient work.
+_LANES = {"F": (-0.05, 0.45), "B": (-0.05, 0.45), "transfer": (-0.22, 0.13),
+          "accumulate": (-0.40, 0.13), "allreduce": (-0.40, 0.13), "apply": (-0.40, 0.13)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Chart:
     """What `render_png` drew, read back from the figure: per row (device), the boxes' labels
@@ -272,7 +292,7 @@ def _short(device: str) -> str:
 
 def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
     """Draws a Gantt chart: one row per device; F/B boxes labelled `F<i>`/`B<i>` on the upper
-    lane, transfers/allreduce/apply on a thin lower lane."""
+    lane, transfers on a thin middle lane, accumulation/allreduce/apply on a thin lower lane."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -293,7 +313,8 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
         for t in (t for t in tasks if t.device == device):
             x0, width = (t.start_us - t0) / 1000.0, max((t.end_us - t.start_us) / 1000.0, span_ms / 2000)
             compute = t.kind in ("F", "B")
-            bottom, height = (y - 0.05, 0.45) if compute else (y - 0.40, 0.25)
+            bottom, height = _LANES[t.kind]
+            bottom += y
             rect = ax.broken_barh([(x0, width)], (bottom, height), facecolors=_COLORS[t.kind],
                                   edgecolors="black", linewidth=0.4)
             rect.set_gid(f"{device}|{t.label}")
