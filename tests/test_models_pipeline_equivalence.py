@@ -28,7 +28,13 @@ RTOL, ATOL = 1e-5, 1e-6
 # were seen 6e-5 apart (relative) after 2 steps, every other entry of the model within 1e-5.
 TOLERANCE = {"amoebanet": (1e-4, 1e-6)}
 
-CASES = [(name, [1, 1], 2) for name in models.MODEL_NAMES] + [("gnmt", [2, 1], 2)]
+# (model, replicas per stage, micro-batches, config overrides). XLNet and BERT's pre-training
+# head tie the word embedding of the first stage to the output layer of the last.
+CASES = [(name, [1, 1], 2, {}) for name in models.MODEL_NAMES] + [
+    ("gnmt", [2, 1], 2, {}),
+    ("xlnet", [1, 2], 2, {}),
+    ("bert", [1, 1], 4, {"head": "pretraining"}),
+]
 
 
 # optimize_graph=False skips Grappler, which takes most of the set-up time of these graphs (both
@@ -39,10 +45,16 @@ def optimizer():
     return tf.compat.v1.train.MomentumOptimizer(0.01, 0.9)
 
 
-@pytest.mark.parametrize("name,replicas,micro_batches", CASES,
-                         ids=[f"{n}-{':'.join(map(str, r))}-M{m}" for n, r, m in CASES])
-def test_pipelined_training_equals_single_device_training(name, replicas, micro_batches):
-    spec = models.get_model(name, "tiny")
+def _case_id(name, replicas, micro_batches, overrides):
+    return "-".join([name, ":".join(map(str, replicas)), f"M{micro_batches}",
+                     *map(str, overrides.values())])
+
+
+@pytest.mark.parametrize("name,replicas,micro_batches,overrides", CASES,
+                         ids=[_case_id(*case) for case in CASES])
+def test_pipelined_training_equals_single_device_training(name, replicas, micro_batches,
+                                                          overrides):
+    spec = models.get_model(name, "tiny", **overrides)
     rtol, atol = TOLERANCE.get(name, (RTOL, ATOL))
     plan = even_plan(spec.layer_names, replicas, GLOBAL_BATCH, micro_batches)
     rng = np.random.default_rng(7)
