@@ -7,7 +7,7 @@ variables, which are shared by all clones (variables are never cloned).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import tensorflow as tf
 
@@ -30,15 +30,9 @@ def import_forward(stage: StageGraph, device: str, prefix: str,
         input_map[ph] = received[t]
     for v in stage.forward_variables:
         input_map[f"{v}:0"] = handles[v]
-    wanted = list(dict.fromkeys(
-        [t for t in stage.spec.outputs] + ([stage.loss] if stage.loss else []) +
-        [t for t in stage.forward_refs.values() if t not in input_map]))
-    with tf.device(device):
-        returned = tf.graph_util.import_graph_def(
-            stage.forward, input_map=input_map, return_elements=wanted, name=prefix + "/fwd")
-    tensors = dict(zip(wanted, returned))
-    tensors.update(input_map)  # the backward may read an input directly
-    return tensors
+    return _import(stage.forward, stage.forward_reads, input_map,
+                   list(stage.spec.outputs) + ([stage.loss] if stage.loss else []) +
+                   list(stage.forward_refs.values()), device, prefix + "/fwd")
 
 
 def import_backward(stage: StageGraph, device: str, prefix: str,
@@ -57,9 +51,9 @@ def import_backward(stage: StageGraph, device: str, prefix: str,
     wanted: list[str] = list(stage.input_grads.values())
     for ref in stage.variable_grads.values():
         wanted += [ref.dense] if ref.dense else [ref.indices, ref.values, ref.dense_shape]
-    with tf.device(device):
-        returned = iter(tf.graph_util.import_graph_def(
-            stage.backward, input_map=input_map, return_elements=wanted, name=prefix + "/bwd"))
+    tensors = _import(stage.backward, stage.backward_reads, input_map, wanted, device,
+                      prefix + "/bwd")
+    returned = iter(tensors[name] for name in wanted)
     input_grads = {t: next(returned) for t in stage.input_grads}
     variable_grads = {}
     for v, ref in stage.variable_grads.items():
@@ -71,5 +65,14 @@ def import_backward(stage: StageGraph, device: str, prefix: str,
     return input_grads, variable_grads
 
 
-def handle_inputs(names: Sequence[str], variables) -> dict[str, tf.Tensor]:
-    return {v: variables[v].handle for v in names}
+def _import(graph_def, reads, input_map, wanted, device, name) -> dict[str, tf.Tensor]:
+    """Import under `device`; returns wanted tensor name -> tensor, resolving names that are
+    inputs (possibly passed straight through) from `input_map`."""
+    input_map = {k: v for k, v in input_map.items() if k in reads}
+    fetch = list(dict.fromkeys(t for t in wanted if t not in input_map))
+    with tf.device(device):
+        returned = tf.graph_util.import_graph_def(graph_def, input_map=input_map,
+                                                  return_elements=fetch, name=name)
+    tensors = dict(zip(fetch, returned))
+    tensors.update(input_map)
+    return tensors

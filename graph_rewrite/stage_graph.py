@@ -47,11 +47,13 @@ class GradRef:
 class StageGraph:
     spec: StageSpec
     forward: graph_pb2.GraphDef
+    forward_reads: frozenset[str]          # tensor names its nodes read (input_map keys must be)
     feature_inputs: dict[str, str]         # feature -> placeholder tensor in `forward`
     boundary_inputs: dict[str, str]        # template tensor -> placeholder tensor in `forward`
     forward_variables: tuple[str, ...]     # VarHandleOp names present in `forward`
     loss: str | None                       # loss tensor in `forward` (last stage)
     backward: graph_pb2.GraphDef
+    backward_reads: frozenset[str]
     forward_refs: dict[str, str]           # placeholder in `backward` -> tensor of `forward`
     backward_variables: tuple[str, ...]    # VarHandleOp names present in `backward`
     grad_inputs: dict[str, str]            # float output tensor -> grad placeholder in `backward`
@@ -150,11 +152,16 @@ def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library
         library=scratch_def.library if len(scratch_def.library.function) else None)
     backward_variables = tuple(n.name for n in backward_part.graph_def.node
                                if n.op == "VarHandleOp")
+    # The input nodes (placeholders, variable handles) are only there to be input_map'ped; drop
+    # them so clones do not import dead copies. import_graph_def accepts an input_map key for a
+    # node missing from the GraphDef as long as some node reads it.
+    _drop_input_nodes(forward)
+    _drop_input_nodes(backward_part.graph_def)
     return StageGraph(
-        spec=spec, forward=forward, feature_inputs=feature_inputs,
+        spec=spec, forward=forward, forward_reads=_reads(forward), feature_inputs=feature_inputs,
         boundary_inputs=boundary_inputs, forward_variables=tuple(spec.variables),
         loss=template.loss if spec.has_loss else None,
-        backward=backward_part.graph_def,
+        backward=backward_part.graph_def, backward_reads=_reads(backward_part.graph_def),
         forward_refs={ph: t for t, ph in backward_part.placeholder_of.items()},
         backward_variables=backward_variables, grad_inputs=grad_inputs,
         loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads)
@@ -173,3 +180,19 @@ def _with_ancestors(names: set[str], graph_def) -> set[str]:
                 closed.add(op)
                 stack.append(op)
     return closed
+
+
+def _drop_input_nodes(graph_def) -> None:
+    keep = [n for n in graph_def.node if n.op not in ("Placeholder", "VarHandleOp")]
+    del graph_def.node[:]
+    graph_def.node.extend(keep)
+
+
+def _reads(graph_def) -> frozenset[str]:
+    reads = set()
+    for node in graph_def.node:
+        for name in node.input:
+            if not name.startswith("^"):
+                op, index = graphdefs.split_tensor_name(name)
+                reads.add(f"{op}:{index}")
+    return frozenset(reads)
