@@ -229,3 +229,17 @@ def test_synthetic_images_have_the_feature_spec_shape():
     spec = models.get_model("vgg19", "tiny")
     batch = spec.synthetic_batch(3, np.random.default_rng(0))
     assert batch["image"].shape == (3, 32, 32, 3) and batch["label"].shape == (3,)
+
+
+def test_wordpiece_vocabulary_without_bert_special_tokens_is_rejected_by_name(tmp_path):
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\n")
+    with pytest.raises(DataError, match=r"vocab.txt lacks the special tokens \['\[CLS\]', "
+                                        r"'\[SEP\]', '\[MASK\]'\]"):
+        WordPieceTokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_vocabulary_with_a_repeated_token_names_both_lines(tmp_path):
+    for lang in ("en", "vi"):
+        (tmp_path / f"vocab.{lang}").write_text("<unk>\n<s>\n</s>\nhello\nhello\n")
+    with pytest.raises(DataError, match=r"vocab.en:5: token 'hello' repeats line 4"):
+        _gnmt().input_fn(TRAIN_PREFIX, str(tmp_path / "vocab"), batch_size=1)
