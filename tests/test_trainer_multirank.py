@@ -2,7 +2,8 @@
 single-device training, and a run killed mid-way resumes from its last checkpoint.
 
 One launch trains the transformer with a tied embedding (used by the first and the last stage)
-on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each); the test compares the
+on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each), and a model whose only
+replicated gradient is sparse (embedding, 2x2: an allgather of rows); the test compares the
 losses every rank returned and the final weights (model, momentum slots, global_step) with
 SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
 (rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
@@ -45,8 +46,9 @@ def single_device_run(case, steps):
 def equivalence_run(tmp_path_factory):
     _skip_without_horovod()
     out = tmp_path_factory.mktemp("multirank_equivalence")
-    result = runner.run("trainer_checks.py", 4, ["equivalence", out, "transformer", ",".join(PLANS),
-                                                 ",".join(SCHEDULES)], timeout_s=400)
+    configs = [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES] + ["sparse/2x2/1f1b"]
+    result = runner.run("trainer_checks.py", 4, ["equivalence", out, ",".join(configs)],
+                        timeout_s=480)
     assert result.returncode == 0, result.output[-6000:]
     return out, result
 
@@ -60,9 +62,18 @@ def transformer_reference():
 @pytest.mark.parametrize("plan", PLANS)
 def test_four_ranks_train_the_tied_transformer_like_one_device(equivalence_run, transformer_reference,
                                                                 plan, schedule):
+    _check_equal_to_single_device(equivalence_run, transformer_reference, "transformer", plan, schedule)
+
+
+def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact(equivalence_run):
+    reference = single_device_run(models.SPARSE, checks.STEPS)
+    _check_equal_to_single_device(equivalence_run, reference, "sparse", "2x2", "1f1b")
+
+
+def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule):
     out, result = equivalence_run
-    initial, expected_losses, expected = transformer_reference
-    tag = f"transformer-{plan}-{schedule}".replace(":", "_")
+    initial, expected_losses, expected = reference
+    tag = f"{model}-{plan}-{schedule}".replace(":", "_")
     got = np.load(os.path.join(out, tag + ".npz"))
     for name, value in initial.items():
         np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
@@ -83,7 +94,7 @@ def test_trainer_under_mpirun_equals_single_device_training(tmp_path, transforme
     reason = runner.mpi_missing_reason()
     if reason:
         pytest.skip(reason)
-    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path, "transformer", "3:1", "1f1b"],
+    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path, "transformer/3:1/1f1b"],
                         timeout_s=400, launcher="launch/mpirun.sh")
     assert result.returncode == 0, result.output[-6000:]
     _, expected_losses, expected = transformer_reference

@@ -51,14 +51,13 @@ class Result:
         return [prefix.sub("", line) for line in self.output.splitlines() if prefix.match(line)]
 
     def records(self, tag: str) -> dict[int, list[dict]]:
-        """JSON records printed by ranks as '<tag> {...}', by rank."""
+        """JSON records printed by ranks as '<tag> {...}', by rank. horovodrun tags lines
+        '[rank]<stdout>:', mpirun --tag-output '[job,rank]<stdout>:' and may glue several
+        ranks' tags together; records are flat JSON objects, so they are found anywhere."""
+        pattern = re.compile(rf"\[(?:\d+,)?(\d+)\]<stdout>:\s?{re.escape(tag)} (\{{[^{{}}]*\}})")
         out: dict[int, list[dict]] = {}
-        for line in self.output.splitlines():
-            # horovodrun tags lines '[rank]<stdout>:', mpirun --tag-output '[job,rank]<stdout>:'
-            # (and may glue the next line's tag onto the end); records are flat JSON objects
-            m = re.match(rf"^\[(?:\d+,)?(\d+)\]<stdout>:\s?{re.escape(tag)} (\{{[^{{}}]*\}})", line)
-            if m:
-                out.setdefault(int(m.group(1)), []).append(json.loads(m.group(2)))
+        for m in pattern.finditer(self.output):
+            out.setdefault(int(m.group(1)), []).append(json.loads(m.group(2)))
         return out
 
 

@@ -1,6 +1,6 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-  trainer_checks.py equivalence <out_dir> <model>[,<model>...] <plan>[,<plan>...] <schedule>[,...]
+  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[,...]
       For every (model, plan, schedule): build Trainer, check get_weights() before training, run
       STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<model>-<plan>-<schedule>.npz with
       the losses (as every rank saw them) and the final weights. Plans: 2x2, 4stages, 3:1.
@@ -44,27 +44,25 @@ def make_trainer(case, plan_name, schedule):
                              seed=SEED, optimize_graph=False)
 
 
-def equivalence(out_dir, model_names, plan_names, schedules):
-    for model in model_names:
+def equivalence(out_dir, configs):
+    for config in configs:
+        model, plan_name, schedule = config.split("/")
         case = models.ALL[model]
-        for plan_name in plan_names:
-            for schedule in schedules:
-                trainer = make_trainer(case, plan_name, schedule)
-                rank = trainer.rank
-                initial = trainer.get_weights()
-                losses = [trainer.train_step(b) for b in batches(case, STEPS)]
-                final = trainer.get_weights()
-                tag = f"{model}-{plan_name}-{schedule}".replace(":", "_")
-                path = os.path.join(out_dir, f"ckpt-{tag}")
-                trainer.save(path)
-                step = trainer.global_step
-                trainer.close()
-                print("LOSSES " + json.dumps({"tag": tag, "rank": rank, "losses": losses,
-                                              "global_step": step}), flush=True)
-                if rank == 0:
-                    np.savez(os.path.join(out_dir, tag + ".npz"), losses=np.array(losses),
-                             **{"initial/" + k: v for k, v in initial.items()},
-                             **{"final/" + k: v for k, v in final.items()})
+        trainer = make_trainer(case, plan_name, schedule)
+        rank = trainer.rank
+        initial = trainer.get_weights()
+        losses = [trainer.train_step(b) for b in batches(case, STEPS)]
+        final = trainer.get_weights()
+        tag = f"{model}-{plan_name}-{schedule}".replace(":", "_")
+        trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
+        step = trainer.global_step
+        trainer.close()
+        print("LOSSES " + json.dumps({"tag": tag, "rank": rank, "losses": losses,
+                                      "global_step": step}), flush=True)
+        if rank == 0:
+            np.savez(os.path.join(out_dir, tag + ".npz"), losses=np.array(losses),
+                     **{"initial/" + k: v for k, v in initial.items()},
+                     **{"final/" + k: v for k, v in final.items()})
 
 
 def resume(model_dir, steps, victim, kill_at):
@@ -101,8 +99,7 @@ def resume(model_dir, steps, victim, kill_at):
 def main():
     tf.compat.v1.disable_eager_execution()
     if sys.argv[1] == "equivalence":
-        equivalence(sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(","),
-                    sys.argv[5].split(","))
+        equivalence(sys.argv[2], sys.argv[3].split(","))
     else:
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 
