@@ -589,7 +589,9 @@ def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int
     failed node) and the ranks that look missing by their heartbeats."""
     op = getattr(getattr(error, "op", None), "name", None) or "(unknown collective)"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    time.sleep(2 * watchdog.interval_s)  # let a dead or frozen peer's heartbeat go stale
+    # Let a dead or frozen peer's heartbeat go stale; the other survivors wait here too, so
+    # they still beat while we look.
+    time.sleep(2.5 * watchdog.interval_s)
     now = time.time()
     missing = {}
     for k in range(watchdog.size):
@@ -602,7 +604,7 @@ def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int
             missing[k] = f"process {hb['pid']} is gone (last at step {hb['step']}, {hb['phase']})"
         elif hb["phase"] == "done":
             missing[k] = f"finished training at step {hb['step']}"
-        elif now - hb["time"] > 2 * watchdog.interval_s + 1:
+        elif now - hb["time"] > 2 * watchdog.interval_s:
             missing[k] = f"no heartbeat for {now - hb['time']:.1f} s (last at step {hb['step']})"
     who = "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items())) or \
         "no rank looks missing by its heartbeat (another host, or an error on a peer)"
