@@ -75,6 +75,42 @@ def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     assert "dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3" in report and "missing rank 2" not in report
 
 
+def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_process_is_gone(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = comm.Watchdog(0, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
+    alive = comm.Watchdog(1, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2).start()
+    gone = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
+    gone._beat()
+    import json
+    state = json.loads((tmp_path / "rank2.json").read_text())
+    state["pid"] = dead.pid
+    (tmp_path / "rank2.json").write_text(json.dumps(state))
+
+    class FakeOp:
+        name = "dapple/mb1/s0_to_s1/k0_j0/rank0_to_rank2/p0"
+
+    class FakeError(Exception):
+        op = FakeOp()
+
+    try:
+        text = comm.explain_collective_failure(me, FakeError("Horovod has been shut down."), 4)
+    finally:
+        alive.stop()
+    assert "step 4: collective 'dapple/mb1/s0_to_s1/k0_j0/rank0_to_rank2/p0' failed" in text
+    assert f"rank 2: process {dead.pid} is gone" in text and "rank 1:" not in text
+
+
+def test_checkpoint_owner_of_a_variable_is_the_first_replica_of_the_first_stage_holding_it():
+    from dapple_tf.checkpoint_sharded import owners
+    by_rank = [["global_step", "emb"], ["global_step", "emb"], ["global_step", "w", "emb"],
+               ["global_step", "w"]]
+    # plan devices in stage order: stage 0 on [1, 0], stage 1 on [2, 3]
+    assert owners(by_rank, [1, 0, 2, 3]) == {"global_step": 1, "emb": 1, "w": 2}
+
+
 def _time():
     import time
     return time.time()
