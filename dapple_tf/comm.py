@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -426,18 +427,21 @@ def share_plan(plan_on_rank0: Callable[[], Plan]) -> Plan:
 
 
 # ---- watchdog ----------------------------------------------------------------------------------
-def shared_heartbeat_dir(preferred: str | None = None) -> str:
-    """A directory every rank agrees on (rank 0 chooses it). Heartbeats of ranks on other hosts
-    are only visible when it lies on a shared filesystem: set DAPPLE_HEARTBEAT_DIR (or pass
-    `preferred`, e.g. a folder in the model directory) for multi-host jobs."""
+def shared_heartbeat_dir(preferred: str | None = None) -> tuple[str, bool]:
+    """(directory, chosen here) : a directory every rank agrees on (rank 0 chooses it), and
+    whether it is a temporary one of this job (to be removed at the end). Heartbeats of ranks
+    on other hosts are only visible when it lies on a shared filesystem: set
+    DAPPLE_HEARTBEAT_DIR (or pass `preferred`, e.g. a folder in the model directory) for
+    multi-host jobs."""
     hvd = _hvd()
     choice = None
     if hvd.rank() == 0:
-        choice = preferred or os.environ.get("DAPPLE_HEARTBEAT_DIR") or os.path.join(
-            tempfile.gettempdir(), f"dapple-heartbeat-{uuid.uuid4().hex[:12]}")
-    choice = broadcast_object(choice, name="dapple.heartbeat_dir")
-    os.makedirs(choice, exist_ok=True)
-    return choice
+        given = preferred or os.environ.get("DAPPLE_HEARTBEAT_DIR")
+        choice = (given, False) if given else (os.path.join(
+            tempfile.gettempdir(), f"dapple-heartbeat-{uuid.uuid4().hex[:12]}"), True)
+    directory, temporary = broadcast_object(choice, name="dapple.heartbeat_dir")
+    os.makedirs(directory, exist_ok=True)
+    return directory, temporary
 
 
 class Watchdog:
@@ -477,11 +481,15 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, remove_directory: bool = False) -> None:
+        """Stop beating (last state "done"); `remove_directory`: delete the heartbeat folder
+        (rank 0 of a job whose folder was temporary; late writes of others are ignored)."""
         with self._lock:
             self._phase, self._since = "done", time.time()
         self._stop.set()
         self._beat()
+        if remove_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def step_begin(self, step: int) -> None:
         with self._lock:

@@ -103,8 +103,9 @@ class MultiRankTrainer(Trainer):
         self._finish_init()
         self.set_weights(initial_values(self.template))
         self.session.run(self._broadcast_init)
-        self.watchdog = comm.Watchdog(self.rank, self.size, comm.shared_heartbeat_dir(heartbeat_dir),
-                                      self.collectives.log).start()
+        directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
+        self._remove_heartbeats = temporary and self.rank == 0
+        self.watchdog = comm.Watchdog(self.rank, self.size, directory, self.collectives.log).start()
         self._steps_run = 0
 
     # ---- setup helpers ------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class MultiRankTrainer(Trainer):
         comm.allgather_objects(None, "dapple.restore.done")
 
     def close(self):
-        self.watchdog.stop()
+        self.watchdog.stop(remove_directory=self._remove_heartbeats)
         super().close()
 
 

@@ -96,7 +96,7 @@ def fail(info, how, victim, at_step):
     plan = make_plan([2, 2])
     sets = comm.ProcessSets(plan, [(0, 1)])
     collectives = comm.Collectives(sets, info.rank)
-    watchdog = comm.Watchdog(info.rank, info.size, comm.shared_heartbeat_dir(), collectives.log,
+    watchdog = comm.Watchdog(info.rank, info.size, comm.shared_heartbeat_dir()[0], collectives.log,
                              interval_s=0.5).start()
     fetch = build_exchange(plan, collectives, info.rank)
     session = tf.compat.v1.Session(config=comm.session_config())
