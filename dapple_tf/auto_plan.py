@@ -13,6 +13,7 @@ logical CPU devices).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
 import time
 from typing import Callable, Sequence
@@ -127,11 +128,27 @@ def local_cluster(num_devices: int, device_type: str = "CPU", **overrides) -> Cl
 
 
 # ---- the planner's prediction against a measured step -----------------------------------------
+def predict_step_s(plan: Plan, profile: Profile, cluster: Cluster) -> float:
+    """The "dapple-tf" cost model's step time for a given plan (not necessarily the planner's
+    choice). Uses the planner's model directly: it finds the cut states giving the plan's stages."""
+    from planner.dapple_cost import DappleModel
+    model = DappleModel(profile, cluster, plan.global_batch_size)
+    states, last = model.states, len(model.states) - 1
+    want = [list(stage.layers) for stage in plan.stages]
+    for cuts in itertools.combinations(range(last), plan.num_stages - 1):
+        ends = [*cuts, last]
+        if states.stage_layers(profile, ends) == want:
+            return model.evaluate(ends, [list(st.devices) for st in plan.stages],
+                                  plan.micro_batch_size, plan.schedule).step_time_s
+    raise ValueError(f"the planner's states of this profile cannot express the stages {want}")
+
+
 @dataclasses.dataclass(frozen=True)
 class PredictionCheck:
-    """The planner's predicted step time of its plan and the step time the Trainer measured."""
+    """The planner's predicted step time of a plan and the step time the Trainer measured."""
     model: str
     plan: Plan
+    chosen_by_planner: bool
     predicted_s: float
     measured_s: float
     predicted_single_device_s: float
@@ -149,60 +166,66 @@ class PredictionCheck:
 
     def describe(self) -> str:
         p = self.plan
-        return (f"{self.model:<10} {p.notation:<8} {p.schedule:<6} M={p.num_micro_batches:<3} "
-                f"predicted {self.predicted_s * 1e3:9.2f} ms  measured {self.measured_s * 1e3:9.2f} ms  "
-                f"error {self.error:+7.1%}   single device: predicted "
-                f"{self.predicted_single_device_s * 1e3:8.2f} ms measured "
-                f"{self.measured_single_device_s * 1e3:8.2f} ms error {self.single_device_error:+7.1%}")
+        origin = "planner" if self.chosen_by_planner else "given"
+        return (f"{self.model:<14} {origin:<7} {p.notation:<5} {p.schedule:<5} "
+                f"M={p.num_micro_batches:<2} predicted {self.predicted_s * 1e3:8.2f} ms  measured "
+                f"{self.measured_s * 1e3:8.2f} ms  error {self.error:+7.1%}  | one device: predicted "
+                f"{self.predicted_single_device_s * 1e3:7.2f} ms measured "
+                f"{self.measured_single_device_s * 1e3:7.2f} ms error {self.single_device_error:+7.1%}")
 
 
 def _median_step_s(trainer, batch, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        trainer.train_step(batch)
-    times = []
-    for _ in range(steps):
-        begin = time.perf_counter()
-        trainer.train_step(batch)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    try:
+        for _ in range(warmup):
+            trainer.train_step(batch)
+        times = []
+        for _ in range(steps):
+            begin = time.perf_counter()
+            trainer.train_step(batch)
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times)
+    finally:
+        trainer.close()
 
 
-def check_prediction(spec, num_devices: int, global_batch_size: int, *, cluster: Cluster | None = None,
-                     schedule: str | None = None, warmup: int = 2, steps: int = 5,
-                     seed: int = 0, **plan_options) -> PredictionCheck:
-    """Profiles `spec` (a models.ModelSpec), plans it for `num_devices` local devices, trains
-    `steps` steps with that plan and on one device, and compares with the planner's numbers."""
+def check_predictions(spec, num_devices: int, global_batch_size: int, *,
+                      cluster: Cluster | None = None, plans: Sequence[Plan] = (),
+                      schedule: str | None = None, warmup: int = 2, steps: int = 5,
+                      seed: int = 0, **plan_options) -> list[PredictionCheck]:
+    """Profiles `spec` (a models.ModelSpec) and plans it for `num_devices` local devices; then,
+    for the planner's plan and each plan in `plans`, trains `steps` steps and compares the
+    measured median step time with the cost model's prediction (also for one device)."""
     from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 
     pbs = default_profile_batch_size(global_batch_size, num_devices)
     profile = profiler.profile_model(spec.model_fn, spec.feature_spec, pbs,
                                      batch_fn=spec.synthetic_batch, seed=seed)
     cluster = cluster or local_cluster(num_devices)
-    plan = plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
-                             schedule=schedule, **plan_options)
+    chosen = plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
+                               schedule=schedule, **plan_options)
     batch = spec.synthetic_batch(global_batch_size, np.random.default_rng(seed))
-    trainer = Trainer(spec.model_fn, spec.feature_spec, spec.default_optimizer, plan,
-                      global_batch_size, num_devices=num_devices, seed=seed)
-    try:
-        measured = _median_step_s(trainer, batch, warmup, steps)
-    finally:
-        trainer.close()
-    single = SingleDeviceTrainer(spec.model_fn, spec.feature_spec, spec.default_optimizer,
-                                 global_batch_size, seed=seed)
-    try:
-        measured_single = _median_step_s(single, batch, warmup, steps)
-    finally:
-        single.close()
-    return PredictionCheck(f"{spec.name}/{spec.preset}", plan, float(plan.predicted["step_time_s"]),
-                           measured, float(plan.predicted.get("single_device_step_s", float("nan"))),
-                           measured_single)
+    single = _median_step_s(SingleDeviceTrainer(spec.model_fn, spec.feature_spec,
+                                                spec.default_optimizer, global_batch_size,
+                                                seed=seed), batch, warmup, steps)
+    checks = []
+    for plan in (chosen, *plans):
+        measured = _median_step_s(Trainer(spec.model_fn, spec.feature_spec, spec.default_optimizer,
+                                          plan, global_batch_size, num_devices=num_devices,
+                                          seed=seed), batch, warmup, steps)
+        predicted = (float(plan.predicted["step_time_s"]) if plan is chosen
+                     else predict_step_s(plan, profile, cluster))
+        checks.append(PredictionCheck(f"{spec.name}/{spec.preset}", plan, plan is chosen,
+                                      predicted, measured,
+                                      float(chosen.predicted["single_device_step_s"]), single))
+    return checks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dapple_tf.auto_plan --compare [--models bert,gnmt] [--devices 2]
-    [--global-batch-size 16] [--schedule 1f1b]`: plan each model for this machine's logical CPU
-    devices (measured compute and in-process bandwidth), train with the plan, and print the
-    planner's predicted step time against the measured one."""
+    [--global-batch-size 16] [--micro-batch-size 8] [--pipeline 4]`: for each model, plan it for
+    this machine's logical CPU devices (measured compute, measured in-process bandwidth), train
+    with the planner's plan and with an even pipeline over all devices (`--pipeline M`
+    micro-batches, 1f1b), and print predicted against measured step times."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m dapple_tf.auto_plan", description=main.__doc__)
     p.add_argument("--compare", action="store_true", required=True)
@@ -211,19 +234,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--schedule", default=None, choices=[None, "gpipe", "1f1b"])
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="fix the planner's micro-batch size (default: the planner chooses)")
+    p.add_argument("--pipeline", type=int, default=4, metavar="M",
+                   help="also run an even pipeline of M micro-batches (0: do not)")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
     from dapple_tf import devices
     devices.create_logical_cpus(args.devices)
     import models
+    from planner.plan_format import even_plan
     cluster = local_cluster(args.devices)
     print(f"this machine: {args.devices} logical CPU devices, measured in-process p2p bandwidth "
-          f"{cluster.intra_host_bandwidth / 1e9:.2f} GB/s")
+          f"{cluster.intra_host_bandwidth / 1e9:.2f} GB/s", flush=True)
     for name in args.models.split(","):
         spec = models.get_model(name, args.preset)
-        check = check_prediction(spec, args.devices, args.global_batch_size, cluster=cluster,
-                                 schedule=args.schedule, steps=args.steps)
-        print(check.describe(), flush=True)
+        extra = []
+        if args.pipeline:
+            extra.append(even_plan(spec.layer_names, [1] * args.devices, args.global_batch_size,
+                                   args.pipeline, "1f1b"))
+        for check in check_predictions(spec, args.devices, args.global_batch_size,
+                                       cluster=cluster, plans=extra, schedule=args.schedule,
+                                       steps=args.steps, micro_batch_size=args.micro_batch_size):
+            print(check.describe(), flush=True)
     return 0
 
 
