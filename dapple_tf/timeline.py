@@ -3,17 +3,21 @@
     python -m dapple_tf.timeline --model_dir DIR [--step N] [--stages S --micro_batches M]
 
 reads `DIR/trace_step_<N>.pb` (a serialized `RunMetadata` that `train.py --trace_step N` saves;
-the newest one if `--step` is not given) and `DIR/plan.json` if present (for S and M) and writes next to it `trace_step_<N>.png` (one row per
-device, forward and backward of each micro-batch as labelled boxes, transfers and allreduce
-shown) and `trace_step_<N>.json` (open in chrome://tracing or https://ui.perfetto.dev), and
-prints the measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
+the newest one if `--step` is not given) and `DIR/plan.json` if present (for S and M), writes
+next to it `trace_step_<N>.png` (one row per device: forward and backward of each micro-batch as
+labelled boxes, transfers, gradient accumulation, allreduce and apply on thin lanes below) and
+`trace_step_<N>.json` (open in chrome://tracing or https://ui.perfetto.dev), and prints the
+measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
 
 Ops are classified by the names the rewriter gives them (ARCHITECTURE.md, "The rewritten
-graph", and graph_rewrite/clone.py, boundary.py): the clones of micro-batch i on slot
-`s<stage>r<replica>` are `dapple/mb<i>/s<stage>r<replica>/fwd/...` and `.../bwd/...`; every op
-under `dapple/mb<i>/s<a>_to_s<b>/` moves data between stages (send/recv endpoints and the row
-pieces; forward when a < b, gradients when a > b). Ops of one kind, micro-batch and stage on one
-device merge into one task spanning first start to last end.
+graph", and graph_rewrite/clone.py, boundary.py, accumulate.py, allreduce.py): the clones of
+micro-batch i on slot `s<stage>r<replica>` are `dapple/mb<i>/s<stage>r<replica>/fwd/...` and
+`.../bwd/...`; every op under `dapple/mb<i>/s<a>_to_s<b>/` moves data between stages (send/recv
+endpoints and the row pieces; forward when a < b, gradients when a > b); gradient sums are
+`dapple/accumulate/<slot>/...` and the in-process sum over replicas `dapple/sync/s<k>/...`;
+Horovod/NCCL collectives are recognised by op type and optimizer updates by `*Apply*` op types.
+Ops of one kind, micro-batch and stage on one device merge into one task (see
+`tasks_from_records` for where its box starts).
 """
 from __future__ import annotations
 
