@@ -41,21 +41,24 @@ def _layer_norm(x, name):
 
 
 def transformer_fn(num_blocks):
+    """Tensors between layers are batch-major [batch, SEQ, DIM]; blocks work on rows inside."""
     def model_fn(features):
         with layer("embedding"):
             table = v1.get_variable("table", [VOCAB, DIM])
-            h = tf.reshape(tf.nn.embedding_lookup(table, features["tokens"]), [-1, DIM])
+            h = tf.nn.embedding_lookup(table, features["tokens"])
         for i in range(num_blocks):
             with layer(f"block_{i}"):
-                qkv = tf.reshape(_dense(h, 3 * DIM, "qkv"), [-1, SEQ, 3, HEADS, DIM // HEADS])
+                x = tf.reshape(h, [-1, DIM])
+                qkv = tf.reshape(_dense(x, 3 * DIM, "qkv"), [-1, SEQ, 3, HEADS, DIM // HEADS])
                 q, k, v = tf.unstack(tf.transpose(qkv, [2, 0, 3, 1, 4]))
                 scores = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / np.sqrt(DIM // HEADS))
                 attended = tf.reshape(tf.transpose(tf.matmul(scores, v), [0, 2, 1, 3]), [-1, DIM])
-                h = _layer_norm(h + _dense(attended, DIM, "out"), "ln_1")
-                h = _layer_norm(h + _dense(tf.nn.relu(_dense(h, 4 * DIM, "ffn_in")), DIM,
+                x = _layer_norm(x + _dense(attended, DIM, "out"), "ln_1")
+                x = _layer_norm(x + _dense(tf.nn.relu(_dense(x, 4 * DIM, "ffn_in")), DIM,
                                            "ffn_out"), "ln_2")
+                h = tf.reshape(x, [-1, SEQ, DIM])
         with layer("output"):
-            logits = tf.matmul(h, table, transpose_b=True)
+            logits = tf.matmul(tf.reshape(h, [-1, DIM]), table, transpose_b=True)
             return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.reshape(features["targets"], [-1]), logits=logits))
     return model_fn

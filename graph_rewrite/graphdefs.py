@@ -39,7 +39,8 @@ def strip_library_placement(library) -> None:
 
 
 def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_prefix: str,
-            keep_outside: Mapping[str, node_def_pb2.NodeDef] = (), library=None) -> Subgraph:
+            keep_outside: Mapping[str, node_def_pb2.NodeDef] = (), library=None,
+            static_rows: int | None = None, batch_tensors=frozenset()) -> Subgraph:
     """A GraphDef of `nodes` (copied, placement stripped). Data inputs produced outside become
     Placeholders named `<placeholder_prefix>/<k>` (dtype and shape from `graph`), except inputs
     produced by a node in `keep_outside` (e.g. variable handles), which is copied in as-is.
@@ -73,9 +74,13 @@ def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_
             else:
                 tensor_name = f"{op_name}:{index}"
                 if tensor_name not in placeholder_of:
+                    like = graph.get_tensor_by_name(tensor_name)
+                    shape = like.shape
+                    if static_rows and tensor_name in batch_tensors and shape.rank \
+                            and shape[0] is None:
+                        shape = tf.TensorShape([static_rows]).concatenate(shape[1:])
                     placeholder_of[tensor_name] = _add_placeholder(
-                        out, f"{placeholder_prefix}/{len(placeholder_of)}",
-                        graph.get_tensor_by_name(tensor_name))
+                        out, f"{placeholder_prefix}/{len(placeholder_of)}", like, shape)
                 node.input.append(placeholder_of[tensor_name])
     if library is not None:
         out.library.CopyFrom(library)
@@ -84,10 +89,10 @@ def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_
     return Subgraph(out, placeholder_of)
 
 
-def _add_placeholder(graph_def, name: str, like: tf.Tensor) -> str:
+def _add_placeholder(graph_def, name: str, like: tf.Tensor, shape=None) -> str:
     node = graph_def.node.add()
     node.name = name
     node.op = "Placeholder"
     node.attr["dtype"].type = like.dtype.as_datatype_enum
-    node.attr["shape"].shape.CopyFrom(like.shape.as_proto())
+    node.attr["shape"].shape.CopyFrom((like.shape if shape is None else shape).as_proto())
     return f"{name}:0"

@@ -98,6 +98,12 @@ def _check_crossing_tensor(tensor, template: Template) -> None:
     if tensor.name not in template.batch_tensors:
         return
     shape = tensor.shape
+    if tensor.name in template.not_batch_major:
+        raise PartitionError(
+            f"tensor {tensor.name} crosses a stage boundary after layer "
+            f"'{template.layer_of_op[tensor.op.name]}', but its first axis is not the batch axis "
+            f"(with a batch of 7 rows its shape is {list(template.not_batch_major[tensor.name])}); "
+            f"tensors leaving a layer must be batch-major ([batch, ...]): reshape inside the layer")
     if shape.rank is None or shape.rank == 0 or shape[0] is not None:
         raise PartitionError(
             f"tensor {tensor.name} (shape {shape}) crosses a stage boundary after layer "

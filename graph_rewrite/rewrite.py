@@ -62,7 +62,8 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     """Build the training graph of the slots in `local_slots` (default: all, one process).
     `device_name` maps a plan device id to a device string of this process."""
     specs = partition(template, plan)
-    stage_graphs = build_stage_graphs(template, specs)
+    stage_graphs = build_stage_graphs(template, specs, [
+        plan.micro_batch_size // stage.num_replicas for stage in plan.stages])
     lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     device_of_slot = slot_devices(plan, device_name)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))

@@ -70,18 +70,25 @@ def is_differentiable(dtype: tf.DType) -> bool:
     return dtype.is_floating or dtype.is_complex
 
 
-def build_stage_graphs(template: Template, specs: list[StageSpec]) -> list[StageGraph]:
+def build_stage_graphs(template: Template, specs: list[StageSpec],
+                       rows_of_stage=None) -> list[StageGraph]:
+    """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
+    functions skip dynamic shape arithmetic); None keeps the batch dimension unknown."""
     graph_def = template.graph.as_graph_def()
     node_by_name = {n.name: n for n in graph_def.node}
-    return [build_stage_graph(template, spec, node_by_name, graph_def.library) for spec in specs]
+    rows_of_stage = rows_of_stage or [None] * len(specs)
+    return [build_stage_graph(template, spec, node_by_name, graph_def.library, rows)
+            for spec, rows in zip(specs, rows_of_stage)]
 
 
-def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library) -> StageGraph:
+def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library,
+                      rows: int | None = None) -> StageGraph:
     has_library = len(library.function) > 0
     variable_nodes = {v: node_by_name[v] for v in spec.variables}
     forward_part = graphdefs.extract(
         (node_by_name[op] for op in spec.ops), template.graph, FORWARD_INPUT_PREFIX,
-        keep_outside=variable_nodes, library=library if has_library else None)
+        keep_outside=variable_nodes, library=library if has_library else None,
+        static_rows=rows, batch_tensors=template.batch_tensors)
     feature_of_tensor = {t: name for name, t in template.features.items()}
     feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
                       if t in feature_of_tensor}

@@ -57,6 +57,9 @@ class Template:
     variables_of_layer: dict[str, tuple[str, ...]]
     edges: tuple[Edge, ...]
     batch_tensors: frozenset[str]              # tensor names that depend on a feature
+    # batch tensors whose axis 0 is provably not the batch axis: with a static batch of
+    # PROBE_ROWS rows, shape inference gives them a different (known) first dimension
+    not_batch_major: dict[str, tuple] = dataclasses.field(default_factory=dict)
     variable_objects: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
 
     @property
@@ -158,7 +161,10 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         if any(t.name in batch_tensors for t in op.inputs):
             batch_tensors.update(t.name for t in op.outputs)
 
+    not_batch_major = _probe_batch_axis(graph, features, feature_spec, batch_tensors,
+                                        {e[0] for e in edges})
     return Template(
+        not_batch_major=not_batch_major,
         graph=graph, loss=loss.name, features={n: t.name for n, t in features.items()},
         feature_spec={n: (tuple(s), tf.as_dtype(d)) for n, (s, d) in feature_spec.items()},
         layers=tuple(layers), layer_of_op=layer_of_op,
@@ -180,6 +186,35 @@ def initial_values(template: Template) -> dict[str, np.ndarray]:
         sess.run([v.initializer for v in objects])
         values = sess.run([v.value() for v in objects])
     return dict(zip(template.variables, values))
+
+
+PROBE_ROWS = 7
+
+
+def _probe_batch_axis(graph, features, feature_spec, batch_tensors, tensors) -> dict:
+    """Re-run shape inference with a static batch of PROBE_ROWS rows; return the batch tensors
+    among `tensors` whose first dimension then is known and is not PROBE_ROWS (e.g. a
+    [batch * time, units] reshape), with that shape."""
+    tensors = sorted(t for t in tensors if t in batch_tensors)
+    if not tensors:
+        return {}
+    probe = tf.Graph()
+    with probe.as_default():
+        input_map = {t.name: v1.placeholder(tf.as_dtype(feature_spec[n][1]),
+                                            [PROBE_ROWS] + list(feature_spec[n][0]))
+                     for n, t in features.items()}
+        try:
+            found = tf.graph_util.import_graph_def(graph.as_graph_def(), input_map=input_map,
+                                                   return_elements=tensors, name="probe")
+        except ValueError:  # shapes that do not infer with a static batch: no proof either way
+            return {}
+    out = {}
+    for name, tensor in zip(tensors, found):
+        shape = tensor.shape
+        if shape.rank is not None and shape.rank > 0 and shape[0] is not None \
+                and shape[0] != PROBE_ROWS:
+            out[name] = tuple(shape.as_list())
+    return out
 
 
 def _backward_cone(loss_op: tf.Operation) -> set[str]:

@@ -112,3 +112,15 @@ def test_a_time_major_tensor_crossing_stages_is_rejected_with_its_name():
     template = build_template(model_fn, SPEC)
     with pytest.raises(PartitionError, match="batch axis"):
         partition(template, even_plan(template.layers, [1, 1], 8, 1))
+
+
+def test_a_flattened_batch_time_tensor_crossing_stages_is_rejected_as_not_batch_major():
+    def model_fn(features):
+        with tf.name_scope("a"):
+            h = tf.reshape(features["x"], [-1, 2])  # [batch * 2, 2]
+        with tf.name_scope("b"):
+            return tf.reduce_mean(h)
+    template = build_template(model_fn, SPEC)
+    assert template.not_batch_major == {"a/Reshape:0": (14, 2)}
+    with pytest.raises(PartitionError, match="a/Reshape:0 .*not the batch axis"):
+        partition(template, even_plan(template.layers, [1, 1], 8, 1))
