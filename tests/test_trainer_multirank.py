@@ -90,11 +90,13 @@ def _check_equal_to_single_device(equivalence_run, reference, model, plan, sched
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_trainer_under_mpirun_equals_single_device_training(tmp_path, transformer_reference):
+def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,
+                                                                             transformer_reference):
     reason = runner.mpi_missing_reason()
     if reason:
         pytest.skip(reason)
-    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path, "transformer/3:1/1f1b"],
+    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path,
+                                                 "transformer/3:1/1f1b/grappler"],
                         timeout_s=400, launcher="launch/mpirun.sh")
     assert result.returncode == 0, result.output[-6000:]
     _, expected_losses, expected = transformer_reference

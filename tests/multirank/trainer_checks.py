@@ -1,7 +1,8 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[,...]
-      For every (model, plan, schedule): build Trainer, check get_weights() before training, run
+  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][,...]
+      For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
+      train.py; off otherwise, to keep graph building fast), check get_weights() before training, run
       STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<model>-<plan>-<schedule>.npz with
       the losses (as every rank saw them) and the final weights. Plans: 2x2, 4stages, 3:1.
   trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
@@ -37,18 +38,18 @@ def batches(case, steps):
     return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(steps)]
 
 
-def make_trainer(case, plan_name, schedule):
+def make_trainer(case, plan_name, schedule, optimize_graph=False):
     layers = build_template(case.model_fn, case.feature_spec).layers
     plan = even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
     return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=False)
+                             seed=SEED, optimize_graph=optimize_graph)
 
 
 def equivalence(out_dir, configs):
     for config in configs:
-        model, plan_name, schedule = config.split("/")
+        model, plan_name, schedule, *options = config.split("/")
         case = models.ALL[model]
-        trainer = make_trainer(case, plan_name, schedule)
+        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options)
         rank = trainer.rank
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
