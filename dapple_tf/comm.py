@@ -13,17 +13,27 @@ What this module owns:
   * a per-rank `Watchdog`: heartbeats, and a bounded-time exit with a message that names the
     missing rank(s) and the collectives this rank shares with them.
 
+The multi-rank Trainer (multirank.py) uses ProcessSets, Collectives and the Watchdog; its
+boundary transfers go through graph_rewrite/horovod_transport.py (which slices rows with
+graph_rewrite/boundary.py); `send_rows`/`recv_rows` here are the same exchange as a standalone
+primitive (tests/multirank/comm_checks.py).
+
 Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/multirank/):
-  * collectives on non-global process sets: allreduce, broadcast, allgather work; we use only
-    per-tensor allreduce and broadcast (Horovod's tensor fusion still batches allreduces);
+  * collectives on non-global process sets: allreduce, broadcast, allgather work (in our build
+    grouped_allreduce and alltoall with splits on a dynamic set worked too); we use per-tensor
+    allreduce, allgather and broadcast (Horovod's tensor fusion still batches allreduces);
   * a process set equal to the global set cannot be added: such groups use the global set;
   * process sets are registered collectively: every rank must add the same sets in the same
     order, even sets it is not part of;
   * a Horovod collective is keyed by its TF node name: both ends must create the same name,
     so we create collectives under absolute name scopes and check the name we got;
-  * a rank that dies makes Horovod abort (SIGABRT) on the others at once (the launcher names
-    the dead rank); a rank that hangs or freezes makes the others wait, which the Watchdog
-    turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S seconds.
+  * Horovod's TF ops are not marked stateful: Grappler would drop, pre-run or merge them
+    (see session_config);
+  * a rank that dies makes Horovod abort (SIGABRT) on the others at once: its shutdown tries
+    to negotiate the removal of every process set with the dead rank and throws (the launcher
+    names the dead rank); a rank that hangs or freezes makes the others wait, which the
+    Watchdog turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S
+    seconds, naming the rank and the collectives shared with it.
 """
 from __future__ import annotations
 
