@@ -69,7 +69,8 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         from dapple_tf.auto_plan import auto_plan
         cluster = [int(x) for x in config.cluster.split(",")] if config.cluster else None
         return auto_plan(spec.model_fn, spec.feature_spec, global_batch_size, num_devices,
-                         cluster=cluster, schedule=config.schedule)
+                         cluster=cluster, schedule=config.schedule,
+                         batch_fn=spec.synthetic_batch)
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
         if plan.global_batch_size != global_batch_size:
