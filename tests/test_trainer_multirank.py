@@ -138,10 +138,12 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     assert killed_at is not None, killed.output[-6000:]
     assert killed.returncode != 0
     assert killed.end_time - killed_at < 60, (killed.end_time - killed_at, killed.output[-4000:])
+    # The launcher names the rank killed by SIGKILL (137); the others were aborted by Horovod
+    # (134) or stopped by the launcher (143). Which exit horovodrun calls "the first" is a race.
     assert f"Process {victim} exit with status code 137" in killed.output
-    assert f"Process name: {victim}" in killed.output  # the launcher names the rank that died
     for rank in (0, 1, 3):
         assert f"Process {rank} exit with status code 0" not in killed.output
+        assert f"Process {rank} exit with status code 137" not in killed.output
     with open(model_dir / "checkpoint.json") as f:
         assert json.load(f) == {"latest": f"ckpt-{kill_at}", "step": kill_at}
 
