@@ -540,7 +540,8 @@ class Watchdog:
             problem = self.check(time.time())
             if problem:
                 print(problem, file=sys.stderr, flush=True)
-                time.sleep(2 * self.interval_s)  # let the other waiting ranks report too
+                # Let the other waiting ranks report too: our exit makes Horovod abort them.
+                time.sleep(max(2 * self.interval_s, 3.0))
                 self._exit(EXIT_PEER_LOST)
                 return
 
