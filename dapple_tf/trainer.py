@@ -69,7 +69,9 @@ class _SessionTrainer:
         loss = self.train_step(batch, run_metadata=metadata)
         return loss, metadata
 
-    run_metadata = traced_step
+    def run_metadata(self, batch):
+        """Train one step with a full trace; returns its RunMetadata (step stats)."""
+        return self.traced_step(batch)[1]
 
     def _feed(self, batch):
         missing = sorted(set(self.features) - set(batch))

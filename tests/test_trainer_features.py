@@ -197,3 +197,12 @@ def test_set_weights_rejects_unknown_names():
     trainer = Trainer(case.model_fn, case.feature_spec, sgd, make_plan(case, [1, 1], 8, 1), 8)
     with pytest.raises(KeyError, match="nope"):
         trainer.set_weights({"nope": np.zeros(1)})
+
+
+def test_run_metadata_traces_one_training_step_with_every_stage_device():
+    case = models.MLP
+    trainer = Trainer(case.model_fn, case.feature_spec, sgd, make_plan(case, [1, 2], 8, 2), 8)
+    metadata = trainer.run_metadata(case.make_batch(np.random.default_rng(0), 8))
+    assert {d.device for d in metadata.step_stats.dev_stats} >= set(
+        trainer.rewritten.device_of_slot.values())
+    assert trainer.global_step == 1
