@@ -180,6 +180,14 @@ def local_device_count(requested: int | None) -> int:
     return count
 
 
+def use_grappler() -> bool:
+    """Grappler pays off on GPUs (layout, fused kernels). On CPU stage devices it made tiny
+    pipelined graphs slower to start and slower per step (BERT-tiny 2 stages M=4: 19.5 ms vs
+    7.3 ms per step), so CPU runs go without it."""
+    import tensorflow as tf
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def run_training(config: TrainingConfig) -> dict:
     """Train per `config`; returns {'first_loss', 'last_loss', 'steps_run', 'global_step',
     'plan', 'trainer'}."""
@@ -206,7 +214,8 @@ def run_training(config: TrainingConfig) -> dict:
     else:
         plan, is_chief = choose_plan(), True
     trainer = Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
-                      clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed)
+                      clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
+                      optimize_graph=use_grappler())
     if is_chief:
         plan.save(os.path.join(model_dir, "plan.json"))
         predicted = plan.predicted.get("speedup")
