@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from dapple_tf.memory import peak_live_bytes
 from dapple_tf.trainer import Trainer
 from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template
@@ -79,26 +80,6 @@ def test_every_clone_op_of_a_real_step_ran_on_its_slots_device(model, replicas):
                 misplaced.append((node.node_name, op_type, dev.device, want))
     assert checked > 100
     assert not misplaced, misplaced[:10]
-
-
-def peak_live_bytes(metadata, device, prefix):
-    """Peak of the running sum of allocator records (allocations +, frees -) of the nodes whose
-    names start with `prefix`, on `device`."""
-    events = []
-    for dev in metadata.step_stats.dev_stats:
-        if dev.device != device:
-            continue
-        for node in dev.node_stats:
-            if not CLONE.match(node.node_name) or not prefix.match(node.node_name):
-                continue
-            for memory in node.memory:
-                for record in memory.allocation_records:
-                    events.append((record.alloc_micros, record.alloc_bytes))
-    live = peak = 0
-    for _, delta in sorted(events, key=lambda e: (e[0], -e[1] < 0)):
-        live += delta
-        peak = max(peak, live)
-    return peak
 
 
 def test_1f1b_holds_less_live_activation_memory_on_stage_0_than_gpipe():
