@@ -1,0 +1,102 @@
+"""Peak live activation memory per stage, GPipe vs 1F1B, measured from the allocator records of a
+traced training step (S = 4 stages, M = 8 micro-batches, 4 logical CPU devices).
+
+    python bench/bench_memory.py [--width 512] [--micro-batch 64] [--stages 4] [--micro-batches 8]
+
+Per stage: the peak of the running sum of allocations and frees of the stage's clone ops
+(`dapple_tf.memory.peak_live_bytes`, all micro-batches of slot s<k>r0) in one traced step after
+a warm-up step, once over the forward ops only (`.../fwd/`: the activations kept for the
+backward) and once over all clone ops (adds backward temporaries and each micro-batch's weight
+gradients, alive until accumulated). Theory: GPipe keeps the activations of all M forwards of a stage alive until its
+backwards start; 1F1B keeps at most min(S - k, M) on stage k (graph_rewrite.schedule
+`warmup_forwards`), so the expected ratio 1f1b/gpipe is min(S - k, M) / M.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dapple_tf import devices  # noqa: E402
+from dapple_tf.layers import layer  # noqa: E402
+from dapple_tf.memory import peak_live_bytes, stage_prefix  # noqa: E402
+from dapple_tf.trainer import Trainer  # noqa: E402
+from graph_rewrite.place import Slot  # noqa: E402
+from graph_rewrite.template import build_template  # noqa: E402
+from planner.plan_format import even_plan  # noqa: E402
+
+v1 = tf.compat.v1
+
+
+def mlp_fn(features, depth, width, classes=10):
+    """`depth` equal dense+tanh layers; the last one also computes the loss."""
+    h = features["x"]
+    for i in range(depth):
+        with layer(f"layer_{i}"):
+            w = v1.get_variable("kernel", [h.shape[-1], width])
+            b = v1.get_variable("bias", [width], initializer=v1.zeros_initializer())
+            h = tf.tanh(tf.matmul(h, w) + b)
+            if i == depth - 1:
+                logits = tf.matmul(h, v1.get_variable("logits", [width, classes]))
+                return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=features["y"], logits=logits))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--layers-per-stage", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=64, help="rows per micro-batch")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=8)
+    args = parser.parse_args(argv)
+    S, M = args.stages, args.micro_batches
+    devices.create_logical_cpus(S)
+    depth = S * args.layers_per_stage
+    fn = functools.partial(mlp_fn, depth=depth, width=args.width)
+    spec = {"x": ((args.width,), tf.float32), "y": ((), tf.int32)}
+    gbs = args.micro_batch * M
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.standard_normal((gbs, args.width)).astype(np.float32),
+             "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32)}
+    layers = build_template(fn, spec).layers
+    peaks = {}
+    start = time.perf_counter()
+    for schedule in ("gpipe", "1f1b"):
+        plan = even_plan(layers, [1] * S, gbs, M, schedule)
+        trainer = Trainer(fn, spec, lambda: v1.train.GradientDescentOptimizer(0.01), plan, gbs,
+                          seed=0, num_devices=S)
+        trainer.train_step(batch)
+        _, metadata = trainer.traced_step(batch)
+        for k in range(S):
+            device = trainer.rewritten.device_of_slot[Slot(k, 0)]
+            peaks[schedule, k] = peak_live_bytes(metadata, device, stage_prefix(k))
+            peaks[schedule, k, "fwd"] = peak_live_bytes(
+                metadata, device, re.compile(rf"^dapple/mb\d+/s{k}r0/fwd/"))
+        trainer.close()
+    one_mb = args.micro_batch * args.width * 4
+    print(f"MLP {depth} layers x width {args.width}, S={S}, M={M}, micro-batch {args.micro_batch} "
+          f"rows (one layer's output of one micro-batch = {one_mb / 2**20:.3f} MiB), "
+          f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s")
+    print()
+    print("| stage | activations (fwd ops): gpipe MiB | 1f1b MiB | 1f1b / gpipe | expected "
+          "min(S-k, M)/M | all clone ops: gpipe MiB | 1f1b MiB | 1f1b / gpipe |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in range(S):
+        ga, fa = peaks["gpipe", k, "fwd"], peaks["1f1b", k, "fwd"]
+        g, f = peaks["gpipe", k], peaks["1f1b", k]
+        print(f"| {k} | {ga / 2**20:.2f} | {fa / 2**20:.2f} | {fa / ga if ga else float('nan'):.2f} "
+              f"| {min(S - k, M) / M:.2f} | {g / 2**20:.2f} | {f / 2**20:.2f} | "
+              f"{f / g if g else float('nan'):.2f} |")
+
+if __name__ == "__main__":
+    main()
