@@ -219,8 +219,9 @@ def run_training(config: TrainingConfig) -> dict:
     if is_chief:
         plan.save(os.path.join(model_dir, "plan.json"))
         predicted = plan.predicted.get("speedup")
-        logging.info("plan %s: %d stages, %d micro-batches of %d rows, schedule %s%s",
-                     plan.notation, plan.num_stages, plan.num_micro_batches,
+        logging.info("plan %s: %d stage%s, %d micro-batches of %d rows, schedule %s%s",
+                     plan.notation, plan.num_stages, "" if plan.num_stages == 1 else "s",
+                     plan.num_micro_batches,
                      plan.micro_batch_size, plan.schedule,
                      f", predicted speedup {predicted:.2f}" if predicted else "")
         for i, stage in enumerate(plan.stages):
