@@ -210,10 +210,6 @@ def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
 
 def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices) -> Plan:
     """plan='auto': profile the template and search a plan for this process's devices."""
-    try:
-        from dapple_tf.auto_plan import auto_plan
-    except ImportError as e:
-        raise NotImplementedError(f"plan='auto' needs dapple_tf.auto_plan (profiler + "
-                                  f"planner), which cannot be imported: {e}") from None
+    from dapple_tf.auto_plan import auto_plan  # imports the profiler and planner on demand
     _, count = devices.available_devices(num_devices)
     return auto_plan(model_fn, feature_spec, global_batch_size, count)
