@@ -1,6 +1,8 @@
 """Time to rewrite a 48-layer transformer template into 8 stages x 16 micro-batches.
 
     python bench/bench_rewriter.py [--blocks 48] [--stages 8] [--micro-batches 16]
+    python bench/bench_rewriter.py --grid [--grid-blocks 12,24,48] [--grid-stages 2,4,8]
+                                          [--grid-micro-batches 4,16,32]
 
 Prints the time of each phase: template build + analysis, partition + per-stage
 differentiation, cloning with boundaries/schedule/accumulation/apply (the whole `rewrite`), and
@@ -69,7 +71,17 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--stages", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=16)
+    parser.add_argument("--grid", action="store_true",
+                        help="time every blocks x stages x micro-batches combination and print "
+                             "a markdown table with the graph size growth")
+    parser.add_argument("--grid-blocks", default="12,24,48")
+    parser.add_argument("--grid-stages", default="2,4,8")
+    parser.add_argument("--grid-micro-batches", default="4,16,32")
     args = parser.parse_args(argv)
+    if args.grid:
+        return grid([int(x) for x in args.grid_blocks.split(",")],
+                    [int(x) for x in args.grid_stages.split(",")],
+                    [int(x) for x in args.grid_micro_batches.split(",")])
     spec = {"tokens": ((SEQ,), tf.int32), "targets": ((SEQ,), tf.int32)}
 
     t0 = time.perf_counter()
@@ -90,6 +102,34 @@ def main(argv=None):
     print(f"  template + rewrite                {t1 - t0 + t3 - t2:7.2f} s  (target < 10 s)")
     print(f"  machine calibration: importing a GraphDef costs {import_cost_us():.1f} us per op "
           f"now (TF's Python import_graph_def; the rewrite imports every op of every clone)")
+
+
+def time_rewrite(blocks: int, stages: int, micro_batches: int) -> dict:
+    spec = {"tokens": ((SEQ,), tf.int32), "targets": ((SEQ,), tf.int32)}
+    t0 = time.perf_counter()
+    template = build_template(transformer_fn(blocks), spec, seed=0)
+    t1 = time.perf_counter()
+    plan = even_plan(template.layers, [1] * stages, 2 * micro_batches, micro_batches, "1f1b")
+    training = rewrite(template, plan, lambda: v1.train.AdamOptimizer(1e-3),
+                       device_name=lambda d: f"/job:localhost/replica:0/task:0/device:CPU:{d}")
+    t2 = time.perf_counter()
+    return {"template_s": t1 - t0, "rewrite_s": t2 - t1,
+            "template_ops": len(template.graph.get_operations()),
+            "training_ops": len(training.graph.get_operations())}
+
+
+def grid(blocks_list, stages_list, micro_batch_list) -> None:
+    print("| blocks | stages | micro-batches | template s | rewrite s | template ops | "
+          "training-graph ops | growth |")
+    print("|---|---|---|---|---|---|---|---|")
+    for blocks in blocks_list:
+        for stages in stages_list:
+            for micro_batches in micro_batch_list:
+                r = time_rewrite(blocks, stages, micro_batches)
+                print(f"| {blocks} | {stages} | {micro_batches} | {r['template_s']:.2f} | "
+                      f"{r['rewrite_s']:.2f} | {r['template_ops']} | {r['training_ops']} | "
+                      f"{r['training_ops'] / r['template_ops']:.1f}x |", flush=True)
+    print(f"\nimport_graph_def calibration: {import_cost_us():.1f} us per op")
 
 
 def import_cost_us(num_ops: int = 5000) -> float:
