@@ -236,6 +236,9 @@ def run_training(config: TrainingConfig) -> dict:
         start_step = trainer.global_step
         if is_chief:
             logging.info("resumed from %s at step %d", path, start_step)
+            if start_step >= config.steps:
+                logging.info("step %d already reaches --steps=%d: nothing to train (raise --steps "
+                             "or use a new --model_dir)", start_step, config.steps)
 
     summaries = Summaries(model_dir, enabled=is_chief)
     data = batches(spec, config, global_batch_size, start_step)
