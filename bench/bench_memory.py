@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dapple_tf import devices  # noqa: E402
-from dapple_tf.layers import layer  # noqa: E402
+from bench_models import mlp_fn  # noqa: E402
 from dapple_tf.memory import peak_live_bytes, stage_prefix  # noqa: E402
 from dapple_tf.trainer import Trainer  # noqa: E402
 from graph_rewrite.place import Slot  # noqa: E402
@@ -35,20 +35,6 @@ from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import even_plan  # noqa: E402
 
 v1 = tf.compat.v1
-
-
-def mlp_fn(features, depth, width, classes=10):
-    """`depth` equal dense+tanh layers; the last one also computes the loss."""
-    h = features["x"]
-    for i in range(depth):
-        with layer(f"layer_{i}"):
-            w = v1.get_variable("kernel", [h.shape[-1], width])
-            b = v1.get_variable("bias", [width], initializer=v1.zeros_initializer())
-            h = tf.tanh(tf.matmul(h, w) + b)
-            if i == depth - 1:
-                logits = tf.matmul(h, v1.get_variable("logits", [width, classes]))
-                return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=features["y"], logits=logits))
 
 
 def main(argv=None):
