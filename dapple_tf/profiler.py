@@ -197,6 +197,20 @@ def _layer_of_gradient_name(rest: Sequence[str], forward_layer: Mapping[str, int
     return None
 
 
+def _fill_from_neighbours(ops, layer_of, allowed: set[str], pick_consumer, pick_producer) -> None:
+    """Give every op of `ops` not yet in `layer_of` the layer of its nearest assigned consumers
+    (chosen among them by `pick_consumer`), or failing that of its nearest assigned producers
+    (`pick_producer`). Searches only see the ops assigned before this call."""
+    assigned = dict(layer_of)
+    for op in ops:
+        if op.name not in layer_of:
+            layer = _nearest(op, assigned, allowed, _consumers, pick_consumer)
+            if layer is None:
+                layer = _nearest(op, assigned, allowed, _producers, pick_producer)
+            if layer is not None:
+                layer_of[op.name] = layer
+
+
 def find_layers(template: Template) -> LayerMap:
     """Assigns every forward and backward op of the template to a layer (see module doc)."""
     # The same rule as graph_rewrite.template, so plans name the layers the rewriter finds:
@@ -217,14 +231,8 @@ def find_layers(template: Template) -> LayerMap:
     forward_names = {op.name for op in template.forward_ops}
     forward_layer = {op.name: index[_top_scope(op.name)] for op in template.forward_ops
                      if _top_scope(op.name) in index}
-    scoped = dict(forward_layer)
-    for op in template.forward_ops:
-        if op.name not in forward_layer:
-            layer = _nearest(op, scoped, forward_names, _consumers, min)
-            if layer is None:
-                layer = _nearest(op, scoped, forward_names, _producers, max)
-            if layer is not None:
-                forward_layer[op.name] = layer
+    # Unscoped forward ops join their earliest consumer's layer, else their latest producer's.
+    _fill_from_neighbours(template.forward_ops, forward_layer, forward_names, min, max)
 
     gradient_scope = template.backward_ops[0].name.split("/", 1)[0]
     backward_names = {op.name for op in template.backward_ops}
@@ -235,15 +243,8 @@ def find_layers(template: Template) -> LayerMap:
             layer = _layer_of_gradient_name(parts[1:], forward_layer, names)
             if layer is not None:
                 backward_layer[op.name] = layer
-    named = dict(backward_layer)
-    for op in template.backward_ops:
-        if op.name not in backward_layer:
-            # Gradient sums (AddN) and seeds feed the backward of the layer that needs them.
-            layer = _nearest(op, named, backward_names, _consumers, max)
-            if layer is None:
-                layer = _nearest(op, named, backward_names, _producers, min)
-            if layer is not None:
-                backward_layer[op.name] = layer
+    # Gradient sums (AddN) and seeds feed the backward of the layer that needs them.
+    _fill_from_neighbours(template.backward_ops, backward_layer, backward_names, max, min)
     return LayerMap(names, forward_layer, backward_layer, gradient_scope)
 
 
