@@ -25,7 +25,7 @@ import dataclasses
 import tensorflow as tf
 
 from models import layers as L
-from models.images import make_input_fn, synthetic_images
+from models.images import image_data
 from models.spec import ModelSpec, momentum, resolve_config
 
 # AmoebaNet-A genotype: (operation, input state) for the two inputs of each of the five blocks.
@@ -176,8 +176,6 @@ def get(preset: str = "tiny", **overrides) -> ModelSpec:
         model_fn=lambda features: build(cfg, features),
         feature_spec=feature_spec(cfg),
         layer_names=layer_names(cfg),
-        synthetic_batch=lambda batch_size, rng: synthetic_images(
-            cfg.image_size, cfg.num_classes, batch_size, rng),
-        input_fn=make_input_fn(cfg.image_size, cfg.num_classes),
+        **image_data(cfg.image_size, cfg.num_classes),
         default_global_batch_size=cfg.global_batch_size,
         default_optimizer=momentum(cfg.learning_rate))

@@ -124,3 +124,13 @@ def make_input_fn(image_size: int, num_classes: int):
             source = ", ".join(files)
         return iterate_batches(arrays, batch_size, shuffle, seed, epochs, source)
     return input_fn
+
+
+def image_data(image_size: int, num_classes: int) -> dict:
+    """The data fields of an image classifier's ModelSpec: synthetic batches and the folder /
+    TFRecord reader, both at `image_size` with `num_classes` labels."""
+    return {
+        "synthetic_batch": lambda batch_size, rng: synthetic_images(
+            image_size, num_classes, batch_size, rng),
+        "input_fn": make_input_fn(image_size, num_classes),
+    }
