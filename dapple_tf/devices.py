@@ -75,6 +75,9 @@ def session_config(kind: str, num_devices: int, inter_op_threads: int | None = N
     # Keep the explicit boundary ops (IdentityN send/recv, action start/end) that carry the
     # schedule's control dependencies: Grappler's dependency optimizer and model pruner would
     # fold them away (the order would survive, the ops that show it in a trace would not).
+    # Each clone is a call of its stage's function (graph_rewrite/functions.py); inlining the
+    # calls (also without Grappler) runs their ops as `<clone>/<op>` on the clone's device.
+    config.graph_options.optimizer_options.do_function_inlining = True
     rewrite = config.graph_options.rewrite_options
     rewrite.dependency_optimization = rewriter_config_pb2.RewriterConfig.OFF
     rewrite.disable_model_pruning = True

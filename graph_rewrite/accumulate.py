@@ -1,9 +1,12 @@
 """Gradient accumulation and combination.
 
 Per slot, dense gradients are summed as the backwards run (a running sum in schedule order), so
-only one accumulated gradient per variable stays live instead of one per micro-batch. Sparse
-gradients stay sparse: IndexedSlices are concatenated (duplicate indices are summed by the
-optimizer's sparse apply, as in a single-device build).
+only one accumulated gradient per variable stays live instead of one per micro-batch: each
+backward call after the slot's first takes the sums so far and returns them with its own
+gradients added (the stage's `backward_accumulate` function, graph_rewrite/stage_graph.py);
+`SlotAccumulator` keeps the latest sums. Sparse gradients stay sparse: IndexedSlices are
+concatenated (duplicate indices are summed by the optimizer's sparse apply, as in a
+single-device build).
 """
 from __future__ import annotations
 
@@ -20,18 +23,17 @@ class SlotAccumulator:
         self._dense: dict[str, tf.Tensor] = {}
         self._sparse: dict[str, list[tf.IndexedSlices]] = {}
 
-    def add(self, variable: str, grad) -> list[tf.Operation]:
-        """Add one micro-batch's gradient (call under the slot's device); returns the ops the
-        backward action must finish."""
+    def running_sums(self) -> dict[str, tf.Tensor]:
+        """Variable -> dense gradient summed over the backwards so far (empty before the first)."""
+        return dict(self._dense)
+
+    def update(self, variable: str, grad) -> None:
+        """Record one backward's result for `variable`: the new running sum (dense) or this
+        micro-batch's IndexedSlices."""
         if isinstance(grad, tf.IndexedSlices):
             self._sparse.setdefault(variable, []).append(grad)
-            return [grad.values.op, grad.indices.op]
-        if variable in self._dense:
-            with tf.name_scope(f"{self.scope}/{_scope(variable)}/"):
-                self._dense[variable] = tf.add(self._dense[variable], grad)
         else:
             self._dense[variable] = grad
-        return [self._dense[variable].op]
 
     def result(self) -> dict:
         out = {}

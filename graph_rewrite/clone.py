@@ -1,9 +1,10 @@
-"""Clone: import a stage's forward or backward GraphDef once per (micro-batch, slot).
+"""Clone: one call of a stage's forward or backward function per (micro-batch, slot).
 
-`import_graph_def` copies the stage's ops under the name prefix of the clone and the device of
-its slot; `input_map` wires placeholders to the real inputs (micro-batch rows, received
-tensors, received gradients) and the template's variable handles to the training graph's
-variables, which are shared by all clones (variables are never cloned).
+The call op is named `<prefix>/fwd` or `<prefix>/bwd` and placed on the slot's device; its
+arguments wire the function to the real inputs (micro-batch rows, received tensors, received
+gradients, running gradient sums) and to the training graph's variable handles, which all
+clones share (variables are never cloned). When the session inlines the call, the stage's ops
+run as `<prefix>/fwd/<template op>` on that device.
 """
 from __future__ import annotations
 
@@ -11,49 +12,50 @@ from typing import Mapping
 
 import tensorflow as tf
 
-from .stage_graph import StageGraph
+from . import functions
+from .stage_graph import StageFunction, StageGraph
 
 
 def clone_prefix(micro_batch: int, slot_tag: str) -> str:
     return f"dapple/mb{micro_batch}/{slot_tag}"
 
 
-def import_forward(stage: StageGraph, device: str, prefix: str,
-                   features: Mapping[str, tf.Tensor], received: Mapping[str, tf.Tensor],
-                   handles: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """Import the forward clone; returns template tensor name -> clone tensor for every tensor
+def call_forward(stage: StageGraph, device: str, prefix: str,
+                 features: Mapping[str, tf.Tensor], received: Mapping[str, tf.Tensor],
+                 handles: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Call the stage's forward; returns template tensor name -> clone tensor for every tensor
     the stage sends on, its loss, every forward tensor its backward reads, and its inputs."""
-    input_map = {}
+    inputs = {}
     for feature, ph in stage.feature_inputs.items():
-        input_map[ph] = features[feature]
+        inputs[ph] = features[feature]
     for t, ph in stage.boundary_inputs.items():
-        input_map[ph] = received[t]
+        inputs[ph] = received[t]
     for v in stage.forward_variables:
-        input_map[f"{v}:0"] = handles[v]
-    return _import(stage.forward, stage.forward_reads, input_map,
-                   list(stage.spec.outputs) + ([stage.loss] if stage.loss else []) +
-                   list(stage.forward_refs.values()), device, prefix + "/fwd")
+        inputs[f"{v}:0"] = handles[v]
+    return _call(stage.forward_function, inputs, device, prefix + "/fwd")
 
 
-def import_backward(stage: StageGraph, device: str, prefix: str,
-                    forward: Mapping[str, tf.Tensor], grad_inputs: Mapping[str, tf.Tensor],
-                    loss_grad: tf.Tensor | None,
-                    handles: Mapping[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], dict]:
-    """Import the backward clone. Returns (input tensor -> its gradient, variable -> gradient
-    (tf.Tensor or tf.IndexedSlices))."""
-    input_map = {ph: forward[t] for ph, t in stage.forward_refs.items()}
+def call_backward(stage: StageGraph, device: str, prefix: str,
+                  forward: Mapping[str, tf.Tensor], grad_inputs: Mapping[str, tf.Tensor],
+                  loss_grad: tf.Tensor | None, handles: Mapping[str, tf.Tensor],
+                  running_sums: Mapping[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], dict]:
+    """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
+    slot's earlier micro-batches (empty for its first backward). Returns (input tensor -> its
+    gradient, variable -> gradient: the new running sum if dense, else tf.IndexedSlices)."""
+    inputs = {ph: forward[t] for ph, t in stage.forward_refs.items()}
     for t, ph in stage.grad_inputs.items():
-        input_map[ph] = grad_inputs[t]
+        inputs[ph] = grad_inputs[t]
     if stage.loss_grad_input is not None:
-        input_map[stage.loss_grad_input] = loss_grad
+        inputs[stage.loss_grad_input] = loss_grad
     for v in stage.backward_variables:
-        input_map[f"{v}:0"] = handles[v]
-    wanted: list[str] = list(stage.input_grads.values())
-    for ref in stage.variable_grads.values():
-        wanted += [ref.dense] if ref.dense else [ref.indices, ref.values, ref.dense_shape]
-    tensors = _import(stage.backward, stage.backward_reads, input_map, wanted, device,
-                      prefix + "/bwd")
-    returned = iter(tensors[name] for name in wanted)
+        inputs[f"{v}:0"] = handles[v]
+    function = stage.backward_function
+    if running_sums:
+        function = stage.backward_accumulate_function
+        for v, ph in stage.running_sum_inputs.items():
+            inputs[ph] = running_sums[v]
+    tensors = _call(function, inputs, device, prefix + "/bwd")
+    returned = iter(tensors[name] for name in _backward_order(stage, function))
     input_grads = {t: next(returned) for t in stage.input_grads}
     variable_grads = {}
     for v, ref in stage.variable_grads.items():
@@ -65,14 +67,26 @@ def import_backward(stage: StageGraph, device: str, prefix: str,
     return input_grads, variable_grads
 
 
-def _import(graph_def, reads, input_map, wanted, device, name) -> dict[str, tf.Tensor]:
-    """Import under `device`; returns wanted tensor name -> tensor, resolving names that are
-    inputs (possibly passed straight through) from `input_map`."""
-    input_map = {k: v for k, v in input_map.items() if k in reads}
-    fetch = list(dict.fromkeys(t for t in wanted if t not in input_map))
+def _backward_order(stage: StageGraph, function: StageFunction) -> list[str]:
+    """Names of the backward's results in (input grads, variable grads) order; with running
+    sums, a dense gradient's name is that of its sum (the function's output in its place)."""
+    sums = {} if function is stage.backward_function else stage.running_sum_outputs
+    names = list(stage.input_grads.values())
+    for v, ref in stage.variable_grads.items():
+        if ref.dense:
+            names.append(sums.get(v, ref.dense))
+        else:
+            names += [ref.indices, ref.values, ref.dense_shape]
+    return names
+
+
+def _call(function: StageFunction, inputs: Mapping[str, tf.Tensor], device: str,
+          name: str) -> dict[str, tf.Tensor]:
+    """Call `function` on `device`; returns output name -> tensor, plus the inputs (names the
+    caller asks for may be inputs passed straight through)."""
     with tf.device(device):
-        returned = tf.graph_util.import_graph_def(graph_def, input_map=input_map,
-                                                  return_elements=fetch, name=name)
-    tensors = dict(zip(fetch, returned))
-    tensors.update(input_map)
+        results = functions.call(function.name, [inputs[t] for t in function.inputs],
+                                 function.output_specs, name)
+    tensors = dict(zip(function.outputs, results))
+    tensors.update(inputs)
     return tensors

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, schedule
+from . import clone, functions, schedule
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -72,6 +72,7 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
                        transport)
     graph = tf.Graph()
+    functions.register(graph, [f for stage in stage_graphs for f in stage.functions()])
     with graph.as_default():
         builder.create_inputs_and_variables()
         for stage, action in schedule.execution_order(lists, plan.num_micro_batches):
@@ -159,7 +160,7 @@ class _Builder:
                 start_ops.append(gated[0].op)
                 features = dict(zip(spec.features, gated))
         handles = {v: self.variables[v].handle for v in spec.variables}
-        tensors = clone.import_forward(stage, device, prefix, features, received, handles)
+        tensors = clone.call_forward(stage, device, prefix, features, received, handles)
         self.forward_tensors[(slot, i)] = tensors
         end_deps = []
         for b in spec.consumer_stages:
@@ -202,12 +203,15 @@ class _Builder:
             grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g))
                            for t, g in grads_in.items()}
         handles = {v: self.variables[v].handle for v in spec.variables}
-        input_grads, variable_grads = clone.import_backward(
-            stage, device, prefix, forward, grad_inputs, loss_grad, handles)
+        accumulator = self.accumulators[slot]
+        input_grads, variable_grads = clone.call_backward(
+            stage, device, prefix, forward, grad_inputs, loss_grad, handles,
+            accumulator.running_sums())
         end_deps = []
-        with tf.device(device):
-            for v, g in variable_grads.items():
-                end_deps += self.accumulators[slot].add(v, g)
+        for v, g in variable_grads.items():
+            accumulator.update(v, g)
+            end_deps += [g.values.op, g.indices.op] if isinstance(g, tf.IndexedSlices) else [g.op]
+        end_deps = list(dict.fromkeys(end_deps))  # mostly the one call op
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:

@@ -7,19 +7,22 @@ forward part, for ys = the float tensors the stage sends on (+ the loss on the l
 xs = its float received tensors + the variable handles it reads, with placeholder grad_ys. The
 new gradient ops form the backward GraphDef; the forward tensors they read become Placeholders.
 
-The clone pass imports these two GraphDefs once per (micro-batch, slot) with `import_graph_def`,
-so the rewrite never re-runs gradient construction per clone. Control-flow-v2 ops (While from
-`tf.compat.v1.while_loop`) work because their gradient is built here, before export: the forward
-While already carries the accumulator outputs its gradient reads.
+Each GraphDef then becomes a library function (graph_rewrite/functions.py): `forward`,
+`backward`, and `backward_accumulate` (the backward that also adds this micro-batch's dense
+variable gradients to the running sums it is given). The clone pass calls them once per
+(micro-batch, slot), so the rewrite never re-runs gradient construction or copies stage ops per
+clone. Control-flow-v2 ops (While from `tf.compat.v1.while_loop`) work because their gradient is
+built here, before export: the forward While already carries the accumulator outputs its
+gradient reads.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2
+from tensorflow.core.framework import function_pb2, graph_pb2
 
-from . import graphdefs
+from . import functions, graphdefs
 from .partition import StageSpec
 from .template import Template
 
@@ -28,6 +31,8 @@ v1 = tf.compat.v1
 FORWARD_INPUT_PREFIX = "dapple_in"
 GRAD_INPUT_PREFIX = "dapple_grad_in"
 FORWARD_REF_PREFIX = "dapple_fwd"
+RUNNING_SUM_PREFIX = "dapple_running_sum"
+ACCUMULATE_SCOPE = "dapple_accumulate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,21 @@ class GradRef:
     @property
     def is_sparse(self) -> bool:
         return self.dense is None
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFunction:
+    """A library function and how a clone calls it: `inputs` are the names the caller maps to
+    tensors (placeholder tensors of the GraphDef, `<variable>:0` for variable handles), `outputs`
+    the GraphDef tensors it returns, with their static specs."""
+    function: function_pb2.FunctionDef
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    output_specs: tuple[tf.TensorSpec, ...]
+
+    @property
+    def name(self) -> str:
+        return self.function.signature.name
 
 
 @dataclasses.dataclass
@@ -60,6 +80,19 @@ class StageGraph:
     loss_grad_input: str | None
     input_grads: dict[str, str]            # float input tensor -> its gradient in `backward`
     variable_grads: dict[str, GradRef]
+    forward_function: StageFunction
+    backward_function: StageFunction
+    # backward + running sums: extra inputs running_sum_inputs[v] for each dense gradient, whose
+    # output (the sum) replaces variable_grads[v].dense; None if the stage has no dense gradient
+    backward_accumulate_function: StageFunction | None
+    running_sum_inputs: dict[str, str]
+    running_sum_outputs: dict[str, str]
+    library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
+
+    def functions(self) -> list[function_pb2.FunctionDef]:
+        """Every function a clone's calls need: the stage's own and those they call."""
+        own = [self.forward_function, self.backward_function, self.backward_accumulate_function]
+        return list(self.library) + [f.function for f in own if f is not None]
 
     @property
     def differentiable_outputs(self) -> tuple[str, ...]:
@@ -159,19 +192,143 @@ def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library
         library=scratch_def.library if len(scratch_def.library.function) else None)
     backward_variables = tuple(n.name for n in backward_part.graph_def.node
                                if n.op == "VarHandleOp")
-    # The input nodes (placeholders, variable handles) are only there to be input_map'ped; drop
-    # them so clones do not import dead copies. import_graph_def accepts an input_map key for a
-    # node missing from the GraphDef as long as some node reads it.
+    # The input nodes (placeholders, variable handles) become function arguments.
     _drop_input_nodes(forward)
     _drop_input_nodes(backward_part.graph_def)
+    forward_refs = {ph: t for t, ph in backward_part.placeholder_of.items()}
+    spec_of = _SpecLookup(scratch, forward_refs)
+    forward_refs = {ph: _resource_source(forward, t) if spec_of(t).dtype == tf.resource else t
+                    for ph, t in forward_refs.items()}
+    forward_inputs = [*feature_inputs.values(), *boundary_inputs.values(),
+                      *(f"{v}:0" for v in spec.variables)]
+    forward_function = _stage_function(
+        forward, "forward", spec.index, forward_inputs,
+        [*spec.outputs, *([template.loss] if spec.has_loss else []), *forward_refs.values()],
+        spec_of)
+    backward = backward_part.graph_def
+    backward_inputs = [*forward_refs, *grad_inputs.values(),
+                       *([loss_grad_input] if loss_grad_input else []),
+                       *(f"{v}:0" for v in backward_variables)]
+    backward_function = _stage_function(backward, "backward", spec.index, backward_inputs,
+                                        _backward_outputs(input_grads, variable_grads, {}),
+                                        spec_of)
+    running_sum_inputs = {v: f"{RUNNING_SUM_PREFIX}/{k}:0"
+                          for k, (v, ref) in enumerate(variable_grads.items()) if ref.dense}
+    running_sum_outputs = {}
+    backward_accumulate_function = None
+    if running_sum_inputs:
+        accumulating, running_sum_outputs = _with_running_sums(
+            backward, variable_grads, running_sum_inputs, spec_of)
+        backward_accumulate_function = _stage_function(
+            accumulating, "backward_accumulate", spec.index,
+            backward_inputs + list(running_sum_inputs.values()),
+            _backward_outputs(input_grads, variable_grads, running_sum_outputs), spec_of)
+    library = {f.signature.name: f for part in (forward, backward)
+               for f in part.library.function}
     return StageGraph(
         spec=spec, forward=forward, forward_reads=_reads(forward), feature_inputs=feature_inputs,
         boundary_inputs=boundary_inputs, forward_variables=tuple(spec.variables),
         loss=template.loss if spec.has_loss else None,
-        backward=backward_part.graph_def, backward_reads=_reads(backward_part.graph_def),
-        forward_refs={ph: t for t, ph in backward_part.placeholder_of.items()},
+        backward=backward, backward_reads=_reads(backward),
+        forward_refs=forward_refs,
         backward_variables=backward_variables, grad_inputs=grad_inputs,
-        loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads)
+        loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads,
+        forward_function=forward_function, backward_function=backward_function,
+        backward_accumulate_function=backward_accumulate_function,
+        running_sum_inputs=running_sum_inputs, running_sum_outputs=running_sum_outputs,
+        library=tuple(library.values()))
+
+
+class _SpecLookup:
+    """dtype and static shape of a tensor of the stage's GraphDefs, by name."""
+
+    def __init__(self, scratch: tf.Graph, forward_refs: dict[str, str]):
+        self.scratch = scratch
+        self.forward_refs = forward_refs
+        self.added: dict[str, tf.TensorSpec] = {}
+
+    def __call__(self, name: str) -> tf.TensorSpec:
+        name = ":".join(map(str, graphdefs.split_tensor_name(name)))
+        if name in self.added:
+            return self.added[name]
+        if name in self.forward_refs:
+            name = self.forward_refs[name]
+        tensor = self.scratch.get_tensor_by_name(name)
+        return tf.TensorSpec(tensor.shape, tensor.dtype)
+
+
+def _stage_function(graph_def, kind: str, stage: int, inputs, outputs,
+                    spec_of: _SpecLookup) -> StageFunction:
+    """The function of one part of a stage. Inputs that no node reads are left out; outputs
+    that are inputs are not returned (the caller has them)."""
+    reads = _reads(graph_def)
+    outside = set(inputs) | (reads - _produced(graph_def))
+    inputs = [t for t in dict.fromkeys(inputs) if t in reads]
+    outputs = [t for t in dict.fromkeys(outputs) if t not in outside]
+    specs = tuple(spec_of(t) for t in outputs)
+    function = functions.function_def(
+        graph_def, functions.function_name("dapple", f"stage{stage}", kind),
+        [(t, spec_of(t).dtype) for t in inputs], [(t, s.dtype) for t, s in zip(outputs, specs)])
+    return StageFunction(function, tuple(inputs), tuple(outputs), specs)
+
+
+_PASS_THROUGH_OPS = frozenset({"Identity", "IdentityN", "While", "StatelessWhile"})
+
+
+def _resource_source(graph_def, tensor: str) -> str:
+    """The forward input (variable handle or received tensor) that a resource tensor of the
+    forward passes through (Identity, While loop variables), so the backward is called with
+    that input instead of the forward returning a resource: a function result is placed on the
+    call's device, and a resource must stay with its variable."""
+    node_by_name = {n.name: n for n in graph_def.node}
+    op, index = graphdefs.split_tensor_name(tensor)
+    while op in node_by_name:
+        node = node_by_name[op]
+        if node.op not in _PASS_THROUGH_OPS:
+            raise ValueError(f"the backward reads resource tensor {tensor!r}, made by "
+                             f"{node.op} {node.name!r}: only variable handles passed through "
+                             f"Identity or while loops are supported")
+        data_inputs = [i for i in node.input if not i.startswith("^")]
+        op, index = graphdefs.split_tensor_name(data_inputs[0 if node.op == "Identity" else index])
+    return f"{op}:{index}"
+
+
+def _backward_outputs(input_grads, variable_grads, running_sum_outputs) -> list[str]:
+    """The backward's results: input gradients, then per variable its gradient (its running
+    sum where `running_sum_outputs` has one; IndexedSlices as indices, values, dense_shape)."""
+    outputs = list(input_grads.values())
+    for v, ref in variable_grads.items():
+        if ref.dense:
+            outputs.append(running_sum_outputs.get(v, ref.dense))
+        else:
+            outputs += [ref.indices, ref.values, ref.dense_shape]
+    return outputs
+
+
+def _with_running_sums(backward, variable_grads, running_sum_inputs, spec_of: _SpecLookup):
+    """A copy of `backward` with an AddV2(running sum input, gradient) per dense variable
+    gradient; returns it and variable -> sum tensor."""
+    graph_def = graph_pb2.GraphDef()
+    graph_def.CopyFrom(backward)
+    sum_of = {}
+    for k, (v, running_sum) in enumerate(running_sum_inputs.items()):
+        grad = variable_grads[v].dense
+        spec = spec_of(grad)
+        node = graph_def.node.add()
+        node.name = f"{ACCUMULATE_SCOPE}/{k}"
+        node.op = "AddV2"
+        node.input.extend([running_sum, grad])
+        node.attr["T"].type = spec.dtype.as_datatype_enum
+        sum_of[v] = f"{node.name}:0"
+        spec_of.added[running_sum] = spec
+        spec_of.added[sum_of[v]] = spec
+    return graph_def, sum_of
+
+
+def _produced(graph_def) -> set[str]:
+    """Tensor names of `graph_def`'s reads that one of its own nodes produces."""
+    names = {n.name for n in graph_def.node}
+    return {t for t in _reads(graph_def) if graphdefs.split_tensor_name(t)[0] in names}
 
 
 def _with_ancestors(names: set[str], graph_def) -> set[str]:

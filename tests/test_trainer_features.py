@@ -90,11 +90,15 @@ def test_while_loop_rnn_stage_is_cloned_with_its_while_op():
     case = models.RNN
     plan = make_plan(case, [1, 1], 8, 2, "gpipe")
     pipelined, single, got, want = train_both(case, plan, sgd, steps=2, optimize_graph=False)
-    types = {op.type for op in pipelined.graph.get_operations()
-             if op.name.startswith("dapple/mb1/s0r0/fwd/")}
-    assert types & {"While", "StatelessWhile"}
+    forward = pipelined.rewritten.stage_graphs[0].forward_function
+    assert {n.op for n in forward.function.node_def} & {"While", "StatelessWhile"}
+    call = pipelined.graph.get_operation_by_name("dapple/mb1/s0r0/fwd")
+    assert call.get_attr("f").name == forward.name
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert_same_weights(pipelined, single)
+    _, metadata = pipelined.traced_step(case.make_batch(np.random.default_rng(1), 8))
+    ran = {n.node_name for d in metadata.step_stats.dev_stats for n in d.node_stats}
+    assert any(n.startswith("dapple/mb1/s0r0/fwd/rnn_0/while") for n in ran), sorted(ran)[:20]
 
 
 @pytest.mark.parametrize("optimizer_fn,slot", [(adam, "Adam"), (momentum, "Momentum")])
