@@ -88,6 +88,7 @@ class StageGraph:
     running_sum_inputs: dict[str, str]
     running_sum_outputs: dict[str, str]
     library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
+    gradient_twin: int | None = None       # stage whose gradient graph this one reuses, renamed
 
     def functions(self) -> list[function_pb2.FunctionDef]:
         """Every function a clone's calls need: the stage's own and those they call."""
@@ -106,28 +107,61 @@ def is_differentiable(dtype: tf.DType) -> bool:
 def build_stage_graphs(template: Template, specs: list[StageSpec],
                        rows_of_stage=None) -> list[StageGraph]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
-    functions skip dynamic shape arithmetic); None keeps the batch dimension unknown."""
+    functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
+
+    `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
+    same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
+    variable shapes: the middle stages of a block-repeated model) takes that stage's gradient
+    graph with its forward names swapped for its own."""
     graph_def = template.graph.as_graph_def()
     node_by_name = {n.name: n for n in graph_def.node}
     rows_of_stage = rows_of_stage or [None] * len(specs)
-    return [build_stage_graph(template, spec, node_by_name, graph_def.library, rows)
-            for spec, rows in zip(specs, rows_of_stage)]
+    stage_graphs, differentiated = [], {}
+    for spec, rows in zip(specs, rows_of_stage):
+        forward_part = _forward_part(template, spec, node_by_name, graph_def.library, rows)
+        key = _structure_key(forward_part, spec, template)
+        diff = None
+        if key in differentiated:
+            twin_stage, twin_part, twin = differentiated[key]
+            diff = _renamed(twin, _name_map(twin_part.graph_def, forward_part.graph_def),
+                            _input_map(twin_part, forward_part),
+                            dict(zip(specs[twin_stage].layers, spec.layers)))
+            if diff is not None:
+                diff.twin_of = twin_stage
+        if diff is None:
+            diff = _differentiate(template, spec, forward_part)
+            differentiated.setdefault(key, (spec.index, forward_part, diff))
+        stage_graphs.append(_stage_graph(template, spec, forward_part, diff))
+    return stage_graphs
 
 
-def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library,
-                      rows: int | None = None) -> StageGraph:
-    has_library = len(library.function) > 0
+def _forward_part(template: Template, spec: StageSpec, node_by_name, library,
+                  rows: int | None) -> graphdefs.Subgraph:
+    """The stage's template ops; outside inputs as Placeholders, variable handles copied in."""
     variable_nodes = {v: node_by_name[v] for v in spec.variables}
-    forward_part = graphdefs.extract(
+    return graphdefs.extract(
         (node_by_name[op] for op in spec.ops), template.graph, FORWARD_INPUT_PREFIX,
-        keep_outside=variable_nodes, library=library if has_library else None,
+        keep_outside=variable_nodes, library=library if len(library.function) else None,
         static_rows=rows, batch_tensors=template.batch_tensors)
-    feature_of_tensor = {t: name for name, t in template.features.items()}
-    feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
-                      if t in feature_of_tensor}
-    boundary_inputs = {t: ph for t, ph in forward_part.placeholder_of.items()
-                       if t not in feature_of_tensor}
 
+
+@dataclasses.dataclass
+class _Differentiated:
+    """A stage's forward ops plus their gradient ops, and where the gradients are."""
+    graph_def: graph_pb2.GraphDef
+    tensors: object                       # get_tensor_by_name (dtype, shape), graph_def_versions
+    forward_names: set[str]
+    grad_inputs: dict[str, str]
+    loss_grad_input: str | None
+    input_grads: dict[str, str]
+    variable_grads: dict[str, GradRef]
+    twin_of: int | None = None            # the stage whose gradient graph this one renames
+
+
+def _differentiate(template: Template, spec: StageSpec,
+                   forward_part: graphdefs.Subgraph) -> _Differentiated:
+    """tf.gradients in a scratch graph holding the stage's forward part."""
+    boundary_inputs = _boundary_inputs(template, forward_part)
     scratch = tf.Graph()
     with scratch.as_default():
         tf.graph_util.import_graph_def(forward_part.graph_def, name="")
@@ -170,9 +204,128 @@ def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library
                                             dense_shape=dense_shape.name)
             else:
                 variable_grads[v] = GradRef(dense=g.name)
+    return _Differentiated(scratch.as_graph_def(), scratch, forward_names, grad_inputs,
+                           loss_grad_input, input_grads, variable_grads)
 
-    scratch_def = scratch.as_graph_def()
-    forward_names = _with_ancestors(forward_names, scratch_def)
+
+def _boundary_inputs(template: Template, forward_part: graphdefs.Subgraph) -> dict[str, str]:
+    features = set(template.features.values())
+    return {t: ph for t, ph in forward_part.placeholder_of.items() if t not in features}
+
+
+_VARIABLE_NAME_ATTRS = frozenset({"shared_name", "debug_name"})
+
+
+def _structure_key(forward_part: graphdefs.Subgraph, spec: StageSpec,
+                   template: Template) -> bytes:
+    """Equal for two stages iff their forward parts differ in names only: every node's op,
+    attributes (a variable handle's name attributes aside) and inputs by position, and the
+    positions of the stage's outputs, loss, boundary inputs and variables."""
+    graph_def = forward_part.graph_def
+    position = {n.name: k for k, n in enumerate(graph_def.node)}
+
+    def where(tensor: str) -> str:
+        control = tensor.startswith("^")
+        op, index = graphdefs.split_tensor_name(tensor.lstrip("^"))
+        return f"{'^' if control else ''}{position[op]}:{index}"
+
+    key = graph_pb2.GraphDef()
+    for source in graph_def.node:
+        node = key.node.add()
+        node.op = source.op
+        for name, value in source.attr.items():
+            if not (source.op == "VarHandleOp" and name in _VARIABLE_NAME_ATTRS):
+                node.attr[name].CopyFrom(value)
+        node.input.extend(where(t) for t in source.input)
+    wiring = key.node.add()
+    wiring.op = "dapple_stage_wiring"
+    wiring.input.extend(where(t) for t in spec.outputs)
+    wiring.input.append(where(template.loss) if spec.has_loss else "no loss")
+    wiring.input.extend(where(forward_part.placeholder_of[t]) for t in spec.inputs)
+    wiring.input.extend(str(position[v]) for v in spec.variables)
+    return key.SerializeToString(deterministic=True)
+
+
+def _name_map(twin: graph_pb2.GraphDef, own: graph_pb2.GraphDef) -> dict[str, str]:
+    """Node names of the twin stage's forward part -> this stage's, by position."""
+    return {a.name: b.name for a, b in zip(twin.node, own.node) if a.name != b.name}
+
+
+def _input_map(twin: graphdefs.Subgraph, own: graphdefs.Subgraph) -> dict[str, str]:
+    """The twin stage's outside input tensors -> this stage's, by their placeholder."""
+    own_tensor = {ph: t for t, ph in own.placeholder_of.items()}
+    return {t: own_tensor[ph] for t, ph in twin.placeholder_of.items()}
+
+
+class _RenamedTensors:
+    """Tensor lookup of a renamed gradient graph: dtype and shape come from the twin's graph."""
+
+    def __init__(self, tensors, inverse: dict[str, str]):
+        self.tensors, self.inverse = tensors, inverse
+        self.graph_def_versions = tensors.graph_def_versions
+
+    def get_tensor_by_name(self, name: str):
+        op, index = graphdefs.split_tensor_name(name)
+        return self.tensors.get_tensor_by_name(f"{self.inverse.get(op, op)}:{index}")
+
+
+def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[str, str],
+             layer_map: dict[str, str]) -> _Differentiated | None:
+    """The twin's forward + gradient graph for this stage: forward node names replaced by this
+    stage's (`name_map`), the twin's layer names in the other node names (gradient ops) by this
+    stage's (`layer_map`, so traces name the right layers), input tensors by this stage's
+    (`input_map`). None if the new names are not unique."""
+    def op_name(name: str) -> str:
+        if name in name_map:
+            return name_map[name]
+        return "/".join(layer_map.get(part, part) for part in name.split("/"))
+
+    new_name = {n.name: op_name(n.name) for n in twin.graph_def.node}
+    if len(set(new_name.values())) != len(new_name):
+        return None
+    name_map = new_name
+
+    def tensor(name: str) -> str:
+        control = name.startswith("^")
+        op, index = graphdefs.split_tensor_name(name.lstrip("^"))
+        op = name_map.get(op, op)
+        return f"^{op}" if control else f"{op}:{index}"
+
+    graph_def = graph_pb2.GraphDef()
+    graph_def.CopyFrom(twin.graph_def)
+    for node in graph_def.node:
+        node.name = name_map.get(node.name, node.name)
+        inputs = [tensor(t) for t in node.input]
+        del node.input[:]
+        node.input.extend(inputs)
+        graphdefs.strip_placement(node)  # colocation attributes name the twin's ops
+
+    def ref(r: GradRef) -> GradRef:
+        return GradRef(*(tensor(x) if x else None
+                         for x in (r.dense, r.indices, r.values, r.dense_shape)))
+
+    return _Differentiated(
+        graph_def=graph_def,
+        tensors=_RenamedTensors(twin.tensors, {b: a for a, b in name_map.items()}),
+        forward_names={name_map.get(n, n) for n in twin.forward_names},
+        grad_inputs={tensor(t): tensor(ph) for t, ph in twin.grad_inputs.items()},
+        loss_grad_input=twin.loss_grad_input and tensor(twin.loss_grad_input),
+        input_grads={input_map[t]: tensor(g) for t, g in twin.input_grads.items()},
+        variable_grads={name_map.get(v, v): ref(r) for v, r in twin.variable_grads.items()})
+
+
+def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
+                 diff: _Differentiated) -> StageGraph:
+    """Split the forward + gradient graph into the forward and backward GraphDefs and their
+    functions."""
+    feature_of_tensor = {t: name for name, t in template.features.items()}
+    feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
+                      if t in feature_of_tensor}
+    boundary_inputs = _boundary_inputs(template, forward_part)
+    scratch, scratch_def = diff.tensors, diff.graph_def
+    grad_inputs, loss_grad_input = diff.grad_inputs, diff.loss_grad_input
+    input_grads, variable_grads = diff.input_grads, diff.variable_grads
+    forward_names = _with_ancestors(diff.forward_names, scratch_def)
     forward = graph_pb2.GraphDef()
     forward.versions.CopyFrom(scratch_def.versions)
     backward_nodes = []
@@ -236,7 +389,7 @@ def build_stage_graph(template: Template, spec: StageSpec, node_by_name, library
         forward_function=forward_function, backward_function=backward_function,
         backward_accumulate_function=backward_accumulate_function,
         running_sum_inputs=running_sum_inputs, running_sum_outputs=running_sum_outputs,
-        library=tuple(library.values()))
+        library=tuple(library.values()), gradient_twin=diff.twin_of)
 
 
 class _SpecLookup:
