@@ -1,10 +1,12 @@
 """`rewrite(template, plan, ...)`: run the passes in order and return the training graph.
 
-Passes (one module each): partition -> stage_graph (differentiate each stage once) -> place ->
-clone + boundary, built in the schedule's simulated execution order so each action's start ops
-are created under a control dependency on the end op of its slot's previous action ->
-accumulate (per slot, over micro-batches) -> allreduce (over a stage's replicas, then over the
-stages of tied variables) -> clip -> one optimizer apply.
+Passes (one module each): partition -> stage_graph (differentiate each distinct stage once;
+its forward and backward become library functions) -> place -> variables -> clone (one call
+per micro-batch and slot) + boundary, built in the schedule's simulated execution order so each
+action's start ops are created under a control dependency on the end op of its slot's previous
+action -> accumulate (per slot, over micro-batches, inside the backward calls) -> allreduce
+(over a stage's replicas, then over the stages of tied variables) -> clip -> one optimizer
+apply.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
@@ -15,13 +17,14 @@ order, and nothing of action k+1 that depends on its inputs starts before action
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable, Iterable
 
 import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, functions, schedule
+from . import clone, functions, schedule, variables
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -52,7 +55,8 @@ class TrainingGraph:
     local_slots: tuple[Slot, ...]
     start_ops: dict[tuple[Slot, schedule.Action], list[tf.Operation]]
     end_ops: dict[tuple[Slot, schedule.Action], tf.Operation]
-    stage_graphs: list[StageGraph]
+    stage_graphs: list[StageGraph | None]  # by stage; None where no slot of it is local
+    phase_seconds: dict[str, float]         # wall time of each phase of the rewrite
 
 
 def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], *,
@@ -61,33 +65,55 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
             gradient_sync: GradientSync | None = None) -> TrainingGraph:
     """Build the training graph of the slots in `local_slots` (default: all, one process).
     `device_name` maps a plan device id to a device string of this process."""
+    clock = _PhaseClock()
     specs = partition(template, plan)
+    local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     stage_graphs = build_stage_graphs(template, specs, [
-        plan.micro_batch_size // stage.num_replicas for stage in plan.stages])
+        plan.micro_batch_size // stage.num_replicas for stage in plan.stages],
+        stages={slot.stage for slot in local})
     lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     device_of_slot = slot_devices(plan, device_name)
-    local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
                        transport)
     graph = tf.Graph()
-    functions.register(graph, [f for stage in stage_graphs for f in stage.functions()])
+    functions.register(graph, [f for stage in stage_graphs if stage is not None
+                               for f in stage.functions()])
+    clock.mark("partition + stage functions")
     with graph.as_default():
         builder.create_inputs_and_variables()
+        clock.mark("variables")
         for stage, action in schedule.execution_order(lists, plan.num_micro_batches):
             for slot in local:
                 if slot.stage == stage:
                     builder.build_action(slot, action)
+        clock.mark("clones, boundaries, schedule")
         train_op, gradients, optimizer, global_step = builder.apply(
             optimizer_fn, clip_norm, gradient_sync)
         loss = builder.global_loss()
+        clock.mark("gradient sums + optimizer apply")
     return TrainingGraph(
         graph=graph, plan=plan, features=builder.features, loss=loss, train_op=train_op,
         variables=builder.variables, global_step=global_step, optimizer=optimizer,
         gradients=gradients, schedule=lists, device_of_slot=device_of_slot,
         device_of_variable=builder.device_of_variable, local_slots=local,
-        start_ops=builder.start_ops, end_ops=builder.end_ops, stage_graphs=stage_graphs)
+        start_ops=builder.start_ops, end_ops=builder.end_ops, stage_graphs=stage_graphs,
+        phase_seconds=clock.seconds)
+
+
+class _PhaseClock:
+    """Wall time of each phase of one rewrite (TrainingGraph.phase_seconds, for logs and
+    bench/bench_rewriter.py)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
 
 
 class _Builder:
@@ -118,13 +144,10 @@ class _Builder:
         for name, (shape, dtype) in self.template.feature_spec.items():
             self.features[name] = v1.placeholder(dtype, [g] + list(shape),
                                                  name=f"{FEATURE_PREFIX}/{name}")
-        for name, info in self.template.variables.items():
-            if name not in self.device_of_variable:
-                continue
-            with tf.device(self.device_of_variable[name]):
-                self.variables[name] = v1.get_variable(
-                    name, shape=info.shape, dtype=info.dtype, trainable=info.trainable,
-                    initializer=v1.zeros_initializer(), use_resource=True)
+        self.variables = variables.create_variables(
+            {name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
+             for name, info in self.template.variables.items()
+             if name in self.device_of_variable}, tf.compat.v1.get_default_graph())
 
     # ---- one action of one slot -----------------------------------------------------------
     def build_action(self, slot: Slot, action):

@@ -104,10 +104,12 @@ def is_differentiable(dtype: tf.DType) -> bool:
     return dtype.is_floating or dtype.is_complex
 
 
-def build_stage_graphs(template: Template, specs: list[StageSpec],
-                       rows_of_stage=None) -> list[StageGraph]:
+def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
+                       stages=None) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
+    `stages`: the stage indices to build (default all; a rank builds its own); the others are
+    None in the result.
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
     same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
@@ -117,7 +119,11 @@ def build_stage_graphs(template: Template, specs: list[StageSpec],
     node_by_name = {n.name: n for n in graph_def.node}
     rows_of_stage = rows_of_stage or [None] * len(specs)
     stage_graphs, differentiated = [], {}
+    wanted = set(range(len(specs)) if stages is None else stages)
     for spec, rows in zip(specs, rows_of_stage):
+        if spec.index not in wanted:
+            stage_graphs.append(None)
+            continue
         forward_part = _forward_part(template, spec, node_by_name, graph_def.library, rows)
         key = _structure_key(forward_part, spec, template)
         diff = None
