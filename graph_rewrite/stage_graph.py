@@ -67,13 +67,11 @@ class StageFunction:
 class StageGraph:
     spec: StageSpec
     forward: graph_pb2.GraphDef
-    forward_reads: frozenset[str]          # tensor names its nodes read (input_map keys must be)
     feature_inputs: dict[str, str]         # feature -> placeholder tensor in `forward`
     boundary_inputs: dict[str, str]        # template tensor -> placeholder tensor in `forward`
     forward_variables: tuple[str, ...]     # VarHandleOp names present in `forward`
     loss: str | None                       # loss tensor in `forward` (last stage)
     backward: graph_pb2.GraphDef
-    backward_reads: frozenset[str]
     forward_refs: dict[str, str]           # placeholder in `backward` -> tensor of `forward`
     backward_variables: tuple[str, ...]    # VarHandleOp names present in `backward`
     grad_inputs: dict[str, str]            # float output tensor -> grad placeholder in `backward`
@@ -385,10 +383,10 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
     library = {f.signature.name: f for part in (forward, backward)
                for f in part.library.function}
     return StageGraph(
-        spec=spec, forward=forward, forward_reads=_reads(forward), feature_inputs=feature_inputs,
+        spec=spec, forward=forward, feature_inputs=feature_inputs,
         boundary_inputs=boundary_inputs, forward_variables=tuple(spec.variables),
         loss=template.loss if spec.has_loss else None,
-        backward=backward, backward_reads=_reads(backward),
+        backward=backward,
         forward_refs=forward_refs,
         backward_variables=backward_variables, grad_inputs=grad_inputs,
         loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads,
@@ -421,7 +419,9 @@ def _stage_function(graph_def, kind: str, stage: int, inputs, outputs,
     """The function of one part of a stage. Inputs that no node reads are left out; outputs
     that are inputs are not returned (the caller has them)."""
     reads = _reads(graph_def)
-    outside = set(inputs) | (reads - _produced(graph_def))
+    names = {n.name for n in graph_def.node}
+    produced = {t for t in reads if graphdefs.split_tensor_name(t)[0] in names}
+    outside = set(inputs) | (reads - produced)
     inputs = [t for t in dict.fromkeys(inputs) if t in reads]
     outputs = [t for t in dict.fromkeys(outputs) if t not in outside]
     specs = tuple(spec_of(t) for t in outputs)
@@ -484,12 +484,6 @@ def _with_running_sums(backward, variable_grads, running_sum_inputs, spec_of: _S
     return graph_def, sum_of
 
 
-def _produced(graph_def) -> set[str]:
-    """Tensor names of `graph_def`'s reads that one of its own nodes produces."""
-    names = {n.name for n in graph_def.node}
-    return {t for t in _reads(graph_def) if graphdefs.split_tensor_name(t)[0] in names}
-
-
 def _with_ancestors(names: set[str], graph_def) -> set[str]:
     """`names` plus every node they read from. Gradients of while_v2 add inputs (accumulators)
     to the forward While op; those belong to the forward part."""
@@ -506,9 +500,9 @@ def _with_ancestors(names: set[str], graph_def) -> set[str]:
 
 
 def _drop_input_nodes(graph_def) -> None:
-    keep = [n for n in graph_def.node if n.op not in ("Placeholder", "VarHandleOp")]
-    del graph_def.node[:]
-    graph_def.node.extend(keep)
+    for k in reversed([k for k, n in enumerate(graph_def.node)
+                       if n.op in ("Placeholder", "VarHandleOp")]):
+        del graph_def.node[k]
 
 
 def _reads(graph_def) -> frozenset[str]:
