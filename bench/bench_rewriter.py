@@ -100,7 +100,7 @@ def main(argv=None):
     for phase, seconds in r["phases"].items():
         print(f"    {phase:34s} {seconds:7.2f} s")
     plain = time_single_device_build(args.blocks, args.optimizer)
-    print(f"  for scale, plain TF building the single-device training graph of this model:")
+    print("  for scale, plain TF building the single-device training graph of this model:")
     for phase, seconds in plain.items():
         print(f"    {phase:34s} {seconds:7.2f} s")
     print(f"  machine calibration: creating one AddV2 op from Python costs {op_cost_us():.0f} us, "

@@ -99,10 +99,6 @@ def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.Tenso
     return list(results)
 
 
-def library_functions(graph_def: graph_pb2.GraphDef) -> list[function_pb2.FunctionDef]:
-    return list(graph_def.library.function)
-
-
 _VALID_NAME = re.compile(r"[^A-Za-z0-9_]")
 
 

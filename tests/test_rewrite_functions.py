@@ -26,7 +26,7 @@ def body_graph():
         rows = tf.unstack(right, name="layer/rows")
         _, looped = tf.while_loop(lambda i, a: i < 3, lambda i, a: (i + 1, tf.tanh(a) * 1.5),
                                   [tf.constant(0), left], name="layer/loop")
-        out = tf.add(looped, rows[2], name="layer/out")
+        tf.add(looped, rows[2], name="layer/out")
     graph_def = graph.as_graph_def()
     kept = [n for n in graph_def.node if n.op != "Placeholder"]
     del graph_def.node[:]
