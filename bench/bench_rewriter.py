@@ -1,6 +1,7 @@
 """Time to rewrite a 48-layer transformer template into 8 stages x 16 micro-batches.
 
     python bench/bench_rewriter.py [--blocks 48] [--stages 8] [--micro-batches 16]
+                                   [--optimizer sgd|adam]  (default: both, SGD first)
     python bench/bench_rewriter.py --grid [--grid-blocks 12,24,48] [--grid-stages 2,4,8]
                                           [--grid-micro-batches 4,16,32]
 
@@ -78,7 +79,8 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--stages", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=16)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
+                        help="one optimizer (default: SGD, then Adam; --grid: Adam)")
     parser.add_argument("--grid", action="store_true",
                         help="time every blocks x stages x micro-batches combination and print "
                              "a markdown table with the graph size growth")
@@ -89,22 +91,28 @@ def main(argv=None):
     if args.grid:
         return grid([int(x) for x in args.grid_blocks.split(",")],
                     [int(x) for x in args.grid_stages.split(",")],
-                    [int(x) for x in args.grid_micro_batches.split(",")], args.optimizer)
-    r = time_rewrite(args.blocks, args.stages, args.micro_batches, args.optimizer)
-    print(f"transformer: {args.blocks} blocks ({r['layers']} layers, {r['template_ops']} "
-          f"template ops) -> {args.stages} stages x {args.micro_batches} micro-batches, "
-          f"{args.optimizer}: {r['training_ops']} ops in the training graph, "
-          f"{r['differentiated']} of {args.stages} stages differentiated (the others repeat one)")
+                    [int(x) for x in args.grid_micro_batches.split(",")],
+                    args.optimizer or "adam")
+    for optimizer in [args.optimizer] if args.optimizer else ["sgd", "adam"]:
+        report(args.blocks, args.stages, args.micro_batches, optimizer)
+    print(f"machine calibration: creating one AddV2 op from Python costs {op_cost_us():.0f} us, "
+          f"importing one costs {import_cost_us():.0f} us")
+
+
+def report(blocks: int, stages: int, micro_batches: int, optimizer: str) -> None:
+    r = time_rewrite(blocks, stages, micro_batches, optimizer)
+    print(f"transformer: {blocks} blocks ({r['layers']} layers, {r['template_ops']} "
+          f"template ops) -> {stages} stages x {micro_batches} micro-batches, "
+          f"{optimizer}: {r['training_ops']} ops in the training graph, "
+          f"{r['differentiated']} of {stages} stages differentiated (the others repeat one)")
     print(f"  template build + analysis            {r['template_s']:7.2f} s")
     print(f"  rewrite (all passes)                 {r['rewrite_s']:7.2f} s  (target < 10 s)")
     for phase, seconds in r["phases"].items():
         print(f"    {phase:34s} {seconds:7.2f} s")
-    plain = time_single_device_build(args.blocks, args.optimizer)
+    plain = time_single_device_build(blocks, optimizer)
     print("  for scale, plain TF building the single-device training graph of this model:")
     for phase, seconds in plain.items():
         print(f"    {phase:34s} {seconds:7.2f} s")
-    print(f"  machine calibration: creating one AddV2 op from Python costs {op_cost_us():.0f} us, "
-          f"importing one costs {import_cost_us():.0f} us")
 
 
 def time_rewrite(blocks: int, stages: int, micro_batches: int, optimizer: str = "adam") -> dict:
