@@ -49,13 +49,13 @@ def call_backward(stage: StageGraph, device: str, prefix: str,
         inputs[stage.loss_grad_input] = loss_grad
     for v in stage.backward_variables:
         inputs[f"{v}:0"] = handles[v]
-    function = stage.backward_function
-    if running_sums:
-        function = stage.backward_accumulate_function
+    accumulating = bool(running_sums)
+    if accumulating:
         for v, ph in stage.running_sum_inputs.items():
             inputs[ph] = running_sums[v]
+    function = stage.backward_accumulate_function if accumulating else stage.backward_function
     tensors = _call(function, inputs, device, prefix + "/bwd")
-    returned = iter(tensors[name] for name in _backward_order(stage, function))
+    returned = iter(tensors[name] for name in stage.backward_results(accumulating))
     input_grads = {t: next(returned) for t in stage.input_grads}
     variable_grads = {}
     for v, ref in stage.variable_grads.items():
@@ -65,19 +65,6 @@ def call_backward(stage: StageGraph, device: str, prefix: str,
             indices, values, dense_shape = next(returned), next(returned), next(returned)
             variable_grads[v] = tf.IndexedSlices(values, indices, dense_shape)
     return input_grads, variable_grads
-
-
-def _backward_order(stage: StageGraph, function: StageFunction) -> list[str]:
-    """Names of the backward's results in (input grads, variable grads) order; with running
-    sums, a dense gradient's name is that of its sum (the function's output in its place)."""
-    sums = {} if function is stage.backward_function else stage.running_sum_outputs
-    names = list(stage.input_grads.values())
-    for v, ref in stage.variable_grads.items():
-        if ref.dense:
-            names.append(sums.get(v, ref.dense))
-        else:
-            names += [ref.indices, ref.values, ref.dense_shape]
-    return names
 
 
 def _call(function: StageFunction, inputs: Mapping[str, tf.Tensor], device: str,

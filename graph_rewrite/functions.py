@@ -20,7 +20,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 from tensorflow.python.framework import op_def_registry
 
-from .graphdefs import split_tensor_name
+from .graphdefs import canonical_tensor_name, split_tensor_name
 
 ARG_PREFIX = "dapple_arg_"
 RESULT_PREFIX = "dapple_result_"
@@ -40,7 +40,7 @@ def function_def(graph_def: graph_pb2.GraphDef, name: str,
         arg = fdef.signature.input_arg.add()
         arg.name = f"{ARG_PREFIX}{k}"
         arg.type = tf.as_dtype(dtype).as_datatype_enum
-        arg_of[_canonical(tensor)] = arg.name
+        arg_of[canonical_tensor_name(tensor)] = arg.name
     signatures = {f.signature.name: f.signature for f in graph_def.library.function}
     names = {node.name for node in graph_def.node}
     output_args = {}
@@ -107,13 +107,8 @@ def function_name(*parts: str) -> str:
     return "_".join(_VALID_NAME.sub("_", p) for p in parts)
 
 
-def _canonical(tensor: str) -> str:
-    op, index = split_tensor_name(tensor)
-    return f"{op}:{index}"
-
-
 def _reference(tensor: str, arg_of: dict[str, str], output_args: dict) -> str:
-    key = _canonical(tensor)
+    key = canonical_tensor_name(tensor)
     if key in arg_of:
         return arg_of[key]
     op, index = split_tensor_name(key)

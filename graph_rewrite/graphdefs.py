@@ -26,6 +26,12 @@ def split_tensor_name(name: str) -> tuple[str, int]:
     return name, 0
 
 
+def canonical_tensor_name(name: str) -> str:
+    """'op' or 'op:k' -> 'op:k' (a NodeDef input may leave out output 0)."""
+    op, index = split_tensor_name(name)
+    return f"{op}:{index}"
+
+
 def strip_placement(node: node_def_pb2.NodeDef) -> None:
     node.device = ""
     if _COLOCATION_ATTR in node.attr:

@@ -88,6 +88,12 @@ class StageGraph:
     library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
     gradient_twin: int | None = None       # stage whose gradient graph this one reuses, renamed
 
+    def backward_results(self, accumulating: bool) -> list[str]:
+        """Names of the backward's results, in (input grads, variable grads) order, of
+        `backward_function` or, if `accumulating`, of `backward_accumulate_function`."""
+        return _backward_outputs(self.input_grads, self.variable_grads,
+                                 self.running_sum_outputs if accumulating else {})
+
     def functions(self) -> list[function_pb2.FunctionDef]:
         """Every function a clone's calls need: the stage's own and those they call."""
         own = [self.forward_function, self.backward_function, self.backward_accumulate_function]
@@ -405,7 +411,7 @@ class _SpecLookup:
         self.added: dict[str, tf.TensorSpec] = {}
 
     def __call__(self, name: str) -> tf.TensorSpec:
-        name = ":".join(map(str, graphdefs.split_tensor_name(name)))
+        name = graphdefs.canonical_tensor_name(name)
         if name in self.added:
             return self.added[name]
         if name in self.forward_refs:
@@ -506,10 +512,5 @@ def _drop_input_nodes(graph_def) -> None:
 
 
 def _reads(graph_def) -> frozenset[str]:
-    reads = set()
-    for node in graph_def.node:
-        for name in node.input:
-            if not name.startswith("^"):
-                op, index = graphdefs.split_tensor_name(name)
-                reads.add(f"{op}:{index}")
-    return frozenset(reads)
+    return frozenset(graphdefs.canonical_tensor_name(name) for node in graph_def.node
+                     for name in node.input if not name.startswith("^"))
