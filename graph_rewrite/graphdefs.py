@@ -102,3 +102,28 @@ def _add_placeholder(graph_def, name: str, like: tf.Tensor, shape=None) -> str:
     node.attr["dtype"].type = like.dtype.as_datatype_enum
     node.attr["shape"].shape.CopyFrom((like.shape if shape is None else shape).as_proto())
     return f"{name}:0"
+
+
+_VARIABLE_NAME_ATTRS = frozenset({"shared_name", "debug_name"})
+
+
+def structure_key(graph_def: graph_pb2.GraphDef, wiring: Iterable[str]) -> bytes:
+    """Equal for two GraphDefs iff they differ in node names only: every node's op, attributes
+    (a variable handle's name attributes aside) and inputs by position, and `wiring` (caller
+    facts about the graph, e.g. its outputs as 'node position:output index')."""
+    position = {n.name: k for k, n in enumerate(graph_def.node)}
+    key = graph_pb2.GraphDef()
+    for source in graph_def.node:
+        node = key.node.add()
+        node.op = source.op
+        for name, value in source.attr.items():
+            if not (source.op == "VarHandleOp" and name in _VARIABLE_NAME_ATTRS):
+                node.attr[name].CopyFrom(value)
+        for tensor in source.input:
+            control = tensor.startswith("^")
+            op, index = split_tensor_name(tensor.lstrip("^"))
+            node.input.append(f"{'^' if control else ''}{position[op]}:{index}")
+    node = key.node.add()
+    node.op = "dapple_wiring"
+    node.input.extend(wiring)
+    return key.SerializeToString(deterministic=True)

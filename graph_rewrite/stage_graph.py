@@ -2,10 +2,13 @@
 
 For stage s the forward GraphDef holds the stage's template ops; everything it reads from
 outside is a Placeholder (features, tensors from earlier stages) or a copy of the variable's
-VarHandleOp. `tf.gradients` (public API) is then called once, in a scratch graph holding that
-forward part, for ys = the float tensors the stage sends on (+ the loss on the last stage) and
-xs = its float received tensors + the variable handles it reads, with placeholder grad_ys. The
-new gradient ops form the backward GraphDef; the forward tensors they read become Placeholders.
+VarHandleOp. Its gradient is taken in a scratch graph holding that forward part, for ys = the
+float tensors the stage sends on (+ the loss on the last stage) and xs = its float received
+tensors + the variable handles it reads, with placeholder grad_ys: layer by layer, with
+`tf.gradients` (public API) run once per distinct layer structure and its gradient ops imported
+for each layer of that structure (graph_rewrite/layer_gradients.py), or, where that does not
+apply, by one `tf.gradients` call over the stage. The new gradient ops form the backward
+GraphDef; the forward tensors they read become Placeholders.
 
 Each GraphDef then becomes a library function (graph_rewrite/functions.py): `forward`,
 `backward`, and `backward_accumulate` (the backward that also adds this micro-batch's dense
@@ -22,7 +25,7 @@ import dataclasses
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
-from . import functions, graphdefs
+from . import functions, graphdefs, layer_gradients
 from .partition import StageSpec
 from .template import Template
 
@@ -87,6 +90,7 @@ class StageGraph:
     running_sum_outputs: dict[str, str]
     library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
     gradient_twin: int | None = None       # stage whose gradient graph this one reuses, renamed
+    gradient_by_layers: bool = False       # its gradient graph was assembled layer by layer
 
     def backward_results(self, accumulating: bool) -> list[str]:
         """Names of the backward's results, in (input grads, variable grads) order, of
@@ -109,20 +113,25 @@ def is_differentiable(dtype: tf.DType) -> bool:
 
 
 def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
-                       stages=None) -> list[StageGraph | None]:
+                       stages=None, layer_cache: layer_gradients.LayerGradientCache | None = None
+                       ) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
     `stages`: the stage indices to build (default all; a rank builds its own); the others are
-    None in the result.
+    None in the result. `layer_cache`: gradient graphs by layer structure (default: a new one).
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
     same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
     variable shapes: the middle stages of a block-repeated model) takes that stage's gradient
-    graph with its forward names swapped for its own."""
+    graph with its forward names swapped for its own. A stage that repeats none is differentiated
+    layer by layer, `tf.gradients` running once per distinct layer structure
+    (graph_rewrite/layer_gradients.py), or, where that does not apply (while loops), at once."""
     graph_def = template.graph.as_graph_def()
     node_by_name = {n.name: n for n in graph_def.node}
     rows_of_stage = rows_of_stage or [None] * len(specs)
     stage_graphs, differentiated = [], {}
+    if layer_cache is None:
+        layer_cache = layer_gradients.LayerGradientCache()
     wanted = set(range(len(specs)) if stages is None else stages)
     for spec, rows in zip(specs, rows_of_stage):
         if spec.index not in wanted:
@@ -139,7 +148,8 @@ def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage
             if diff is not None:
                 diff.twin_of = twin_stage
         if diff is None:
-            diff = _differentiate(template, spec, forward_part)
+            diff = (_differentiate(template, spec, forward_part, layer_cache)
+                    or _differentiate(template, spec, forward_part))
             differentiated.setdefault(key, (spec.index, forward_part, diff))
         stage_graphs.append(_stage_graph(template, spec, forward_part, diff))
     return stage_graphs
@@ -166,11 +176,15 @@ class _Differentiated:
     input_grads: dict[str, str]
     variable_grads: dict[str, GradRef]
     twin_of: int | None = None            # the stage whose gradient graph this one renames
+    by_layers: bool = False               # assembled layer by layer (else one tf.gradients)
 
 
-def _differentiate(template: Template, spec: StageSpec,
-                   forward_part: graphdefs.Subgraph) -> _Differentiated:
-    """tf.gradients in a scratch graph holding the stage's forward part."""
+def _differentiate(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
+                   layer_cache: layer_gradients.LayerGradientCache | None = None
+                   ) -> _Differentiated | None:
+    """The stage's gradient ops in a scratch graph holding its forward part: one
+    `tf.gradients` call, or, given `layer_cache`, assembled layer by layer
+    (graph_rewrite/layer_gradients.py; None if the stage cannot be)."""
     boundary_inputs = _boundary_inputs(template, forward_part)
     scratch = tf.Graph()
     with scratch.as_default():
@@ -195,7 +209,19 @@ def _differentiate(template: Template, spec: StageSpec,
                         if is_differentiable(scratch.get_tensor_by_name(boundary_inputs[t]).dtype)]
         xs = [scratch.get_tensor_by_name(boundary_inputs[t]) for t in float_inputs]
         handles = [scratch.get_tensor_by_name(f"{v}:0") for v in spec.variables]
-        grads = tf.gradients(ys, xs + handles, grad_ys) if ys else [None] * (len(xs) + len(handles))
+        if not ys:
+            grads = [None] * (len(xs) + len(handles))
+        elif layer_cache is None:
+            grads = tf.gradients(ys, xs + handles, grad_ys)
+        else:
+            layered = layer_gradients.differentiate_by_layers(
+                scratch, forward_part.graph_def, template.layer_of_op, spec.layers,
+                [(y.name, g) for y, g in zip(ys, grad_ys)], [x.name for x in xs], layer_cache)
+            if layered is None:
+                return None
+            input_grads_of, variable_grads_of = layered
+            grads = [input_grads_of[x.name] for x in xs] + \
+                [variable_grads_of.get(v) for v in spec.variables]
         input_grads = {}
         for t, x, g in zip(float_inputs, xs, grads[:len(xs)]):
             if g is None:
@@ -215,7 +241,8 @@ def _differentiate(template: Template, spec: StageSpec,
             else:
                 variable_grads[v] = GradRef(dense=g.name)
     return _Differentiated(scratch.as_graph_def(), scratch, forward_names, grad_inputs,
-                           loss_grad_input, input_grads, variable_grads)
+                           loss_grad_input, input_grads, variable_grads,
+                           by_layers=layer_cache is not None)
 
 
 def _boundary_inputs(template: Template, forward_part: graphdefs.Subgraph) -> dict[str, str]:
@@ -223,37 +250,23 @@ def _boundary_inputs(template: Template, forward_part: graphdefs.Subgraph) -> di
     return {t: ph for t, ph in forward_part.placeholder_of.items() if t not in features}
 
 
-_VARIABLE_NAME_ATTRS = frozenset({"shared_name", "debug_name"})
-
-
 def _structure_key(forward_part: graphdefs.Subgraph, spec: StageSpec,
                    template: Template) -> bytes:
-    """Equal for two stages iff their forward parts differ in names only: every node's op,
-    attributes (a variable handle's name attributes aside) and inputs by position, and the
-    positions of the stage's outputs, loss, boundary inputs and variables."""
+    """Equal for two stages iff their forward parts differ in names only (see
+    graphdefs.structure_key), with the stage's outputs, loss, boundary inputs and variables at
+    the same positions."""
     graph_def = forward_part.graph_def
     position = {n.name: k for k, n in enumerate(graph_def.node)}
 
     def where(tensor: str) -> str:
-        control = tensor.startswith("^")
-        op, index = graphdefs.split_tensor_name(tensor.lstrip("^"))
-        return f"{'^' if control else ''}{position[op]}:{index}"
+        op, index = graphdefs.split_tensor_name(tensor)
+        return f"{position[op]}:{index}"
 
-    key = graph_pb2.GraphDef()
-    for source in graph_def.node:
-        node = key.node.add()
-        node.op = source.op
-        for name, value in source.attr.items():
-            if not (source.op == "VarHandleOp" and name in _VARIABLE_NAME_ATTRS):
-                node.attr[name].CopyFrom(value)
-        node.input.extend(where(t) for t in source.input)
-    wiring = key.node.add()
-    wiring.op = "dapple_stage_wiring"
-    wiring.input.extend(where(t) for t in spec.outputs)
-    wiring.input.append(where(template.loss) if spec.has_loss else "no loss")
-    wiring.input.extend(where(forward_part.placeholder_of[t]) for t in spec.inputs)
-    wiring.input.extend(str(position[v]) for v in spec.variables)
-    return key.SerializeToString(deterministic=True)
+    return graphdefs.structure_key(graph_def, [
+        *(where(t) for t in spec.outputs),
+        where(template.loss) if spec.has_loss else "no loss",
+        *(where(forward_part.placeholder_of[t]) for t in spec.inputs),
+        *(str(position[v]) for v in spec.variables)])
 
 
 def _name_map(twin: graph_pb2.GraphDef, own: graph_pb2.GraphDef) -> dict[str, str]:
@@ -321,7 +334,8 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
         grad_inputs={tensor(t): tensor(ph) for t, ph in twin.grad_inputs.items()},
         loss_grad_input=twin.loss_grad_input and tensor(twin.loss_grad_input),
         input_grads={input_map[t]: tensor(g) for t, g in twin.input_grads.items()},
-        variable_grads={name_map.get(v, v): ref(r) for v, r in twin.variable_grads.items()})
+        variable_grads={name_map.get(v, v): ref(r) for v, r in twin.variable_grads.items()},
+        by_layers=twin.by_layers)
 
 
 def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
@@ -399,7 +413,8 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
         forward_function=forward_function, backward_function=backward_function,
         backward_accumulate_function=backward_accumulate_function,
         running_sum_inputs=running_sum_inputs, running_sum_outputs=running_sum_outputs,
-        library=tuple(library.values()), gradient_twin=diff.twin_of)
+        library=tuple(library.values()), gradient_twin=diff.twin_of,
+        gradient_by_layers=diff.by_layers)
 
 
 class _SpecLookup:
