@@ -89,10 +89,11 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
                 if slot.stage == stage:
                     builder.build_action(slot, action)
         clock.mark("clones, boundaries, schedule")
-        train_op, gradients, optimizer, global_step = builder.apply(
-            optimizer_fn, clip_norm, gradient_sync)
+        gradients = builder.final_gradients(clip_norm, gradient_sync)
         loss = builder.global_loss()
-        clock.mark("gradient sums + optimizer apply")
+        clock.mark("gradient sums")
+        train_op, optimizer, global_step = builder.apply(optimizer_fn, gradients)
+        clock.mark("optimizer apply_gradients")
     return TrainingGraph(
         graph=graph, plan=plan, features=builder.features, loss=loss, train_op=train_op,
         variables=builder.variables, global_step=global_step, optimizer=optimizer,
@@ -286,7 +287,10 @@ class _Builder:
         return (hi - lo) / self.plan.global_batch_size
 
     # ---- gradients and the update ---------------------------------------------------------
-    def apply(self, optimizer_fn, clip_norm, gradient_sync: GradientSync):
+    def final_gradients(self, clip_norm, gradient_sync: GradientSync) -> dict:
+        """variable -> its gradient for the update: summed over micro-batches, replicas and
+        the stages reading it, clipped by the global norm; trainable variables in template
+        order."""
         per_stage: dict[int, dict[int, dict]] = {}
         for slot in self.local:
             with tf.device(self.device_of_slot[slot]):
@@ -301,13 +305,17 @@ class _Builder:
         if clip_norm is not None:
             with tf.name_scope("dapple/clip"):
                 grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+        return dict(zip(order, grads))
+
+    def apply(self, optimizer_fn, gradients: dict):
+        """One `apply_gradients` of the user's optimizer, with `global_step`."""
         first_device = self.device_of_slot[self.local[0]]
         with tf.device(first_device):
             global_step = v1.train.get_or_create_global_step()
         optimizer = optimizer_fn()
         train_op = optimizer.apply_gradients(
-            [(g, self.variables[v]) for g, v in zip(grads, order)], global_step=global_step)
-        return train_op, dict(zip(order, grads)), optimizer, global_step
+            [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step)
+        return train_op, optimizer, global_step
 
     def global_loss(self) -> tf.Tensor:
         if not self.scaled_losses:
