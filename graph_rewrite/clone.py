@@ -32,7 +32,8 @@ def call_forward(stage: StageGraph, device: str, prefix: str,
         inputs[ph] = received[t]
     for v in stage.forward_variables:
         inputs[f"{v}:0"] = handles[v]
-    return _call(stage.forward_function, inputs, device, prefix + "/fwd")
+    return _call(stage.forward_function, inputs, device, prefix + "/fwd",
+                 stage.backward_only_forward_results)
 
 
 def call_backward(stage: StageGraph, device: str, prefix: str,
@@ -68,12 +69,13 @@ def call_backward(stage: StageGraph, device: str, prefix: str,
 
 
 def _call(function: StageFunction, inputs: Mapping[str, tf.Tensor], device: str,
-          name: str) -> dict[str, tf.Tensor]:
+          name: str, unshaped: frozenset[int] = frozenset()) -> dict[str, tf.Tensor]:
     """Call `function` on `device`; returns output name -> tensor, plus the inputs (names the
-    caller asks for may be inputs passed straight through)."""
+    caller asks for may be inputs passed straight through). Results at the indices in
+    `unshaped` keep unknown static shapes."""
     with tf.device(device):
         results = functions.call(function.name, [inputs[t] for t in function.inputs],
-                                 function.output_specs, name)
+                                 function.output_specs, name, unshaped)
     tensors = dict(zip(function.outputs, results))
     tensors.update(inputs)
     return tensors

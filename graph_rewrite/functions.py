@@ -90,8 +90,9 @@ def register(graph: tf.Graph, functions: Iterable[function_pb2.FunctionDef]) -> 
 
 
 def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.TensorSpec],
-         name: str) -> list[tf.Tensor]:
-    """One call op of a registered function; results get the static shapes of `specs`.
+         name: str, unshaped: frozenset[int] = frozenset()) -> list[tf.Tensor]:
+    """One call op of a registered function; results get the static shapes of `specs`, except
+    those at the indices in `unshaped` (results only another call reads need none).
 
     The op carries `_disable_call_shape_inference` (as TF's own `Defun` call ops do): without it,
     adding the op to the graph re-runs shape inference over the whole function body, which was
@@ -103,8 +104,9 @@ def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.Tenso
                "Tout": _type_list([s.dtype for s in specs]),
                "f": attr_value_pb2.AttrValue(func=attr_value_pb2.NameAttrList(name=function_name)),
                "_disable_call_shape_inference": attr_value_pb2.AttrValue(b=True)})
-    for tensor, spec in zip(op.outputs, specs):
-        tensor.set_shape(spec.shape)
+    for k, (tensor, spec) in enumerate(zip(op.outputs, specs)):
+        if k not in unshaped:
+            tensor.set_shape(spec.shape)
     return list(op.outputs)
 
 

@@ -21,6 +21,7 @@ gradient reads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
@@ -97,6 +98,15 @@ class StageGraph:
         `backward_function` or, if `accumulating`, of `backward_accumulate_function`."""
         return _backward_outputs(self.input_grads, self.variable_grads,
                                  self.running_sum_outputs if accumulating else {})
+
+    @functools.cached_property
+    def backward_only_forward_results(self) -> frozenset[int]:
+        """Indices of the forward function's results that only the backward call reads (saved
+        activations not sent on): their static shapes are not needed outside the calls."""
+        sent = set(self.spec.outputs) | ({self.loss} if self.loss else set())
+        refs = set(self.forward_refs.values())
+        return frozenset(k for k, name in enumerate(self.forward_function.outputs)
+                         if name in refs and name not in sent)
 
     def functions(self) -> list[function_pb2.FunctionDef]:
         """Every function a clone's calls need: the stage's own and those they call."""
