@@ -12,6 +12,19 @@ from tensorflow.core.framework import graph_pb2, node_def_pb2
 _COLOCATION_ATTR = "_class"
 
 
+@dataclasses.dataclass(frozen=True)
+class GradRef:
+    """Where a gradient is in a GraphDef: a dense tensor, or the parts of IndexedSlices."""
+    dense: str | None = None
+    indices: str | None = None
+    values: str | None = None
+    dense_shape: str | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.dense is None
+
+
 @dataclasses.dataclass
 class Subgraph:
     graph_def: graph_pb2.GraphDef

@@ -40,15 +40,6 @@ SUM_SCOPE = "dapple_grad_sum"
 _INPUT_OPS = frozenset({"Placeholder", "VarHandleOp"})
 
 
-@dataclasses.dataclass(frozen=True)
-class _Grad:
-    """A gradient in a layer's gradient GraphDef: dense, or IndexedSlices parts."""
-    dense: str | None = None
-    indices: str | None = None
-    values: str | None = None
-    dense_shape: str | None = None
-
-
 @dataclasses.dataclass
 class _LayerGradient:
     """The gradient ops of one layer structure, as differentiated for layer `layer`."""
@@ -56,7 +47,7 @@ class _LayerGradient:
     forward: graph_pb2.GraphDef           # the layer's forward part (names of `layer`)
     gradient: graph_pb2.GraphDef          # only the gradient nodes
     outside: tuple[str, ...]              # tensors the gradient nodes read from outside them
-    grads: tuple[_Grad | None, ...]       # per x (float inputs, then variable handles)
+    grads: tuple[graphdefs.GradRef | None, ...]  # per x: float inputs, then variable handles
 
 
 class LayerGradientCache:
@@ -167,11 +158,11 @@ def _differentiate_layer(layer: str, forward: graph_pb2.GraphDef, ys: list[str],
             if g is None:
                 refs.append(None)
             elif isinstance(g, tf.IndexedSlices):
-                refs.append(_Grad(indices=g.indices.name, values=g.values.name,
-                                  dense_shape=None if g.dense_shape is None
-                                  else g.dense_shape.name))
+                refs.append(graphdefs.GradRef(
+                    indices=g.indices.name, values=g.values.name,
+                    dense_shape=None if g.dense_shape is None else g.dense_shape.name))
             else:
-                refs.append(_Grad(dense=g.name))
+                refs.append(graphdefs.GradRef(dense=g.name))
     result = graph.as_graph_def()
     before = {n.name: n for n in forward.node}
     if any(n.name in before and not _same_node(n, before[n.name]) for n in result.node):

@@ -27,6 +27,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
 from . import functions, graphdefs, layer_gradients
+from .graphdefs import GradRef
 from .partition import StageSpec
 from .template import Template
 
@@ -37,19 +38,6 @@ GRAD_INPUT_PREFIX = "dapple_grad_in"
 FORWARD_REF_PREFIX = "dapple_fwd"
 RUNNING_SUM_PREFIX = "dapple_running_sum"
 ACCUMULATE_SCOPE = "dapple_accumulate"
-
-
-@dataclasses.dataclass(frozen=True)
-class GradRef:
-    """Where a variable's gradient is in the backward GraphDef: dense, or IndexedSlices parts."""
-    dense: str | None = None
-    indices: str | None = None
-    values: str | None = None
-    dense_shape: str | None = None
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.dense is None
 
 
 @dataclasses.dataclass(frozen=True)
