@@ -117,6 +117,17 @@ def _add_placeholder(graph_def, name: str, like: tf.Tensor, shape=None) -> str:
     return f"{name}:0"
 
 
+def positions(graph_def: graph_pb2.GraphDef):
+    """A function: tensor or op name -> 'node position:output index' in `graph_def` (how
+    `structure_key` wiring names a tensor)."""
+    position = {n.name: k for k, n in enumerate(graph_def.node)}
+
+    def where(name: str) -> str:
+        op, index = split_tensor_name(name)
+        return f"{position[op]}:{index}"
+    return where
+
+
 _VARIABLE_NAME_ATTRS = frozenset({"shared_name", "debug_name"})
 
 

@@ -117,7 +117,7 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
                 if _differentiable(dtype) and (producer is not None or tensor in x_set):
                     layer_xs.append(tensor)
             variables = [n.name for n in part.graph_def.node if n.op == "VarHandleOp"]
-            where = _positions(part.graph_def)
+            where = graphdefs.positions(part.graph_def)
             x_placeholders = [part.placeholder_of[t] for t in layer_xs]
             key = graphdefs.structure_key(part.graph_def, [
                 *(where(t) for t in ys), "ys", *(where(p) for p in x_placeholders), "xs",
@@ -260,16 +260,6 @@ def _with_layer_renamed(gradient: graph_pb2.GraphDef, old: str, new: str) -> gra
         del node.input[:]
         node.input.extend(inputs)
     return renamed
-
-
-def _positions(graph_def: graph_pb2.GraphDef):
-    """tensor or op name -> 'node position:output index' in `graph_def`."""
-    position = {n.name: k for k, n in enumerate(graph_def.node)}
-
-    def where(name: str) -> str:
-        op, index = graphdefs.split_tensor_name(name)
-        return f"{position[op]}:{index}"
-    return where
 
 
 def _same_node(a, b) -> bool:

@@ -254,17 +254,12 @@ def _structure_key(forward_part: graphdefs.Subgraph, spec: StageSpec,
     graphdefs.structure_key), with the stage's outputs, loss, boundary inputs and variables at
     the same positions."""
     graph_def = forward_part.graph_def
-    position = {n.name: k for k, n in enumerate(graph_def.node)}
-
-    def where(tensor: str) -> str:
-        op, index = graphdefs.split_tensor_name(tensor)
-        return f"{position[op]}:{index}"
-
+    where = graphdefs.positions(graph_def)
     return graphdefs.structure_key(graph_def, [
         *(where(t) for t in spec.outputs),
         where(template.loss) if spec.has_loss else "no loss",
         *(where(forward_part.placeholder_of[t]) for t in spec.inputs),
-        *(str(position[v]) for v in spec.variables)])
+        *(where(v) for v in spec.variables)])
 
 
 def _name_map(twin: graph_pb2.GraphDef, own: graph_pb2.GraphDef) -> dict[str, str]:
