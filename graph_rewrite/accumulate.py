@@ -39,7 +39,7 @@ class SlotAccumulator:
         out = {}
         for v in list(self._dense) + [v for v in self._sparse if v not in self._dense]:
             parts = ([self._dense[v]] if v in self._dense else []) + self._sparse.get(v, [])
-            out[v] = sum_gradients(parts, f"{self.scope}/{_scope(v)}_total")
+            out[v] = sum_gradients(parts, f"{self.scope}/{scope_name(v)}_total")
         return out
 
 
@@ -59,5 +59,6 @@ def sum_gradients(grads: Sequence, name: str):
         return tf.add_n([tf.convert_to_tensor(g) for g in grads])
 
 
-def _scope(variable: str) -> str:
-    return variable.replace("/", "_").replace(":", "_")
+def scope_name(tensor: str) -> str:
+    """A variable or tensor name as one name-scope part."""
+    return tensor.replace("/", "_").replace(":", "_")

@@ -45,6 +45,15 @@ def canonical_tensor_name(name: str) -> str:
     return f"{op}:{index}"
 
 
+def is_differentiable(dtype: tf.DType) -> bool:
+    return dtype.is_floating or dtype.is_complex
+
+
+def renamed_scopes(name: str, mapping: Mapping[str, str]) -> str:
+    """`name` with each '/'-separated part found in `mapping` replaced (e.g. a layer name)."""
+    return "/".join(mapping.get(part, part) for part in name.split("/"))
+
+
 def strip_placement(node: node_def_pb2.NodeDef) -> None:
     node.device = ""
     if _COLOCATION_ATTR in node.attr:
@@ -135,7 +144,7 @@ def structure_key(graph_def: graph_pb2.GraphDef, wiring: Iterable[str]) -> bytes
     """Equal for two GraphDefs iff they differ in node names only: every node's op, attributes
     (a variable handle's name attributes aside) and inputs by position, and `wiring` (caller
     facts about the graph, e.g. its outputs as 'node position:output index')."""
-    position = {n.name: k for k, n in enumerate(graph_def.node)}
+    where = positions(graph_def)
     key = graph_pb2.GraphDef()
     for source in graph_def.node:
         node = key.node.add()
@@ -143,10 +152,8 @@ def structure_key(graph_def: graph_pb2.GraphDef, wiring: Iterable[str]) -> bytes
         for name, value in source.attr.items():
             if not (source.op == "VarHandleOp" and name in _VARIABLE_NAME_ATTRS):
                 node.attr[name].CopyFrom(value)
-        for tensor in source.input:
-            control = tensor.startswith("^")
-            op, index = split_tensor_name(tensor.lstrip("^"))
-            node.input.append(f"{'^' if control else ''}{position[op]}:{index}")
+        node.input.extend(("^" if t.startswith("^") else "") + where(t.lstrip("^"))
+                          for t in source.input)
     node = key.node.add()
     node.op = "dapple_wiring"
     node.input.extend(wiring)

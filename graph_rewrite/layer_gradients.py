@@ -30,7 +30,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 from . import graphdefs
-from .accumulate import sum_gradients
+from .accumulate import scope_name, sum_gradients
 
 v1 = tf.compat.v1
 
@@ -100,7 +100,7 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
         for layer in reversed(layers):
             names = {n.name for n in nodes_of_layer[layer]}
             ys = [t for t in incoming if graphdefs.split_tensor_name(t)[0] in names
-                  and _differentiable(scratch.get_tensor_by_name(t).dtype)]
+                  and graphdefs.is_differentiable(scratch.get_tensor_by_name(t).dtype)]
             if not ys:
                 continue
             ys.sort(key=lambda t: (position[graphdefs.split_tensor_name(t)[0]], t))
@@ -114,7 +114,7 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
                     return None     # reads a later layer: not a chain of layers
                 if dtype == tf.resource:
                     return None     # a resource passed between layers, not a variable handle
-                if _differentiable(dtype) and (producer is not None or tensor in x_set):
+                if graphdefs.is_differentiable(dtype) and (producer is not None or tensor in x_set):
                     layer_xs.append(tensor)
             variables = [n.name for n in part.graph_def.node if n.op == "VarHandleOp"]
             where = graphdefs.positions(part.graph_def)
@@ -126,17 +126,17 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
                 layer, part.graph_def, ys, x_placeholders, variables))
             if layer_grad is None:
                 return None
-            grad_ys = [_as_tensor(sum_gradients(incoming.pop(t), f"{SUM_SCOPE}/{_scope(t)}"))
+            grad_ys = [_as_tensor(sum_gradients(incoming.pop(t), f"{SUM_SCOPE}/{scope_name(t)}"))
                        for t in ys]
             grads = _import_layer_gradient(layer_grad, layer, part, grad_ys)
             for tensor, grad in zip(layer_xs + variables, grads):
                 if grad is not None:
                     (incoming[tensor] if tensor in part.placeholder_of
                      else variable_parts[tensor]).append(grad)
-        input_grads = {x: sum_gradients(incoming.get(x, []), f"{SUM_SCOPE}/{_scope(x)}")
+        input_grads = {x: sum_gradients(incoming.get(x, []), f"{SUM_SCOPE}/{scope_name(x)}")
                        for x in xs}
-        variable_grads = {v: sum_gradients(variable_parts.get(v, []), f"{SUM_SCOPE}/{_scope(v)}")
-                          for v in handles}
+        variable_grads = {v: sum_gradients(variable_parts.get(v, []),
+                                           f"{SUM_SCOPE}/{scope_name(v)}") for v in handles}
     return input_grads, variable_grads
 
 
@@ -238,25 +238,22 @@ def _import_layer_gradient(layer_grad: _LayerGradient, layer: str, part: graphde
     return grads
 
 
-def _rename_layer(name: str, old: str, new: str) -> str:
-    return "/".join(new if part == old else part for part in name.split("/"))
-
-
 def _with_layer_renamed(gradient: graph_pb2.GraphDef, old: str, new: str) -> graph_pb2.GraphDef:
     """A copy whose gradient node names (`gradients/<old>/...`) name layer `new` instead, so
     traces show the layer each gradient op belongs to; inputs from outside keep their names
     (`input_map` keys)."""
     inside = {n.name for n in gradient.node}
-    if len({_rename_layer(name, old, new) for name in inside}) != len(inside):
+    layer_map = {old: new}
+    if len({graphdefs.renamed_scopes(name, layer_map) for name in inside}) != len(inside):
         return gradient     # the new names would clash: keep the first layer's
     renamed = graph_pb2.GraphDef()
     renamed.CopyFrom(gradient)
     for node in renamed.node:
-        node.name = _rename_layer(node.name, old, new)
+        node.name = graphdefs.renamed_scopes(node.name, layer_map)
         inputs = []
         for name in node.input:
             op = graphdefs.split_tensor_name(name.lstrip("^"))[0]
-            inputs.append(_rename_layer(name, old, new) if op in inside else name)
+            inputs.append(graphdefs.renamed_scopes(name, layer_map) if op in inside else name)
         del node.input[:]
         node.input.extend(inputs)
     return renamed
@@ -271,11 +268,3 @@ def _same_node(a, b) -> bool:
 
 def _as_tensor(grad):
     return tf.convert_to_tensor(grad) if isinstance(grad, tf.IndexedSlices) else grad
-
-
-def _differentiable(dtype: tf.DType) -> bool:
-    return dtype.is_floating or dtype.is_complex
-
-
-def _scope(tensor: str) -> str:
-    return tensor.replace("/", "_").replace(":", "_")

@@ -27,7 +27,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
 from . import functions, graphdefs, layer_gradients
-from .graphdefs import GradRef
+from .graphdefs import GradRef, is_differentiable
 from .partition import StageSpec
 from .template import Template
 
@@ -104,10 +104,6 @@ class StageGraph:
     @property
     def differentiable_outputs(self) -> tuple[str, ...]:
         return tuple(self.grad_inputs)
-
-
-def is_differentiable(dtype: tf.DType) -> bool:
-    return dtype.is_floating or dtype.is_complex
 
 
 def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
@@ -294,7 +290,7 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
     def op_name(name: str) -> str:
         if name in name_map:
             return name_map[name]
-        return "/".join(layer_map.get(part, part) for part in name.split("/"))
+        return graphdefs.renamed_scopes(name, layer_map)
 
     new_name = {n.name: op_name(n.name) for n in twin.graph_def.node}
     if len(set(new_name.values())) != len(new_name):
