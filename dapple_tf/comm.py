@@ -436,6 +436,11 @@ def share_plan(plan_on_rank0: Callable[[], Plan]) -> Plan:
     return plan
 
 
+def step_timeout_s() -> float:
+    """DAPPLE_STEP_TIMEOUT_S: the longest a step may wait for its collectives."""
+    return float(os.environ.get("DAPPLE_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+
+
 # ---- watchdog ----------------------------------------------------------------------------------
 def shared_heartbeat_dir(preferred: str | None = None) -> tuple[str, bool]:
     """(directory, chosen here) : a directory every rank agrees on (rank 0 chooses it), and

@@ -26,13 +26,15 @@ import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
+from graph_rewrite.collective_transport import (CollectiveKeys, CollectiveTransport,
+                                                all_reduce_sum, check_keys)
 from graph_rewrite.horovod_transport import HorovodGradientSync, HorovodTransport
 from graph_rewrite.partition import partition
 from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template, initial_values
 from planner.plan_format import Plan, PlanError
 
-from . import checkpoint, checkpoint_sharded, comm, devices
+from . import checkpoint, checkpoint_sharded, comm, devices, tf_cluster
 from .trainer import Trainer, _prepare_reads, resolve_plan
 
 v1 = tf.compat.v1
@@ -45,7 +47,8 @@ class MultiRankTrainer(Trainer):
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True, heartbeat_dir: str | None = None):
+                 optimize_graph: bool = True, heartbeat_dir: str | None = None,
+                 transport: str | None = None):
         if clip_norm is not None:
             raise NotImplementedError("clip_norm is not supported across ranks yet (the global "
                                       "norm needs every rank's gradients); run without it")
@@ -70,12 +73,31 @@ class MultiRankTrainer(Trainer):
         tied = [stages for stages in dict.fromkeys(tied) if len(stages) > 1]
 
         kind = devices.device_kind()
-        device = devices.device_name(0, kind)
+        config = devices.session_config(kind, 1, inter_op_threads, optimize_graph)
+        if kind == "GPU":
+            config.gpu_options.visible_device_list = str(info.local_rank)
         self.process_sets = comm.ProcessSets(self.plan, tied)
         self.collectives = comm.Collectives(self.process_sets, self.rank)
-        transport = HorovodTransport(self.plan, self.rank, self.collectives, device)
+        self.transport_kind = _transport_kind(transport)
+        self.keys = CollectiveKeys(self.size, comm.gradient_groups(self.plan, tied))
+        timeout_s = comm.step_timeout_s()
+        if self.transport_kind == "tf":
+            self.cluster = tf_cluster.start(self.rank, self.size, comm.allgather_objects, config)
+            device = self.cluster.device(kind)
+            transport = CollectiveTransport(self.plan, self.rank, self.keys, device, timeout_s)
+        else:
+            self.cluster = None
+            device = devices.device_name(0, kind)
+            transport = HorovodTransport(self.plan, self.rank, self.collectives, device)
+
+        def tf_sum(grad, variable, ranks):
+            name = "dapple/allreduce/" + variable.replace(":", "_")
+            self.collectives.log.add(name, ranks)
+            return all_reduce_sum(tf.convert_to_tensor(grad), ranks, self.keys, name, timeout_s)
+
         sync = HorovodGradientSync(self.collectives, self.ranks_of_variable, self.rank,
-                                   comm.allgather_objects)
+                                   comm.allgather_objects,
+                                   sum_dense=tf_sum if self.transport_kind == "tf" else None)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: device, local_slots=[self.slot],
                                  transport=transport, gradient_sync=sync)
@@ -88,17 +110,23 @@ class MultiRankTrainer(Trainer):
             share = self.rewritten.loss if holds_loss else tf.constant(0.0, tf.float32)
             share = tf.cast(share, tf.float32)
             ends = [op for op in self.rewritten.end_ops.values()]
-            self.loss = self.collectives.step_end(
-                share, [self.train_op] + ends + transport.outgoing)
+            after = [self.train_op] + ends + transport.outgoing
+            if self.transport_kind == "tf":
+                self.loss = self._tf_step_end(share, after, timeout_s)
+            else:
+                self.loss = self.collectives.step_end(share, after)
             self._broadcast_init = tf.group(*[
                 self.collectives.broadcast_variable(var, name, self.ranks_of_variable[name])
                 for name, var in sorted(self.rewritten.variables.items())
                 if len(self.ranks_of_variable[name]) > 1], name="dapple/init/broadcast")
+        check_keys(self.keys.names, comm.allgather_objects(self.keys.names,
+                                                           "dapple.collective_keys"), self.rank)
         self._prepare_sharded_saver()
-        config = devices.session_config(kind, 1, inter_op_threads, optimize_graph)
-        if kind == "GPU":
-            config.gpu_options.visible_device_list = str(info.local_rank)
-        self.session = v1.Session(graph=self.graph, config=comm.session_config(config))
+        if self.cluster is not None:
+            self.session = v1.Session(self.cluster.target, graph=self.graph,
+                                      config=self.cluster.session_config(comm.session_config(config)))
+        else:
+            self.session = v1.Session(graph=self.graph, config=comm.session_config(config))
         _prepare_reads(self)
         self._finish_init()
         self.set_weights(initial_values(self.template))
@@ -109,6 +137,14 @@ class MultiRankTrainer(Trainer):
         self._steps_run = 0
 
     # ---- setup helpers ------------------------------------------------------------------------
+    def _tf_step_end(self, local_loss, control_inputs, timeout_s):
+        """The step's last collective (see comm.Collectives.step_end), as a TF all-reduce."""
+        name = "dapple/step_end"
+        self.collectives.log.add(name, range(self.size))
+        with tf.control_dependencies(list(control_inputs)):
+            local_loss = tf.identity(local_loss)
+        return all_reduce_sum(local_loss, range(self.size), self.keys, name, timeout_s)
+
     def _prepare_sharded_saver(self):
         local = sorted(checkpoint.variables_by_name(self.graph))
         everyone = comm.allgather_objects(local, "dapple.variable_names")
@@ -129,7 +165,7 @@ class MultiRankTrainer(Trainer):
         try:
             loss = super().train_step(batch, run_metadata=run_metadata)
         except tf.errors.OpError as e:
-            if "horovod" not in str(e).lower():
+            if not _is_collective_failure(e):
                 raise
             message = comm.explain_collective_failure(self.watchdog, e, self._steps_run)
             print(message, flush=True)
@@ -170,6 +206,25 @@ class MultiRankTrainer(Trainer):
     def close(self):
         self.watchdog.stop(remove_directory=self._remove_heartbeats)
         super().close()
+
+
+def _is_collective_failure(error: Exception) -> bool:
+    """A step failed in a collective (Horovod's or TF's): a peer is likely gone."""
+    op = getattr(getattr(error, "op", None), "name", "") or ""
+    text = str(error).lower()
+    return "horovod" in text or "collective" in text or op.startswith("dapple/")
+
+
+TRANSPORTS = ("tf", "horovod")
+
+
+def _transport_kind(requested: str | None) -> str:
+    """The boundary transport: `transport=` if given, else DAPPLE_TRANSPORT, else "tf" (TF
+    collective broadcasts between per-rank servers); "horovod": Horovod pair broadcasts."""
+    kind = requested or os.environ.get("DAPPLE_TRANSPORT") or "tf"
+    if kind not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+    return kind
 
 
 def _slot_of_rank(plan: Plan, rank: int) -> Slot:

@@ -13,7 +13,8 @@ the runtime makes the step's last collective depend on them, or nothing would ru
 `HorovodGradientSync` (an allreduce.GradientSync): a rank holds one slot, so its gradients are
 already summed over its micro-batches; each variable's gradient is then summed over every rank
 that holds a user of it (its stage's replicas, plus the ranks of the other stages reading a
-tied variable) with one per-tensor allreduce. Gradients that are IndexedSlices on every such
+tied variable) with one per-tensor allreduce (Horovod's, or the `sum_dense` given: the multi-rank
+trainer passes TF collective all-reduces, see dapple_tf/multirank.py). Gradients that are IndexedSlices on every such
 rank stay sparse (an allgather of rows), so sparse optimizer updates match single-device
 training; otherwise they are summed dense, as tf.gradients aggregates mixed gradients.
 """
@@ -75,11 +76,13 @@ class HorovodGradientSync:
     whether every rank's gradient is sparse)."""
 
     def __init__(self, collectives, ranks_of_variable: dict[str, tuple[int, ...]], rank: int,
-                 exchange: Callable[[object, str], list]):
+                 exchange: Callable[[object, str], list], sum_dense: Callable | None = None):
         self.collectives = collectives
         self.ranks_of_variable = ranks_of_variable
         self.rank = rank
         self.exchange = exchange
+        # (gradient, variable name, ranks) -> the sum over those ranks; default Horovod's
+        self.sum_dense = sum_dense or collectives.allreduce_gradient
 
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
         (grads,) = grads_by_replica.values()  # one slot per rank
@@ -99,7 +102,7 @@ class HorovodGradientSync:
                 elif all(everyone[r].get(v) == SPARSE for r in group):
                     out[v] = self.collectives.allgather_rows(g, v, group)
                 else:
-                    out[v] = self.collectives.allreduce_gradient(g, v, group)
+                    out[v] = self.sum_dense(g, v, group)
         missing = sorted(v for v, group in self.ranks_of_variable.items()
                          if self.rank in group and v not in grads and len(group) > 1
                          and any(v in everyone[r] for r in group))
