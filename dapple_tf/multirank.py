@@ -48,11 +48,12 @@ class MultiRankTrainer(Trainer):
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, heartbeat_dir: str | None = None,
-                 transport: str | None = None):
+                 transport: str | None = None, input_fn: Callable | None = None):
         if clip_norm is not None:
             raise NotImplementedError("clip_norm is not supported across ranks yet (the global "
                                       "norm needs every rank's gradients); run without it")
         self.global_batch_size = int(global_batch_size)
+        self.input_fn = input_fn
         info = comm.init()
         self.rank, self.size = info.rank, info.size
         if isinstance(plan, Plan):
@@ -100,9 +101,10 @@ class MultiRankTrainer(Trainer):
                                    sum_dense=tf_sum if self.transport_kind == "tf" else None)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: device, local_slots=[self.slot],
-                                 transport=transport, gradient_sync=sync)
+                                 transport=transport, gradient_sync=sync, input_fn=input_fn)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
+        self.feature_rows = self.rewritten.feature_rows
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
         with self.graph.as_default(), tf.device(device):
@@ -129,7 +131,7 @@ class MultiRankTrainer(Trainer):
             self.session = v1.Session(graph=self.graph, config=comm.session_config(config))
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template))
+        self.set_weights(initial_values(self.template, names=set(self.rewritten.variables)))
         self.session.run(self._broadcast_init)
         directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0

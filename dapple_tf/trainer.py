@@ -35,6 +35,8 @@ class _SessionTrainer:
     loss: tf.Tensor
     train_op: tf.Operation
     global_batch_size: int
+    feature_rows: dict | None = None  # feature -> rows read here; None: whole global batches
+    input_fn = None                   # the dataset the features default to (Trainer only)
 
     def _finish_init(self):
         with self.graph.as_default():
@@ -52,10 +54,14 @@ class _SessionTrainer:
         self.session.run(initializer)
 
     # ---- training ---------------------------------------------------------------------------
-    def train_step(self, batch: Mapping[str, np.ndarray], run_metadata=None) -> float:
-        """One step on `global_batch_size` rows; returns the global-batch mean loss. Pass a
+    def train_step(self, batch: Mapping[str, np.ndarray] | None = None, run_metadata=None) -> float:
+        """One step on `global_batch_size` rows; returns the global-batch mean loss. `batch`:
+        the whole global batch, or only the rows this process reads (`local_rows`); None when
+        the trainer was given `input_fn` (the step takes the dataset's next element). Pass a
         `tf.compat.v1.RunMetadata()` to trace the step into it (full trace)."""
-        feed = self._feed(batch)
+        if batch is None and self.input_fn is None:
+            raise ValueError("train_step needs a batch (this trainer has no input_fn)")
+        feed = self._feed(batch) if batch is not None else None
         options = None
         if run_metadata is not None:
             options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
@@ -74,17 +80,37 @@ class _SessionTrainer:
         return self.traced_step(batch)[1]
 
     def _feed(self, batch):
+        """The feed of one step: each placeholder gets the rows of its feature this process
+        reads (`local_rows`), cut from a whole global batch, or given as exactly those rows."""
         missing = sorted(set(self.features) - set(batch))
         if missing:
             raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
-        feed = {}
+        feed, fed_bytes = {}, 0
         for name, ph in self.features.items():
             value = np.asarray(batch[name])
-            if value.shape[0] != self.global_batch_size:
-                raise ValueError(f"feature '{name}' has {value.shape[0]} rows, expected the "
-                                 f"global batch size {self.global_batch_size}")
+            rows = self.local_rows.get(name)
+            count = self.global_batch_size if rows is None else sum(hi - lo for lo, hi in rows)
+            if value.ndim == 0 or value.shape[0] not in (self.global_batch_size, count):
+                found = "a scalar" if value.ndim == 0 else f"{value.shape[0]} rows"
+                local = "" if count == self.global_batch_size else \
+                    f" or this process's {count} rows {list(rows)}"
+                raise ValueError(f"feature '{name}' has {found}, expected the global batch size "
+                                 f"{self.global_batch_size}{local}")
+            if value.shape[0] != count:
+                value = take_rows(value, rows)
             feed[ph] = value
+            fed_bytes += value.nbytes
+        self.fed_bytes = fed_bytes
         return feed
+
+    @property
+    def local_rows(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """Feature -> the rows of each global batch this process reads, as [lo, hi) ranges
+        (a multi-rank trainer's rank reads only its slot's rows of the features its stage
+        uses). `train_step` takes either whole global batches or batches of exactly these
+        rows (in this order), so an input pipeline can read only its own rows."""
+        return dict(self.feature_rows or
+                    {name: ((0, self.global_batch_size),) for name in self.features})
 
     # ---- weights and checkpoints ------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -114,6 +140,14 @@ class _SessionTrainer:
         self.session.close()
 
 
+def take_rows(value: np.ndarray, rows) -> np.ndarray:
+    """The rows of `value` in the [lo, hi) ranges `rows`, in order (one copy of those rows)."""
+    if len(rows) == 1:
+        lo, hi = rows[0]
+        return value[lo:hi]
+    return np.concatenate([value[lo:hi] for lo, hi in rows])
+
+
 def _prepare_reads(trainer: _SessionTrainer):
     with trainer.graph.as_default():
         trainer._read_ops = {n: v.read_value() for n, v in
@@ -127,7 +161,11 @@ class Trainer(_SessionTrainer):
     plan: a `Plan`, a path to plan JSON, or "auto" (needs the profiler and planner hook).
     Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
     (how many logical CPU devices the session may create when there is no GPU), seed (graph
-    seed of the template, so initial weights are reproducible), inter_op_threads.
+    seed of the template, so initial weights are reproducible), inter_op_threads, input_fn
+    (`input_fn(local_rows) -> tf.data.Dataset` whose elements are dicts of this process's rows
+    of each feature, one per step: `train_step()` then takes no batch; under several ranks each
+    rank reads only its own rows), transport (multi-rank only: "tf" or "horovod", see
+    dapple_tf/multirank.py).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
@@ -145,17 +183,21 @@ class Trainer(_SessionTrainer):
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True):
+                 optimize_graph: bool = True, input_fn: Callable | None = None,
+                 transport: str | None = None):
+        del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
+        self.input_fn = input_fn
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
                                  num_devices)
         self.template = build_template(model_fn, feature_spec, seed=seed)
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
-                                 clip_norm=clip_norm)
+                                 clip_norm=clip_norm, input_fn=input_fn)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
+        self.feature_rows = self.rewritten.feature_rows
         self.loss = self.rewritten.loss
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step

@@ -42,7 +42,8 @@ FEATURE_PREFIX = "dapple/features"
 class TrainingGraph:
     graph: tf.Graph
     plan: Plan
-    features: dict[str, tf.Tensor]          # global-batch placeholders, fed by the runtime
+    features: dict[str, tf.Tensor]          # placeholders of the features local slots read
+    feature_rows: dict[str, tuple[tuple[int, int], ...]]  # each one's global rows, in order
     loss: tf.Tensor                         # global-batch mean loss (sum of scaled clone losses)
     train_op: tf.Operation
     variables: dict[str, tf.Variable]       # model variables by single-device name
@@ -62,9 +63,13 @@ class TrainingGraph:
 def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], *,
             device_name: Callable[[int], str], clip_norm: float | None = None,
             local_slots: Iterable[Slot] | None = None, transport: Transport | None = None,
-            gradient_sync: GradientSync | None = None) -> TrainingGraph:
+            gradient_sync: GradientSync | None = None,
+            input_fn: Callable[[dict], object] | None = None) -> TrainingGraph:
     """Build the training graph of the slots in `local_slots` (default: all, one process).
-    `device_name` maps a plan device id to a device string of this process."""
+    `device_name` maps a plan device id to a device string of this process. The features are
+    placeholders of the rows the local slots read (`TrainingGraph.feature_rows`); given
+    `input_fn(feature_rows) -> tf.data.Dataset` (one element per step: a dict of those rows of
+    each feature), they default to the dataset's next element (prefetched)."""
     clock = _PhaseClock()
     specs = partition(template, plan)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
@@ -76,7 +81,7 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
-                       transport)
+                       transport, input_fn)
     graph = tf.Graph()
     functions.register(graph, [f for stage in stage_graphs if stage is not None
                                for f in stage.functions()])
@@ -95,7 +100,8 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
         train_op, optimizer, global_step = builder.apply(optimizer_fn, gradients)
         clock.mark("optimizer apply_gradients")
     return TrainingGraph(
-        graph=graph, plan=plan, features=builder.features, loss=loss, train_op=train_op,
+        graph=graph, plan=plan, features=builder.features, feature_rows=builder.feature_rows,
+        loss=loss, train_op=train_op,
         variables=builder.variables, global_step=global_step, optimizer=optimizer,
         gradients=gradients, schedule=lists, device_of_slot=device_of_slot,
         device_of_variable=builder.device_of_variable, local_slots=local,
@@ -119,8 +125,10 @@ class _PhaseClock:
 
 class _Builder:
     def __init__(self, template: Template, plan: Plan, specs: list[StageSpec],
-                 stage_graphs: list[StageGraph], lists, device_of_slot, local, transport):
+                 stage_graphs: list[StageGraph], lists, device_of_slot, local, transport,
+                 input_fn=None):
         self.template, self.plan, self.specs = template, plan, specs
+        self.input_fn = input_fn
         self.stage_graphs = stage_graphs
         self.lists = lists
         self.device_of_slot = device_of_slot
@@ -128,6 +136,7 @@ class _Builder:
         self.transport = transport
         self.device_of_variable = variable_devices(specs, local, device_of_slot)
         self.features: dict[str, tf.Tensor] = {}
+        self.feature_rows: dict[str, tuple[tuple[int, int], ...]] = {}
         self.variables: dict[str, tf.Variable] = {}
         self.forward_tensors: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.forward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
@@ -141,14 +150,42 @@ class _Builder:
 
     # ---- inputs and variables -------------------------------------------------------------
     def create_inputs_and_variables(self):
-        g = self.plan.global_batch_size
-        for name, (shape, dtype) in self.template.feature_spec.items():
-            self.features[name] = v1.placeholder(dtype, [g] + list(shape),
-                                                 name=f"{FEATURE_PREFIX}/{name}")
+        self.feature_rows = local_feature_rows(self.plan, self.specs, self.local)
+        from_dataset = self._dataset_features() if self.input_fn is not None else {}
+        for name, rows in self.feature_rows.items():
+            shape, dtype = self.template.feature_spec[name]
+            full_shape = [sum(hi - lo for lo, hi in rows)] + list(shape)
+            if name in from_dataset:
+                self.features[name] = v1.placeholder_with_default(
+                    from_dataset[name], full_shape, name=f"{FEATURE_PREFIX}/{name}")
+            else:
+                self.features[name] = v1.placeholder(dtype, full_shape,
+                                                     name=f"{FEATURE_PREFIX}/{name}")
         self.variables = variables.create_variables(
             {name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
              for name, info in self.template.variables.items()
              if name in self.device_of_variable}, tf.compat.v1.get_default_graph())
+
+    def _dataset_features(self) -> dict[str, tf.Tensor]:
+        """The next element of `input_fn(feature_rows)`, prefetched, checked against the rows."""
+        with tf.device(self.device_of_slot[self.local[0]].replace("GPU", "CPU")):
+            dataset = self.input_fn(dict(self.feature_rows)).prefetch(2)
+            element = v1.data.make_one_shot_iterator(dataset).get_next(name="dapple/input")
+        if not isinstance(element, dict) or set(element) < set(self.feature_rows):
+            raise ValueError(f"input_fn must return a dataset of dicts holding the features "
+                             f"{sorted(self.feature_rows)}; its elements are {element!r}")
+        out = {}
+        for name, rows in self.feature_rows.items():
+            count = sum(hi - lo for lo, hi in rows)
+            shape, dtype = self.template.feature_spec[name]
+            tensor = element[name]
+            expected = tf.TensorShape([count] + list(shape))
+            if tensor.dtype != dtype or not tensor.shape.is_compatible_with(expected):
+                raise ValueError(f"input_fn's feature '{name}' is {tensor.dtype.name}"
+                                 f"{tensor.shape}, expected {tf.as_dtype(dtype).name}{expected} "
+                                 f"(this process's rows {list(rows)} of each global batch)")
+            out[name] = tf.cast(tensor, dtype)
+        return out
 
     # ---- one action of one slot -----------------------------------------------------------
     def build_action(self, slot: Slot, action):
@@ -177,9 +214,11 @@ class _Builder:
                 received.update(zip(transfer.tensors, tensors))
             features = {}
             if spec.features:
-                rows = self._feature_rows(slot, i)
                 with tf.device(device), tf.name_scope(prefix + "/"):
-                    sliced = [self.features[f][rows[0]:rows[1]] for f in spec.features]
+                    sliced = []
+                    for f in spec.features:
+                        lo, hi = self._feature_rows(slot, i, f)
+                        sliced.append(self.features[f][lo:hi])
                     gated = _identity_n(sliced, f"{prefix}/features")
                 start_ops.append(gated[0].op)
                 features = dict(zip(spec.features, gated))
@@ -277,10 +316,12 @@ class _Builder:
             specs.append(tf.TensorSpec(shape, tensor.dtype))
         return tuple(specs)
 
-    def _feature_rows(self, slot: Slot, i: int) -> tuple[int, int]:
+    def _feature_rows(self, slot: Slot, i: int, feature: str) -> tuple[int, int]:
+        """Where micro-batch i's rows of `slot` lie in the placeholder of `feature`."""
         lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
         base = i * self.plan.micro_batch_size
-        return base + lo, base + hi
+        return _local_offset(self.feature_rows[feature], base + lo), \
+            _local_offset(self.feature_rows[feature], base + hi - 1) + 1
 
     def _loss_scale(self, slot: Slot) -> float:
         lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
@@ -323,6 +364,41 @@ class _Builder:
         last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
         with tf.device(self.device_of_slot[last]):
             return tf.add_n(self.scaled_losses, name="dapple/loss")
+
+
+def local_feature_rows(plan: Plan, specs: list[StageSpec], local: Iterable[Slot]
+                       ) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Feature -> the global-batch rows the local slots read of it, as sorted, merged [lo, hi)
+    ranges (features no local slot reads are left out). A rank holding one slot of the first
+    stage gets its input rows, one of the last stage its label rows, a middle stage none; one
+    process holding every slot gets the whole batch."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    b = plan.micro_batch_size
+    for slot in local:
+        lo, hi = plan.rows_of_replica(slot.stage, slot.replica)
+        for feature in specs[slot.stage].features:
+            ranges.setdefault(feature, []).extend(
+                (i * b + lo, i * b + hi) for i in range(plan.num_micro_batches))
+    out = {}
+    for feature, parts in ranges.items():
+        merged: list[list[int]] = []
+        for lo, hi in sorted(parts):
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out[feature] = tuple((lo, hi) for lo, hi in merged)
+    return out
+
+
+def _local_offset(rows: tuple[tuple[int, int], ...], global_row: int) -> int:
+    """Position of `global_row` among the rows of `rows` (which must hold it)."""
+    before = 0
+    for lo, hi in rows:
+        if lo <= global_row < hi:
+            return before + global_row - lo
+        before += hi - lo
+    raise ValueError(f"row {global_row} is not among the local rows {rows}")
 
 
 def _identity_n(tensors, name):
