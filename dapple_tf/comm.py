@@ -441,6 +441,13 @@ def step_timeout_s() -> float:
     return float(os.environ.get("DAPPLE_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
 
 
+def fusion_bytes() -> int:
+    """DAPPLE_FUSION_BYTES: the largest bucket of small dense gradients summed by one TF
+    all-reduce (graph_rewrite/collective_transport.py fused_all_reduce_sum)."""
+    from graph_rewrite.collective_transport import DEFAULT_BUCKET_BYTES
+    return int(os.environ.get("DAPPLE_FUSION_BYTES", DEFAULT_BUCKET_BYTES))
+
+
 # ---- watchdog ----------------------------------------------------------------------------------
 def shared_heartbeat_dir(preferred: str | None = None) -> tuple[str, bool]:
     """(directory, chosen here) : a directory every rank agrees on (rank 0 chooses it), and

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from graph_rewrite import rewrite
 from graph_rewrite.collective_transport import (CollectiveKeys, CollectiveTransport,
-                                                all_reduce_sum, check_keys)
+                                                all_reduce_sum, check_keys, fused_all_reduce_sum)
 from graph_rewrite.horovod_transport import HorovodGradientSync, HorovodTransport
 from graph_rewrite.partition import partition
 from graph_rewrite.place import Slot
@@ -91,14 +91,14 @@ class MultiRankTrainer(Trainer):
             device = devices.device_name(0, kind)
             transport = HorovodTransport(self.plan, self.rank, self.collectives, device)
 
-        def tf_sum(grad, variable, ranks):
-            name = "dapple/allreduce/" + variable.replace(":", "_")
-            self.collectives.log.add(name, ranks)
-            return all_reduce_sum(tf.convert_to_tensor(grad), ranks, self.keys, name, timeout_s)
+        def tf_sums(grads, ranks, device_of_variable):
+            order = list(reversed(self.template.variables))  # later layers' gradients first
+            return fused_all_reduce_sum(grads, order, ranks, self.keys, device_of_variable,
+                                        comm.fusion_bytes(), timeout_s, self.collectives.log)
 
         sync = HorovodGradientSync(self.collectives, self.ranks_of_variable, self.rank,
                                    comm.allgather_objects,
-                                   sum_dense=tf_sum if self.transport_kind == "tf" else None)
+                                   sum_dense=tf_sums if self.transport_kind == "tf" else None)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: device, local_slots=[self.slot],
                                  transport=transport, gradient_sync=sync, input_fn=input_fn)

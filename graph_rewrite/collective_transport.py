@@ -131,6 +131,60 @@ def all_reduce_sum(tensor, ranks, keys: CollectiveKeys, name: str, timeout_s: fl
         ordering_token=[], merge_op="Add", final_op="Id", timeout_seconds=timeout_s, name=leaf))
 
 
+DEFAULT_BUCKET_BYTES = 4 << 20
+
+
+def fused_all_reduce_sum(grads: dict, order, ranks, keys: CollectiveKeys,
+                         device_of_variable: dict[str, str], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                         timeout_s: float = 0.0, log=None) -> dict:
+    """Sum each (dense) gradient of `grads` over `ranks`: gradients taken in `order` (the order
+    they are expected to be ready in, e.g. last layer first) are packed into buckets of at most
+    `bucket_bytes` (a larger one is a bucket of its own), each bucket one TF all-reduce of the
+    concatenated gradients, so many small variables cost few collectives. Every member of the
+    group must call this with the same variables and order."""
+    group = tuple(sorted(set(ranks)))
+    tag = "_".join(str(r) for r in group)
+    names = [v for v in order if v in grads] + sorted(v for v in grads if v not in set(order))
+    buckets, current, size = [], [], 0
+    for v in names:
+        g = tf.convert_to_tensor(grads[v])
+        nbytes = (g.shape.num_elements() or 0) * g.dtype.size if g.shape.is_fully_defined() \
+            else None
+        fits = (current and nbytes is not None and size + nbytes <= bucket_bytes
+                and g.dtype == current[0][1].dtype)
+        if current and not fits:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((v, g))
+        size += nbytes or 0
+        if nbytes is None:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    out = {}
+    for k, bucket in enumerate(buckets):
+        with tf.device(device_of_variable[bucket[0][0]]):
+            if len(bucket) == 1:
+                (v, g), = bucket
+                name = "dapple/allreduce/" + v.replace(":", "_")
+                if log is not None:
+                    log.add(name, group)
+                out[v] = all_reduce_sum(g, group, keys, name, timeout_s)
+                continue
+            name = f"dapple/allreduce/ranks{tag}/bucket{k}"
+            if log is not None:
+                log.add(name, group)
+            with tf.name_scope(name + "_pack/"):
+                flat = tf.concat([tf.reshape(g, [-1]) for _, g in bucket], 0)
+            summed = all_reduce_sum(flat, group, keys, name, timeout_s)
+            with tf.name_scope(name + "_unpack/"):
+                parts = tf.split(summed, [g.shape.num_elements() for _, g in bucket])
+                for (v, g), part in zip(bucket, parts):
+                    out[v] = tf.reshape(part, g.shape)
+    return out
+
+
 def check_keys(mine: dict[tuple[int, ...], list[str]], everyone: list[dict], rank: int) -> None:
     """Raise if another member of a group numbered the group's collectives differently from this
     rank (`everyone`: every rank's `CollectiveKeys.names`, by rank)."""

@@ -58,7 +58,9 @@ class HorovodTransport:
         if self.rank not in (src, dst):
             return None
         names = [f"{name}/rank{src}_to_rank{dst}/p{n}" for n in range(len(specs))]
-        with tf.device(self.device):
+        # Outside the schedule's control dependencies, as in collective_transport.py: the
+        # receiver joins the broadcast when the step starts, not when its previous action ends.
+        with tf.control_dependencies(None), tf.device(self.device):
             if self.rank == src:
                 for piece, piece_name in zip(pieces, names):
                     self.outgoing.append(self.collectives.pair_broadcast(piece, src, dst, piece_name))
@@ -81,8 +83,16 @@ class HorovodGradientSync:
         self.ranks_of_variable = ranks_of_variable
         self.rank = rank
         self.exchange = exchange
-        # (gradient, variable name, ranks) -> the sum over those ranks; default Horovod's
-        self.sum_dense = sum_dense or collectives.allreduce_gradient
+        # ({variable: dense gradient}, ranks, device_of_variable) -> {variable: sum over ranks};
+        # default: one Horovod allreduce per variable (Horovod fuses them itself)
+        self.sum_dense = sum_dense or self._horovod_sums
+
+    def _horovod_sums(self, grads, ranks, device_of_variable):
+        out = {}
+        for v, g in grads.items():
+            with tf.device(device_of_variable[v]):
+                out[v] = self.collectives.allreduce_gradient(g, v, ranks)
+        return out
 
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
         (grads,) = grads_by_replica.values()  # one slot per rank
@@ -92,17 +102,19 @@ class HorovodGradientSync:
         (grads,) = grads_by_stage.values()
         kinds = {v: (SPARSE if isinstance(g, tf.IndexedSlices) else DENSE) for v, g in grads.items()}
         everyone = self.exchange(kinds, "dapple.gradient_kinds")
-        out = {}
+        out, dense_by_group = {}, {}
         for v in sorted(grads):  # the same order on every rank
             group = self.ranks_of_variable[v]
             g = grads[v]
-            with tf.device(device_of_variable[v]):
-                if len(group) == 1:
-                    out[v] = g
-                elif all(everyone[r].get(v) == SPARSE for r in group):
+            if len(group) == 1:
+                out[v] = g
+            elif all(everyone[r].get(v) == SPARSE for r in group):
+                with tf.device(device_of_variable[v]):
                     out[v] = self.collectives.allgather_rows(g, v, group)
-                else:
-                    out[v] = self.sum_dense(g, v, group)
+            else:
+                dense_by_group.setdefault(group, {})[v] = g
+        for group, dense in dense_by_group.items():
+            out.update(self.sum_dense(dense, group, device_of_variable))
         missing = sorted(v for v, group in self.ranks_of_variable.items()
                          if self.rank in group and v not in grads and len(group) > 1
                          and any(v in everyone[r] for r in group))

@@ -65,6 +65,18 @@ def test_four_ranks_train_the_tied_transformer_like_one_device(equivalence_run, 
     _check_equal_to_single_device(equivalence_run, transformer_reference, "transformer", plan, schedule)
 
 
+def test_boundary_tensors_travel_as_tf_collective_broadcasts_by_default(equivalence_run):
+    _, result = equivalence_run
+    records = result.records("TRANSPORT")
+    assert sorted(records) == [0, 1, 2, 3]
+    for rank, recs in records.items():
+        for record in recs:
+            assert record["kind"] == "tf", record
+            assert set(record["transfer_ops"].split(",")) <= {"CollectiveBcastSendV2",
+                                                               "CollectiveBcastRecvV2"}, record
+            assert record["transfer_ops"], record
+
+
 def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact(equivalence_run):
     reference = single_device_run(models.SPARSE, checks.STEPS)
     _check_equal_to_single_device(equivalence_run, reference, "sparse", "2x2", "1f1b")
@@ -88,6 +100,27 @@ def _check_equal_to_single_device(equivalence_run, reference, model, plan, sched
     assert sorted(final) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_reference):
+    """DAPPLE_TRANSPORT=horovod: boundary tensors, gradient sums and the step end over Horovod
+    (the default is TF collectives between per-rank servers)."""
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path,
+                                                 "transformer/2x2/1f1b,transformer/3:1/gpipe"],
+                        timeout_s=400, env={"DAPPLE_TRANSPORT": "horovod"})
+    assert result.returncode == 0, result.output[-6000:]
+    for rank, records in result.records("TRANSPORT").items():
+        for record in records:
+            assert record["kind"] == "horovod", record
+            assert record["transfer_ops"] == "HorovodBroadcast", record
+    _, expected_losses, expected = transformer_reference
+    for tag in ("transformer-2x2-1f1b", "transformer-3_1-gpipe"):
+        got = np.load(tmp_path / f"{tag}.npz")
+        np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
 
 
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,

@@ -12,6 +12,7 @@
 """
 import json
 import os
+import re
 import signal
 import sys
 
@@ -51,6 +52,12 @@ def equivalence(out_dir, configs):
         case = models.ALL[model]
         trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options)
         rank = trainer.rank
+        transfer_ops = sorted({op.type for op in trainer.graph.get_operations()
+                               if re.search(r"_to_s\d+/k\d+_j\d+/rank\d+_to_rank\d+/p\d+$",
+                                            op.name)})
+        print("TRANSPORT " + json.dumps({"tag": f"{model}-{plan_name}-{schedule}", "rank": rank,
+                                         "kind": trainer.transport_kind,
+                                         "transfer_ops": ",".join(transfer_ops)}), flush=True)
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
         final = trainer.get_weights()
