@@ -162,7 +162,8 @@ class MultiRankTrainer(Trainer):
                                                 save_relative_paths=True) if owned else None)
 
     # ---- training -----------------------------------------------------------------------------
-    def train_step(self, batch: Mapping[str, np.ndarray], run_metadata=None) -> float:
+    def train_step(self, batch: Mapping[str, np.ndarray] | None = None,
+                   run_metadata=None) -> float:
         self.watchdog.step_begin(self._steps_run)
         try:
             loss = super().train_step(batch, run_metadata=run_metadata)
