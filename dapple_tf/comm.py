@@ -5,7 +5,8 @@ What this module owns:
     from rank 0 (`init`, `share_plan`);
   * the process sets a plan needs, created in the same order on every rank (`ProcessSets`):
     one per group of ranks that sums a gradient (a stage's replicas, or the union of the stages
-    that use a tied variable) and one per pair of ranks that exchange rows at a boundary;
+    that use a tied variable) and one per pair of ranks that exchange rows at a boundary
+    (between any two stages that exchange tensors, adjacent or not);
   * the row bookkeeping of a boundary between stages with unequal replica counts
     (`boundary_transfers`: pure, testable without Horovod);
   * graph-mode collectives named after what they carry (`send_rows`, `recv_rows`,
@@ -138,26 +139,33 @@ def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTr
     return transfers
 
 
-def pair_groups(plan: Plan) -> list[tuple[int, ...]]:
-    """The rank pairs that exchange rows at any boundary between consecutive stages, in
-    boundary order. Both directions (activations forward, their gradients backward) share a
-    pair. Pairs whose ranks are the only ranks of the job are left to the global set."""
+def pair_groups(plan: Plan, boundaries: Sequence[tuple[int, int]] | None = None
+                ) -> list[tuple[int, ...]]:
+    """The rank pairs that exchange rows at the stage boundaries `boundaries` ((from stage,
+    to stage) pairs, in the order given; default: every pair of consecutive stages), in that
+    order. Both directions (activations forward, their gradients backward) share a pair.
+    Pairs whose ranks are the only ranks of the job are left to the global set."""
+    if boundaries is None:
+        boundaries = [(s, s + 1) for s in range(plan.num_stages - 1)]
     pairs = []
-    for s in range(plan.num_stages - 1):
-        for t in boundary_transfers(plan, s, s + 1):
+    for a, b in boundaries:
+        for t in boundary_transfers(plan, a, b):
             pairs.append(_rank_group((t.sender_rank, t.receiver_rank)))
     return _unique(pairs)
 
 
 class ProcessSets:
     """The Horovod process sets of one plan, registered on every rank in one fixed order
-    (gradient groups first, then boundary pairs). `get(ranks)` returns the set for a group of
-    ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
+    (gradient groups first, then boundary pairs). `boundaries`: the (from stage, to stage)
+    pairs that exchange tensors, in the same order on every rank (a skip connection joins
+    non-adjacent stages); default: consecutive stages. `get(ranks)` returns the set for a group
+    of ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
 
-    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None):
+    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None,
+                 boundaries: Sequence[tuple[int, int]] | None = None):
         hvd = _hvd()
         self.world_size = hvd.size() if world_size is None else world_size
-        self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan))
+        self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan, boundaries))
         everyone = tuple(range(self.world_size))
         self._sets = {}
         for group in self.order:
@@ -367,6 +375,12 @@ class Collectives:
         value = _named(lambda leaf: hvd.broadcast(variable.read_value(), root_rank=group[0],
                                                   name=leaf, process_set=ps), name)
         return variable.assign(value, read_value=False)
+
+    def sum_over_all_ranks(self, tensor, name: str):
+        """The sum of `tensor` over every rank of the job (each rank must create it)."""
+        hvd = _hvd()
+        self.log.add(name, range(hvd.size()))
+        return _named(lambda leaf: hvd.allreduce(_unfoldable(tensor), op=hvd.Sum, name=leaf), name)
 
     def step_end(self, local_loss, control_inputs: Sequence = ()):
         """The last collective of every step, on all ranks: sums each rank's share of the loss

@@ -46,9 +46,6 @@ class MultiRankTrainer(Trainer):
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, heartbeat_dir: str | None = None):
-        if clip_norm is not None:
-            raise NotImplementedError("clip_norm is not supported across ranks yet (the global "
-                                      "norm needs every rank's gradients); run without it")
         self.global_batch_size = int(global_batch_size)
         info = comm.init()
         self.rank, self.size = info.rank, info.size
@@ -71,13 +68,14 @@ class MultiRankTrainer(Trainer):
 
         kind = devices.device_kind()
         device = devices.device_name(0, kind)
-        self.process_sets = comm.ProcessSets(self.plan, tied)
+        self.process_sets = comm.ProcessSets(self.plan, tied, boundaries=_stage_boundaries(specs))
         self.collectives = comm.Collectives(self.process_sets, self.rank)
         transport = HorovodTransport(self.plan, self.rank, self.collectives, device)
         sync = HorovodGradientSync(self.collectives, self.ranks_of_variable, self.rank,
                                    comm.allgather_objects)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
-                                 device_name=lambda d: device, local_slots=[self.slot],
+                                 device_name=lambda d: device, clip_norm=clip_norm,
+                                 local_slots=[self.slot],
                                  transport=transport, gradient_sync=sync)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
@@ -178,6 +176,12 @@ def _slot_of_rank(plan: Plan, rank: int) -> Slot:
             return Slot(s, stage.devices.index(rank))
     raise PlanError(f"rank {rank} holds no stage of plan {plan.notation} (devices "
                     f"{list(plan.devices)}); launch exactly one rank per plan device")
+
+
+def _stage_boundaries(specs) -> list[tuple[int, int]]:
+    """(from stage, to stage) for every pair of stages that exchange tensors, sorted (the same
+    on every rank: specs come from the same template and plan)."""
+    return sorted({(spec.index, b) for spec in specs for b in spec.consumer_stages})
 
 
 def _ranks_of_variable(plan: Plan, specs) -> dict[str, tuple[int, ...]]:

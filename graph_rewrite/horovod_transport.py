@@ -16,6 +16,8 @@ that holds a user of it (its stage's replicas, plus the ranks of the other stage
 tied variable) with one per-tensor allreduce. Gradients that are IndexedSlices on every such
 rank stay sparse (an allgather of rows), so sparse optimizer updates match single-device
 training; otherwise they are summed dense, as tf.gradients aggregates mixed gradients.
+For clip_norm, the global norm counts each variable once (on the lowest rank holding it) and
+sums the squares with one scalar allreduce over all ranks (`dapple/clip/global_norm`).
 """
 from __future__ import annotations
 
@@ -108,6 +110,16 @@ class HorovodGradientSync:
                 f"rank {self.rank} reads variables {missing} without a gradient while other "
                 f"ranks have one; not supported by the multi-rank gradient sync")
         return out
+
+    def global_norm(self, grads):
+        """Each variable's final gradient is on every rank of its group; only the lowest of
+        them (its owner) adds its squared norm, then one scalar sum over all ranks."""
+        owned = [g for v, g in grads.items() if self.ranks_of_variable[v][0] == self.rank]
+        half_squares = [tf.nn.l2_loss(g.values if isinstance(g, tf.IndexedSlices) else g)
+                        for g in owned]  # as tf.linalg.global_norm computes it
+        local = tf.add_n(half_squares) if half_squares else tf.constant(0.0, tf.float32)
+        total = self.collectives.sum_over_all_ranks(local, "dapple/clip/global_norm")
+        return tf.sqrt(2.0 * total, name="global_norm")
 
 
 def _identity_n(tensors, name):

@@ -52,6 +52,13 @@ def test_process_set_order_is_gradient_groups_then_boundary_pairs_without_duplic
     assert comm.pair_groups(plan_of([1, 1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
 
 
+def test_boundary_pairs_include_non_adjacent_stages_that_exchange_tensors():
+    plan = plan_of([1, 1, 1, 1])
+    # a skip from stage 0 to stage 2 (and consecutive boundaries), in the order given
+    assert comm.pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [(0, 1), (0, 2), (1, 2), (2, 3)]
+    assert comm.pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
+
+
 def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     log = comm.CollectiveLog()
     log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))

@@ -31,9 +31,10 @@ def _skip_without_horovod():
         pytest.skip(reason)
 
 
-def single_device_run(case, steps):
+def single_device_run(case, steps, clip_norm=None):
     trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
-                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False)
+                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False,
+                                  clip_norm=clip_norm)
     try:
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in checks.batches(case, steps)]
@@ -70,16 +71,17 @@ def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact
     _check_equal_to_single_device(equivalence_run, reference, "sparse", "2x2", "1f1b")
 
 
-def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule):
+def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule, clip=False,
+                                  num_ranks=4):
     out, result = equivalence_run
     initial, expected_losses, expected = reference
-    tag = f"{model}-{plan}-{schedule}".replace(":", "_")
+    tag = checks.tag_of(model, plan, schedule, clip)
     got = np.load(os.path.join(out, tag + ".npz"))
     for name, value in initial.items():
         np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
     by_rank = {rank: [r for r in recs if r["tag"] == tag][0]
                for rank, recs in result.records("LOSSES").items()}
-    assert sorted(by_rank) == [0, 1, 2, 3]
+    assert sorted(by_rank) == list(range(num_ranks))
     for rank, rec in by_rank.items():  # every rank returns the global-batch mean loss
         np.testing.assert_allclose(rec["losses"], expected_losses, rtol=1e-5, atol=1e-6,
                                    err_msg=f"rank {rank}")
@@ -88,6 +90,51 @@ def _check_equal_to_single_device(equivalence_run, reference, model, plan, sched
     assert sorted(final) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---- plans the cluster needs: skip connections between non-adjacent stages, clip_norm ---------
+def _equivalence_launch(out, num_ranks, configs):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", num_ranks, ["equivalence", out, ",".join(configs)],
+                        timeout_s=360)
+    assert result.returncode == 0, result.output[-6000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def four_rank_cluster_plans(tmp_path_factory):
+    return _equivalence_launch(tmp_path_factory.mktemp("cluster_plans_4"), 4,
+                               ["skip/skip0to2/1f1b", "transformer/2x2/1f1b/clip"])
+
+
+@pytest.fixture(scope="module")
+def two_rank_clip(tmp_path_factory):
+    return _equivalence_launch(tmp_path_factory.mktemp("clip_2"), 2,
+                               ["mlp/1:1/1f1b/clip", "mlp/DP2/gpipe/clip"])
+
+
+def _clipped_reference(case):
+    clipped = single_device_run(case, checks.STEPS, clip_norm=checks.CLIP_NORM)
+    unclipped = single_device_run(case, checks.STEPS)
+    # clipping really changes training here, so the comparison below can tell it apart
+    assert not np.allclose(clipped[1][1:], unclipped[1][1:], rtol=1e-3), (clipped[1], unclipped[1])
+    return clipped
+
+
+def test_skip_from_stage_0_to_stage_2_on_four_ranks_trains_like_one_device(four_rank_cluster_plans):
+    _check_equal_to_single_device(four_rank_cluster_plans, single_device_run(models.SKIP, checks.STEPS),
+                                  "skip", "skip0to2", "1f1b")
+
+
+def test_clip_norm_on_four_ranks_2x2_with_tied_weights_equals_one_device(four_rank_cluster_plans):
+    _check_equal_to_single_device(four_rank_cluster_plans, _clipped_reference(models.TRANSFORMER),
+                                  "transformer", "2x2", "1f1b", clip=True)
+
+
+@pytest.mark.parametrize("plan,schedule", [("1:1", "1f1b"), ("DP2", "gpipe")])
+def test_clip_norm_on_two_ranks_equals_one_device(two_rank_clip, plan, schedule):
+    _check_equal_to_single_device(two_rank_clip, _clipped_reference(models.MLP), "mlp", plan,
+                                  schedule, clip=True, num_ranks=2)
 
 
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,

@@ -1,10 +1,16 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][,...]
+  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
       For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
-      train.py; off otherwise, to keep graph building fast), check get_weights() before training, run
-      STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<model>-<plan>-<schedule>.npz with
-      the losses (as every rank saw them) and the final weights. Plans: 2x2, 4stages, 3:1.
+      train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
+      check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
+      <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
+      rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS.
+  trainer_checks.py sessions <out_dir>
+      Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
+      while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
+      and saves; print one SESSIONS record per session: the dapple code that opened it and the
+      config's visible_device_list (None: no config given).
   trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
       Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
       after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
@@ -23,10 +29,14 @@ import tensorflow as tf  # noqa: E402
 import rewrite_models as models  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
-from planner.plan_format import even_plan  # noqa: E402
+from planner.plan_format import Plan, Stage, even_plan  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCHES, STEPS, SEED = 48, 4, 3, 7
-PLANS = {"2x2": [2, 2], "4stages": [1, 1, 1, 1], "3:1": [3, 1]}
+CLIP_NORM = 0.05  # below the global gradient norm of every test model's first steps
+PLANS = {"2x2": [2, 2], "4stages": [1, 1, 1, 1], "3:1": [3, 1], "1:1": [1, 1], "DP2": [2]}
+# Plans with a chosen split: (layer count, replicas) per stage. skip0to2 puts the skip model's
+# layers a | b c | d | loss on 4 ranks, so a's output travels from stage 0 to stage 2.
+SPLITS = {"skip0to2": [(1, 1), (2, 1), (1, 1), (1, 1)]}
 
 
 def optimizer():
@@ -38,23 +48,39 @@ def batches(case, steps):
     return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(steps)]
 
 
-def make_trainer(case, plan_name, schedule, optimize_graph=False):
+def make_plan(layers, plan_name, schedule):
+    if plan_name in PLANS:
+        return even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
+    stages, start, device = [], 0, 0
+    for count, replicas in SPLITS[plan_name]:
+        stages.append(Stage(tuple(layers[start:start + count]), tuple(range(device, device + replicas))))
+        start, device = start + count, device + replicas
+    return Plan(GLOBAL_BATCH, MICRO_BATCHES, schedule, tuple(stages))
+
+
+def make_trainer(case, plan_name, schedule, optimize_graph=False, clip_norm=None):
     layers = build_template(case.model_fn, case.feature_spec).layers
-    plan = even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
+    plan = make_plan(layers, plan_name, schedule)
     return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=optimize_graph)
+                             seed=SEED, optimize_graph=optimize_graph, clip_norm=clip_norm)
+
+
+def tag_of(model, plan_name, schedule, clip=False):
+    return f"{model}-{plan_name}-{schedule}{'-clip' if clip else ''}".replace(":", "_")
 
 
 def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
         case = models.ALL[model]
-        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options)
+        clip = "clip" in options
+        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options,
+                               clip_norm=CLIP_NORM if clip else None)
         rank = trainer.rank
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
         final = trainer.get_weights()
-        tag = f"{model}-{plan_name}-{schedule}".replace(":", "_")
+        tag = tag_of(model, plan_name, schedule, clip)
         trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
