@@ -74,6 +74,19 @@ def launched_ranks() -> int:
     return 1
 
 
+def launched_local_rank() -> int | None:
+    """This process's rank on its host when a launcher started several ranks: the launcher's
+    variable (horovodrun, Open MPI, MPICH/Intel MPI), known before Horovod starts, else
+    Horovod's local rank once it has started; None in a single process."""
+    if launched_ranks() <= 1:
+        return None
+    for key in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    hvd = _hvd()
+    return hvd.local_rank() if hvd.is_initialized() else None
+
+
 def _hvd():
     import horovod.tensorflow as hvd  # imported lazily: single-process users need no Horovod
     return hvd
@@ -405,27 +418,39 @@ class RankInfo:
 
 
 def init() -> RankInfo:
-    """Start Horovod with our defaults (a value already in the environment wins)."""
+    """Start Horovod with our defaults (a value already in the environment wins) and pin this
+    rank to its local GPU before anything else queries devices or opens a session (see
+    devices.pin_to_local_gpu)."""
+    from . import devices
     for key, value in _HOROVOD_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init(process_sets="dynamic")
-    return RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    info = RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    from_launcher = launched_local_rank()
+    if from_launcher is not None and from_launcher != info.local_rank:
+        raise RuntimeError(f"rank {info.rank}: the launcher says local rank {from_launcher} but "
+                           f"Horovod says {info.local_rank}; sessions would be pinned to the "
+                           f"wrong GPU")
+    devices.pin_to_local_gpu(info.local_rank)
+    return info
 
 
 def allgather_objects(obj, name: str) -> list:
     """Python-level allgather on the global set (every rank must call it, in the same order)."""
     import tensorflow as tf
+    from . import devices
     hvd = _hvd()
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.allgather_object(obj, session=session, name=name)
 
 
 def broadcast_object(obj, name: str, root_rank: int = 0):
     import tensorflow as tf
+    from . import devices
     hvd = _hvd()
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.broadcast_object(obj, root_rank=root_rank, session=session, name=name)
 
 

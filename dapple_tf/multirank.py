@@ -14,8 +14,9 @@ rank; the user script does not change. On every rank, in the same order:
   4. Variables start from the template's initial values and are then broadcast from the
      lowest rank holding them (replicas and tied users agree bit for bit).
 
-Device: rank d uses its local GPU `local_rank` (the session sees only that GPU, as /GPU:0),
-or /CPU:0 without GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
+Device: rank d uses its local GPU `local_rank` (every session of the process sees only that
+GPU, as /GPU:0; pinned in comm.init before any session or device query), or /CPU:0 without
+GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
 """
 from __future__ import annotations
 
@@ -94,12 +95,10 @@ class MultiRankTrainer(Trainer):
                 if len(self.ranks_of_variable[name]) > 1], name="dapple/init/broadcast")
         self._prepare_sharded_saver()
         config = devices.session_config(kind, 1, inter_op_threads, optimize_graph)
-        if kind == "GPU":
-            config.gpu_options.visible_device_list = str(info.local_rank)
-        self.session = v1.Session(graph=self.graph, config=comm.session_config(config))
+        self.session = devices.new_session(self.graph, comm.session_config(config))
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template))
+        self.set_weights(initial_values(self.template, devices.pinned_config()))
         self.session.run(self._broadcast_init)
         directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0

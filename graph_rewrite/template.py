@@ -175,14 +175,16 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
 
 
-def initial_values(template: Template) -> dict[str, np.ndarray]:
-    """Run the template's variable initializers once; values keyed by variable name."""
+def initial_values(template: Template, session_config=None) -> dict[str, np.ndarray]:
+    """Run the template's variable initializers once; values keyed by variable name.
+    `session_config`: the ConfigProto of the session that runs them (the runtime passes its
+    device pinning)."""
     objects = [template.variable_objects[n] for n in template.variables]
     if len(objects) != len(template.variables):
         missing = sorted(set(template.variables) - set(template.variable_objects))
         raise TemplateError(f"variables {missing} have no tf.Variable object (not created with "
                             f"tf.compat.v1.get_variable/tf.Variable?)")
-    with v1.Session(graph=template.graph) as sess:
+    with v1.Session(graph=template.graph, config=session_config) as sess:
         sess.run([v.initializer for v in objects])
         values = sess.run([v.value() for v in objects])
     return dict(zip(template.variables, values))

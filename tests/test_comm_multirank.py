@@ -59,6 +59,34 @@ def test_boundary_pairs_include_non_adjacent_stages_that_exchange_tensors():
     assert comm.pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
 
 
+LAUNCHER_VARIABLES = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_LOCAL_RANK",
+                      "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def test_session_config_of_a_launched_rank_shows_only_its_local_gpu(monkeypatch):
+    import tensorflow as tf
+    from dapple_tf import devices
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+    given = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+    pinned = devices.pinned_config(given)
+    assert pinned.gpu_options.visible_device_list == "2" and pinned.allow_soft_placement
+    assert given.gpu_options.visible_device_list == ""  # the caller's config is not changed
+    assert devices.pinned_config(None).gpu_options.visible_device_list == "2"
+
+
+def test_session_config_of_a_single_process_is_left_as_given(monkeypatch):
+    import tensorflow as tf
+    from dapple_tf import devices
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    given = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+    assert devices.pinned_config(given) is given
+    assert devices.pinned_config(None) is None
+
+
 def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     log = comm.CollectiveLog()
     log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))

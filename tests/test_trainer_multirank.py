@@ -137,6 +137,26 @@ def test_clip_norm_on_two_ranks_equals_one_device(two_rank_clip, plan, schedule)
                                   schedule, clip=True, num_ranks=2)
 
 
+# ---- GPU hosts: every session of a rank sees only the rank's local GPU -------------------------
+def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", 2, ["sessions", tmp_path], timeout_s=300)
+    assert result.returncode == 0, result.output[-6000:]
+    records = result.records("SESSIONS")
+    assert sorted(records) == [0, 1], result.output[-4000:]
+    for rank, sessions in records.items():
+        assert {s["local_rank"] for s in sessions} == {rank}  # one host: local rank = rank
+        for s in sessions:
+            assert s["visible_device_list"] == str(rank), (rank, s)
+        openers = [s["opener"] for s in sessions]
+        for opener in ("dapple_tf.comm.broadcast_object", "dapple_tf.comm.allgather_objects",
+                       "dapple_tf.multirank.__init__", "graph_rewrite.template.initial_values"):
+            assert opener in openers, (rank, openers)
+    rank0 = [s["opener"] for s in records[0]]
+    assert rank0[0] == "dapple_tf.profiler.measure", rank0  # plan="auto": before the broadcast
+    assert "dapple_tf.checkpoint_sharded._merge" in rank0, rank0
+
+
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,
                                                                              transformer_reference):
     reason = runner.mpi_missing_reason()

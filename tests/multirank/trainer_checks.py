@@ -92,6 +92,46 @@ def equivalence(out_dir, configs):
                      **{"final/" + k: v for k, v in final.items()})
 
 
+def sessions(out_dir):
+    import traceback
+    from unittest import mock
+    from tensorflow.python.client import session as session_lib  # to observe every session
+
+    opened = []
+    original_init = session_lib.BaseSession.__init__
+
+    def recording_init(session, target="", graph=None, config=None):
+        opened.append((_opener(traceback.extract_stack()), config))
+        original_init(session, target, graph, config)
+
+    with mock.patch.object(session_lib.BaseSession, "__init__", recording_init):
+        case = models.MLP
+        trainer = dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, "auto",
+                                    GLOBAL_BATCH, seed=SEED, num_devices=2, optimize_graph=False)
+        trainer.train_step(batches(case, 1)[0])
+        trainer.get_weights()
+        trainer.save(os.path.join(out_dir, "ckpt"))
+        rank = trainer.rank
+        trainer.close()
+    for opener, config in opened:
+        print("SESSIONS " + json.dumps({
+            "rank": rank, "local_rank": int(os.environ["HOROVOD_LOCAL_RANK"]), "opener": opener,
+            "visible_device_list": None if config is None else config.gpu_options.visible_device_list}),
+            flush=True)
+
+
+def _opener(stack) -> str:
+    """'<module>.<function>' of the innermost dapple_tf / graph_rewrite frame that is not the
+    session helper itself."""
+    for frame in reversed(stack):
+        path = frame.filename.replace(os.sep, "/")
+        for package in ("dapple_tf/", "graph_rewrite/"):
+            if package in path and not path.endswith("dapple_tf/devices.py"):
+                module = path[path.rindex(package):-3].replace("/", ".")
+                return f"{module}.{frame.name}"
+    return "(other)"
+
+
 def resume(model_dir, steps, victim, kill_at):
     case = models.MLP
     trainer = make_trainer(case, "2x2", "1f1b")
@@ -127,6 +167,8 @@ def main():
     tf.compat.v1.disable_eager_execution()
     if sys.argv[1] == "equivalence":
         equivalence(sys.argv[2], sys.argv[3].split(","))
+    elif sys.argv[1] == "sessions":
+        sessions(sys.argv[2])
     else:
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 
