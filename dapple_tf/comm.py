@@ -31,18 +31,22 @@ Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/mul
   * Horovod's TF ops are not marked stateful: Grappler would drop, pre-run or merge them
     (see session_config);
   * a rank that dies makes Horovod abort (SIGABRT) on the others at once: its shutdown tries
-    to negotiate the removal of every process set with the dead rank and throws (the launcher
-    names the dead rank); a rank that hangs or freezes makes the others wait, which the
+    to negotiate the removal of every process set with the dead rank and throws, so no Python
+    code of theirs runs again; each rank's exit monitor (exit_monitor.py) then names the rank
+    that died first and what its rank waited for (with 2 ranks there are no process sets,
+    Horovod keeps the survivor alive and its Watchdog names the dead rank); a rank that hangs or freezes makes the others wait, which the
     Watchdog turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S
     seconds, naming the rank and the collectives shared with it.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +55,8 @@ import uuid
 from typing import Callable, Iterable, Sequence
 
 from planner.plan_format import Plan, PlanError
+
+from . import exit_monitor
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: re-running with the same model_dir resumes from the checkpoint
 
@@ -502,7 +508,12 @@ class Watchdog:
     entered step s although this rank has waited in it for `peer_timeout_s`, is missing; a step
     longer than `step_timeout_s` also ends the wait. Then it prints which ranks are missing, the
     collectives this rank shares with them, and exits with EXIT_PEER_LOST (after a short grace
-    so that the other waiting ranks can report too)."""
+    so that the other waiting ranks can report too).
+
+    `start()` also starts this rank's exit monitor (exit_monitor.py), a child process that
+    reports which rank died first and what this rank waited for when this rank's process ends
+    abruptly (Horovod aborts the survivors of a killed rank before any of their Python code
+    runs again); `stop()`, a normal interpreter exit and the watchdog's own exit dismiss it."""
 
     def __init__(self, rank: int, size: int, directory: str, log: CollectiveLog,
                  peer_timeout_s: float | None = None, step_timeout_s: float | None = None,
@@ -519,6 +530,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dapple-watchdog-{rank}", daemon=True)
+        self._monitor: subprocess.Popen | None = None
         gloo = float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30"))
         if gloo <= self.peer_timeout_s:
             print(f"dapple: warning: HOROVOD_GLOO_TIMEOUT_SECONDS={gloo:g} is not above "
@@ -527,6 +539,7 @@ class Watchdog:
 
     def start(self) -> "Watchdog":
         self._beat()
+        self._start_exit_monitor()
         self._thread.start()
         return self
 
@@ -537,8 +550,38 @@ class Watchdog:
             self._phase, self._since = "done", time.time()
         self._stop.set()
         self._beat()
+        self._dismiss_exit_monitor()
         if remove_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _start_exit_monitor(self) -> None:
+        try:  # an end recorded by an earlier job in the same folder is not news
+            os.remove(exit_monitor.ended_path(self.directory, self.rank))
+        except OSError:
+            pass
+        setup = {"rank": self.rank, "size": self.size, "directory": self.directory,
+                 "pid": os.getpid(), "started": time.time(),
+                 "shared": {str(k): _abbreviate(self.log.shared_with(k))
+                            for k in range(self.size) if k != self.rank}}
+        # -I: no user site, no script folder on sys.path (dapple_tf/profile.py would shadow
+        # the standard library's), so it starts in milliseconds.
+        self._monitor = subprocess.Popen([sys.executable, "-I", exit_monitor.__file__],
+                                         stdin=subprocess.PIPE)
+        self._monitor.stdin.write((json.dumps(setup) + "\n").encode())
+        self._monitor.stdin.flush()
+        atexit.register(self._dismiss_exit_monitor)
+
+    def _dismiss_exit_monitor(self) -> None:
+        """Tell the exit monitor this rank ends knowingly (it exits without a report)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.stdin.write(b"done\n")
+            monitor.stdin.close()
+            monitor.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     def step_begin(self, step: int) -> None:
         with self._lock:
@@ -579,6 +622,9 @@ class Watchdog:
             problem = self.check(time.time())
             if problem:
                 print(problem, file=sys.stderr, flush=True)
+                exit_monitor.record_end(self.directory, self.rank, os.getpid(),
+                                        exit_monitor.WATCHDOG, time.time())
+                self._dismiss_exit_monitor()
                 # Let the other waiting ranks report too: our exit makes Horovod abort them.
                 time.sleep(max(2 * self.interval_s, 3.0))
                 self._exit(EXIT_PEER_LOST)

@@ -10,6 +10,7 @@ SingleDeviceTrainer on the same batches, at the single-process equivalence toler
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -157,6 +158,42 @@ def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
     assert "dapple_tf.checkpoint_sharded._merge" in rank0, rank0
 
 
+# ---- a killed rank: every other rank says, in our words, which rank died and what it waited for ---
+def _names_dead_rank(rank, dead):
+    """Our report on `rank` that `dead` died: the exit monitor's (after Horovod aborted this
+    rank) or the watchdog's (when Horovod left this rank alive)."""
+    return re.compile(rf"^dapple: rank {rank}: (rank {dead} died first|missing rank {dead}: "
+                      rf"process \d+ on \S+ is gone)")
+
+
+def _what_it_waited_for(rank, dead):
+    return re.compile(rf"^dapple: rank {rank}: (rank {rank} was waiting on rank {dead} in step "
+                      rf"\d+: the collectives it shares with rank {dead}|collectives rank {rank} "
+                      rf"waits on with rank {dead}): dapple/")
+
+
+def _assert_every_survivor_names(result, dead, survivors, since):
+    for rank in survivors:
+        lines = result.lines_of(rank)
+        named = [line for line in lines if _names_dead_rank(rank, dead).search(line)]
+        assert named, "\n".join(lines[-30:])
+        assert [line for line in lines if _what_it_waited_for(rank, dead).search(line)], \
+            "\n".join(lines[-30:])
+        said_at = result.first_time_of(named[0])
+        assert said_at - since < 60, (rank, said_at - since)
+
+
+@pytest.mark.parametrize("num_ranks,plan", [(2, "1:1"), (4, "2x2")])
+def test_a_rank_killed_mid_step_is_named_by_every_other_rank_within_60_s(num_ranks, plan):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", num_ranks, ["kill", plan, 1, 2], timeout_s=240)
+    killed_at = result.first_time_of("KILL victim rank 1 in step 2")
+    assert killed_at is not None, result.output[-6000:]
+    assert result.returncode != 0
+    assert result.end_time - killed_at < 60, (result.end_time - killed_at, result.output[-4000:])
+    _assert_every_survivor_names(result, 1, [r for r in range(num_ranks) if r != 1], killed_at)
+
+
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,
                                                                              transformer_reference):
     reason = runner.mpi_missing_reason()
@@ -206,11 +243,12 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     assert killed.returncode != 0
     assert killed.end_time - killed_at < 60, (killed.end_time - killed_at, killed.output[-4000:])
     # The launcher names the rank killed by SIGKILL (137); the others were aborted by Horovod
-    # (134) or stopped by the launcher (143). Which exit horovodrun calls "the first" is a race.
+    # (134) or stopped by the launcher (143), and each said which rank died (our words).
     assert f"Process {victim} exit with status code 137" in killed.output
     for rank in (0, 1, 3):
         assert f"Process {rank} exit with status code 0" not in killed.output
         assert f"Process {rank} exit with status code 137" not in killed.output
+    _assert_every_survivor_names(killed, victim, (0, 1, 3), killed_at)
     with open(model_dir / "checkpoint.json") as f:
         assert json.load(f) == {"latest": f"ckpt-{kill_at}", "step": kill_at}
 

@@ -11,6 +11,9 @@
       while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
       and saves; print one SESSIONS record per session: the dapple code that opened it and the
       config's visible_device_list (None: no config given).
+  trainer_checks.py kill <plan> <victim rank> <kill at step>
+      Train mlp on <plan>/1f1b; in step <kill at step> the victim starts the step and a timer
+      SIGKILLs it 50 ms later (mid-step), after printing "KILL victim rank <r> in step <s>".
   trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
       Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
       after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
@@ -132,6 +135,19 @@ def _opener(stack) -> str:
     return "(other)"
 
 
+def kill(plan_name, victim, kill_at):
+    import threading
+    case = models.MLP
+    trainer = make_trainer(case, plan_name, "1f1b")
+    for step, batch in enumerate(batches(case, kill_at + 2)):
+        if trainer.rank == victim and step == kill_at:
+            print(f"KILL victim rank {trainer.rank} in step {step}", flush=True)
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        trainer.train_step(batch)
+        print(f"STEP rank {trainer.rank} step {step} done", flush=True)
+    trainer.close()
+
+
 def resume(model_dir, steps, victim, kill_at):
     case = models.MLP
     trainer = make_trainer(case, "2x2", "1f1b")
@@ -169,6 +185,8 @@ def main():
         equivalence(sys.argv[2], sys.argv[3].split(","))
     elif sys.argv[1] == "sessions":
         sessions(sys.argv[2])
+    elif sys.argv[1] == "kill":
+        kill(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 
