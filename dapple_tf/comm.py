@@ -33,10 +33,11 @@ Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/mul
   * a rank that dies makes Horovod abort (SIGABRT) on the others at once: its shutdown tries
     to negotiate the removal of every process set with the dead rank and throws, so no Python
     code of theirs runs again; each rank's exit monitor (exit_monitor.py) then names the rank
-    that died first and what its rank waited for (with 2 ranks there are no process sets,
-    Horovod keeps the survivor alive and its Watchdog names the dead rank); a rank that hangs or freezes makes the others wait, which the
-    Watchdog turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S
-    seconds, naming the rank and the collectives shared with it.
+    that died first and what its rank waited for (measured with 2 ranks, where the global set
+    is the only one, Horovod kept the survivor alive: its Watchdog names the dead rank); a
+    rank that hangs or freezes makes the others wait, which the Watchdog turns into an exit
+    with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S seconds, naming the rank and the
+    collectives shared with it.
 """
 from __future__ import annotations
 
@@ -563,8 +564,8 @@ class Watchdog:
                  "pid": os.getpid(), "started": time.time(),
                  "shared": {str(k): _abbreviate(self.log.shared_with(k))
                             for k in range(self.size) if k != self.rank}}
-        # -I: no user site, no script folder on sys.path (dapple_tf/profile.py would shadow
-        # the standard library's), so it starts in milliseconds.
+        # -I keeps the script's folder off sys.path (dapple_tf/profile.py would shadow the
+        # standard library's profile module).
         self._monitor = subprocess.Popen([sys.executable, "-I", exit_monitor.__file__],
                                          stdin=subprocess.PIPE)
         self._monitor.stdin.write((json.dumps(setup) + "\n").encode())
@@ -573,7 +574,8 @@ class Watchdog:
 
     def _dismiss_exit_monitor(self) -> None:
         """Tell the exit monitor this rank ends knowingly (it exits without a report)."""
-        monitor, self._monitor = self._monitor, None
+        with self._lock:  # the watchdog thread and atexit may both get here
+            monitor, self._monitor = self._monitor, None
         if monitor is None:
             return
         try:
