@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from dapple_tf import profiler
+from dapple_tf.devices import new_session
 from planner.cluster import Cluster
 from planner.plan_format import Plan
 from planner.profile import Profile
@@ -91,7 +92,7 @@ def measure_p2p_bandwidth(src: str, dst: str, nbytes: int = 64 << 20, repeats: i
             remote = tf.reduce_sum(tf.identity(value))
         init = v1.global_variables_initializer()
     config = session_config or _session_config(src, dst)
-    with v1.Session(graph=graph, config=config) as session:
+    with new_session(graph, config) as session:
         session.run(init)
 
         def run_s(fetch):

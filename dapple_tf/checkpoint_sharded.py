@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from .devices import new_session
+
 v1 = tf.compat.v1
 
 
@@ -63,7 +65,7 @@ def save(session, saver_of_owned: v1.train.Saver | None, path: str | os.PathLike
 
 def _merge(shards: list[str], tmp_dir: str, path: str) -> None:
     merged = os.path.join(tmp_dir, "merged")
-    with tf.Graph().as_default(), v1.Session() as session:
+    with tf.Graph().as_default(), new_session() as session:
         session.run(tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards,
                                                   destination_prefix=merged,
                                                   delete_old_dirs=False))

@@ -5,7 +5,8 @@ What this module owns:
     from rank 0 (`init`, `share_plan`);
   * the process sets a plan needs, created in the same order on every rank (`ProcessSets`):
     one per group of ranks that sums a gradient (a stage's replicas, or the union of the stages
-    that use a tied variable) and one per pair of ranks that exchange rows at a boundary;
+    that use a tied variable) and one per pair of ranks that exchange rows at a boundary
+    (between any two stages that exchange tensors, adjacent or not);
   * the row bookkeeping of a boundary between stages with unequal replica counts
     (`boundary_transfers`: pure, testable without Horovod);
   * graph-mode collectives named after what they carry (`send_rows`, `recv_rows`,
@@ -30,18 +31,23 @@ Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/mul
   * Horovod's TF ops are not marked stateful: Grappler would drop, pre-run or merge them
     (see session_config);
   * a rank that dies makes Horovod abort (SIGABRT) on the others at once: its shutdown tries
-    to negotiate the removal of every process set with the dead rank and throws (the launcher
-    names the dead rank); a rank that hangs or freezes makes the others wait, which the
-    Watchdog turns into an exit with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S
-    seconds, naming the rank and the collectives shared with it.
+    to negotiate the removal of every process set with the dead rank and throws, so no Python
+    code of theirs runs again; each rank's exit monitor (exit_monitor.py) then names the rank
+    that died first and what its rank waited for (measured with 2 ranks, where the global set
+    is the only one, Horovod kept the survivor alive: its Watchdog names the dead rank); a
+    rank that hangs or freezes makes the others wait, which the Watchdog turns into an exit
+    with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S seconds, naming the rank and the
+    collectives shared with it.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +56,8 @@ import uuid
 from typing import Callable, Iterable, Sequence
 
 from planner.plan_format import Plan, PlanError
+
+from . import exit_monitor
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: re-running with the same model_dir resumes from the checkpoint
 
@@ -71,6 +79,19 @@ def launched_ranks() -> int:
         if os.environ.get(key):
             return int(os.environ[key])
     return 1
+
+
+def launched_local_rank() -> int | None:
+    """This process's rank on its host when a launcher started several ranks: the launcher's
+    variable (horovodrun, Open MPI, MPICH/Intel MPI), known before Horovod starts, else
+    Horovod's local rank once it has started; None in a single process."""
+    if launched_ranks() <= 1:
+        return None
+    for key in ("HOROVOD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    hvd = _hvd()
+    return hvd.local_rank() if hvd.is_initialized() else None
 
 
 def _hvd():
@@ -138,26 +159,33 @@ def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTr
     return transfers
 
 
-def pair_groups(plan: Plan) -> list[tuple[int, ...]]:
-    """The rank pairs that exchange rows at any boundary between consecutive stages, in
-    boundary order. Both directions (activations forward, their gradients backward) share a
-    pair. Pairs whose ranks are the only ranks of the job are left to the global set."""
+def pair_groups(plan: Plan, boundaries: Sequence[tuple[int, int]] | None = None
+                ) -> list[tuple[int, ...]]:
+    """The rank pairs that exchange rows at the stage boundaries `boundaries` ((from stage,
+    to stage) pairs, in the order given; default: every pair of consecutive stages), in that
+    order. Both directions (activations forward, their gradients backward) share a pair.
+    Pairs whose ranks are the only ranks of the job are left to the global set."""
+    if boundaries is None:
+        boundaries = [(s, s + 1) for s in range(plan.num_stages - 1)]
     pairs = []
-    for s in range(plan.num_stages - 1):
-        for t in boundary_transfers(plan, s, s + 1):
+    for a, b in boundaries:
+        for t in boundary_transfers(plan, a, b):
             pairs.append(_rank_group((t.sender_rank, t.receiver_rank)))
     return _unique(pairs)
 
 
 class ProcessSets:
     """The Horovod process sets of one plan, registered on every rank in one fixed order
-    (gradient groups first, then boundary pairs). `get(ranks)` returns the set for a group of
-    ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
+    (gradient groups first, then boundary pairs). `boundaries`: the (from stage, to stage)
+    pairs that exchange tensors, in the same order on every rank (a skip connection joins
+    non-adjacent stages); default: consecutive stages. `get(ranks)` returns the set for a group
+    of ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
 
-    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None):
+    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None,
+                 boundaries: Sequence[tuple[int, int]] | None = None):
         hvd = _hvd()
         self.world_size = hvd.size() if world_size is None else world_size
-        self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan))
+        self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan, boundaries))
         everyone = tuple(range(self.world_size))
         self._sets = {}
         for group in self.order:
@@ -368,6 +396,12 @@ class Collectives:
                                                   name=leaf, process_set=ps), name)
         return variable.assign(value, read_value=False)
 
+    def sum_over_all_ranks(self, tensor, name: str):
+        """The sum of `tensor` over every rank of the job (each rank must create it)."""
+        hvd = _hvd()
+        self.log.add(name, range(hvd.size()))
+        return _named(lambda leaf: hvd.allreduce(_unfoldable(tensor), op=hvd.Sum, name=leaf), name)
+
     def step_end(self, local_loss, control_inputs: Sequence = ()):
         """The last collective of every step, on all ranks: sums each rank's share of the loss
         (zero on ranks without the loss stage) after everything in `control_inputs` ran. No rank
@@ -391,27 +425,39 @@ class RankInfo:
 
 
 def init() -> RankInfo:
-    """Start Horovod with our defaults (a value already in the environment wins)."""
+    """Start Horovod with our defaults (a value already in the environment wins) and pin this
+    rank to its local GPU before anything else queries devices or opens a session (see
+    devices.pin_to_local_gpu)."""
+    from . import devices
     for key, value in _HOROVOD_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     hvd = _hvd()
     if not hvd.is_initialized():
         hvd.init(process_sets="dynamic")
-    return RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    info = RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+    from_launcher = launched_local_rank()
+    if from_launcher is not None and from_launcher != info.local_rank:
+        raise RuntimeError(f"rank {info.rank}: the launcher says local rank {from_launcher} but "
+                           f"Horovod says {info.local_rank}; sessions would be pinned to the "
+                           f"wrong GPU")
+    devices.pin_to_local_gpu(info.local_rank)
+    return info
 
 
 def allgather_objects(obj, name: str) -> list:
     """Python-level allgather on the global set (every rank must call it, in the same order)."""
     import tensorflow as tf
+    from . import devices
     hvd = _hvd()
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.allgather_object(obj, session=session, name=name)
 
 
 def broadcast_object(obj, name: str, root_rank: int = 0):
     import tensorflow as tf
+    from . import devices
     hvd = _hvd()
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+    with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.broadcast_object(obj, root_rank=root_rank, session=session, name=name)
 
 
@@ -475,7 +521,12 @@ class Watchdog:
     entered step s although this rank has waited in it for `peer_timeout_s`, is missing; a step
     longer than `step_timeout_s` also ends the wait. Then it prints which ranks are missing, the
     collectives this rank shares with them, and exits with EXIT_PEER_LOST (after a short grace
-    so that the other waiting ranks can report too)."""
+    so that the other waiting ranks can report too).
+
+    `start()` also starts this rank's exit monitor (exit_monitor.py), a child process that
+    reports which rank died first and what this rank waited for when this rank's process ends
+    abruptly (Horovod aborts the survivors of a killed rank before any of their Python code
+    runs again); `stop()`, a normal interpreter exit and the watchdog's own exit dismiss it."""
 
     def __init__(self, rank: int, size: int, directory: str, log: CollectiveLog,
                  peer_timeout_s: float | None = None, step_timeout_s: float | None = None,
@@ -492,6 +543,7 @@ class Watchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"dapple-watchdog-{rank}", daemon=True)
+        self._monitor: subprocess.Popen | None = None
         gloo = float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30"))
         if gloo <= self.peer_timeout_s:
             print(f"dapple: warning: HOROVOD_GLOO_TIMEOUT_SECONDS={gloo:g} is not above "
@@ -500,6 +552,7 @@ class Watchdog:
 
     def start(self) -> "Watchdog":
         self._beat()
+        self._start_exit_monitor()
         self._thread.start()
         return self
 
@@ -510,8 +563,39 @@ class Watchdog:
             self._phase, self._since = "done", time.time()
         self._stop.set()
         self._beat()
+        self._dismiss_exit_monitor()
         if remove_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _start_exit_monitor(self) -> None:
+        try:  # an end recorded by an earlier job in the same folder is not news
+            os.remove(exit_monitor.ended_path(self.directory, self.rank))
+        except OSError:
+            pass
+        setup = {"rank": self.rank, "size": self.size, "directory": self.directory,
+                 "pid": os.getpid(), "started": time.time(),
+                 "shared": {str(k): _abbreviate(self.log.shared_with(k))
+                            for k in range(self.size) if k != self.rank}}
+        # -I keeps the script's folder off sys.path (dapple_tf/profile.py would shadow the
+        # standard library's profile module).
+        self._monitor = subprocess.Popen([sys.executable, "-I", exit_monitor.__file__],
+                                         stdin=subprocess.PIPE)
+        self._monitor.stdin.write((json.dumps(setup) + "\n").encode())
+        self._monitor.stdin.flush()
+        atexit.register(self._dismiss_exit_monitor)
+
+    def _dismiss_exit_monitor(self) -> None:
+        """Tell the exit monitor this rank ends knowingly (it exits without a report)."""
+        with self._lock:  # the watchdog thread and atexit may both get here
+            monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            monitor.stdin.write(b"done\n")
+            monitor.stdin.close()
+            monitor.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
 
     def step_begin(self, step: int) -> None:
         with self._lock:
@@ -552,6 +636,9 @@ class Watchdog:
             problem = self.check(time.time())
             if problem:
                 print(problem, file=sys.stderr, flush=True)
+                exit_monitor.record_end(self.directory, self.rank, os.getpid(),
+                                        exit_monitor.WATCHDOG, time.time())
+                self._dismiss_exit_monitor()
                 # Let the other waiting ranks report too: our exit makes Horovod abort them.
                 time.sleep(max(2 * self.interval_s, 3.0))
                 self._exit(EXIT_PEER_LOST)

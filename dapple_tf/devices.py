@@ -4,6 +4,14 @@ Single process: device id d is `/GPU:d` when the machine has GPUs, else the d-th
 the session. CPU sessions get their CPU devices from `ConfigProto.device_count`, so a plan on
 n CPU "devices" runs wherever n <= the number allowed (`num_devices`, or the logical CPU devices
 configured with `create_logical_cpus` / `tf.config.set_logical_device_configuration`).
+
+A rank of a multi-rank run sees only its local GPU (Horovod local rank k: physical GPU k, as
+/GPU:0) in every session dapple_tf opens: `new_session` (the one place our sessions are made)
+sets `gpu_options.visible_device_list = k`, and `pin_to_local_gpu` (comm.init, right after
+Horovod starts) narrows TensorFlow's own visible GPUs for sessions and eager code of the user's
+that pass no config. TensorFlow maps a process's GPUs once, at the first session or runtime
+start: a session without the pin first would take every GPU of the host, and later pinned
+sessions would fail.
 """
 from __future__ import annotations
 
@@ -12,12 +20,56 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 from planner.plan_format import Plan
 
+from . import comm
+
 LOCAL_JOB = "/job:localhost/replica:0/task:0"
 
 
 def device_kind() -> str:
     """'GPU' if this process sees a GPU, else 'CPU'."""
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+
+
+def pinned_config(config: tf.compat.v1.ConfigProto | None = None) -> tf.compat.v1.ConfigProto | None:
+    """`config` for a session of this process: in a rank of a multi-rank run, a copy whose
+    GPUs are only the rank's local GPU (TensorFlow ignores the setting on hosts without GPUs);
+    otherwise `config` unchanged (None: TensorFlow's default config)."""
+    local_rank = comm.launched_local_rank()
+    if local_rank is None:
+        return config
+    pinned = tf.compat.v1.ConfigProto()
+    if config is not None:
+        pinned.CopyFrom(config)
+    pinned.gpu_options.visible_device_list = str(local_rank)
+    return pinned
+
+
+def new_session(graph: tf.Graph | None = None,
+                config: tf.compat.v1.ConfigProto | None = None,
+                target: str | None = None) -> tf.compat.v1.Session:
+    """Every session dapple_tf opens is opened here, with `pinned_config(config)`; `target`: a
+    TF server's address (a multi-rank trainer's session runs on its rank's server)."""
+    return tf.compat.v1.Session(target or "", graph=graph, config=pinned_config(config))
+
+
+def pin_to_local_gpu(local_rank: int) -> None:
+    """Make physical GPU `local_rank` TensorFlow's only visible GPU (nothing on hosts without
+    GPUs). Must run before TensorFlow starts its runtime; afterwards it only checks that the
+    runtime already sees exactly that GPU."""
+    gpus = tf.config.list_physical_devices("GPU")  # lists only: starts no runtime
+    if not gpus:
+        return
+    if local_rank >= len(gpus):
+        raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this host has "
+                           f"{len(gpus)} GPUs; launch at most one rank per GPU on each host")
+    try:
+        tf.config.set_visible_devices(gpus[local_rank], "GPU")
+    except RuntimeError:
+        if tf.config.get_visible_devices("GPU") != [gpus[local_rank]]:
+            raise RuntimeError(
+                f"TensorFlow started its GPUs before this rank (local rank {local_rank}) was "
+                f"pinned to GPU {local_rank}; create the Trainer (or call dapple_tf.comm.init()) "
+                f"before any TensorFlow session, op or device query of the script") from None
 
 
 def device_name(device_id: int, kind: str | None = None) -> str:

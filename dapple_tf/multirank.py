@@ -14,8 +14,9 @@ rank; the user script does not change. On every rank, in the same order:
   4. Variables start from the template's initial values and are then broadcast from the
      lowest rank holding them (replicas and tied users agree bit for bit).
 
-Device: rank d uses its local GPU `local_rank` (the session sees only that GPU, as /GPU:0),
-or /CPU:0 without GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
+Device: rank d uses its local GPU `local_rank` (every session of the process sees only that
+GPU, as /GPU:0; pinned in comm.init before any session or device query), or /CPU:0 without
+GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
 """
 from __future__ import annotations
 
@@ -49,9 +50,6 @@ class MultiRankTrainer(Trainer):
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, heartbeat_dir: str | None = None,
                  transport: str | None = None, input_fn: Callable | None = None):
-        if clip_norm is not None:
-            raise NotImplementedError("clip_norm is not supported across ranks yet (the global "
-                                      "norm needs every rank's gradients); run without it")
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         info = comm.init()
@@ -74,10 +72,9 @@ class MultiRankTrainer(Trainer):
         tied = [stages for stages in dict.fromkeys(tied) if len(stages) > 1]
 
         kind = devices.device_kind()
-        config = devices.session_config(kind, 1, inter_op_threads, optimize_graph)
-        if kind == "GPU":
-            config.gpu_options.visible_device_list = str(info.local_rank)
-        self.process_sets = comm.ProcessSets(self.plan, tied)
+        config = devices.pinned_config(
+            devices.session_config(kind, 1, inter_op_threads, optimize_graph))
+        self.process_sets = comm.ProcessSets(self.plan, tied, boundaries=_stage_boundaries(specs))
         self.collectives = comm.Collectives(self.process_sets, self.rank)
         self.transport_kind = _transport_kind(transport)
         self.keys = CollectiveKeys(self.size, comm.gradient_groups(self.plan, tied))
@@ -96,12 +93,18 @@ class MultiRankTrainer(Trainer):
             return fused_all_reduce_sum(grads, order, ranks, self.keys, device_of_variable,
                                         comm.fusion_bytes(), timeout_s, self.collectives.log)
 
+        def tf_sum_over_all_ranks(tensor, name):
+            self.collectives.log.add(name, range(self.size))
+            return all_reduce_sum(tensor, range(self.size), self.keys, name, timeout_s)
+
+        use_tf = self.transport_kind == "tf"
         sync = HorovodGradientSync(self.collectives, self.ranks_of_variable, self.rank,
-                                   comm.allgather_objects,
-                                   sum_dense=tf_sums if self.transport_kind == "tf" else None)
+                                   comm.allgather_objects, sum_dense=tf_sums if use_tf else None,
+                                   sum_over_all_ranks=tf_sum_over_all_ranks if use_tf else None)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
-                                 device_name=lambda d: device, local_slots=[self.slot],
-                                 transport=transport, gradient_sync=sync, input_fn=input_fn)
+                                 device_name=lambda d: device, clip_norm=clip_norm,
+                                 local_slots=[self.slot], transport=transport,
+                                 gradient_sync=sync, input_fn=input_fn)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.feature_rows = self.rewritten.feature_rows
@@ -124,14 +127,14 @@ class MultiRankTrainer(Trainer):
         check_keys(self.keys.names, comm.allgather_objects(self.keys.names,
                                                            "dapple.collective_keys"), self.rank)
         self._prepare_sharded_saver()
+        target = self.cluster.target if self.cluster is not None else None
         if self.cluster is not None:
-            self.session = v1.Session(self.cluster.target, graph=self.graph,
-                                      config=self.cluster.session_config(comm.session_config(config)))
-        else:
-            self.session = v1.Session(graph=self.graph, config=comm.session_config(config))
+            config = self.cluster.session_config(config)
+        self.session = devices.new_session(self.graph, comm.session_config(config), target=target)
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template, names=set(self.rewritten.variables)))
+        self.set_weights(initial_values(self.template, devices.pinned_config(),
+                                        names=set(self.rewritten.variables)))
         self.session.run(self._broadcast_init)
         directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0
@@ -236,6 +239,12 @@ def _slot_of_rank(plan: Plan, rank: int) -> Slot:
             return Slot(s, stage.devices.index(rank))
     raise PlanError(f"rank {rank} holds no stage of plan {plan.notation} (devices "
                     f"{list(plan.devices)}); launch exactly one rank per plan device")
+
+
+def _stage_boundaries(specs) -> list[tuple[int, int]]:
+    """(from stage, to stage) for every pair of stages that exchange tensors, sorted (the same
+    on every rank: specs come from the same template and plan)."""
+    return sorted({(spec.index, b) for spec in specs for b in spec.consumer_stages})
 
 
 def _ranks_of_variable(plan: Plan, specs) -> dict[str, tuple[int, ...]]:

@@ -32,6 +32,8 @@ import tensorflow as tf
 
 from planner.profile import LayerCost, Profile, ProfileError
 
+from .devices import new_session
+
 v1 = tf.compat.v1
 
 FeatureSpec = Mapping[str, tuple[Sequence[int], tf.DType]]
@@ -448,7 +450,7 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
     fetches = [template.loss, template.gradients]
     with template.graph.as_default():
         init = v1.global_variables_initializer()
-    with v1.Session(graph=template.graph, config=config) as session:
+    with new_session(template.graph, config) as session:
         session.run(init)
         activation, parameter, edges = layer_sizes(template, layers, session, feed)
         for _ in range(warmup_steps):

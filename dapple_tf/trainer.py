@@ -201,11 +201,11 @@ class Trainer(_SessionTrainer):
         self.loss = self.rewritten.loss
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
-        self.session = v1.Session(graph=self.graph, config=devices.session_config(
+        self.session = devices.new_session(self.graph, devices.session_config(
             kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template))
+        self.set_weights(initial_values(self.template, devices.pinned_config()))
 
 
 class SingleDeviceTrainer(_SessionTrainer):
@@ -229,7 +229,7 @@ class SingleDeviceTrainer(_SessionTrainer):
             self.optimizer = optimizer_fn()
             self.train_op = self.optimizer.apply_gradients(
                 [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var)
-        self.session = v1.Session(graph=self.graph, config=devices.session_config(
+        self.session = devices.new_session(self.graph, devices.session_config(
             "CPU", 1, optimize_graph=optimize_graph))
         _prepare_reads(self)
         self._finish_init()

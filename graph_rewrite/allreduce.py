@@ -2,8 +2,9 @@
 same variable (tied weights).
 
 `LocalGradientSync` sums in-graph (all replicas in this process). A multi-rank implementation
-(hvd.allreduce with op=Sum on the stage's process set) provides the same two methods and is
-passed to `rewrite(..., gradient_sync=...)`.
+(hvd.allreduce with op=Sum on the stage's process set) provides the same methods and is
+passed to `rewrite(..., gradient_sync=...)`; `global_norm` (for clip_norm) is the norm of the
+whole model's gradients, which a rank holding only some stages must sum across ranks.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class GradientSync(Protocol):
     def sum_stages(self, grads_by_stage: dict[int, dict], device_of_variable: dict[str, str]) -> dict:
         """variable -> gradient summed over every stage that reads it (tied weights)."""
 
+    def global_norm(self, grads: dict) -> tf.Tensor:
+        """The global norm of the whole model's final gradients (`grads`: this process's
+        variable -> final gradient, after sum_stages), every variable counted once."""
+
 
 class LocalGradientSync:
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
@@ -29,6 +34,9 @@ class LocalGradientSync:
 
     def sum_stages(self, grads_by_stage, device_of_variable):
         return _sum_by_variable(grads_by_stage, device_of_variable, "dapple/tied")
+
+    def global_norm(self, grads):
+        return tf.linalg.global_norm(list(grads.values()))
 
 
 def _sum_by_variable(groups: dict[int, dict], device_of_variable, scope) -> dict:

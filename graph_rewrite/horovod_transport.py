@@ -17,6 +17,8 @@ tied variable) with one per-tensor allreduce (Horovod's, or the `sum_dense` give
 trainer passes TF collective all-reduces, see dapple_tf/multirank.py). Gradients that are IndexedSlices on every such
 rank stay sparse (an allgather of rows), so sparse optimizer updates match single-device
 training; otherwise they are summed dense, as tf.gradients aggregates mixed gradients.
+For clip_norm, the global norm counts each variable once (on the lowest rank holding it) and
+sums the squares with one scalar allreduce over all ranks (`dapple/clip/global_norm`).
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ class HorovodGradientSync:
     whether every rank's gradient is sparse)."""
 
     def __init__(self, collectives, ranks_of_variable: dict[str, tuple[int, ...]], rank: int,
-                 exchange: Callable[[object, str], list], sum_dense: Callable | None = None):
+                 exchange: Callable[[object, str], list], sum_dense: Callable | None = None,
+                 sum_over_all_ranks: Callable | None = None):
         self.collectives = collectives
         self.ranks_of_variable = ranks_of_variable
         self.rank = rank
@@ -86,6 +89,8 @@ class HorovodGradientSync:
         # ({variable: dense gradient}, ranks, device_of_variable) -> {variable: sum over ranks};
         # default: one Horovod allreduce per variable (Horovod fuses them itself)
         self.sum_dense = sum_dense or self._horovod_sums
+        # (scalar, name) -> its sum over every rank of the job; default Horovod's
+        self.sum_over_all_ranks = sum_over_all_ranks or collectives.sum_over_all_ranks
 
     def _horovod_sums(self, grads, ranks, device_of_variable):
         out = {}
@@ -123,6 +128,16 @@ class HorovodGradientSync:
                 f"rank {self.rank} reads variables {missing} without a gradient while other "
                 f"ranks have one; not supported by the multi-rank gradient sync")
         return out
+
+    def global_norm(self, grads):
+        """Each variable's final gradient is on every rank of its group; only the lowest of
+        them (its owner) adds its squared norm, then one scalar sum over all ranks."""
+        owned = [g for v, g in grads.items() if self.ranks_of_variable[v][0] == self.rank]
+        half_squares = [tf.nn.l2_loss(g.values if isinstance(g, tf.IndexedSlices) else g)
+                        for g in owned]  # as tf.linalg.global_norm computes it
+        local = tf.add_n(half_squares) if half_squares else tf.constant(0.0, tf.float32)
+        total = self.sum_over_all_ranks(local, "dapple/clip/global_norm")
+        return tf.sqrt(2.0 * total, name="global_norm")
 
 
 def _identity_n(tensors, name):

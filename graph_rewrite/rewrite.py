@@ -345,7 +345,8 @@ class _Builder:
         grads = [final[v] for v in order]
         if clip_norm is not None:
             with tf.name_scope("dapple/clip"):
-                grads, _ = tf.clip_by_global_norm(grads, clip_norm)
+                norm = gradient_sync.global_norm(dict(zip(order, grads)))
+                grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=norm)
         return dict(zip(order, grads))
 
     def apply(self, optimizer_fn, gradients: dict):

@@ -175,16 +175,17 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
 
 
-def initial_values(template: Template, names=None) -> dict[str, np.ndarray]:
+def initial_values(template: Template, session_config=None, names=None) -> dict[str, np.ndarray]:
     """Run the initializers of the template's variables (only those in `names` if given: a rank
-    initialises only its own); values keyed by variable name."""
+    initialises only its own); values keyed by variable name. `session_config`: the ConfigProto
+    of the session that runs them (the runtime passes its device pinning)."""
     wanted = [n for n in template.variables if names is None or n in names]
     objects = [template.variable_objects[n] for n in wanted if n in template.variable_objects]
     if len(objects) != len(wanted):
         missing = sorted(set(wanted) - set(template.variable_objects))
         raise TemplateError(f"variables {missing} have no tf.Variable object (not created with "
                             f"tf.compat.v1.get_variable/tf.Variable?)")
-    with v1.Session(graph=template.graph) as sess:
+    with v1.Session(graph=template.graph, config=session_config) as sess:
         sess.run([v.initializer for v in objects])
         values = sess.run([v.value() for v in objects])
     return dict(zip(wanted, values))

@@ -52,6 +52,41 @@ def test_process_set_order_is_gradient_groups_then_boundary_pairs_without_duplic
     assert comm.pair_groups(plan_of([1, 1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
 
 
+def test_boundary_pairs_include_non_adjacent_stages_that_exchange_tensors():
+    plan = plan_of([1, 1, 1, 1])
+    # a skip from stage 0 to stage 2 (and consecutive boundaries), in the order given
+    assert comm.pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [(0, 1), (0, 2), (1, 2), (2, 3)]
+    assert comm.pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
+
+
+LAUNCHER_VARIABLES = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_LOCAL_RANK",
+                      "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+def test_session_config_of_a_launched_rank_shows_only_its_local_gpu(monkeypatch):
+    import tensorflow as tf
+    from dapple_tf import devices
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+    given = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+    pinned = devices.pinned_config(given)
+    assert pinned.gpu_options.visible_device_list == "2" and pinned.allow_soft_placement
+    assert given.gpu_options.visible_device_list == ""  # the caller's config is not changed
+    assert devices.pinned_config(None).gpu_options.visible_device_list == "2"
+
+
+def test_session_config_of_a_single_process_is_left_as_given(monkeypatch):
+    import tensorflow as tf
+    from dapple_tf import devices
+    for key in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    given = tf.compat.v1.ConfigProto(allow_soft_placement=True)
+    assert devices.pinned_config(given) is given
+    assert devices.pinned_config(None) is None
+
+
 def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     log = comm.CollectiveLog()
     log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))
@@ -101,6 +136,36 @@ def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_proces
         alive.stop()
     assert "step 4: collective 'dapple/mb1/s0_to_s1/k0_j0/rank0_to_rank2/p0' failed" in text
     assert f"rank 2: process {dead.pid} is gone" in text and "rank 1:" not in text
+
+
+def _exit_monitor_setup(tmp_path, rank, size):
+    from dapple_tf import exit_monitor
+    for k in range(size):
+        w = comm.Watchdog(k, size, str(tmp_path), comm.CollectiveLog())
+        w.step_begin(5)
+    return exit_monitor, {"rank": rank, "size": size, "directory": str(tmp_path), "pid": 1,
+                          "shared": {"1": "dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0"}}
+
+
+def test_exit_monitor_names_the_rank_that_ended_first_and_what_this_rank_waited_for(tmp_path):
+    monitor, setup = _exit_monitor_setup(tmp_path, rank=0, size=3)
+    monitor.record_end(str(tmp_path), 2, 300, monitor.ABRUPT, 100.4)  # aborted by Horovod
+    monitor.record_end(str(tmp_path), 1, 200, monitor.ABRUPT, 100.0)  # killed
+    monitor.record_end(str(tmp_path), 0, 100, monitor.ABRUPT, 100.3)
+    text = monitor.report(setup, 101.0, "this rank's process ended abruptly")
+    assert "dapple: rank 0: rank 1 died first:" in text and "ended 1.0 s ago" in text
+    assert ("dapple: rank 0: rank 0 was waiting on rank 1 in step 5: the collectives it shares "
+            "with rank 1: dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0") in text
+    assert "also ended after it: ranks [0, 2]" not in text and "ranks [2]" in text
+
+
+def test_exit_monitor_blames_no_rank_when_a_watchdog_stopped_the_job_first(tmp_path):
+    monitor, setup = _exit_monitor_setup(tmp_path, rank=0, size=3)
+    monitor.record_end(str(tmp_path), 1, 200, monitor.WATCHDOG, 100.0)  # reported a hung rank 2
+    monitor.record_end(str(tmp_path), 2, 300, monitor.ABRUPT, 100.5)  # then stopped by the launcher
+    text = monitor.report(setup, 101.0, "the launcher is stopping this rank")
+    assert "died first" not in text
+    assert "the job was stopped after the watchdog of rank(s) [1] reported missing ranks" in text
 
 
 def test_checkpoint_owner_of_a_variable_is_the_first_replica_of_the_first_stage_holding_it():
@@ -230,4 +295,5 @@ def test_a_frozen_rank_makes_the_others_exit_naming_it():
         assert f"dapple: rank {rank}: missing rank 1: no heartbeat for" in text, text
 
 
-# A killed rank (SIGKILL) is tested with the Trainer in test_trainer_multirank.py (kill, then resume).
+# A killed rank (SIGKILL) is tested with the Trainer in test_trainer_multirank.py (killed mid-step on
+# 2 and 4 ranks: every other rank names it; kill, then resume).

@@ -10,6 +10,7 @@ SingleDeviceTrainer on the same batches, at the single-process equivalence toler
 """
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -31,9 +32,10 @@ def _skip_without_horovod():
         pytest.skip(reason)
 
 
-def single_device_run(case, steps):
+def single_device_run(case, steps, clip_norm=None):
     trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
-                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False)
+                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False,
+                                  clip_norm=clip_norm)
     try:
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in checks.batches(case, steps)]
@@ -82,16 +84,17 @@ def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact
     _check_equal_to_single_device(equivalence_run, reference, "sparse", "2x2", "1f1b")
 
 
-def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule):
+def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule, clip=False,
+                                  num_ranks=4):
     out, result = equivalence_run
     initial, expected_losses, expected = reference
-    tag = f"{model}-{plan}-{schedule}".replace(":", "_")
+    tag = checks.tag_of(model, plan, schedule, clip)
     got = np.load(os.path.join(out, tag + ".npz"))
     for name, value in initial.items():
         np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
     by_rank = {rank: [r for r in recs if r["tag"] == tag][0]
                for rank, recs in result.records("LOSSES").items()}
-    assert sorted(by_rank) == [0, 1, 2, 3]
+    assert sorted(by_rank) == list(range(num_ranks))
     for rank, rec in by_rank.items():  # every rank returns the global-batch mean loss
         np.testing.assert_allclose(rec["losses"], expected_losses, rtol=1e-5, atol=1e-6,
                                    err_msg=f"rank {rank}")
@@ -121,6 +124,107 @@ def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_re
         for name, value in expected.items():
             np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=1e-6,
                                        err_msg=name)
+
+
+# ---- plans the cluster needs: skip connections between non-adjacent stages, clip_norm ---------
+def _equivalence_launch(out, num_ranks, configs):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", num_ranks, ["equivalence", out, ",".join(configs)],
+                        timeout_s=360)
+    assert result.returncode == 0, result.output[-6000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def four_rank_cluster_plans(tmp_path_factory):
+    return _equivalence_launch(tmp_path_factory.mktemp("cluster_plans_4"), 4,
+                               ["skip/skip0to2/1f1b", "transformer/2x2/1f1b/clip"])
+
+
+@pytest.fixture(scope="module")
+def two_rank_clip(tmp_path_factory):
+    return _equivalence_launch(tmp_path_factory.mktemp("clip_2"), 2,
+                               ["mlp/1:1/1f1b/clip", "mlp/DP2/gpipe/clip"])
+
+
+def _clipped_reference(case):
+    clipped = single_device_run(case, checks.STEPS, clip_norm=checks.CLIP_NORM)
+    unclipped = single_device_run(case, checks.STEPS)
+    # clipping really changes training here, so the comparison below can tell it apart
+    assert not np.allclose(clipped[1][1:], unclipped[1][1:], rtol=1e-3), (clipped[1], unclipped[1])
+    return clipped
+
+
+def test_skip_from_stage_0_to_stage_2_on_four_ranks_trains_like_one_device(four_rank_cluster_plans):
+    _check_equal_to_single_device(four_rank_cluster_plans, single_device_run(models.SKIP, checks.STEPS),
+                                  "skip", "skip0to2", "1f1b")
+
+
+def test_clip_norm_on_four_ranks_2x2_with_tied_weights_equals_one_device(four_rank_cluster_plans):
+    _check_equal_to_single_device(four_rank_cluster_plans, _clipped_reference(models.TRANSFORMER),
+                                  "transformer", "2x2", "1f1b", clip=True)
+
+
+@pytest.mark.parametrize("plan,schedule", [("1:1", "1f1b"), ("DP2", "gpipe")])
+def test_clip_norm_on_two_ranks_equals_one_device(two_rank_clip, plan, schedule):
+    _check_equal_to_single_device(two_rank_clip, _clipped_reference(models.MLP), "mlp", plan,
+                                  schedule, clip=True, num_ranks=2)
+
+
+# ---- GPU hosts: every session of a rank sees only the rank's local GPU -------------------------
+def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", 2, ["sessions", tmp_path], timeout_s=300)
+    assert result.returncode == 0, result.output[-6000:]
+    records = result.records("SESSIONS")
+    assert sorted(records) == [0, 1], result.output[-4000:]
+    for rank, sessions in records.items():
+        assert {s["local_rank"] for s in sessions} == {rank}  # one host: local rank = rank
+        for s in sessions:
+            assert s["visible_device_list"] == str(rank), (rank, s)
+        openers = [s["opener"] for s in sessions]
+        for opener in ("dapple_tf.comm.broadcast_object", "dapple_tf.comm.allgather_objects",
+                       "dapple_tf.multirank.__init__", "graph_rewrite.template.initial_values"):
+            assert opener in openers, (rank, openers)
+    rank0 = [s["opener"] for s in records[0]]
+    assert rank0[0] == "dapple_tf.profiler.measure", rank0  # plan="auto": before the broadcast
+    assert "dapple_tf.checkpoint_sharded._merge" in rank0, rank0
+
+
+# ---- a killed rank: every other rank says, in our words, which rank died and what it waited for ---
+def _names_dead_rank(rank, dead):
+    """Our report on `rank` that `dead` died: the exit monitor's (after Horovod aborted this
+    rank) or the watchdog's (when Horovod left this rank alive)."""
+    return re.compile(rf"^dapple: rank {rank}: (rank {dead} died first|missing rank {dead}: "
+                      rf"process \d+ on \S+ is gone)")
+
+
+def _what_it_waited_for(rank, dead):
+    return re.compile(rf"^dapple: rank {rank}: (rank {rank} was waiting on rank {dead} in step "
+                      rf"\d+: the collectives it shares with rank {dead}|collectives rank {rank} "
+                      rf"waits on with rank {dead}): dapple/")
+
+
+def _assert_every_survivor_names(result, dead, survivors, since):
+    for rank in survivors:
+        lines = result.lines_of(rank)
+        named = [line for line in lines if _names_dead_rank(rank, dead).search(line)]
+        assert named, "\n".join(lines[-30:])
+        assert [line for line in lines if _what_it_waited_for(rank, dead).search(line)], \
+            "\n".join(lines[-30:])
+        said_at = result.first_time_of(named[0])
+        assert said_at - since < 60, (rank, said_at - since)
+
+
+@pytest.mark.parametrize("num_ranks,plan", [(2, "1:1"), (4, "2x2")])
+def test_a_rank_killed_mid_step_is_named_by_every_other_rank_within_60_s(num_ranks, plan):
+    _skip_without_horovod()
+    result = runner.run("trainer_checks.py", num_ranks, ["kill", plan, 1, 2], timeout_s=240)
+    killed_at = result.first_time_of("KILL victim rank 1 in step 2")
+    assert killed_at is not None, result.output[-6000:]
+    assert result.returncode != 0
+    assert result.end_time - killed_at < 60, (result.end_time - killed_at, result.output[-4000:])
+    _assert_every_survivor_names(result, 1, [r for r in range(num_ranks) if r != 1], killed_at)
 
 
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,
@@ -172,11 +276,12 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     assert killed.returncode != 0
     assert killed.end_time - killed_at < 60, (killed.end_time - killed_at, killed.output[-4000:])
     # The launcher names the rank killed by SIGKILL (137); the others were aborted by Horovod
-    # (134) or stopped by the launcher (143). Which exit horovodrun calls "the first" is a race.
+    # (134) or stopped by the launcher (143), and each said which rank died (our words).
     assert f"Process {victim} exit with status code 137" in killed.output
     for rank in (0, 1, 3):
         assert f"Process {rank} exit with status code 0" not in killed.output
         assert f"Process {rank} exit with status code 137" not in killed.output
+    _assert_every_survivor_names(killed, victim, (0, 1, 3), killed_at)
     with open(model_dir / "checkpoint.json") as f:
         assert json.load(f) == {"latest": f"ckpt-{kill_at}", "step": kill_at}
 

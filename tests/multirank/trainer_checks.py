@@ -1,10 +1,19 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][,...]
+  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
       For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
-      train.py; off otherwise, to keep graph building fast), check get_weights() before training, run
-      STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<model>-<plan>-<schedule>.npz with
-      the losses (as every rank saw them) and the final weights. Plans: 2x2, 4stages, 3:1.
+      train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
+      check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
+      <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
+      rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS.
+  trainer_checks.py sessions <out_dir>
+      Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
+      while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
+      and saves; print one SESSIONS record per session: the dapple code that opened it and the
+      config's visible_device_list (None: no config given).
+  trainer_checks.py kill <plan> <victim rank> <kill at step>
+      Train mlp on <plan>/1f1b; in step <kill at step> the victim starts the step and a timer
+      SIGKILLs it 50 ms later (mid-step), after printing "KILL victim rank <r> in step <s>".
   trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
       Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
       after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
@@ -24,10 +33,14 @@ import tensorflow as tf  # noqa: E402
 import rewrite_models as models  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
-from planner.plan_format import even_plan  # noqa: E402
+from planner.plan_format import Plan, Stage, even_plan  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCHES, STEPS, SEED = 48, 4, 3, 7
-PLANS = {"2x2": [2, 2], "4stages": [1, 1, 1, 1], "3:1": [3, 1]}
+CLIP_NORM = 0.05  # below the global gradient norm of every test model's first steps
+PLANS = {"2x2": [2, 2], "4stages": [1, 1, 1, 1], "3:1": [3, 1], "1:1": [1, 1], "DP2": [2]}
+# Plans with a chosen split: (layer count, replicas) per stage. skip0to2 puts the skip model's
+# layers a | b c | d | loss on 4 ranks, so a's output travels from stage 0 to stage 2.
+SPLITS = {"skip0to2": [(1, 1), (2, 1), (1, 1), (1, 1)]}
 
 
 def optimizer():
@@ -39,18 +52,34 @@ def batches(case, steps):
     return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(steps)]
 
 
-def make_trainer(case, plan_name, schedule, optimize_graph=False):
+def make_plan(layers, plan_name, schedule):
+    if plan_name in PLANS:
+        return even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
+    stages, start, device = [], 0, 0
+    for count, replicas in SPLITS[plan_name]:
+        stages.append(Stage(tuple(layers[start:start + count]), tuple(range(device, device + replicas))))
+        start, device = start + count, device + replicas
+    return Plan(GLOBAL_BATCH, MICRO_BATCHES, schedule, tuple(stages))
+
+
+def make_trainer(case, plan_name, schedule, optimize_graph=False, clip_norm=None):
     layers = build_template(case.model_fn, case.feature_spec).layers
-    plan = even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
+    plan = make_plan(layers, plan_name, schedule)
     return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=optimize_graph)
+                             seed=SEED, optimize_graph=optimize_graph, clip_norm=clip_norm)
+
+
+def tag_of(model, plan_name, schedule, clip=False):
+    return f"{model}-{plan_name}-{schedule}{'-clip' if clip else ''}".replace(":", "_")
 
 
 def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
         case = models.ALL[model]
-        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options)
+        clip = "clip" in options
+        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options,
+                               clip_norm=CLIP_NORM if clip else None)
         rank = trainer.rank
         transfer_ops = sorted({op.type for op in trainer.graph.get_operations()
                                if re.search(r"_to_s\d+/k\d+_j\d+/rank\d+_to_rank\d+/p\d+$",
@@ -61,7 +90,7 @@ def equivalence(out_dir, configs):
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
         final = trainer.get_weights()
-        tag = f"{model}-{plan_name}-{schedule}".replace(":", "_")
+        tag = tag_of(model, plan_name, schedule, clip)
         trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
@@ -71,6 +100,59 @@ def equivalence(out_dir, configs):
             np.savez(os.path.join(out_dir, tag + ".npz"), losses=np.array(losses),
                      **{"initial/" + k: v for k, v in initial.items()},
                      **{"final/" + k: v for k, v in final.items()})
+
+
+def sessions(out_dir):
+    import traceback
+    from unittest import mock
+    from tensorflow.python.client import session as session_lib  # to observe every session
+
+    opened = []
+    original_init = session_lib.BaseSession.__init__
+
+    def recording_init(session, target="", graph=None, config=None):
+        opened.append((_opener(traceback.extract_stack()), config))
+        original_init(session, target, graph, config)
+
+    with mock.patch.object(session_lib.BaseSession, "__init__", recording_init):
+        case = models.MLP
+        trainer = dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, "auto",
+                                    GLOBAL_BATCH, seed=SEED, num_devices=2, optimize_graph=False)
+        trainer.train_step(batches(case, 1)[0])
+        trainer.get_weights()
+        trainer.save(os.path.join(out_dir, "ckpt"))
+        rank = trainer.rank
+        trainer.close()
+    for opener, config in opened:
+        print("SESSIONS " + json.dumps({
+            "rank": rank, "local_rank": int(os.environ["HOROVOD_LOCAL_RANK"]), "opener": opener,
+            "visible_device_list": None if config is None else config.gpu_options.visible_device_list}),
+            flush=True)
+
+
+def _opener(stack) -> str:
+    """'<module>.<function>' of the innermost dapple_tf / graph_rewrite frame that is not the
+    session helper itself."""
+    for frame in reversed(stack):
+        path = frame.filename.replace(os.sep, "/")
+        for package in ("dapple_tf/", "graph_rewrite/"):
+            if package in path and not path.endswith("dapple_tf/devices.py"):
+                module = path[path.rindex(package):-3].replace("/", ".")
+                return f"{module}.{frame.name}"
+    return "(other)"
+
+
+def kill(plan_name, victim, kill_at):
+    import threading
+    case = models.MLP
+    trainer = make_trainer(case, plan_name, "1f1b")
+    for step, batch in enumerate(batches(case, kill_at + 2)):
+        if trainer.rank == victim and step == kill_at:
+            print(f"KILL victim rank {trainer.rank} in step {step}", flush=True)
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        trainer.train_step(batch)
+        print(f"STEP rank {trainer.rank} step {step} done", flush=True)
+    trainer.close()
 
 
 def resume(model_dir, steps, victim, kill_at):
@@ -108,6 +190,10 @@ def main():
     tf.compat.v1.disable_eager_execution()
     if sys.argv[1] == "equivalence":
         equivalence(sys.argv[2], sys.argv[3].split(","))
+    elif sys.argv[1] == "sessions":
+        sessions(sys.argv[2])
+    elif sys.argv[1] == "kill":
+        kill(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     else:
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 
