@@ -2,11 +2,14 @@
 single-device training, and a run killed mid-way resumes from its last checkpoint.
 
 One launch trains the transformer with a tied embedding (used by the first and the last stage)
-on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each), and a model whose only
-replicated gradient is sparse (embedding, 2x2: an allgather of rows); the test compares the
+on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each), a model whose only
+replicated gradient is sparse (embedding, 2x2: an allgather of rows), a skip connection from
+stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2); the test compares the
 losses every rank returned and the final weights (model, momentum slots, global_step) with
 SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
 (rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
+Two-rank launches check clip_norm (1:1 and DP2), the GPU pinning of every session, and a rank
+killed mid-step; a 4-rank one the killed rank too.
 """
 import json
 import os
@@ -48,7 +51,8 @@ def single_device_run(case, steps, clip_norm=None):
 def equivalence_run(tmp_path_factory):
     _skip_without_horovod()
     out = tmp_path_factory.mktemp("multirank_equivalence")
-    configs = [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES] + ["sparse/2x2/1f1b"]
+    configs = [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES] + [
+        "sparse/2x2/1f1b", "skip/skip0to2/1f1b", "transformer/2x2/1f1b/clip"]
     result = runner.run("trainer_checks.py", 4, ["equivalence", out, ",".join(configs)],
                         timeout_s=480)
     assert result.returncode == 0, result.output[-6000:]
@@ -103,12 +107,6 @@ def _equivalence_launch(out, num_ranks, configs):
 
 
 @pytest.fixture(scope="module")
-def four_rank_cluster_plans(tmp_path_factory):
-    return _equivalence_launch(tmp_path_factory.mktemp("cluster_plans_4"), 4,
-                               ["skip/skip0to2/1f1b", "transformer/2x2/1f1b/clip"])
-
-
-@pytest.fixture(scope="module")
 def two_rank_clip(tmp_path_factory):
     return _equivalence_launch(tmp_path_factory.mktemp("clip_2"), 2,
                                ["mlp/1:1/1f1b/clip", "mlp/DP2/gpipe/clip"])
@@ -122,13 +120,13 @@ def _clipped_reference(case):
     return clipped
 
 
-def test_skip_from_stage_0_to_stage_2_on_four_ranks_trains_like_one_device(four_rank_cluster_plans):
-    _check_equal_to_single_device(four_rank_cluster_plans, single_device_run(models.SKIP, checks.STEPS),
+def test_skip_from_stage_0_to_stage_2_on_four_ranks_trains_like_one_device(equivalence_run):
+    _check_equal_to_single_device(equivalence_run, single_device_run(models.SKIP, checks.STEPS),
                                   "skip", "skip0to2", "1f1b")
 
 
-def test_clip_norm_on_four_ranks_2x2_with_tied_weights_equals_one_device(four_rank_cluster_plans):
-    _check_equal_to_single_device(four_rank_cluster_plans, _clipped_reference(models.TRANSFORMER),
+def test_clip_norm_on_four_ranks_2x2_with_tied_weights_equals_one_device(equivalence_run):
+    _check_equal_to_single_device(equivalence_run, _clipped_reference(models.TRANSFORMER),
                                   "transformer", "2x2", "1f1b", clip=True)
 
 
