@@ -159,15 +159,17 @@ def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
 # ---- a killed rank: every other rank says, in our words, which rank died and what it waited for ---
 def _names_dead_rank(rank, dead):
     """Our report on `rank` that `dead` died: the exit monitor's (after Horovod aborted this
-    rank) or the watchdog's (when Horovod left this rank alive)."""
+    rank), the watchdog's (Horovod left this rank waiting) or the failed step's (Horovod
+    failed this rank's next collective)."""
     return re.compile(rf"^dapple: rank {rank}: (rank {dead} died first|missing rank {dead}: "
-                      rf"process \d+ on \S+ is gone)")
+                      rf"process \d+ on \S+ is gone|missing: rank {dead}: process \d+ is gone)")
 
 
 def _what_it_waited_for(rank, dead):
     return re.compile(rf"^dapple: rank {rank}: (rank {rank} was waiting on rank {dead} in step "
-                      rf"\d+: the collectives it shares with rank {dead}|collectives rank {rank} "
-                      rf"waits on with rank {dead}): dapple/")
+                      rf"\d+: the collectives it shares with rank {dead}: dapple/|collectives "
+                      rf"rank {rank} waits on with rank {dead}: dapple/|step \d+: collective "
+                      rf"'dapple/[^']+' failed)")
 
 
 def _assert_every_survivor_names(result, dead, survivors, since):
