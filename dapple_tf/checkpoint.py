@@ -44,3 +44,17 @@ def restore(session, saver, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
     with session.graph.as_default():
         saver.restore(session, path)
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
+    """None if checkpoint `path` reads completely (index and every tensor, whose checksums TF
+    verifies on read), else why not: a truncated or corrupt file, or a missing data shard."""
+    path = os.fspath(path)
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, OSError) as e:
+        message = getattr(e, "message", None) or str(e)
+        return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
+    return None
