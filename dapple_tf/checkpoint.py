@@ -54,7 +54,9 @@ def unreadable_reason(path: str | os.PathLike) -> str | None:
         reader = tf.train.load_checkpoint(path)
         for name in reader.get_variable_to_shape_map():
             reader.get_tensor(name)
-    except (tf.errors.OpError, ValueError, OSError) as e:
+    # The reader translates TF status codes into Python built-ins (a short read of a truncated
+    # data file is an IndexError, a bad index a DataLossError), hence the list.
+    except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
         message = getattr(e, "message", None) or str(e)
         return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
     return None
