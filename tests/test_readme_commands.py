@@ -105,3 +105,13 @@ def test_multi_host_command_passes_train_py_flag_checks(readme, command, tmp_pat
         train.FLAGS(["train.py", *args])
         assert train.FLAGS.preset in models.presets(train.FLAGS.model)
         train.FLAGS.unparse_flags()
+
+
+def test_readme_links_point_into_the_repository_and_exist():
+    text = (REPO / "README.md").read_text()
+    assert "../shared" not in text
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    assert "docs/architecture.md" in links
+    for link in links:
+        if not link.startswith("http"):
+            assert (REPO / link).exists(), link
