@@ -85,6 +85,9 @@ def test_readme_command_runs_as_written(readme, command, workdir):
     assert "Traceback" not in output
     if "train.py" in command:
         assert re.search(r"step \d+  loss", output), output[-2000:]
+        # quiet by default: none of TensorFlow's C++ or profiler log lines
+        for noise in ("cpu_feature_guard", "profiler_session", "Profiler session"):
+            assert noise not in output, output[:2000]
 
 
 @pytest.mark.parametrize("readme, command", [c for c in COMMANDS if kind(c[1]) == "multi-host"])
