@@ -10,7 +10,7 @@ _PUBLIC = {"Plan": "planner.plan_format", "PlanError": "planner.plan_format",
            "layer": "dapple_tf.layers", "SingleDeviceTrainer": "dapple_tf.trainer",
            "Trainer": "dapple_tf.trainer"}
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["Plan", "PlanError", "SingleDeviceTrainer", "Trainer", "layer"]
 
 
 def __getattr__(name):

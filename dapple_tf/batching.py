@@ -9,7 +9,7 @@ and every `r_s` must divide `b`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class BatchError(ValueError):
@@ -23,6 +23,7 @@ def notation_micro_batches(replicas: Sequence[int], global_batch_size: int,
     notation = ":".join(map(str, replicas)) if len(replicas) > 1 else f"DP{replicas[0]}"
     multiple = math.lcm(*replicas)
     if requested is not None:
+        fitting_batch = requested * multiple * _rows_hint(global_batch_size, requested * multiple)
         if global_batch_size % requested:
             raise BatchError(f"--global_batch_size={global_batch_size} does not divide into "
                              f"--num_micro_batches={requested}")
@@ -31,7 +32,7 @@ def notation_micro_batches(replicas: Sequence[int], global_batch_size: int,
                 f"plan {notation}: micro-batches of {global_batch_size // requested} rows "
                 f"(--global_batch_size={global_batch_size} / --num_micro_batches={requested}) do "
                 f"not divide by every stage's replica count (need a multiple of {multiple}); "
-                f"e.g. --global_batch_size={requested * multiple * _rows_hint(global_batch_size, requested * multiple)}")
+                f"e.g. --global_batch_size={fitting_batch}")
         return requested
     for count in range(2 * len(replicas), 0, -1):
         if global_batch_size % count == 0 and (global_batch_size // count) % multiple == 0:

@@ -19,7 +19,8 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 RUN_FILE = "run.json"
 PLAN_FILE = "plan.json"
@@ -33,7 +34,7 @@ class RunDirError(ValueError):
 
 
 def default_model_dir(model: str, preset: str, plan_notation: str) -> str:
-    """runs/<model>-<preset>-<notation>, with the notation's ':' written '_' (runs/gnmt-tiny-2_2)."""
+    """runs/<model>-<preset>-<notation>, the notation's ':' written '_' (runs/gnmt-tiny-2_2)."""
     return os.path.join("runs", f"{model}-{preset}-{plan_notation.replace(':', '_')}")
 
 
@@ -50,7 +51,7 @@ class RunRecord:
         return {"format": RUN_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str) -> "RunRecord":
+    def from_dict(cls, data: dict[str, Any], source: str) -> RunRecord:
         if data.get("format") != RUN_FORMAT:
             raise RunDirError(f"{source}: expected \"format\": \"{RUN_FORMAT}\", found "
                               f"{data.get('format')!r}")
@@ -109,7 +110,8 @@ def _check_old_plan_layers(model_dir: str, record: RunRecord, plan_layers) -> No
     if plan_layers is None or not os.path.exists(path):
         return
     with open(path) as f:
-        saved_layers = [name for stage in json.load(f).get("stages", []) for name in stage["layers"]]
+        stages = json.load(f).get("stages", [])
+    saved_layers = [name for stage in stages for name in stage["layers"]]
     if saved_layers != list(plan_layers):
         raise RunDirError(f"--model_dir {model_dir} holds checkpoints of a model with layers "
                           f"{saved_layers[:4]}..., not {record.model}/{record.preset}; use "

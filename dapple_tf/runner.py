@@ -11,7 +11,7 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
@@ -56,7 +56,7 @@ class TrainingConfig:
     seed: int = 0
 
     @classmethod
-    def from_flags(cls, flag_values) -> "TrainingConfig":
+    def from_flags(cls, flag_values) -> TrainingConfig:
         return cls(**{f.name: getattr(flag_values, f.name) for f in dataclasses.fields(cls)})
 
 
@@ -111,7 +111,8 @@ def batches(spec, config: TrainingConfig, global_batch_size: int, start_step: in
     if config.data_dir is None:
         step = start_step
         while True:
-            yield spec.synthetic_batch(global_batch_size, np.random.default_rng([config.seed, step]))
+            rng = np.random.default_rng([config.seed, step])
+            yield spec.synthetic_batch(global_batch_size, rng)
             step += 1
     if spec.name == "gnmt":
         from models.gnmt import find_nmt_files
@@ -190,8 +191,9 @@ class Summaries:
 def local_device_count(requested: int | None) -> int:
     """Stage devices of a single-process run: the GPUs (at most `requested`), or `requested`
     (default 4) logical CPU devices, created before TensorFlow starts."""
-    from dapple_tf import devices
     import tensorflow as tf
+
+    from dapple_tf import devices
     gpus = len(tf.config.list_physical_devices("GPU"))
     if gpus:
         if requested and requested > gpus:

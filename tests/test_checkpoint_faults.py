@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(model_dir, **overrides):
-    values = dict(model="gnmt", preset="tiny", dapple_plan="1:1", num_devices=2,
-                  model_dir=str(model_dir), seed=3)
+    values = {"model": "gnmt", "preset": "tiny", "dapple_plan": "1:1", "num_devices": 2,
+              "model_dir": str(model_dir), "seed": 3}
     values.update(overrides)
     return runner.TrainingConfig(**values)
 
@@ -65,9 +65,9 @@ def truncated_then_resumed(tmp_path_factory):
         absl_logger.removeHandler(handler)
         absl_logger.setLevel(level)
     _, reference_weights = train(tmp_path_factory.mktemp("faults") / "reference", steps=5)
-    return dict(model_dir=model_dir, first=first, files_after_first=files_after_first,
-                resumed=resumed, log=handler.lines, resumed_weights=resumed_weights,
-                reference_weights=reference_weights)
+    return {"model_dir": model_dir, "first": first, "files_after_first": files_after_first,
+            "resumed": resumed, "log": handler.lines, "resumed_weights": resumed_weights,
+            "reference_weights": reference_weights}
 
 
 class _Capture(logging.Handler):

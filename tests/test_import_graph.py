@@ -76,5 +76,5 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_every_module_imports():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
     result = subprocess.run([sys.executable, "-c", code, *module_names()], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+                            check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,9 +2,9 @@
 schedule, stage functions, variables and layer gradients have their own test files)."""
 import numpy as np
 import pytest
+import rewrite_models as models
 import tensorflow as tf
 
-import rewrite_models as models
 from graph_rewrite import rewrite
 from graph_rewrite.accumulate import SlotAccumulator, sum_gradients
 from graph_rewrite.allreduce import LocalGradientSync
@@ -58,7 +58,7 @@ def test_partition_lists_each_stages_variables_and_features():
 
 
 def test_partition_refuses_a_plan_that_skips_a_layer():
-    template, plan = template_and_plan(models.MLP, [1, 1])
+    template, _ = template_and_plan(models.MLP, [1, 1])
     broken = even_plan(template.layers[:-1], [1, 1], 8, 2)
     with pytest.raises(Exception, match="skips layers"):
         partition(template, broken)

@@ -65,8 +65,8 @@ def test_newest_readable_checkpoint_is_chosen_and_each_bad_one_is_named(tmp_path
     bad = {str(tmp_path / "ckpt-6"): "DataLossError: truncated"}
     chosen = run_dir.newest_good_checkpoint(str(tmp_path), bad.get, warnings.append)
     assert chosen == (str(tmp_path / "ckpt-4"), 4)
-    assert warnings == [f"checkpoint {tmp_path / 'ckpt-6'} cannot be read (DataLossError: "
-                        f"truncated); trying an older one"]
+    assert warnings == [(f"checkpoint {tmp_path / 'ckpt-6'} cannot be read (DataLossError: "
+                         f"truncated); trying an older one")]
 
 
 def test_a_checkpoint_newer_than_checkpoint_json_is_not_resumed(tmp_path):

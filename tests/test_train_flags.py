@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train_py_error(*flags, cwd=REPO):
     """(exit status, stderr) of train.py run with `flags`."""
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *flags], capture_output=True,
-                            text=True, timeout=300, cwd=cwd)
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *flags], check=False,
+                            capture_output=True, text=True, timeout=300, cwd=cwd)
     return result.returncode, result.stderr
 
 
@@ -90,8 +90,8 @@ def test_train_py_lists_the_models_of_the_registry():
 def test_flag_checks_run_before_tensorflow_is_imported():
     code = ("import sys, train; train.FLAGS(['train.py', '--dapple_plan=2:2', "
             "'--global_batch_size=8']); print('tensorflow' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
 
 
