@@ -18,7 +18,7 @@ from absl import logging
 
 from dapple_tf import run_dir
 from dapple_tf.batching import BatchError, notation_micro_batches
-from dapple_tf.stop_signals import StopSignals
+from dapple_tf.stop_signals import StopAgreement, StopSignals
 from models.data import DataError
 from planner.plan_format import PlanError
 
@@ -263,6 +263,7 @@ def run_training(config: TrainingConfig) -> dict:
     data = batches(spec, config, global_batch_size, start_step)
     first_loss = last_loss = None
     steps_run, stopped_by = 0, None
+    agreed_stop = StopAgreement() if multi_rank else (lambda received: received)
     try:
         with StopSignals() as stop:
             for step in range(start_step + 1, config.steps + 1):  # the global step after it
@@ -283,7 +284,7 @@ def run_training(config: TrainingConfig) -> dict:
                                  global_batch_size / seconds, seconds)
                     summaries.scalars(step, loss=loss,
                                       examples_per_second=global_batch_size / seconds)
-                stopped_by = _agreed_stop(stop.received, multi_rank)
+                stopped_by = agreed_stop(stop.received)
                 if step % config.save_every == 0 or step == config.steps or stopped_by:
                     _save(trainer, model_dir, step, config.keep_checkpoints, is_chief)
                 if stopped_by:
@@ -295,6 +296,8 @@ def run_training(config: TrainingConfig) -> dict:
                     break
     finally:
         summaries.close()
+        if multi_rank:
+            agreed_stop.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "steps_run": steps_run,
             "global_step": trainer.global_step, "plan": plan, "trainer": trainer,
             "model_dir": model_dir, "stopped_by": stopped_by}
@@ -342,15 +345,6 @@ def _saved_plan_notation(model_dir: str) -> str | None:
         return Plan.load(os.path.join(model_dir, run_dir.PLAN_FILE)).notation
     except (PlanError, OSError):
         return None
-
-
-def _agreed_stop(received: int | None, multi_rank: bool) -> int | None:
-    """The stop signal, agreed by every rank at this step boundary (so all stop together)."""
-    if not multi_rank:
-        return received
-    from dapple_tf import comm
-    signals = [s for s in comm.allgather_objects(received, "dapple.stop") if s]
-    return signals[0] if signals else None
 
 
 def _save(trainer, model_dir: str, step: int, keep: int, is_chief: bool) -> None:

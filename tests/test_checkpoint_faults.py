@@ -1,5 +1,6 @@
 """Checkpoint faults of train.py runs: a truncated newest checkpoint, SIGTERM during training,
 pruning, and summaries after a resume (dapple_tf.runner on GNMT-tiny, plan 1:1)."""
+import json
 import logging
 import os
 import signal
@@ -148,3 +149,35 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_resumed_run_is_
     for name, value in reference_weights.items():
         np.testing.assert_allclose(resumed_weights[name], value, rtol=1e-6, atol=1e-7,
                                    err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_to_horovodrun_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
+    from tests.multirank.runner import horovod_missing_reason, horovodrun_path
+    if horovod_missing_reason():
+        pytest.skip(horovod_missing_reason())
+    model_dir = tmp_path / "run"
+    command = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
+               str(REPO / "train.py"), "--model=gnmt", "--dapple_plan=1:1", "--steps=100000",
+               "--save_every=100000", f"--model_dir={model_dir}"]
+    env = dict(os.environ, HOROVOD_DYNAMIC_PROCESS_SETS="1", PYTHONPATH=str(REPO))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=REPO, env=env)
+    lines = []
+    deadline = time.monotonic() + 400
+    for line in process.stdout:
+        lines.append(line)
+        if "step 3  loss" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+        assert time.monotonic() < deadline, "".join(lines[-20:])
+    lines += process.stdout.readlines()
+    process.wait(timeout=120)
+    stopped = [line for line in lines if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, "".join(lines[-30:])  # rank 0 reports for all
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    # the checkpoint is merged from both ranks' shards: both stopped after `step` and saved
+    assert json.loads((model_dir / "checkpoint.json").read_text())["step"] == step
+    assert len(list(model_dir.glob(f"ckpt-{step}.data-*"))) == 2
+    assert tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}")).get_tensor(
+        "global_step") == step
