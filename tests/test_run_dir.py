@@ -98,3 +98,13 @@ def test_pruning_keeps_the_newest_n_and_only_touches_checkpoint_files(tmp_path):
         "checkpoint.json", "ckpt-10.data-00000-of-00001", "ckpt-10.index",
         "ckpt-3.data-00000-of-00001", "ckpt-3.index", "trace_step_1.pb"]
     assert run_dir.prune_checkpoints(str(tmp_path), 0) == []
+
+
+def test_train_refuses_another_models_directory_before_building_the_trainer(tmp_path):
+    from dapple_tf import runner
+    write_checkpoint_files(tmp_path, 2)
+    run_dir.write_run_record(str(tmp_path), GNMT)
+    with pytest.raises(run_dir.RunDirError, match="model: 'gnmt' there, 'bert' now"):
+        runner.run_training(runner.TrainingConfig(model="bert", dapple_plan="1:1",
+                                                  num_devices=2, model_dir=str(tmp_path)))
+    assert json.loads((tmp_path / "run.json").read_text())["model"] == "gnmt"  # untouched
