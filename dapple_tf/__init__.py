@@ -1,4 +1,19 @@
-"""dapple-tf: hybrid pipeline + data parallel training for TensorFlow (tf.compat.v1 graph mode)."""
-from planner.plan_format import Plan, PlanError
-from dapple_tf.layers import layer
-from dapple_tf.trainer import SingleDeviceTrainer, Trainer
+"""dapple-tf: hybrid pipeline + data parallel training for TensorFlow (tf.compat.v1 graph mode).
+
+The public names are imported on first use, so that `import dapple_tf.<module>` of a module
+that needs no TensorFlow (e.g. `dapple_tf.batching`, which train.py's flag checks use) does
+not start TensorFlow before train.py has set its log level.
+"""
+import importlib
+
+_PUBLIC = {"Plan": "planner.plan_format", "PlanError": "planner.plan_format",
+           "layer": "dapple_tf.layers", "SingleDeviceTrainer": "dapple_tf.trainer",
+           "Trainer": "dapple_tf.trainer"}
+
+__all__ = ["Plan", "PlanError", "SingleDeviceTrainer", "Trainer", "layer"]
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dapple_tf' has no attribute '{name}'")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

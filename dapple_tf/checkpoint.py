@@ -44,3 +44,19 @@ def restore(session, saver, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
     with session.graph.as_default():
         saver.restore(session, path)
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
+    """None if checkpoint `path` reads completely (index and every tensor, whose checksums TF
+    verifies on read), else why not: a truncated or corrupt file, or a missing data shard."""
+    path = os.fspath(path)
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # The reader translates TF status codes into Python built-ins (a short read of a truncated
+    # data file is an IndexError, a bad index a DataLossError), hence the list.
+    except (tf.errors.OpError, ValueError, OSError, IndexError, RuntimeError) as e:
+        message = getattr(e, "message", None) or str(e)
+        return f"{type(e).__name__}: {message.splitlines()[0] if message else ''}"
+    return None

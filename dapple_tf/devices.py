@@ -78,9 +78,13 @@ def device_name(device_id: int, kind: str | None = None) -> str:
 
 
 def create_logical_cpus(n: int) -> None:
-    """Split the CPU into n logical devices. Must run before TensorFlow initialises its
-    runtime; afterwards it only checks that at least n exist."""
+    """Split the CPU into (at least) n logical devices. Must run before TensorFlow initialises
+    its runtime; afterwards it only checks that at least n exist. A configuration of n or more
+    devices already made (e.g. by a test session) is kept, never shrunk."""
     cpu = tf.config.list_physical_devices("CPU")[0]
+    configured = tf.config.get_logical_device_configuration(cpu)
+    if configured is not None and len(configured) >= n:
+        return
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
     except RuntimeError:

@@ -2,8 +2,9 @@
 
     python -m dapple_tf.timeline --model_dir DIR [--step N] [--stages S --micro_batches M]
 
-reads `DIR/trace_step_<N>.pb` (a serialized `RunMetadata` that `train.py --trace_step N` saves;
-the newest one if `--step` is not given) and `DIR/plan.json` if present (for S and M), writes
+reads `DIR/trace_step_<N>.pb` (a serialized `RunMetadata` that `train.py --trace_step N` saves
+for global step N, the step its progress line calls "step N"; the newest one if `--step` is not
+given) and `DIR/plan.json` if present (for S and M), writes
 next to it `trace_step_<N>.png` (one row per device: forward and backward of each micro-batch as
 labelled boxes, transfers, gradient accumulation, allreduce and apply on thin lanes below) and
 `trace_step_<N>.json` (open in chrome://tracing or https://ui.perfetto.dev), and prints the
@@ -31,7 +32,9 @@ import re
 import sys
 from typing import Iterable, Mapping, Sequence
 
-from dapple_tf.profiler import OpRecord, op_records
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the CLI's output without TF's C++ lines
+
+from dapple_tf.profiler import OpRecord, op_records  # noqa: E402
 
 KINDS = ("F", "B", "transfer", "accumulate", "allreduce", "apply")
 
@@ -155,24 +158,31 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str, Sequence[str]]],
             key = (device, mb, a < b)
             arrivals[key] = max(arrivals.get(key, 0), max(r.end_us for r in recs))
 
-    def task(key, recs, ready):
+    def task(key, recs, ready, floor):
+        """The box of one task: its data ops that end after `ready` (when its inputs arrived),
+        else after `floor` (a time it certainly starts after: B(i) after F(i) ends), and never
+        starting before `floor`, so B(i) is drawn after F(i) whatever the transfer records."""
         device, kind, mb, stage, to_stage = key
-        inside = [r for r in recs if r.end_us > ready and id(r) not in no_data] or recs
-        return Task(device, kind, mb, stage, min(r.start_us for r in inside),
-                    max(r.end_us for r in inside), sum(r.busy_us for r in recs), to_stage)
+        data = [r for r in recs if id(r) not in no_data] or recs
+        inside = ([r for r in data if r.end_us > ready] or
+                  [r for r in data if r.end_us > floor] or data)
+        start = max(min(r.start_us for r in inside), floor)
+        return Task(device, kind, mb, stage, start, max(start, max(r.end_us for r in inside)),
+                    sum(r.busy_us for r in recs), to_stage)
 
     tasks, forward_end, backward_start = [], {}, {}
     order = {"F": 0, "B": 1}  # forwards first: backwards need them, accumulation needs both
     for key in sorted(groups, key=lambda k: order.get(k[1], 2)):
         device, kind, mb, _, _ = key
-        ready = 0
+        ready = floor = 0
         if kind == "F":
             ready = arrivals.get((device, mb, True), 0)
         elif kind == "B":
-            ready = max(arrivals.get((device, mb, False), 0), forward_end.get((device, mb), 0))
+            floor = forward_end.get((device, mb), 0)
+            ready = max(arrivals.get((device, mb, False), 0), floor)
         elif kind == "accumulate" and mb is not None:
             ready = backward_start.get((device, mb), 0)
-        t = task(key, groups[key], ready)
+        t = task(key, groups[key], ready, floor)
         if kind == "F":
             forward_end[(device, mb)] = t.end_us
         if kind == "B":

@@ -205,6 +205,29 @@ def read_glue_pairs(tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: in
     return {k: np.asarray(v, np.int32) for k, v in rows.items()}
 
 
+def vocab_file_of(data_dir: str) -> str:
+    """The WordPiece vocabulary of a GLUE folder: `vocab-uncased.txt`, else `vocab.txt`."""
+    vocab_file = os.path.join(data_dir, "vocab-uncased.txt")
+    return vocab_file if os.path.exists(vocab_file) else os.path.join(data_dir, "vocab.txt")
+
+
+def data_config(data_dir: str, split: str = "train") -> dict[str, int]:
+    """Config fields the files of a GLUE folder decide: `vocab_size` (the vocabulary's tokens)
+    and `seq_length` (the longest `[CLS] a [SEP] b [SEP]` of `<split>.tsv`, so nothing is
+    truncated)."""
+    tokenizer = WordPieceTokenizer(vocab_file_of(data_dir))
+    tsv = os.path.join(data_dir, f"{split}.tsv")
+    longest = 0
+    for line in read_lines(tsv, "GLUE TSV", encoding="utf-8-sig")[1:]:
+        fields = line.split("\t")
+        if len(fields) == len(GLUE_COLUMNS):
+            longest = max(longest, len(tokenizer.tokenize(fields[3])) +
+                          len(tokenizer.tokenize(fields[4])) + 3)
+    if not longest:
+        raise DataError(f"{tsv} has no sentence pairs")
+    return {"vocab_size": len(tokenizer.vocab), "seq_length": longest}
+
+
 def make_input_fn(cfg: BertConfig, model: str):
     def input_fn(data_dir: str, batch_size: int, split: str = "train",
                  vocab_file: str | None = None, max_rows: int | None = None,
@@ -215,9 +238,7 @@ def make_input_fn(cfg: BertConfig, model: str):
             raise ValueError(f"{model}: the GLUE reader feeds the classification head; this "
                              f"model has head='{cfg.head}'")
         if vocab_file is None:
-            vocab_file = os.path.join(data_dir, "vocab-uncased.txt")
-            if not os.path.exists(vocab_file):
-                vocab_file = os.path.join(data_dir, "vocab.txt")
+            vocab_file = vocab_file_of(data_dir)
         tokenizer = WordPieceTokenizer(vocab_file)
         check_vocab_fits(tokenizer.vocab, vocab_file, cfg.vocab_size, model)
         tsv = os.path.join(data_dir, f"{split}.tsv")

@@ -22,6 +22,7 @@ Per-example loss: the mean token cross entropy over the example's target tokens 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -196,6 +197,35 @@ def read_parallel_text(src_file: str, tgt_file: str, src_vocab: dict[str, int],
     return {"source_ids": src[keep], "source_length": src_len[keep],
             "target_input_ids": tgt_in[keep], "target_output_ids": tgt_out[keep],
             "target_length": tgt_len[keep]}
+
+
+def find_nmt_files(data_dir: str, src: str = "en", tgt: str = "vi") -> tuple[str, str]:
+    """(train prefix, vocab prefix) of a folder in the TF NMT tutorial's layout:
+    `<prefix>.<src>`/`<prefix>.<tgt>` parallel text and `<vocab prefix>.<src|tgt>` vocabularies
+    (the files whose names contain 'vocab')."""
+    names = sorted(os.listdir(data_dir))
+    vocab = [n for n in names if "vocab" in n and n.endswith(f".{src}")]
+    text = [n for n in names if "vocab" not in n and n.endswith(f".{src}")]
+    if not vocab or not text:
+        raise DataError(f"{data_dir}: expected parallel text '<prefix>.{src}', '<prefix>.{tgt}' "
+                        f"and vocabularies '<vocab prefix>.{src}', '<vocab prefix>.{tgt}'; "
+                        f"found {names}")
+    return (os.path.join(data_dir, os.path.splitext(text[0])[0]),
+            os.path.join(data_dir, os.path.splitext(vocab[0])[0]))
+
+
+def data_config(data_dir: str, src: str = "en", tgt: str = "vi") -> dict[str, int]:
+    """Config fields the files of an NMT folder decide: the vocabularies' sizes and the
+    longest sentences (`tgt_length` counts the added <s> / </s>), so nothing is truncated."""
+    train_prefix, vocab_prefix = find_nmt_files(data_dir, src, tgt)
+
+    def longest(path):
+        return max((len(line.split()) for line in read_lines(path, "parallel text")), default=0)
+
+    return {"src_vocab_size": len(load_vocab(f"{vocab_prefix}.{src}", "NMT vocabulary")),
+            "tgt_vocab_size": len(load_vocab(f"{vocab_prefix}.{tgt}", "NMT vocabulary")),
+            "src_length": longest(f"{train_prefix}.{src}"),
+            "tgt_length": longest(f"{train_prefix}.{tgt}") + 1}
 
 
 def make_input_fn(cfg: GnmtConfig, model: str):

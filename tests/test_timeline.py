@@ -226,3 +226,51 @@ def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedul
     for device, fraction in timeline.bubble_fraction(tasks).items():
         assert 0.0 <= fraction < 1.0, device
     assert any(t.kind == "apply" for t in tasks)
+
+
+def test_a_backward_is_drawn_after_its_forward_even_when_its_gradient_seems_to_arrive_late():
+    """Stage 0 of 2: B0's only ops that end after the recorded gradient arrival are none (the
+    recv is recorded late), and one of its ops (a Fill) ran at the step's start; B0 must still
+    start after F0 ends, at its real ops."""
+    rec = timeline.OpRecord
+    d0 = DEVICES[0]
+    records = [
+        (rec("dapple/mb0/s0r0/fwd/layer_0/MatMul", d0, 100, 200, 100), "MatMul", ()),
+        (rec("dapple/mb0/s0_to_s1/send", d0, 200, 201, 1), "Identity", ()),
+        (rec("dapple/mb0/s0r0/bwd/gradients/layer_0/Fill", d0, 10, 11, 1), "Fill", ()),
+        (rec("dapple/mb0/s0r0/bwd/gradients/layer_0/MatMul_grad/MatMul", d0, 300, 400, 100),
+         "MatMul", ()),
+        (rec("dapple/mb0/s1_to_s0/recv", d0, 500, 510, 10), "Identity", ()),
+        (rec("dapple/mb0/s0_to_s1/recv", DEVICES[1], 201, 202, 1), "Identity", ()),
+    ]
+    tasks = timeline.tasks_from_records(records)
+    boxes = {t.label: (t.start_us, t.end_us) for t in tasks if t.device == d0 and t.kind in "FB"}
+    assert boxes == {"F0": (100, 200), "B0": (300, 400)}
+    assert timeline.compute_order(tasks)[d0] == [("F", 0), ("B", 0)]
+
+
+def _bert_tiny_trace(schedule_name, tmp_path):
+    """A traced step of BERT-tiny on 2 stages, M=4, through train.py's loop."""
+    from dapple_tf import runner
+    result = runner.run_training(runner.TrainingConfig(
+        model="bert", preset="tiny", dapple_plan="1:1", schedule=schedule_name, num_devices=2,
+        steps=2, trace_step=2, model_dir=str(tmp_path)))
+    result["trainer"].close()
+    return result["plan"], timeline.load_run_metadata(timeline.trace_path(str(tmp_path), 2))
+
+
+def test_bert_1f1b_chart_draws_each_devices_actions_in_schedule_order(tmp_path):
+    plan, metadata = _bert_tiny_trace("1f1b", tmp_path)
+    assert (plan.num_stages, plan.num_micro_batches) == (2, 4)
+    # --trace_step=2 traced the step logged as "step 2" (the last one of --steps=2).
+    assert sorted(p.name for p in tmp_path.glob("trace_step_*")) == ["trace_step_2.pb"]
+    tasks = timeline.tasks_from_step_stats(metadata.step_stats)
+    chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
+    lists = schedule.schedule_for("1f1b", 2, 4)
+    for s, device in enumerate(DEVICES):
+        drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
+        assert drawn == [f"{kind}{i}" for kind, i in lists[s]], device
+        starts = {label: x0 for label, x0, _ in chart.rows[device]}
+        ends = {label: x1 for label, _, x1 in chart.rows[device]}
+        for i in range(4):
+            assert starts[f"B{i}"] >= ends[f"F{i}"], (device, i)
