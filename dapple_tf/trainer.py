@@ -127,7 +127,12 @@ class Trainer(_SessionTrainer):
     plan: a `Plan`, a path to plan JSON, or "auto" (needs the profiler and planner hook).
     Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
     (how many logical CPU devices the session may create when there is no GPU), seed (graph
-    seed of the template, so initial weights are reproducible), inter_op_threads.
+    seed of the template, so initial weights are reproducible), inter_op_threads,
+    stack_weight_gradients (each stage's dense weight gradients that are sums over rows, such
+    as a dense layer's kernel and bias, computed once per step over the stacked rows of all
+    micro-batches instead of once per micro-batch and summed: fewer, larger matmuls; the
+    inputs of those gradients, e.g. the layer inputs, then stay alive until the stage's last
+    backward, as under GPipe; graph_rewrite/stacked_gradients.py).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
@@ -145,7 +150,7 @@ class Trainer(_SessionTrainer):
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True):
+                 optimize_graph: bool = True, stack_weight_gradients: bool = False):
         self.global_batch_size = int(global_batch_size)
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
                                  num_devices)
@@ -153,7 +158,8 @@ class Trainer(_SessionTrainer):
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
-                                 clip_norm=clip_norm)
+                                 clip_norm=clip_norm,
+                                 stack_weight_gradients=stack_weight_gradients)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.loss = self.rewritten.loss
