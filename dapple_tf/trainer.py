@@ -166,7 +166,8 @@ class Trainer(_SessionTrainer):
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
         self.session = v1.Session(graph=self.graph, config=devices.session_config(
-            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
+            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph,
+            fold_constants=False))
         _prepare_reads(self)
         self._finish_init()
         self.set_weights(initial_values(self.template))
