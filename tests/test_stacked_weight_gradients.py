@@ -85,9 +85,10 @@ def stacked_variables(trainer):
 @pytest.mark.parametrize("model,replicas,schedule", [
     ("mlp", [1, 1], "1f1b"),
     ("mlp", [2, 1], "gpipe"),          # replicas: each replica stacks its own rows
-    ("transformer", [1, 1], "1f1b"),   # tied embedding / output projection
+    ("transformer", [1, 1], "1f1b"),   # tied embedding; only layer-norm gains stack
     ("skip", [1, 1, 1], "1f1b"),       # skip connection from stage 0 to stage 2
     ("sparse", [1, 1], "1f1b"),        # IndexedSlices embedding gradient
+    ("rnn", [1, 1], "1f1b"),           # while loops: only the logits bias stacks
 ])
 def test_stacked_weight_gradients_train_like_single_device(model, replicas, schedule, optimizer):
     trainer = stacked_trainer(model, replicas, 4, optimizer, schedule)
