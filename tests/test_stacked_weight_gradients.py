@@ -37,9 +37,25 @@ def regularized_fn(features):
         return models._xent(tf.matmul(h, w), features["y"]) + 0.01 * tf.reduce_sum(tf.square(w))
 
 
+def tied_dense_fn(features):
+    """One 8x8 kernel used by layers `a` and `c` (stages 0 and 1 of a 1:1 plan) and twice
+    within `c`: its gradient is the sum of three stacked matmuls from two stages."""
+    with layer("a"):
+        shared = v1.get_variable("shared", [8, 8], initializer=v1.glorot_uniform_initializer())
+        h = tf.tanh(tf.matmul(features["x"], shared))
+    with layer("b"):
+        h = models._dense(h, 8, "dense", tf.tanh)
+    with layer("c"):
+        h = tf.tanh(tf.matmul(tf.tanh(tf.matmul(h, shared)), shared))
+    with layer("loss"):
+        return models._xent(models._dense(h, 4, "logits"), features["y"])
+
+
 REGULARIZED = models.ModelCase("regularized", regularized_fn, models.MLP.feature_spec,
                                models.MLP.make_batch)
-CASES = {**models.ALL, "regularized": REGULARIZED}
+TIED_DENSE = models.ModelCase("tied_dense", tied_dense_fn, models.MLP.feature_spec,
+                              models.MLP.make_batch)
+CASES = {**models.ALL, "regularized": REGULARIZED, "tied_dense": TIED_DENSE}
 
 
 def batches(case):
@@ -104,6 +120,17 @@ def test_every_dense_layer_of_an_mlp_is_stacked():
     try:
         dense = {v for v in trainer.template.variables if v.endswith(("kernel", "bias"))}
         assert stacked_variables(trainer) == dense
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_a_kernel_tied_across_stages_is_stacked_in_both_and_trains_like_single_device(optimizer):
+    trainer = stacked_trainer("tied_dense", [1, 1], 4, optimizer)
+    try:
+        for stage in trainer.rewritten.stage_graphs:
+            assert "a/shared" in stage.stacked_gradients, stage.spec.layers
+        assert_trains_like_single_device(trainer, "tied_dense", optimizer)
     finally:
         trainer.close()
 
