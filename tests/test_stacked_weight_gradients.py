@@ -13,6 +13,8 @@ import rewrite_models as models
 from dapple_tf.layers import layer
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.backward_split import split_backward
+from graph_rewrite.graphdefs import GradRef
+from graph_rewrite.stacked_gradients import plan_stacking
 from graph_rewrite.template import build_template
 from planner.plan_format import even_plan
 
@@ -196,3 +198,32 @@ def test_split_backward_keeps_weight_gradients_out_of_the_input_part():
     assert grad_w.op.name in split.weight_part
     assert not split.input_part & split.weight_part
     assert "x" not in split.input_part and "g" in split.input_part
+
+
+def test_plan_stacking_takes_only_gradients_that_are_sums_over_rows():
+    """A backward with row inputs x, g (4 rows) and three weight gradients: x^T g and the column
+    sums of g are sums over rows; the column means of g (divided by the row count) are not, and
+    neither is a gradient that reshapes the rows away."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = v1.placeholder(tf.float32, [4, 3], name="x")
+        g = v1.placeholder(tf.float32, [4, 2], name="g")
+        kernel_grad = tf.matmul(x, g, transpose_a=True, name="kernel_grad")
+        bias_grad = tf.reduce_sum(g, axis=0, name="bias_grad")
+        mean_grad = tf.reduce_mean(g, axis=0, name="mean_grad")
+        flat_grad = tf.reduce_sum(tf.reshape(g, [2, 4]), axis=0, name="flat_grad")
+    backward = graph.as_graph_def()
+    for k in reversed([k for k, n in enumerate(backward.node) if n.op == "Placeholder"]):
+        del backward.node[k]                     # inputs are function arguments
+
+    def spec_of(name):
+        tensor = graph.get_tensor_by_name(name)
+        return tf.TensorSpec(tensor.shape, tensor.dtype)
+
+    grads = {v: GradRef(dense=t.name) for v, t in [("kernel", kernel_grad), ("bias", bias_grad),
+                                                   ("mean", mean_grad), ("flat", flat_grad)]}
+    stacking = plan_stacking(backward, {}, grads, 4, spec_of, set(), set())
+    assert set(stacking.variables) == {"kernel", "bias"}
+    assert set(stacking.row_inputs) == {"x:0", "g:0"}
+    assert {n.name for n in stacking.input_graph_def.node} >= {"mean_grad", "flat_grad"}
+    assert not {"kernel_grad", "bias_grad"} & {n.name for n in stacking.input_graph_def.node}
