@@ -49,7 +49,7 @@ _ELEMENTWISE = frozenset({
     "SoftsignGrad", "RsqrtGrad", "SqrtGrad", "ReciprocalGrad",
     "Add", "AddV2", "AddN", "Sub", "Mul", "Div", "RealDiv", "DivNoNan", "MulNoNan", "Maximum",
     "Minimum", "SquaredDifference", "Pow", "Greater", "GreaterEqual", "Less", "LessEqual",
-    "Equal", "NotEqual", "Select", "SelectV2"})
+    "Equal", "NotEqual", "SelectV2"})  # not v1 Select: a rank-1 condition picks rows
 _SUMS_OF_ROW_SUMS = frozenset({"Identity", "Neg", "Add", "AddV2", "AddN", "Sub"})
 _SCALED_ROW_SUM = frozenset({"Mul", "Div", "RealDiv"})           # row sum (op) row-free
 _RESHAPED_ROW_SUM = frozenset({"Reshape", "ExpandDims", "Squeeze", "Transpose"})
