@@ -44,6 +44,9 @@ def main(argv=None):
     parser.add_argument("--micro-batch", type=int, default=64, help="rows per micro-batch")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
+    parser.add_argument("--stack-weight-gradients", action="store_true",
+                        help="Trainer(stack_weight_gradients=True): weight-gradient inputs stay "
+                             "alive until each stage's last backward")
     args = parser.parse_args(argv)
     S, M = args.stages, args.micro_batches
     devices.create_logical_cpus(S)
@@ -60,7 +63,8 @@ def main(argv=None):
     for schedule in ("gpipe", "1f1b"):
         plan = even_plan(layers, [1] * S, gbs, M, schedule)
         trainer = Trainer(fn, spec, lambda: v1.train.GradientDescentOptimizer(0.01), plan, gbs,
-                          seed=0, num_devices=S)
+                          seed=0, num_devices=S,
+                          stack_weight_gradients=args.stack_weight_gradients)
         trainer.train_step(batch)
         _, metadata = trainer.traced_step(batch)
         for k in range(S):
@@ -72,7 +76,8 @@ def main(argv=None):
     one_mb = args.micro_batch * args.width * 4
     print(f"MLP {depth} layers x width {args.width}, S={S}, M={M}, micro-batch {args.micro_batch} "
           f"rows (one layer's output of one micro-batch = {one_mb / 2**20:.3f} MiB), "
-          f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s")
+          f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s"
+          f"{', stacked weight gradients' if args.stack_weight_gradients else ''}")
     print()
     print("| stage | activations (fwd ops): gpipe MiB | 1f1b MiB | 1f1b / gpipe | expected "
           "min(S-k, M)/M | all clone ops: gpipe MiB | 1f1b MiB | 1f1b / gpipe |")

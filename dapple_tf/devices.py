@@ -117,10 +117,11 @@ def check_plan_devices(plan: Plan, num_devices: int | None = None) -> str:
 
 
 def session_config(kind: str, num_devices: int, inter_op_threads: int | None = None,
-                   optimize_graph: bool = True):
+                   optimize_graph: bool = True, fold_constants: bool = True):
     """ConfigProto for a session whose graph uses device ids 0..num_devices-1.
     optimize_graph=False turns Grappler off: the first step of a large pipelined graph starts
-    several times faster (tests), steady-state steps may be slower."""
+    several times faster (tests), steady-state steps may be slower. fold_constants=False turns
+    off only Grappler's constant folding (pipelined graphs: see below)."""
     config = tf.compat.v1.ConfigProto()
     if kind == "CPU":
         config.device_count["CPU"] = max(1, int(num_devices))
@@ -137,6 +138,12 @@ def session_config(kind: str, num_devices: int, inter_op_threads: int | None = N
     rewrite = config.graph_options.rewrite_options
     rewrite.dependency_optimization = rewriter_config_pb2.RewriterConfig.OFF
     rewrite.disable_model_pruning = True
+    # Without model pruning, Grappler sees the whole graph for every new fetch (initializer,
+    # set_weights, get_weights, the step), and constant folding over a pipelined graph took
+    # 20-30 s per fetch at M = 8 (bench/README.md, "Micro-batching on one device") while the
+    # stage functions, built with static shapes, leave it nothing that changes a step's time.
+    if not fold_constants:
+        rewrite.constant_folding = rewriter_config_pb2.RewriterConfig.OFF
     if not optimize_graph:
         config.graph_options.rewrite_options.disable_meta_optimizer = True
         config.graph_options.optimizer_options.opt_level = tf.compat.v1.OptimizerOptions.L0

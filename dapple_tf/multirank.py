@@ -49,7 +49,8 @@ class MultiRankTrainer(Trainer):
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, heartbeat_dir: str | None = None,
-                 transport: str | None = None, input_fn: Callable | None = None):
+                 transport: str | None = None, input_fn: Callable | None = None,
+                 stack_weight_gradients: bool = False):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         info = comm.init()
@@ -104,7 +105,8 @@ class MultiRankTrainer(Trainer):
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: device, clip_norm=clip_norm,
                                  local_slots=[self.slot], transport=transport,
-                                 gradient_sync=sync, input_fn=input_fn)
+                                 gradient_sync=sync, input_fn=input_fn,
+                                 stack_weight_gradients=stack_weight_gradients)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.feature_rows = self.rewritten.feature_rows

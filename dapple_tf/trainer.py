@@ -165,7 +165,11 @@ class Trainer(_SessionTrainer):
     (`input_fn(local_rows) -> tf.data.Dataset` whose elements are dicts of this process's rows
     of each feature, one per step: `train_step()` then takes no batch; under several ranks each
     rank reads only its own rows), transport (multi-rank only: "tf" or "horovod", see
-    dapple_tf/multirank.py).
+    dapple_tf/multirank.py), stack_weight_gradients (each stage's dense weight gradients that
+    are sums over rows, such as a dense layer's kernel and bias, computed once per step over
+    the stacked rows of all micro-batches instead of once per micro-batch and summed: fewer,
+    larger matmuls; the inputs of those gradients, e.g. the layer inputs, then stay alive
+    until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
@@ -184,7 +188,7 @@ class Trainer(_SessionTrainer):
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, input_fn: Callable | None = None,
-                 transport: str | None = None):
+                 transport: str | None = None, stack_weight_gradients: bool = False):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
@@ -194,7 +198,8 @@ class Trainer(_SessionTrainer):
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
-                                 clip_norm=clip_norm, input_fn=input_fn)
+                                 clip_norm=clip_norm, input_fn=input_fn,
+                                 stack_weight_gradients=stack_weight_gradients)
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.feature_rows = self.rewritten.feature_rows
@@ -202,7 +207,8 @@ class Trainer(_SessionTrainer):
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
         self.session = devices.new_session(self.graph, devices.session_config(
-            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
+            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph,
+            fold_constants=False))
         _prepare_reads(self)
         self._finish_init()
         self.set_weights(initial_values(self.template, devices.pinned_config()))

@@ -39,10 +39,12 @@ def call_forward(stage: StageGraph, device: str, prefix: str,
 def call_backward(stage: StageGraph, device: str, prefix: str,
                   forward: Mapping[str, tf.Tensor], grad_inputs: Mapping[str, tf.Tensor],
                   loss_grad: tf.Tensor | None, handles: Mapping[str, tf.Tensor],
-                  running_sums: Mapping[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], dict]:
+                  running_sums: Mapping[str, tf.Tensor]
+                  ) -> tuple[dict[str, tf.Tensor], dict, dict[str, tf.Tensor]]:
     """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
     slot's earlier micro-batches (empty for its first backward). Returns (input tensor -> its
-    gradient, variable -> gradient: the new running sum if dense, else tf.IndexedSlices)."""
+    gradient, variable -> gradient: the new running sum if dense, else tf.IndexedSlices,
+    this micro-batch's inputs of the stacked weight gradients by name)."""
     inputs = {ph: forward[t] for ph, t in stage.forward_refs.items()}
     for t, ph in stage.grad_inputs.items():
         inputs[ph] = grad_inputs[t]
@@ -65,7 +67,21 @@ def call_backward(stage: StageGraph, device: str, prefix: str,
         else:
             indices, values, dense_shape = next(returned), next(returned), next(returned)
             variable_grads[v] = tf.IndexedSlices(values, indices, dense_shape)
-    return input_grads, variable_grads
+    weight_inputs = stage.weight_gradient_inputs + stage.weight_gradient_constants
+    return input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}
+
+
+def call_weight_gradients(stage: StageGraph, device: str, name: str,
+                          stacked: Mapping[str, tf.Tensor],
+                          handles: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Call the stage's stacked weight-gradient function once: `stacked` maps each of its row
+    inputs to that tensor of every micro-batch concatenated along axis 0, and each of its step
+    constants to its value. Returns variable -> its gradient summed over those micro-batches."""
+    inputs = dict(stacked)
+    for v in stage.weight_gradient_variables:
+        inputs[f"{v}:0"] = handles[v]
+    tensors = _call(stage.weight_gradient_function, inputs, device, name)
+    return {v: tensors[t] for v, t in stage.stacked_gradients.items()}
 
 
 def _call(function: StageFunction, inputs: Mapping[str, tf.Tensor], device: str,

@@ -64,18 +64,23 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
             device_name: Callable[[int], str], clip_norm: float | None = None,
             local_slots: Iterable[Slot] | None = None, transport: Transport | None = None,
             gradient_sync: GradientSync | None = None,
-            input_fn: Callable[[dict], object] | None = None) -> TrainingGraph:
+            input_fn: Callable[[dict], object] | None = None,
+            stack_weight_gradients: bool = False) -> TrainingGraph:
     """Build the training graph of the slots in `local_slots` (default: all, one process).
     `device_name` maps a plan device id to a device string of this process. The features are
     placeholders of the rows the local slots read (`TrainingGraph.feature_rows`); given
     `input_fn(feature_rows) -> tf.data.Dataset` (one element per step: a dict of those rows of
-    each feature), they default to the dataset's next element (prefetched)."""
+    each feature), they default to the dataset's next element (prefetched).
+    `stack_weight_gradients`: compute each slot's weight gradients that are sums over rows once
+    per step, after its last backward, over the stacked rows of all its micro-batches
+    (graph_rewrite/stacked_gradients.py); their inputs stay alive until then."""
     clock = _PhaseClock()
     specs = partition(template, plan)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     stage_graphs = build_stage_graphs(template, specs, [
         plan.micro_batch_size // stage.num_replicas for stage in plan.stages],
-        stages={slot.stage for slot in local})
+        stages={slot.stage for slot in local},
+        stack_weight_gradients=stack_weight_gradients and plan.num_micro_batches > 1)
     lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     device_of_slot = slot_devices(plan, device_name)
     transport = transport or LocalTransport(device_of_slot)
@@ -144,6 +149,9 @@ class _Builder:
         self.accumulators = {slot: SlotAccumulator(f"dapple/accumulate/{slot.tag}")
                              for slot in local}
         self.scaled_losses: list[tf.Tensor] = []
+        # slot -> per finished backward: its inputs of the stacked weight gradients
+        self.weight_gradient_rows: dict[Slot, list[dict[str, tf.Tensor]]] = {
+            slot: [] for slot in local}
         self.start_ops: dict = {}
         self.end_ops: dict = {}
         self.last_end: dict[Slot, tf.Operation] = {}
@@ -267,9 +275,11 @@ class _Builder:
                            for t, g in grads_in.items()}
         handles = {v: self.variables[v].handle for v in spec.variables}
         accumulator = self.accumulators[slot]
-        input_grads, variable_grads = clone.call_backward(
+        input_grads, variable_grads, weight_rows = clone.call_backward(
             stage, device, prefix, forward, grad_inputs, loss_grad, handles,
             accumulator.running_sums())
+        if stage.weight_gradient_function is not None:
+            self._stack_weight_gradients(slot, weight_rows, handles)
         end_deps = []
         for v, g in variable_grads.items():
             accumulator.update(v, g)
@@ -283,6 +293,24 @@ class _Builder:
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
         return start_ops, end
+
+    def _stack_weight_gradients(self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles):
+        """Record one backward's weight-gradient inputs; after the slot's last backward, call
+        the stage's weight-gradient function once on all of them stacked (micro-batch order)."""
+        rows = self.weight_gradient_rows[slot]
+        rows.append(weight_rows)
+        if len(rows) < self.plan.num_micro_batches:
+            return
+        stage = self.stage_graphs[slot.stage]
+        device = self.device_of_slot[slot]
+        scope = f"{self.accumulators[slot].scope}/weight_gradients"
+        with tf.device(device), tf.name_scope(scope + "/"):
+            stacked = {t: tf.concat([r[t] for r in rows], 0, name=f"rows_{k}")
+                       for k, t in enumerate(stage.weight_gradient_inputs)}
+        stacked.update((t, rows[-1][t]) for t in stage.weight_gradient_constants)
+        grads = clone.call_weight_gradients(stage, device, f"{scope}/call", stacked, handles)
+        for v, g in grads.items():
+            self.accumulators[slot].update(v, g)
 
     def _forward_transfer(self, i, a, b) -> BoundaryTransfer:
         key = (i, a, b)

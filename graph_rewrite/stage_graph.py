@@ -26,7 +26,7 @@ import functools
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
-from . import functions, graphdefs, layer_gradients
+from . import functions, graphdefs, layer_gradients, stacked_gradients
 from .graphdefs import GradRef, is_differentiable
 from .partition import StageSpec
 from .template import Template
@@ -80,6 +80,16 @@ class StageGraph:
     library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
     gradient_twin: int | None = None       # stage whose gradient graph this one reuses, renamed
     gradient_by_layers: bool = False       # its gradient graph was assembled layer by layer
+    # stacked weight gradients (graph_rewrite/stacked_gradients.py): variable -> its gradient
+    # tensor in `weight_gradient_function`, which computes them once per step from
+    # `weight_gradient_inputs` (tensors of the backward call or its inputs, one per micro-batch,
+    # concatenated along axis 0) and the handles of `weight_gradient_variables`; these
+    # variables are not in `variable_grads`
+    stacked_gradients: dict[str, str] = dataclasses.field(default_factory=dict)
+    weight_gradient_function: StageFunction | None = None
+    weight_gradient_inputs: tuple[str, ...] = ()
+    weight_gradient_constants: tuple[str, ...] = ()   # inputs with one value per step
+    weight_gradient_variables: tuple[str, ...] = ()
 
     def backward_results(self, accumulating: bool) -> list[str]:
         """Names of the backward's results, in (input grads, variable grads) order, of
@@ -98,7 +108,8 @@ class StageGraph:
 
     def functions(self) -> list[function_pb2.FunctionDef]:
         """Every function a clone's calls need: the stage's own and those they call."""
-        own = [self.forward_function, self.backward_function, self.backward_accumulate_function]
+        own = [self.forward_function, self.backward_function, self.backward_accumulate_function,
+               self.weight_gradient_function]
         return list(self.library) + [f.function for f in own if f is not None]
 
     @property
@@ -107,12 +118,15 @@ class StageGraph:
 
 
 def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
-                       stages=None, layer_cache: layer_gradients.LayerGradientCache | None = None
-                       ) -> list[StageGraph | None]:
+                       stages=None, layer_cache: layer_gradients.LayerGradientCache | None = None,
+                       stack_weight_gradients: bool = False) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
     `stages`: the stage indices to build (default all; a rank builds its own); the others are
     None in the result. `layer_cache`: gradient graphs by layer structure (default: a new one).
+    `stack_weight_gradients` (needs rows_of_stage): the dense weight gradients that are sums
+    over rows get a function of their own, called once per step on the stacked rows of all
+    micro-batches (graph_rewrite/stacked_gradients.py).
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
     same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
@@ -145,7 +159,8 @@ def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage
             diff = (_differentiate(template, spec, forward_part, layer_cache)
                     or _differentiate(template, spec, forward_part))
             differentiated.setdefault(key, (spec.index, forward_part, diff))
-        stage_graphs.append(_stage_graph(template, spec, forward_part, diff))
+        stage_graphs.append(_stage_graph(template, spec, forward_part, diff,
+                                         rows if stack_weight_gradients else None))
     return stage_graphs
 
 
@@ -328,9 +343,10 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
 
 
 def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
-                 diff: _Differentiated) -> StageGraph:
+                 diff: _Differentiated, stack_rows: int | None = None) -> StageGraph:
     """Split the forward + gradient graph into the forward and backward GraphDefs and their
-    functions."""
+    functions; with `stack_rows` (the rows of each call), the weight gradients that are sums
+    over rows apart (stacked_gradients.py)."""
     feature_of_tensor = {t: name for name, t in template.features.items()}
     feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
                       if t in feature_of_tensor}
@@ -375,9 +391,25 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
     backward_inputs = [*forward_refs, *grad_inputs.values(),
                        *([loss_grad_input] if loss_grad_input else []),
                        *(f"{v}:0" for v in backward_variables)]
-    backward_function = _stage_function(backward, "backward", spec.index, backward_inputs,
-                                        _backward_outputs(input_grads, variable_grads, {}),
-                                        spec_of)
+    op_of = {n.name: n.op for n in forward.node}
+    variable_reads = {ph for ph, t in forward_refs.items()
+                      if op_of.get(graphdefs.split_tensor_name(t)[0]) == "ReadVariableOp"}
+    loss_seed = {loss_grad_input} if loss_grad_input else set()  # the slot's loss scale
+    stacking = stack_rows and stacked_gradients.plan_stacking(
+        backward, input_grads, variable_grads, stack_rows, spec_of, set(backward_variables),
+        variable_reads | loss_seed)
+    weight_gradient_function, weight_outputs = None, []
+    if stacking:
+        backward = stacking.input_graph_def
+        variable_grads = {v: r for v, r in variable_grads.items() if v not in stacking.variables}
+        weight_outputs = list(stacking.backward_row_outputs)
+        weight_gradient_function = _stage_function(
+            stacking.weight_graph_def, "weight_gradients", spec.index,
+            [*stacking.row_inputs, *stacking.constant_inputs, *stacking.handle_inputs],
+            list(stacking.outputs), spec_of)
+    backward_function = _stage_function(
+        backward, "backward", spec.index, backward_inputs,
+        _backward_outputs(input_grads, variable_grads, {}) + weight_outputs, spec_of)
     running_sum_inputs = {v: f"{RUNNING_SUM_PREFIX}/{k}:0"
                           for k, (v, ref) in enumerate(variable_grads.items()) if ref.dense}
     running_sum_outputs = {}
@@ -388,7 +420,8 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
         backward_accumulate_function = _stage_function(
             accumulating, "backward_accumulate", spec.index,
             backward_inputs + list(running_sum_inputs.values()),
-            _backward_outputs(input_grads, variable_grads, running_sum_outputs), spec_of)
+            _backward_outputs(input_grads, variable_grads, running_sum_outputs) + weight_outputs,
+            spec_of)
     library = {f.signature.name: f for part in (forward, backward)
                for f in part.library.function}
     return StageGraph(
@@ -403,7 +436,13 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
         backward_accumulate_function=backward_accumulate_function,
         running_sum_inputs=running_sum_inputs, running_sum_outputs=running_sum_outputs,
         library=tuple(library.values()), gradient_twin=diff.twin_of,
-        gradient_by_layers=diff.by_layers)
+        gradient_by_layers=diff.by_layers,
+        stacked_gradients=dict(zip(stacking.variables, stacking.outputs)) if stacking else {},
+        weight_gradient_function=weight_gradient_function,
+        weight_gradient_inputs=stacking.row_inputs if stacking else (),
+        weight_gradient_constants=stacking.constant_inputs if stacking else (),
+        weight_gradient_variables=tuple(graphdefs.split_tensor_name(t)[0]
+                                        for t in stacking.handle_inputs) if stacking else ())
 
 
 class _SpecLookup:
