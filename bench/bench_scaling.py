@@ -7,7 +7,7 @@ The way GPUs behave: every rank computes on a core of its own. Each run is launc
 `horovodrun --gloo -np N -H localhost:N`, every rank pinning itself to core
 `HOROVOD_LOCAL_RANK mod cores` before TensorFlow starts (what `taskset -c $HOROVOD_LOCAL_RANK`
 does); the baseline is one process pinned to core 0 (`SingleDeviceTrainer`, and `Trainer` on one
-device with M = 1 and M = 8). Model (default, issue #17): an MLP of 8 dense+ReLU layers of width
+device with M = 1, M = 8, and M = 8 with `stack_weight_gradients=True`). Model (default, issue #17): an MLP of 8 dense+ReLU layers of width
 1024 and a softmax layer, global batch 512, momentum. Step time: median over `--steps` steps after
 `--warmup` warm-up steps, of the slowest rank per step (each rank reports its own times; every
 rank leaves a step only after the step-end collective, so they agree closely).
@@ -90,7 +90,7 @@ def timed_steps(trainer, batch, steps, warmup):
     return times
 
 
-def worker(run: str, steps: int, warmup: int) -> None:
+def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
     """One rank of a horovodrun launch (or the single-process baseline): pin, build, time."""
     local_rank = int(os.environ.get("HOROVOD_LOCAL_RANK", "0"))
     core = pin_to_core(local_rank)
@@ -117,6 +117,9 @@ def worker(run: str, steps: int, warmup: int) -> None:
             "one device M=8": dapple_tf.Trainer(
                 mlp_fn, feature_spec(), optimizer, even_plan(layers, [1], GLOBAL_BATCH, 8),
                 GLOBAL_BATCH, seed=1, num_devices=1),
+            "one device M=8 stacked": dapple_tf.Trainer(
+                mlp_fn, feature_spec(), optimizer, even_plan(layers, [1], GLOBAL_BATCH, 8),
+                GLOBAL_BATCH, seed=1, num_devices=1, stack_weight_gradients=True),
         }
         for trainer in trainers.values():
             timed_steps(trainer, batch, 0, warmup)
@@ -130,18 +133,22 @@ def worker(run: str, steps: int, warmup: int) -> None:
         return
     _, replicas, micro_batches = RUNS[run]
     plan = even_plan(layers, replicas, GLOBAL_BATCH, micro_batches, "1f1b")
-    trainer = dapple_tf.Trainer(mlp_fn, feature_spec(), optimizer, plan, GLOBAL_BATCH, seed=1)
+    trainer = dapple_tf.Trainer(mlp_fn, feature_spec(), optimizer, plan, GLOBAL_BATCH, seed=1,
+                                stack_weight_gradients=stack)
     times = timed_steps(trainer, batch, steps, warmup)
-    print("RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {run: times}}),
+    name = run + (" stacked" if stack else "")
+    print("RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {name: times}}),
           flush=True)
     trainer.close()
 
 
-def launch(run: str, steps: int, warmup: int, env_extra: dict) -> dict[str, list[float]]:
+def launch(run: str, steps: int, warmup: int, env_extra: dict,
+           stack: bool = False) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
     script = [sys.executable, os.path.abspath(__file__), "--worker", run,
-              "--steps", str(steps), "--warmup", str(warmup)]
+              "--steps", str(steps), "--warmup", str(warmup)] + \
+        (["--stack-weight-gradients"] if stack else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     if run == "single":
         command = script
@@ -182,16 +189,20 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--stack-weight-gradients", action="store_true",
+                        help="also run the multi-rank plans with stack_weight_gradients=True")
     parser.add_argument("--env", action="append", default=[],
                         help="KEY=VALUE for the launched ranks (repeatable)")
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.steps, args.warmup)
+        worker(args.worker, args.steps, args.warmup, args.stack_weight_gradients)
         return
     env_extra = dict(kv.split("=", 1) for kv in args.env)
     results: dict[str, list[float]] = {}
     for run in args.runs.split(","):
         results.update(launch(run, args.steps, args.warmup, env_extra))
+        if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
+            results.update(launch(run, args.steps, args.warmup, env_extra, stack=True))
     base = statistics.median(results["SingleDeviceTrainer"]) if "SingleDeviceTrainer" in results \
         else None
     print(f"| run | ranks | step ms (median of {args.steps}) | min-max ms | speedup vs one rank |"
@@ -199,8 +210,9 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for name, times in results.items():
         median = statistics.median(times)
-        ranks = RUNS[name][0] if name in RUNS else 1
-        limit = f"{physical_limit(name):.2f}x" if name in RUNS else "1.00x"
+        run = name.replace(" stacked", "")
+        ranks = RUNS[run][0] if run in RUNS else 1
+        limit = f"{physical_limit(run):.2f}x" if run in RUNS else "1.00x"
         speedup = f"{base / median:.2f}x" if base else "-"
         print(f"| {name} | {ranks} | {median * 1e3:.1f} | {min(times) * 1e3:.1f}-"
               f"{max(times) * 1e3:.1f} | {speedup} | {limit} |")
