@@ -59,7 +59,8 @@ def make_optimizer_fn(name: str, learning_rate: float):
 
 # ---- plan ---------------------------------------------------------------------------------------
 
-def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devices: int):
+def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devices: int,
+                 optimizer_fn=None):
     """The Plan for this run: 'auto' profiles the model and asks the planner; a path is read;
     DAPPLE notation ('2:2', '3:1', 'DP4') splits the layers evenly over that many stages."""
     from planner.plan_format import Plan, even_plan, parse_notation
@@ -70,7 +71,7 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         cluster = [int(x) for x in config.cluster.split(",")] if config.cluster else None
         return auto_plan(spec.model_fn, spec.feature_spec, global_batch_size, num_devices,
                          cluster=cluster, schedule=config.schedule,
-                         batch_fn=spec.synthetic_batch)
+                         batch_fn=spec.synthetic_batch, optimizer_fn=optimizer_fn)
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
         if plan.global_batch_size != global_batch_size:
@@ -205,7 +206,7 @@ def run_training(config: TrainingConfig) -> dict:
     optimizer_fn = make_optimizer_fn(config.optimizer, config.learning_rate)
 
     def choose_plan():
-        return resolve_plan(config, spec, global_batch_size, num_devices)
+        return resolve_plan(config, spec, global_batch_size, num_devices, optimizer_fn)
 
     if multi_rank:
         comm.init()

@@ -13,9 +13,10 @@ from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
 from planner.plan_format import SCHEDULES, Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
+from planner.runtime_cost import RuntimeModel
 from planner.states import hpgo_states
 
-COST_MODELS = ("dapple-tf", "hpgo")
+COST_MODELS = ("dapple-tf", "hpgo", "runtime")
 
 
 def _as_profile(profile, profile_batch_size) -> Profile:
@@ -65,6 +66,9 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     (`schedule=None` chooses between 1f1b and gpipe) and micro-batch size (`None` chooses).
     cost_model "hpgo": the published DAPPLE planner's scoring, for comparison; its plans may not
     be executable (then `plan.executable` is False and predicted["executable"] says why).
+    cost_model "runtime": this project's runtime as it really runs (`planner.runtime_cost`):
+    fixed cost per micro-batch, accumulation, transfer latency, devices sharing a processor;
+    it may choose fewer devices than the cluster has (one device, one micro-batch included).
     `predicted` holds step_time_s, speedup, dp_speedup, peak_memory_bytes (per stage), and more.
     """
     started = time.perf_counter()
@@ -87,6 +91,7 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     prof = _as_profile(profile, profile_batch_size)
     if not prof.layers:
         raise ProfileError("profile has no layers")
+    prof.validate()
     names = prof.layer_names
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
@@ -99,7 +104,7 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
         result = _plan_hpgo(prof, clu, global_batch_size, micro_batch_size or 1, optimizer_slots)
     else:
         result = _plan_dapple(prof, clu, global_batch_size, micro_batch_size, schedule,
-                              optimizer_slots)
+                              optimizer_slots, runtime=cost_model == "runtime")
     result.predicted["time_to_plan_s"] = round(time.perf_counter() - started, 4)
     return result
 
@@ -108,9 +113,10 @@ def _describe_cuts(states, ends) -> list[str]:
     return [states.labels[e] for e in ends[:-1]]
 
 
-def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots) -> Plan:
-    model = DappleModel(prof, clu, gbs, optimizer_slots)
-    search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule)
+def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False) -> Plan:
+    model = (RuntimeModel if runtime else DappleModel)(prof, clu, gbs, optimizer_slots)
+    search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule,
+                          every_micro_batch_size=runtime)
     best = search.run()
     if best is None:
         need = search.smallest_memory()
@@ -127,7 +133,7 @@ def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots) -> Plan:
     layers = model.states.stage_layers(prof, list(best.ends))
     stages = tuple(Stage(tuple(l), d) for l, d in zip(layers, best.devices))
     predicted = {
-        "cost_model": "dapple-tf",
+        "cost_model": "runtime" if runtime else "dapple-tf",
         "step_time_s": ev.step_time_s,
         "speedup": ev.speedup,
         "dp_speedup": model.dp_speedup(clu.num_devices),
