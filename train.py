@@ -44,6 +44,12 @@ flags.DEFINE_integer("trace_step", None,
                      "(draw it with python -m dapple_tf.timeline --model_dir DIR)")
 flags.DEFINE_integer("seed", 0, "seed for weights and synthetic data")
 
+# Plans that are checked against this machine (issue #14): the predicted step time is logged
+# beside the measured one after the first steps; --calibrate re-plans an auto plan once.
+flags.DEFINE_bool("calibrate", False,
+                  "with --dapple_plan=auto (single process): after the first timed steps, "
+                  "re-plan once from the measured stage times and continue with that plan")
+
 
 def main(argv):
     del argv

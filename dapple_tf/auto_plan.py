@@ -99,8 +99,13 @@ def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, 
 
 def plan_from_profile(profile: Profile, global_batch_size: int, num_devices: int, *,
                       cluster: Cluster | Sequence[int] | str | None = None,
-                      schedule: str | None = None, **plan_options) -> Plan:
+                      schedule: str | None = None, model_layers: Sequence[str] | None = None,
+                      **plan_options) -> Plan:
+    """`planner.plan` for `num_devices`; with `model_layers`, a profile of other layers than
+    the model's is refused (ProfileError naming them)."""
     from planner.api import plan
+    if model_layers is not None:
+        profile.check_layers(model_layers)
     return plan(profile, as_cluster(cluster, num_devices), global_batch_size, schedule=schedule,
                 **plan_options)
 

@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from dapple_tf.calibration import StepTimer, prediction_report, record_measurement
+
 LATEST_FILE = "checkpoint.json"
 
 
@@ -40,6 +42,7 @@ class TrainingConfig:
     log_every: int = 1
     trace_step: int | None = None
     seed: int = 0
+    calibrate: bool = False
 
     @classmethod
     def from_flags(cls, flag_values) -> "TrainingConfig":
@@ -197,6 +200,10 @@ def run_training(config: TrainingConfig) -> dict:
     from dapple_tf.trainer import Trainer
 
     multi_rank = comm.launched_ranks() > 1
+    if config.calibrate and (multi_rank or config.dapple_plan != "auto"):
+        raise ValueError("--calibrate re-plans an auto plan of a single-process run; found "
+                         f"--dapple_plan={config.dapple_plan!r}"
+                         f"{' under ' + str(comm.launched_ranks()) + ' ranks' if multi_rank else ''}")
     num_devices = comm.launched_ranks() if multi_rank else local_device_count(config.num_devices)
     spec = models.get_model(config.model, config.preset)
     global_batch_size = config.global_batch_size or spec.default_global_batch_size
@@ -214,20 +221,15 @@ def run_training(config: TrainingConfig) -> dict:
         is_chief = comm.init().rank == 0
     else:
         plan, is_chief = choose_plan(), True
-    trainer = Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
-                      clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
-                      optimize_graph=use_grappler())
+
+    def make_trainer(plan):
+        return Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
+                       clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
+                       optimize_graph=use_grappler())
+
+    trainer = make_trainer(plan)
     if is_chief:
-        plan.save(os.path.join(model_dir, "plan.json"))
-        predicted = plan.predicted.get("speedup")
-        logging.info("plan %s: %d stage%s, %d micro-batches of %d rows, schedule %s%s",
-                     plan.notation, plan.num_stages, "" if plan.num_stages == 1 else "s",
-                     plan.num_micro_batches,
-                     plan.micro_batch_size, plan.schedule,
-                     f", predicted speedup {predicted:.2f}" if predicted else "")
-        for i, stage in enumerate(plan.stages):
-            logging.info("  stage %d on devices %s: %s", i, list(stage.devices),
-                         ", ".join(stage.layers))
+        _log_plan(plan, model_dir)
 
     start_step = 0
     resume = latest_checkpoint(model_dir)
@@ -245,11 +247,19 @@ def run_training(config: TrainingConfig) -> dict:
     data = batches(spec, config, global_batch_size, start_step)
     first_loss = last_loss = None
     steps_run = 0
+    timer = StepTimer()
+    calibrate_now = False     # the next step is traced for --calibrate
     try:
         for step in range(start_step, config.steps):
             batch = next(data)
             begin = time.perf_counter()
-            if config.trace_step is not None and step == config.trace_step:
+            if calibrate_now:
+                calibrate_now = False
+                loss, run_metadata = trainer.traced_step(batch)
+                trainer, plan = _recalibrate(trainer, plan, run_metadata, timer.median_s,
+                                             make_trainer, model_dir)
+                timer = StepTimer()
+            elif config.trace_step is not None and step == config.trace_step:
                 loss, run_metadata = trainer.traced_step(batch)
                 if is_chief:
                     trace_file = os.path.join(model_dir, f"trace_step_{step}.pb")
@@ -258,6 +268,14 @@ def run_training(config: TrainingConfig) -> dict:
                     logging.info("trace of step %d written to %s", step, trace_file)
             else:
                 loss = trainer.train_step(batch)
+                timer.add(time.perf_counter() - begin)
+                if timer.ready and "measured" not in plan.predicted:
+                    record_measurement(plan, timer.median_s, len(timer.seconds))
+                    if is_chief:
+                        logging.info("%s", prediction_report(plan, timer.median_s,
+                                                             len(timer.seconds)))
+                        plan.save(os.path.join(model_dir, "plan.json"))
+                    calibrate_now = config.calibrate and "calibration" not in plan.predicted
             seconds = time.perf_counter() - begin
             steps_run += 1
             first_loss = loss if first_loss is None else first_loss
@@ -276,3 +294,36 @@ def run_training(config: TrainingConfig) -> dict:
         summaries.close()
     return {"first_loss": first_loss, "last_loss": last_loss, "steps_run": steps_run,
             "global_step": trainer.global_step, "plan": plan, "trainer": trainer}
+
+
+def _log_plan(plan, model_dir: str) -> None:
+    plan.save(os.path.join(model_dir, "plan.json"))
+    predicted = plan.predicted.get("speedup")
+    logging.info("plan %s: %d stage%s, %d micro-batches of %d rows, schedule %s%s",
+                 plan.notation, plan.num_stages, "" if plan.num_stages == 1 else "s",
+                 plan.num_micro_batches,
+                 plan.micro_batch_size, plan.schedule,
+                 f", predicted speedup {predicted:.2f}" if predicted else "")
+    for i, stage in enumerate(plan.stages):
+        logging.info("  stage %d on devices %s: %s", i, list(stage.devices),
+                     ", ".join(stage.layers))
+
+
+def _recalibrate(trainer, plan, run_metadata, measured_s: float, make_trainer, model_dir: str):
+    """--calibrate: re-plan from the traced step's stage times; a different plan takes over from
+    a checkpoint of the current weights and optimizer state. Returns (trainer, plan)."""
+    from dapple_tf.calibration import replan
+    new, factors = replan(plan, run_metadata, measured_s)
+    logging.info("calibration: stage factors (measured / predicted) %s; re-planned %s M=%d "
+                 "(was %s M=%d)", ", ".join(f"{f:.2f}" for f in factors), new.notation,
+                 new.num_micro_batches, plan.notation, plan.num_micro_batches)
+    if new == plan:
+        plan.predicted["calibration"] = new.predicted["calibration"]
+        plan.save(os.path.join(model_dir, "plan.json"))
+        return trainer, plan
+    path = trainer.save(os.path.join(model_dir, f"calibration-ckpt-{trainer.global_step}"))
+    trainer.close()
+    trainer = make_trainer(new)
+    trainer.restore(path)
+    _log_plan(new, model_dir)
+    return trainer, new
