@@ -189,10 +189,20 @@ def measure_accumulate_bandwidth(device: str = "/CPU:0", nbytes: int = 16 << 20,
 
 
 def runtime_cluster(num_devices: int) -> Cluster:
-    """This process's devices as the "runtime" cost model sees them: GPUs are one host of
-    independent devices with the default bandwidths; logical CPU devices share one processor
-    (all of this machine's cores), with measured transfer latency and summing bandwidth."""
-    from dapple_tf import devices
+    """This run's devices as the "runtime" cost model sees them. Under Horovod: one device per
+    rank, hosts of `local_size` ranks (Horovod's topology); CPU-only ranks of one host share its
+    cores. In one process: GPUs are one host of independent devices with the default
+    bandwidths; logical CPU devices share one processor (all of this machine's cores), with
+    measured transfer latency and summing bandwidth."""
+    from dapple_tf import comm, devices
+    if comm.launched_ranks() > 1:
+        info = comm.init()
+        if info.size != num_devices or info.size % info.local_size:
+            raise ValueError(f"{info.size} Horovod ranks with {info.local_size} per host do not "
+                             f"make {num_devices} devices in equal hosts; give --cluster")
+        shared = info.local_size if devices.device_kind() == "CPU" else 1
+        return Cluster.uniform(info.size // info.local_size, info.local_size,
+                               devices_per_processor=shared)
     if devices.device_kind() != "CPU":
         return Cluster.from_seps([num_devices])
     latency = measure_transfer_latency_s("/CPU:0", "/CPU:1") if num_devices > 1 else 0.0
