@@ -80,3 +80,36 @@ def test_runtime_profile_fits_each_layer_and_keeps_every_field():
     assert heavy.saved_bytes >= 4 * 64 * 256 * 4     # the input and output of each tanh
     assert Profile.from_json(profile.to_json()).layers == profile.layers
     profile.validate()
+
+
+class _HeavyModel:
+    model_fn = staticmethod(heavy_model)
+    feature_spec = {"x": ((256,), tf.float32)}
+    layer_names = ("small", "heavy", "loss")
+
+    @staticmethod
+    def default_optimizer():
+        return v1.train.MomentumOptimizer(0.1, 0.9)
+
+    @staticmethod
+    def synthetic_batch(batch_size, rng):
+        return {"x": rng.standard_normal((batch_size, 256)).astype(np.float32)}
+
+
+def test_cli_writes_the_runtime_profile_and_graph_txt_keeps_every_field(tmp_path):
+    from dapple_tf import profile as profile_cli
+    from planner import graph_txt
+    from planner.profile import MEASURED_FIELDS
+    out, txt = tmp_path / "m.json", tmp_path / "m.txt"
+    rc = profile_cli.main(["--model", "heavy", "--batch-size", "1", "--out", str(out),
+                           "--graph-txt", str(txt), "--fit-batch-sizes", "2,16",
+                           "--measured-steps", "1", "--warmup-steps", "1"],
+                          get_model=lambda name, preset: _HeavyModel())
+    assert rc == 0
+    prof = Profile.from_json(out.read_text())
+    assert prof.batch_size == 16 and all(layer.has_fit for layer in prof.layers)
+    assert prof.layers[1].optimizer_slot_bytes == prof.layers[1].parameter_bytes  # momentum: 1
+    again = graph_txt.load_profile(txt, batch_size=16)
+    for a, b in zip(again.layers, prof.layers):
+        for field in MEASURED_FIELDS:
+            assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-3), field
