@@ -14,7 +14,10 @@ from other processes hits them alike; the figure is the median of `--rounds` ste
 the largest per-stage peak of live activation memory in one traced step (allocator records of
 the stage's clone ops, `dapple_tf.memory`: saved activations, temporaries and each
 micro-batch's gradients until they are added to the running sum) against the model's stage
-memory less the weights and optimizer slots (which no clone op allocates).
+memory less the weights and optimizer slots (which no clone op allocates). "calibrated": the
+prediction times the one-device row's measured / predicted ratio, which is what `--calibrate`
+does with a one-stage plan; on a shared machine it removes the load that differed between the
+profiling and the timed steps.
 """
 from __future__ import annotations
 
@@ -110,16 +113,21 @@ def bench_model(name: str, num_devices: int, gbs: int, rounds: int, cluster) -> 
             t.close()
     measured = [statistics.median(ts) for ts in times]
     best_alternative = min(measured[1:])
+    # what --calibrate does: one factor, measured / predicted, here from the one-device row
+    factor = measured[1] / rows[1][2].step_time_s
     lines = []
     for (kind, plan, ev), step, mem in zip(rows, measured, memory):
         pred_mem = activation_bytes_predicted(plan, profile, ev)
+        calibrated = ev.step_time_s * factor
         lines.append(
             f"| {label} | {kind} | {plan.notation} M={plan.num_micro_batches} | "
             f"{ev.step_time_s * 1e3:.2f} | {step * 1e3:.2f} | "
-            f"{(ev.step_time_s - step) / step:+.0%} | {pred_mem / 2**20:.3f} | "
+            f"{(ev.step_time_s - step) / step:+.0%} | {calibrated * 1e3:.2f} | "
+            f"{(calibrated - step) / step:+.0%} | {pred_mem / 2**20:.3f} | "
             f"{mem / 2**20:.3f} | {(pred_mem - mem) / mem if mem else float('nan'):+.0%} |")
-    lines.append(f"| {label} | auto / best alternative (measured) | | | "
-                 f"{measured[0] / best_alternative:.2f} | | | | | (profiled in {profiled_s:.0f} s)")
+    lines.append(f"| {label} | auto / best alternative, measured: "
+                 f"{measured[0] / best_alternative:.2f} | | | | | | | | | "
+                 f"(profiled in {profiled_s:.0f} s) |")
     return lines
 
 
@@ -138,9 +146,9 @@ def main(argv=None) -> int:
           f"latency {cluster.transfer_latency_s * 1e6:.0f} us, summing bandwidth "
           f"{cluster.accumulate_bandwidth / 1e9:.2f} GB/s; global batch {args.global_batch_size}; "
           f"median of {args.rounds} round-robin steps", flush=True)
-    print("| model | plan | shape | predicted ms | measured ms | error | predicted act. MiB | "
-          "measured act. MiB | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | plan | shape | predicted ms | measured ms | error | calibrated ms | error | "
+          "predicted act. MiB | measured act. MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for line in bench_model(name, args.devices, args.global_batch_size, args.rounds,
                                 cluster):

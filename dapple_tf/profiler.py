@@ -587,6 +587,22 @@ class BatchMeasurement:
     backward_ms: tuple[float, ...]
     wall_ms: float                      # median untraced forward + backward step
     traced_sum_ms: float                # what the traced layer times summed to
+    workspace_bytes: tuple[int, ...]    # per layer, the most one of its ops allocated
+
+
+def largest_op_allocation(step_stats, layers: LayerMap) -> list[int]:
+    """Per layer, the bytes its two largest-allocating ops allocated in the step (outputs and
+    the temporaries an op holds while it runs, e.g. a convolution's backward workspace). Two,
+    because a layer's input gradient and weight gradient run at the same time."""
+    allocations: list[list[int]] = [[] for _ in layers.names]
+    for dev in step_stats.dev_stats:
+        for node in dev.node_stats:
+            where = layers.layer_of_node(node.node_name)
+            if where is None:
+                continue
+            allocations[where[0]].append(sum(r.alloc_bytes for m in node.memory
+                                             for r in m.allocation_records if r.alloc_bytes > 0))
+    return [sum(sorted(a)[-2:]) for a in allocations]
 
 
 def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.ndarray],
@@ -601,18 +617,20 @@ def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.n
         session.run(fetches, feed)
     wall = _untraced_step_ms(session, fetches, feed, wall_steps)
     options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
-    steps = []
+    steps, workspace = [], [0] * len(layers.names)
     for _ in range(measured_steps):
         metadata = v1.RunMetadata()
         session.run(fetches, feed, options=options, run_metadata=metadata)
         steps.append(attribute_step(metadata.step_stats, layers))
+        workspace = [max(a, b) for a, b in
+                     zip(workspace, largest_op_allocation(metadata.step_stats, layers))]
     n = len(layers.names)
     fwd = [statistics.median(s.forward_us[i] for s in steps) / 1000.0 for i in range(n)]
     bwd = [statistics.median(s.backward_us[i] for s in steps) / 1000.0 for i in range(n)]
     traced = sum(fwd) + sum(bwd)
     scale = wall / traced if traced > 0 else 0.0
     return BatchMeasurement(tuple(x * scale for x in fwd), tuple(x * scale for x in bwd),
-                            wall, traced)
+                            wall, traced, tuple(workspace))
 
 
 def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Callable,
@@ -695,6 +713,7 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
             forward_fixed_ms=f_fixed, forward_per_row_ms=f_row,
             backward_fixed_ms=b_fixed, backward_per_row_ms=b_row,
             saved_bytes=float(saved[i]),
+            workspace_bytes=float(measured[-1].workspace_bytes[i]),
             optimizer_slot_bytes=None if slots[i] is None else float(slots[i]),
             apply_ms=None if apply[i] is None else float(apply[i])))
     return Profile(tuple(costs), tuple(edges), sizes[-1], device or "default")

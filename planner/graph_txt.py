@@ -11,7 +11,8 @@ size: the caller gives it. Nothing is dropped or zeroed here; cost models decide
 
 Our profiler measures more than the four published metrics; those extra metrics follow them on
 the node line (`, forward_fixed_time=<ms>, forward_per_row_time=<ms>, backward_fixed_time=<ms>,
-backward_per_row_time=<ms>, saved_size=<bytes>, optimizer_slot_size=<bytes>, apply_time=<ms>`,
+backward_per_row_time=<ms>, saved_size=<bytes>, workspace_size=<bytes>, optimizer_slot_size=<bytes>,
+apply_time=<ms>`,
 each optional), so a
 graph.txt keeps everything a JSON profile does.
 """
@@ -27,6 +28,7 @@ _METRICS = ("forward_compute_time", "backward_compute_time", "activation_size", 
 _EXTRA_METRICS = {"forward_fixed_time": "forward_fixed_ms", "forward_per_row_time": "forward_per_row_ms",
                   "backward_fixed_time": "backward_fixed_ms",
                   "backward_per_row_time": "backward_per_row_ms", "saved_size": "saved_bytes",
+                  "workspace_size": "workspace_bytes",
                   "optimizer_slot_size": "optimizer_slot_bytes", "apply_time": "apply_ms"}
 _NODE_FORMAT = ("<id> -- <description> -- forward_compute_time=<ms>, backward_compute_time=<ms>, "
                 "activation_size=<bytes or [a; b]>, parameter_size=<bytes>")

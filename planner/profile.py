@@ -37,6 +37,9 @@ class LayerCost:
     backward_per_row_ms: float | None = None
     # Bytes at the profile batch of every forward tensor of this layer the gradient ops read.
     saved_bytes: float | None = None
+    # Bytes the layer's two largest-allocating ops allocated at the profile batch (outputs and
+    # the temporaries an op holds while it runs: a convolution's backward workspace, say).
+    workspace_bytes: float | None = None
     # Bytes of the optimizer's slot variables of this layer's parameters (Adam: 2 x parameters).
     optimizer_slot_bytes: float | None = None
     # The optimizer's update of this layer's parameters, once per step (ms).
@@ -62,7 +65,8 @@ class LayerCost:
 # Fields of a layer that must be finite and >= 0 (None allowed for the optional ones).
 MEASURED_FIELDS = ("forward_ms", "backward_ms", "activation_bytes", "parameter_bytes",
                    "forward_fixed_ms", "forward_per_row_ms", "backward_fixed_ms",
-                   "backward_per_row_ms", "saved_bytes", "optimizer_slot_bytes", "apply_ms")
+                   "backward_per_row_ms", "saved_bytes", "workspace_bytes", "optimizer_slot_bytes",
+                   "apply_ms")
 OPTIONAL_FIELDS = MEASURED_FIELDS[4:]
 
 

@@ -24,7 +24,9 @@ and prices what the runtime really does (graph_rewrite/, dapple_tf/):
 Memory per device of stage s: parameters x (weights + running gradient sum) + the measured
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
-(1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary buffer of one micro-batch.
+(1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary buffer of one micro-batch + the
+largest `workspace_bytes` of the stage's layers (what its two largest-allocating ops allocate:
+a convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
 """
 from __future__ import annotations
 
@@ -77,6 +79,14 @@ class RuntimeModel(DappleModel):
         # What a micro-batch keeps for its backward; the search's memory check reads cum_act.
         self.cum_act = _per_state(profile, st, [
             l.saved_bytes if l.saved_bytes is not None else l.activation_bytes for l in layers])
+        # The largest workspace of each state's own layers
+        self.workspace = np.zeros(len(st))
+        seen = 0
+        for k, mask in enumerate(st.covered):
+            new = mask & ~seen
+            self.workspace[k] = max([layers[i].workspace_bytes or 0.0
+                                     for i in range(len(layers)) if new >> i & 1], default=0.0)
+            seen |= mask
         self.single_device_s = self.one_device_step_s()
 
     # ---- pieces ------------------------------------------------------------------------------
@@ -116,8 +126,9 @@ class RuntimeModel(DappleModel):
         kept = self.rng(self.cum_act, b_state, e_state)
         boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
+        workspace = float(self.workspace[b_state:e_state + 1].max())
         return (2.0 * params + slots + in_flight * kept * rows
-                + 2.0 * max(boundary_in, boundary_out) * rows)
+                + 2.0 * max(boundary_in, boundary_out) * rows + workspace * rows)
 
     # ---- a whole candidate -------------------------------------------------------------------
     def evaluate(self, ends: Sequence[int], devices: Sequence[Sequence[int]], micro_batch_size: int,
