@@ -241,3 +241,12 @@ def test_stage_busy_time_is_read_from_the_clone_ops_of_a_trace():
                          ("dapple/mb0/s1r0/fwd/y", 30), ("GradientDescent/update", 999)]:
         dev.node_stats.add(node_name=name, all_end_rel_micros=micros)
     assert stage_busy_s(metadata, 2) == pytest.approx([150e-6, 30e-6])
+
+
+def test_memory_adds_the_largest_workspace_of_the_stage_once():
+    layers = [fitted_layer("l0", workspace_bytes=3e5), fitted_layer("l1", workspace_bytes=1e6)]
+    model = RuntimeModel(Profile.chain(layers, 16), Cluster.from_seps([2]), 16)
+    plain = RuntimeModel(chain(n=2), Cluster.from_seps([2]), 16)
+    # 8-row micro-batches: half of the 16-row workspace
+    assert model.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] == pytest.approx(
+        plain.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] + 1e6 / 2)
