@@ -29,10 +29,13 @@ class StepTimer:
     seen: int = 0
     seconds: list = dataclasses.field(default_factory=list)
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float) -> bool:
+        """Records one step; True exactly once, when the wanted steps are in."""
         self.seen += 1
         if self.seen > 1 and len(self.seconds) < self.wanted:
             self.seconds.append(seconds)
+            return self.ready
+        return False
 
     @property
     def ready(self) -> bool:

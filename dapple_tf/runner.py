@@ -268,8 +268,7 @@ def run_training(config: TrainingConfig) -> dict:
                     logging.info("trace of step %d written to %s", step, trace_file)
             else:
                 loss = trainer.train_step(batch)
-                timer.add(time.perf_counter() - begin)
-                if timer.ready and "measured" not in plan.predicted:
+                if timer.add(time.perf_counter() - begin):
                     record_measurement(plan, timer.median_s, len(timer.seconds))
                     if is_chief:
                         logging.info("%s", prediction_report(plan, timer.median_s,

@@ -28,7 +28,7 @@ class Cluster:
     inter_host_allreduce_bandwidth: float = 3 * GB  # bytes/s, NCCL allreduce bus bandwidth across hosts
     device_memory_bytes: float = 16 * GB
     # Used by the "runtime" cost model only (planner/runtime_cost.py); measured by
-    # dapple_tf.auto_plan.local_cluster for this machine.
+    # dapple_tf.auto_plan.runtime_cluster for this machine.
     transfer_latency_s: float = 0.0             # fixed cost of one boundary transfer
     accumulate_bandwidth: float = 100 * GB      # bytes/s of summing gradients on one device
     # Consecutive device ids that share one processor's cores (logical CPU devices of one
