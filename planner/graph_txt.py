@@ -25,7 +25,8 @@ from planner.profile import LayerCost, Profile, ProfileError
 
 _METRICS = ("forward_compute_time", "backward_compute_time", "activation_size", "parameter_size")
 # Optional metrics after the four above: graph.txt key -> LayerCost field.
-_EXTRA_METRICS = {"forward_fixed_time": "forward_fixed_ms", "forward_per_row_time": "forward_per_row_ms",
+_EXTRA_METRICS = {"forward_fixed_time": "forward_fixed_ms",
+                  "forward_per_row_time": "forward_per_row_ms",
                   "backward_fixed_time": "backward_fixed_ms",
                   "backward_per_row_time": "backward_per_row_ms", "saved_size": "saved_bytes",
                   "workspace_size": "workspace_bytes",

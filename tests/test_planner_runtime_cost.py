@@ -193,7 +193,8 @@ def test_a_published_profile_loads_without_the_measured_fields():
 # notation, M, step s, speedup) on the cluster [8, 16].
 PINNED = [
     ("amoeba-18-pbs-8.txt", 8, 1024, "hpgo", "11:5", 1024, 6.442608212060607, 14.261255220828206),
-    ("amoeba-18-pbs-8.txt", 8, 1024, "dapple-tf", "DP16", 64, 6.939028662499999, 13.241000213262916),
+    ("amoeba-18-pbs-8.txt", 8, 1024, "dapple-tf", "DP16", 64, 6.939028662499999,
+     13.241000213262916),
     ("bert-48-pbs-2.txt", 2, 128, "hpgo", "8:8", 16, 1.48945635584, 14.770790640315566),
     ("bert-48-pbs-2.txt", 2, 128, "dapple-tf", "1:" * 15 + "1", 128, 1.5530163391999952,
      14.166269500637117),
@@ -226,7 +227,8 @@ def test_calibration_scales_each_stages_layers_by_its_measured_factor():
     factors = stage_factors([1.0, 3.0], [5.0, 5.0], predicted_step_s=4.0, measured_step_s=8.0)
     assert factors == pytest.approx([4.0, 4.0 / 3.0])
     scaled = calibrated_profile(profile, plan, factors)
-    assert scaled.layers[0].forward_fixed_ms == pytest.approx(4 * profile.layers[0].forward_fixed_ms)
+    assert scaled.layers[0].forward_fixed_ms == pytest.approx(
+        4 * profile.layers[0].forward_fixed_ms)
     assert scaled.layers[3].backward_per_row_ms == pytest.approx(
         profile.layers[3].backward_per_row_ms * 4 / 3)
     assert scaled.layers[2].saved_bytes == profile.layers[2].saved_bytes
