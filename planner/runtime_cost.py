@@ -30,6 +30,7 @@ a convolution's backward workspace can dwarf the saved activations), all scaled 
 """
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import numpy as np
@@ -174,6 +175,8 @@ class RuntimeModel(DappleModel):
         """The busiest processor's total work in a step: what its devices do one after another
         because they share its cores (0 when every device has a processor of its own)."""
         c = self.cluster
+        if c.devices_per_processor == 1:
+            return 0.0
         work: dict[int, float] = {}
         for s, stage_devices in enumerate(devices):
             # activations forward and gradients back over each of the stage's boundaries
@@ -185,7 +188,7 @@ class RuntimeModel(DappleModel):
             # the replica sum and the update run once per stage, on one of its devices
             p = c.processor_of(stage_devices[0])
             work[p] = work.get(p, 0.0) + tail[s]
-        if all(len([d for st in devices for d in st if c.processor_of(d) == p]) <= 1
-               for p in work):
+        devices_on = collections.Counter(c.processor_of(d) for st in devices for d in st)
+        if max(devices_on.values()) <= 1:
             return 0.0
         return max(work.values())
