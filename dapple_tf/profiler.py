@@ -525,13 +525,19 @@ def fit_fixed_and_per_row(batch_sizes: Sequence[int], times_ms: Sequence[float]
     return float(fixed), float(per_row)
 
 
+# Gradient ops that read only a tensor's shape: they run as soon as it exists, keeping nothing.
+_METADATA_OP_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank", "BroadcastGradientArgs"})
+
+
 def saved_tensor_bytes(template: Template, layers: LayerMap, session: v1.Session | None = None,
                        feed: Mapping[tf.Tensor, np.ndarray] | None = None) -> list[int]:
     """Bytes per layer of the forward tensors the gradient ops read: what a layer keeps alive
     from its forward until its backward (variables and their reads excluded: they are
-    parameters). Tensors without a static shape are sized by running `tf.shape` in `session`."""
+    parameters; so are reads by shape-only ops). Tensors without a static shape are sized by running `tf.shape` in `session`."""
     kept: dict[str, tuple[tf.Tensor, int]] = {}
     for op in template.backward_ops:
+        if op.type in _METADATA_OP_TYPES:
+            continue
         for t in op.inputs:
             layer = layers.forward_layer.get(t.op.name)
             if layer is None or t.op.type in _VARIABLE_OP_TYPES or t.dtype == tf.resource:
@@ -591,18 +597,21 @@ class BatchMeasurement:
 
 
 def largest_op_allocation(step_stats, layers: LayerMap) -> list[int]:
-    """Per layer, the bytes its two largest-allocating ops allocated in the step (outputs and
-    the temporaries an op holds while it runs, e.g. a convolution's backward workspace). Two,
-    because a layer's input gradient and weight gradient run at the same time."""
-    allocations: list[list[int]] = [[] for _ in layers.names]
+    """Per layer, the temporary bytes of its two ops with the most: what an op allocates beyond
+    its outputs and frees when it ends (e.g. a convolution's backward workspace). Two, because a
+    layer's input gradient and weight gradient run at the same time."""
+    temporaries: list[list[int]] = [[] for _ in layers.names]
     for dev in step_stats.dev_stats:
         for node in dev.node_stats:
             where = layers.layer_of_node(node.node_name)
             if where is None:
                 continue
-            allocations[where[0]].append(sum(r.alloc_bytes for m in node.memory
-                                             for r in m.allocation_records if r.alloc_bytes > 0))
-    return [sum(sorted(a)[-2:]) for a in allocations]
+            allocated = sum(r.alloc_bytes for m in node.memory for r in m.allocation_records
+                            if r.alloc_bytes > 0)
+            outputs = sum(o.tensor_description.allocation_description.allocated_bytes
+                          for o in node.output)
+            temporaries[where[0]].append(max(0, allocated - outputs))
+    return [sum(sorted(t)[-2:]) for t in temporaries]
 
 
 def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.ndarray],

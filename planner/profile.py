@@ -37,8 +37,8 @@ class LayerCost:
     backward_per_row_ms: float | None = None
     # Bytes at the profile batch of every forward tensor of this layer the gradient ops read.
     saved_bytes: float | None = None
-    # Bytes the layer's two largest-allocating ops allocated at the profile batch (outputs and
-    # the temporaries an op holds while it runs: a convolution's backward workspace, say).
+    # Temporary bytes at the profile batch of the layer's two ops with the most (what an op
+    # allocates beyond its outputs while it runs: a convolution's backward workspace, say).
     workspace_bytes: float | None = None
     # Bytes of the optimizer's slot variables of this layer's parameters (Adam: 2 x parameters).
     optimizer_slot_bytes: float | None = None

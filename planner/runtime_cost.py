@@ -25,8 +25,8 @@ Memory per device of stage s: parameters x (weights + running gradient sum) + th
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
 (1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary buffer of one micro-batch + the
-largest `workspace_bytes` of the stage's layers (what its two largest-allocating ops allocate:
-a convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
+largest `workspace_bytes` of the stage's layers (temporaries of its two ops with the most: a
+convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
 """
 from __future__ import annotations
 

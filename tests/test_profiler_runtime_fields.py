@@ -115,7 +115,7 @@ def test_cli_writes_the_runtime_profile_and_graph_txt_keeps_every_field(tmp_path
             assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-3), field
 
 
-def test_workspace_counts_what_a_layers_ops_allocate_beyond_what_it_keeps():
+def test_workspace_counts_the_temporaries_a_layers_ops_allocate_beyond_their_outputs():
     def conv_model(features):
         with v1.variable_scope("conv"):
             w = v1.get_variable("w", [3, 3, 4, 8])
@@ -125,4 +125,5 @@ def test_workspace_counts_what_a_layers_ops_allocate_beyond_what_it_keeps():
     profile = profiler.profile_for_runtime(conv_model, {"x": ((16, 16, 4), tf.float32)}, [2, 8],
                                            measured_steps=1)
     conv = profile.layers[0]
-    assert conv.workspace_bytes >= 8 * 16 * 16 * 8 * 4      # at least the conv's output
+    # the backward im2col buffers exceed the output (8 rows x 16 x 16 x 8 floats)
+    assert conv.workspace_bytes > 8 * 16 * 16 * 8 * 4
