@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dapple_tf import profiler
+from dapple_tf import comm, profiler
 from planner.cluster import Cluster
 from planner.plan_format import Plan
 from planner.profile import Profile
@@ -90,6 +90,8 @@ def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, 
                                 optimizer_fn=optimizer_fn, batch_fn=batch_fn, device=device)
     if cluster is None and cost_model == "runtime":
         cluster = runtime_cluster(num_devices)
+    if cost_model == "runtime" and comm.launched_ranks() > 1:
+        plan_options.setdefault("use_all_devices", True)   # every rank must hold a slot
     result = plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
                                schedule=schedule, cost_model=cost_model, **plan_options)
     result.predicted["profile"] = profile.to_dict()
@@ -194,7 +196,7 @@ def runtime_cluster(num_devices: int) -> Cluster:
     cores. In one process: GPUs are one host of independent devices with the default
     bandwidths; logical CPU devices share one processor (all of this machine's cores), with
     measured transfer latency and summing bandwidth."""
-    from dapple_tf import comm, devices
+    from dapple_tf import devices
     if comm.launched_ranks() > 1:
         info = comm.init()
         if info.size != num_devices or info.size % info.local_size:

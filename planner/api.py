@@ -58,7 +58,8 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
          cost_model: str = "dapple-tf", schedule: str | None = None,
          device_memory_gb: float | None = None, optimizer_slots: float = 2.0,
          intra_host_bandwidth: float | None = None, inter_host_bandwidth: float | None = None,
-         inter_host_allreduce_bandwidth: float | None = None) -> Plan:
+         inter_host_allreduce_bandwidth: float | None = None,
+         use_all_devices: bool = False) -> Plan:
     """The best hybrid pipeline/data-parallel plan for `profile` on `cluster`.
 
     cost_model "dapple-tf" (default): plans the runtime can execute, memory-checked against the
@@ -68,7 +69,8 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     be executable (then `plan.executable` is False and predicted["executable"] says why).
     cost_model "runtime": this project's runtime as it really runs (`planner.runtime_cost`):
     fixed cost per micro-batch, accumulation, transfer latency, devices sharing a processor;
-    it may choose fewer devices than the cluster has (one device, one micro-batch included).
+    it may choose fewer devices than the cluster has (one device, one micro-batch included)
+    unless `use_all_devices` (multi-rank runs need a slot on every rank).
     `predicted` holds step_time_s, speedup, dp_speedup, peak_memory_bytes (per stage), and more.
     """
     started = time.perf_counter()
@@ -104,7 +106,8 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
         result = _plan_hpgo(prof, clu, global_batch_size, micro_batch_size or 1, optimizer_slots)
     else:
         result = _plan_dapple(prof, clu, global_batch_size, micro_batch_size, schedule,
-                              optimizer_slots, runtime=cost_model == "runtime")
+                              optimizer_slots, runtime=cost_model == "runtime",
+                              use_all_devices=use_all_devices)
     result.predicted["time_to_plan_s"] = round(time.perf_counter() - started, 4)
     return result
 
@@ -113,10 +116,11 @@ def _describe_cuts(states, ends) -> list[str]:
     return [states.labels[e] for e in ends[:-1]]
 
 
-def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False) -> Plan:
+def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False,
+                 use_all_devices=False) -> Plan:
     model = (RuntimeModel if runtime else DappleModel)(prof, clu, gbs, optimizer_slots)
     search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule,
-                          every_micro_batch_size=runtime)
+                          every_micro_batch_size=runtime, use_all_devices=use_all_devices)
     best = search.run()
     if best is None:
         need = search.smallest_memory()

@@ -75,8 +75,10 @@ class DappleSearch:
     def __init__(self, model: DappleModel, micro_batch_size: int | None = None,
                  schedule: str | None = None, keep: int = 3, finalists: int = 8,
                  exhaustive_limit: int = 4000, max_cuts: int = 96,
-                 every_micro_batch_size: bool = False):
+                 every_micro_batch_size: bool = False, use_all_devices: bool = False):
         self.m = model
+        # Under Horovod every rank must hold a slot: then only plans using all devices count.
+        self.use_all_devices = use_all_devices
         # With a fixed cost per micro-batch, fewer and larger micro-batches than the lcm of the
         # replica counts can be faster: then every divisor of the global batch is tried, and
         # one device with each of them is a candidate too.
@@ -116,6 +118,8 @@ class DappleSearch:
 
     # ---- scoring --------------------------------------------------------------------------------
     def _offer(self, ends, devices, b) -> None:
+        if self.use_all_devices and sum(len(d) for d in devices) != self.N:
+            return
         for schedule in self.schedules:
             skip = self.best.eval.step_time_s * 1.02 if self.best is not None else float("inf")
             ev = self.m.evaluate(ends, devices, b, schedule, self.limit, skip_above=skip)

@@ -252,3 +252,10 @@ def test_memory_adds_the_largest_workspace_of_the_stage_once():
     # 8-row micro-batches: half of the 16-row workspace
     assert model.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] == pytest.approx(
         plain.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] + 1e6 / 2)
+
+
+def test_multi_rank_plans_use_every_device_even_when_fewer_would_be_faster():
+    profile = chain(fixed_ms=0.2, per_row_ms=0.2)
+    cluster = Cluster.from_seps([4], devices_per_processor=4)
+    plan = planner.plan(profile, cluster, 16, cost_model="runtime", use_all_devices=True)
+    assert sorted(plan.devices) == [0, 1, 2, 3]
