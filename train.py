@@ -158,6 +158,12 @@ def quiet_tensorflow(verbose: bool) -> None:
         # TensorFlow's Python INFO lines ("Restoring parameters from ...") too.
         std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
+# Plans that are checked against this machine (issue #14): the predicted step time is logged
+# beside the measured one after the first steps; --calibrate re-plans an auto plan once.
+flags.DEFINE_bool("calibrate", False,
+                  "with --dapple_plan=auto (single process): after the first timed steps, "
+                  "re-plan once from the measured stage times and continue with that plan")
+
 
 def main(argv):
     del argv

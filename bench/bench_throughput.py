@@ -53,7 +53,7 @@ def main(argv=None):
                                      args.gbs, seed=0, optimize_graph=args.optimize_graph)
         t1 = time.perf_counter()
         plan = auto_plan(spec.model_fn, spec.feature_spec, args.gbs, args.devices,
-                         batch_fn=spec.synthetic_batch)
+                         batch_fn=spec.synthetic_batch, optimizer_fn=spec.default_optimizer)
         t2 = time.perf_counter()
         piped = Trainer(spec.model_fn, spec.feature_spec, spec.default_optimizer, plan, args.gbs,
                         seed=0, num_devices=args.devices, optimize_graph=args.optimize_graph)

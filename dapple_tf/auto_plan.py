@@ -2,13 +2,15 @@
 
     plan = auto_plan(model_fn, feature_spec, global_batch_size=64, num_devices=4)
 
-The template is profiled on one device at `profile_batch_size` rows (default: the per-device
-share of the global batch, the size a micro-batch on one device typically has); the planner
-(`planner.plan`) scales the measured costs to the batch sizes it considers. `cluster` describes
-the devices: a `planner.cluster.Cluster`, DAPPLE `seps` ([8, 16] = 2 hosts of 8), or None for
-one host of `num_devices` with the planner's default bandwidths. `local_cluster` measures this
-machine's in-process transfer bandwidth instead (used to check the planner's predictions on
-logical CPU devices).
+By default (cost model "runtime", `planner.runtime_cost`) the template is profiled on one
+device at two batch sizes (`runtime_profile_batch_sizes`), each layer's time fitted as fixed +
+per-row, with the bytes kept for the backward pass and the optimizer's slots and update time.
+`cluster` describes the devices: a `planner.cluster.Cluster`, DAPPLE `seps` ([8, 16] = 2 hosts of
+8), or None: then GPUs are one host of `num_devices`, and logical CPU devices are this machine
+as `runtime_cluster` measures it (one processor whose cores all devices share, transfer latency,
+summing bandwidth). With `cost_model="dapple-tf"` the template is profiled once at
+`profile_batch_size` rows (default: the per-device share of the global batch) and the planner
+scales the costs linearly. `local_cluster` measures this machine's in-process bandwidth.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from dapple_tf import profiler
+from dapple_tf import comm, profiler
 from dapple_tf.devices import new_session
 from planner.cluster import Cluster
 from planner.plan_format import Plan
@@ -49,25 +51,64 @@ def as_cluster(cluster: Cluster | Sequence[int] | str | None, num_devices: int) 
     return result
 
 
+def runtime_profile_batch_sizes(global_batch_size: int) -> tuple[int, int]:
+    """The two batch sizes the runtime profile fits its fixed + per-row costs over: an eighth
+    of the global batch and the whole of it (micro-batches of the plans lie in between)."""
+    return max(1, global_batch_size // 8), max(2, global_batch_size)
+
+
+def profile_for_plans(model_fn, feature_spec, global_batch_size: int, num_devices: int, *,
+                      cost_model: str = "runtime", profile_batch_size: int | None = None,
+                      optimizer_fn: Callable | None = None,
+                      batch_fn: Callable[[int, np.random.Generator], dict] | None = None,
+                      device: str | None = None, seed: int = 0) -> Profile:
+    """The profile `cost_model` needs, measured under the runtime's session options."""
+    if cost_model != "runtime":
+        pbs = profile_batch_size or default_profile_batch_size(global_batch_size, num_devices)
+        return profiler.profile_model(model_fn, feature_spec, pbs, device=device,
+                                      batch_fn=batch_fn, seed=seed)
+    from dapple_tf import devices
+    from dapple_tf.runner import use_grappler
+    kind = devices.device_kind()
+    return profiler.profile_for_runtime(
+        model_fn, feature_spec, runtime_profile_batch_sizes(global_batch_size),
+        optimizer_fn=optimizer_fn, device=device, seed=seed, batch_fn=batch_fn,
+        session_config=devices.session_config(kind, 1, optimize_graph=use_grappler()))
+
+
 def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, *,
               cluster: Cluster | Sequence[int] | str | None = None, schedule: str | None = None,
               profile_batch_size: int | None = None,
               batch_fn: Callable[[int, np.random.Generator], dict] | None = None,
-              device: str | None = None, **plan_options) -> Plan:
+              device: str | None = None, optimizer_fn: Callable | None = None,
+              cost_model: str = "runtime", **plan_options) -> Plan:
     """Profiles `model_fn` and returns `planner.plan`'s best plan for `num_devices` devices.
 
-    `plan_options` go to `planner.plan` unchanged (e.g. `cost_model`, `device_memory_gb`)."""
-    pbs = profile_batch_size or default_profile_batch_size(global_batch_size, num_devices)
-    profile = profiler.profile_model(model_fn, feature_spec, pbs, device=device,
-                                     batch_fn=batch_fn)
-    return plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
-                             schedule=schedule, **plan_options)
+    `optimizer_fn` (the one training will use) lets the profile measure its slots and update;
+    `plan_options` go to `planner.plan` unchanged (e.g. `device_memory_gb`)."""
+    profile = profile_for_plans(model_fn, feature_spec, global_batch_size, num_devices,
+                                cost_model=cost_model, profile_batch_size=profile_batch_size,
+                                optimizer_fn=optimizer_fn, batch_fn=batch_fn, device=device)
+    if cluster is None and cost_model == "runtime":
+        cluster = runtime_cluster(num_devices)
+    if cost_model == "runtime" and comm.launched_ranks() > 1:
+        plan_options.setdefault("use_all_devices", True)   # every rank must hold a slot
+    result = plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
+                               schedule=schedule, cost_model=cost_model, **plan_options)
+    result.predicted["profile"] = profile.to_dict()
+    result.predicted["cluster"] = as_cluster(cluster, num_devices).to_dict()
+    return result
 
 
 def plan_from_profile(profile: Profile, global_batch_size: int, num_devices: int, *,
                       cluster: Cluster | Sequence[int] | str | None = None,
-                      schedule: str | None = None, **plan_options) -> Plan:
+                      schedule: str | None = None, model_layers: Sequence[str] | None = None,
+                      **plan_options) -> Plan:
+    """`planner.plan` for `num_devices`; with `model_layers`, a profile of other layers than
+    the model's is refused (ProfileError naming them)."""
     from planner.api import plan
+    if model_layers is not None:
+        profile.check_layers(model_layers)
     return plan(profile, as_cluster(cluster, num_devices), global_batch_size, schedule=schedule,
                 **plan_options)
 
@@ -118,6 +159,61 @@ def _session_config(*devices: str) -> v1.ConfigProto:
     return config
 
 
+def measure_transfer_latency_s(src: str, dst: str, repeats: int = 51) -> float:
+    """Seconds one small tensor takes to cross from `src` to `dst` in this process, beyond the
+    same work on `src` (median of alternating runs)."""
+    nbytes = 4
+    return nbytes / measure_p2p_bandwidth(src, dst, nbytes=nbytes, repeats=repeats)
+
+
+def measure_accumulate_bandwidth(device: str = "/CPU:0", nbytes: int = 16 << 20,
+                                 repeats: int = 11) -> float:
+    """Bytes per second of `a + b` on `device` (the running gradient sum of the runtime)."""
+    graph = tf.Graph()
+    n = nbytes // 4
+    with graph.as_default(), tf.device(device):
+        a = v1.get_variable("acc_a", [n], initializer=v1.ones_initializer(), use_resource=True)
+        b = v1.get_variable("acc_b", [n], initializer=v1.ones_initializer(), use_resource=True)
+        total = tf.reduce_sum(a.read_value() + b.read_value())
+        reads = tf.reduce_sum(a.read_value()) + tf.reduce_sum(b.read_value())
+        init = v1.global_variables_initializer()
+    with v1.Session(graph=graph, config=_session_config(device)) as session:
+        session.run(init)
+
+        def run_s(fetch):
+            begin = time.perf_counter()
+            session.run(fetch)
+            return time.perf_counter() - begin
+
+        for _ in range(2):
+            session.run([total, reads])
+        extra = statistics.median(run_s(total) - run_s(reads) for _ in range(repeats))
+    return nbytes / max(extra, nbytes / 1e12)
+
+
+def runtime_cluster(num_devices: int) -> Cluster:
+    """This run's devices as the "runtime" cost model sees them. Under Horovod: one device per
+    rank, hosts of `local_size` ranks (Horovod's topology); CPU-only ranks of one host share its
+    cores. In one process: GPUs are one host of independent devices with the default
+    bandwidths; logical CPU devices share one processor (all of this machine's cores), with
+    measured transfer latency and summing bandwidth."""
+    from dapple_tf import devices
+    if comm.launched_ranks() > 1:
+        info = comm.init()
+        if info.size != num_devices or info.size % info.local_size:
+            raise ValueError(f"{info.size} Horovod ranks with {info.local_size} per host do not "
+                             f"make {num_devices} devices in equal hosts; give --cluster")
+        shared = info.local_size if devices.device_kind() == "CPU" else 1
+        return Cluster.uniform(info.size // info.local_size, info.local_size,
+                               devices_per_processor=shared)
+    if devices.device_kind() != "CPU":
+        return Cluster.from_seps([num_devices])
+    latency = measure_transfer_latency_s("/CPU:0", "/CPU:1") if num_devices > 1 else 0.0
+    return Cluster.from_seps([num_devices], devices_per_processor=num_devices,
+                             transfer_latency_s=latency,
+                             accumulate_bandwidth=measure_accumulate_bandwidth())
+
+
 def local_cluster(num_devices: int, device_type: str = "CPU", **overrides) -> Cluster:
     """One host of `num_devices` devices `/<device_type>:k` whose p2p bandwidth is measured
     between devices 0 and 1 of this process (fields in `overrides` win)."""
@@ -129,18 +225,29 @@ def local_cluster(num_devices: int, device_type: str = "CPU", **overrides) -> Cl
 
 
 # ---- the planner's prediction against a measured step -----------------------------------------
-def predict_step_s(plan: Plan, profile: Profile, cluster: Cluster) -> float:
-    """The "dapple-tf" cost model's step time for a given plan (not necessarily the planner's
-    choice). Uses the planner's model directly: it finds the cut states giving the plan's stages."""
+def predict_step_s(plan: Plan, profile: Profile, cluster: Cluster,
+                   cost_model: str = "dapple-tf") -> float:
+    """A cost model's step time for a given plan (not necessarily the planner's choice)."""
+    return predict(plan, profile, cluster, cost_model).step_time_s
+
+
+def predict(plan: Plan, profile: Profile, cluster: Cluster, cost_model: str = "runtime"):
+    """A cost model's evaluation (`DappleEval`: step time, per-stage peak memory, ...) of a
+    given plan. Uses the planner's model directly: it finds the cut states giving the stages."""
     from planner.dapple_cost import DappleModel
-    model = DappleModel(profile, cluster, plan.global_batch_size)
+    from planner.runtime_cost import RuntimeModel
+    if cost_model not in ("dapple-tf", "runtime"):
+        raise ValueError(f"cost_model must be 'dapple-tf' or 'runtime', got {cost_model!r}")
+    model = (RuntimeModel if cost_model == "runtime" else DappleModel)(
+        profile, cluster, plan.global_batch_size)
     states, last = model.states, len(model.states) - 1
     want = [list(stage.layers) for stage in plan.stages]
     for cuts in itertools.combinations(range(last), plan.num_stages - 1):
         ends = [*cuts, last]
         if states.stage_layers(profile, ends) == want:
             return model.evaluate(ends, [list(st.devices) for st in plan.stages],
-                                  plan.micro_batch_size, plan.schedule).step_time_s
+                                  plan.micro_batch_size, plan.schedule,
+                                  device_memory=float("inf"))
     raise ValueError(f"the planner's states of this profile cannot express the stages {want}")
 
 

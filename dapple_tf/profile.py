@@ -1,7 +1,13 @@
 """Profile a model from the command line.
 
     python -m dapple_tf.profile --model bert --preset tiny --batch-size 8 --out bert.json \
-        [--graph-txt bert.txt] [--warmup-steps 2] [--measured-steps 5] [--device /GPU:0]
+        [--graph-txt bert.txt] [--warmup-steps 2] [--measured-steps 5] [--device /GPU:0] \
+        [--fit-batch-sizes 2,16]
+
+With `--fit-batch-sizes` the profile is the one the "runtime" cost model reads
+(`profiler.profile_for_runtime`): every layer measured at those batch sizes and fitted as fixed +
+per-row, with its saved bytes and the model's default optimizer's slot bytes and update time;
+`--batch-size` is then ignored (the profile's batch size is the largest of them).
 
 Builds the model's template at the given batch size on one device, measures it
 (`dapple_tf.profiler`), prints a per-layer table, and writes the Profile as JSON (`--out`) and,
@@ -33,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measured-steps", type=int, default=5)
     p.add_argument("--device", default=None, help="device to profile on (default: TF's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-batch-sizes", default=None,
+                   help="comma-separated batch sizes (two or more) for the runtime profile")
     return p
 
 
@@ -52,6 +60,15 @@ def main(argv: Sequence[str] | None = None, get_model: Callable | None = None) -
     def batch_fn(batch_size: int, rng: np.random.Generator):
         return model.synthetic_batch(batch_size, rng)
 
+    if args.fit_batch_sizes:
+        sizes = [int(x) for x in args.fit_batch_sizes.split(",") if x.strip()]
+        prof = profiler.profile_for_runtime(
+            model.model_fn, model.feature_spec, sizes, optimizer_fn=model.default_optimizer,
+            warmup_steps=args.warmup_steps, measured_steps=args.measured_steps,
+            device=args.device, seed=args.seed, batch_fn=batch_fn)
+        print(f"{args.model} ({args.preset}), batch sizes {sizes}, fixed + per-row fit")
+        print(profiler.format_table(prof))
+        return _write(prof, args)
     measurement = profiler.measure(model.model_fn, model.feature_spec, args.batch_size,
                                    warmup_steps=args.warmup_steps,
                                    measured_steps=args.measured_steps, device=args.device,
@@ -65,6 +82,10 @@ def main(argv: Sequence[str] | None = None, get_model: Callable | None = None) -
     if tuple(expected) != prof.layer_names:
         print(f"warning: the model declares layers {list(expected)} but its graph has name scopes "
               f"{list(prof.layer_names)}; plans name the latter", file=sys.stderr)
+    return _write(prof, args)
+
+
+def _write(prof: Profile, args) -> int:
     prof.save_json(args.out)
     print(f"wrote {args.out}")
     if args.graph_txt:

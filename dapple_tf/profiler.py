@@ -506,3 +506,225 @@ def format_table(profile: Profile) -> str:
                  f"{sum(l.activation_bytes for l in profile.layers):13.0f}  "
                  f"{sum(l.parameter_bytes for l in profile.layers):12.0f}")
     return "\n".join(lines)
+
+
+# ---- what the runtime's cost model needs beyond the published profile (issue #14) ----------------
+def fit_fixed_and_per_row(batch_sizes: Sequence[int], times_ms: Sequence[float]
+                          ) -> tuple[float, float]:
+    """(fixed ms, per-row ms) of the least-squares line `time = fixed + per_row x rows` through
+    the measured points, both kept >= 0 (a negative intercept becomes a line through the origin,
+    a negative slope a constant)."""
+    rows = np.asarray(batch_sizes, dtype=float)
+    times = np.asarray(times_ms, dtype=float)
+    if len(set(rows.tolist())) < 2:
+        raise ProfileError(f"a fixed + per-row fit needs two or more distinct batch sizes, found "
+                           f"{sorted(set(rows.tolist()))}")
+    per_row, fixed = np.polyfit(rows, times, 1)
+    if fixed < 0:
+        return 0.0, float(max(0.0, np.dot(rows, times) / np.dot(rows, rows)))
+    if per_row < 0:
+        return float(max(0.0, times.mean())), 0.0
+    return float(fixed), float(per_row)
+
+
+# Gradient ops that read only a tensor's shape: they run as soon as it exists, keeping nothing.
+_METADATA_OP_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank", "BroadcastGradientArgs"})
+
+
+def saved_tensor_bytes(template: Template, layers: LayerMap, session: v1.Session | None = None,
+                       feed: Mapping[tf.Tensor, np.ndarray] | None = None) -> list[int]:
+    """Bytes per layer of the forward tensors the gradient ops read: what a layer keeps alive
+    from its forward until its backward (variables and their reads excluded: they are
+    parameters; so are reads by shape-only ops). Tensors without a static shape are sized by running `tf.shape` in `session`."""
+    kept: dict[str, tuple[tf.Tensor, int]] = {}
+    for op in template.backward_ops:
+        if op.type in _METADATA_OP_TYPES:
+            continue
+        for t in op.inputs:
+            layer = layers.forward_layer.get(t.op.name)
+            if layer is None or t.op.type in _VARIABLE_OP_TYPES or t.dtype == tf.resource:
+                continue
+            kept.setdefault(t.name, (t, layer))
+    unknown = [t for t, _ in kept.values() if not t.shape.is_fully_defined()]
+    shapes = {}
+    if unknown:
+        if session is None:
+            raise ProfileError(f"shape of {unknown[0].name} is not static ({unknown[0].shape}); "
+                               "pass a session to measure it")
+        with template.graph.as_default(), v1.name_scope("dapple_profiler_saved_shapes"):
+            shape_ops = [tf.shape(t) for t in unknown]
+        shapes = dict(zip((t.name for t in unknown), session.run(shape_ops, feed)))
+    saved = [0] * len(layers.names)
+    for name, (t, layer) in kept.items():
+        shape = shapes[name] if name in shapes else t.shape.as_list()
+        saved[layer] += _tensor_bytes(shape, t.dtype)
+    return saved
+
+
+def optimizer_slot_bytes(template: Template, layers: LayerMap, optimizer_fn: Callable
+                         ) -> list[int]:
+    """Bytes per layer of the slot variables `optimizer_fn()` creates for the layer's parameters
+    (Adam: m and v; momentum: one accumulator). Adds the optimizer's ops to the template graph."""
+    with template.graph.as_default():
+        optimizer = optimizer_fn()
+        optimizer.apply_gradients(list(zip(template.gradients, template.variables)))
+        slots = [0] * len(layers.names)
+        for var in template.variables:
+            layer = _layer_of_variable(var, layers)
+            for slot_name in optimizer.get_slot_names():
+                slot = optimizer.get_slot(var, slot_name)
+                if slot is not None and layer is not None:
+                    slots[layer] += _tensor_bytes(slot.shape.as_list(), slot.dtype.base_dtype)
+    return slots
+
+
+def _untraced_step_ms(session: v1.Session, fetches, feed, steps: int) -> float:
+    import time
+    times = []
+    for _ in range(steps):
+        begin = time.perf_counter()
+        session.run(fetches, feed)
+        times.append((time.perf_counter() - begin) * 1000.0)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchMeasurement:
+    """One batch size's per-layer times (ms), scaled so that they sum to the untraced step."""
+    forward_ms: tuple[float, ...]
+    backward_ms: tuple[float, ...]
+    wall_ms: float                      # median untraced forward + backward step
+    traced_sum_ms: float                # what the traced layer times summed to
+    workspace_bytes: tuple[int, ...]    # per layer, the most one of its ops allocated
+
+
+def largest_op_allocation(step_stats, layers: LayerMap) -> list[int]:
+    """Per layer, the temporary bytes of its two ops with the most: what an op allocates beyond
+    its outputs and frees when it ends (e.g. a convolution's backward workspace). Two, because a
+    layer's input gradient and weight gradient run at the same time."""
+    temporaries: list[list[int]] = [[] for _ in layers.names]
+    for dev in step_stats.dev_stats:
+        for node in dev.node_stats:
+            where = layers.layer_of_node(node.node_name)
+            if where is None:
+                continue
+            allocated = sum(r.alloc_bytes for m in node.memory for r in m.allocation_records
+                            if r.alloc_bytes > 0)
+            outputs = sum(o.tensor_description.allocation_description.allocated_bytes
+                          for o in node.output)
+            temporaries[where[0]].append(max(0, allocated - outputs))
+    return [sum(sorted(t)[-2:]) for t in temporaries]
+
+
+def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.ndarray],
+                  session: v1.Session, *, warmup_steps: int = 2, measured_steps: int = 5,
+                  wall_steps: int = 10) -> BatchMeasurement:
+    """Per-layer forward/backward time of one template at its batch size. Traced op times carry
+    the tracer's overhead and miss the executor's, so each layer's share of the traced time is
+    applied to the median untraced step time instead (the step the runtime really pays)."""
+    feed = {template.placeholders[k]: batch[k] for k in template.placeholders}
+    fetches = [template.loss, template.gradients]
+    for _ in range(warmup_steps):
+        session.run(fetches, feed)
+    wall = _untraced_step_ms(session, fetches, feed, wall_steps)
+    options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
+    steps, workspace = [], [0] * len(layers.names)
+    for _ in range(measured_steps):
+        metadata = v1.RunMetadata()
+        session.run(fetches, feed, options=options, run_metadata=metadata)
+        steps.append(attribute_step(metadata.step_stats, layers))
+        workspace = [max(a, b) for a, b in
+                     zip(workspace, largest_op_allocation(metadata.step_stats, layers))]
+    n = len(layers.names)
+    fwd = [statistics.median(s.forward_us[i] for s in steps) / 1000.0 for i in range(n)]
+    bwd = [statistics.median(s.backward_us[i] for s in steps) / 1000.0 for i in range(n)]
+    traced = sum(fwd) + sum(bwd)
+    scale = wall / traced if traced > 0 else 0.0
+    return BatchMeasurement(tuple(x * scale for x in fwd), tuple(x * scale for x in bwd),
+                            wall, traced, tuple(workspace))
+
+
+def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Callable,
+                       batch: Mapping[str, np.ndarray], *, steps: int = 10,
+                       session_config: v1.ConfigProto | None = None) -> list[float]:
+    """Time of the optimizer's update once per step, per layer: the untraced step with the
+    update minus the step without it, shared out by the layers' parameter bytes."""
+    with template.graph.as_default():
+        optimizer = optimizer_fn()
+        update = optimizer.apply_gradients(list(zip(template.gradients, template.variables)))
+        # Both steps compute the gradients in the graph; neither copies them out.
+        gradients_only = tf.group(*template.gradients)
+        init = v1.global_variables_initializer()
+    feed = {template.placeholders[k]: batch[k] for k in template.placeholders}
+    config = session_config or v1.ConfigProto(allow_soft_placement=True)
+    with v1.Session(graph=template.graph, config=config) as session:
+        session.run(init)
+        without, with_update = [template.loss, gradients_only], [template.loss, update]
+        for _ in range(2):
+            session.run(with_update, feed)
+        diffs = [_untraced_step_ms(session, with_update, feed, 1)
+                 - _untraced_step_ms(session, without, feed, 1) for _ in range(steps)]
+    total = max(0.0, statistics.median(diffs))
+    bytes_per_layer = [0.0] * len(layers.names)
+    for var in template.variables:
+        layer = _layer_of_variable(var, layers)
+        if layer is not None:
+            bytes_per_layer[layer] += _tensor_bytes(var.shape.as_list(), var.dtype.base_dtype)
+    whole = sum(bytes_per_layer)
+    return [total * b / whole if whole else 0.0 for b in bytes_per_layer]
+
+
+def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_sizes: Sequence[int],
+                        *, optimizer_fn: Callable | None = None, warmup_steps: int = 2,
+                        measured_steps: int = 3, device: str | None = None, seed: int = 0,
+                        batch_fn: BatchFn | None = None,
+                        session_config: v1.ConfigProto | None = None) -> Profile:
+    """The profile the runtime cost model (`planner.runtime_cost`) needs: the template measured
+    at each of `batch_sizes` (two or more) and each layer's forward and backward time fitted as
+    fixed + per-row ms; the bytes each layer keeps for its backward; with `optimizer_fn`, the
+    optimizer's slot bytes and update time per layer. Times are wall-clock shares (see
+    `measure_batch`); forward_ms and backward_ms are those of the largest batch size, which is
+    the profile's batch size. `session_config`: measure under the runtime's session options."""
+    config = session_config or v1.ConfigProto(allow_soft_placement=True)
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise ProfileError(f"profile_for_runtime needs two or more distinct positive batch sizes, "
+                           f"found {list(batch_sizes)}")
+    rng = np.random.default_rng(seed)
+    measured: list[BatchMeasurement] = []
+    for batch_size in sizes:
+        template = build_template(model_fn, feature_spec, batch_size, device=device, seed=seed)
+        layers = find_layers(template)
+        batch = (batch_fn(batch_size, rng) if batch_fn is not None
+                 else default_batch(feature_spec, batch_size, rng))
+        feed = {template.placeholders[k]: batch[k] for k in feature_spec}
+        with template.graph.as_default():
+            init = v1.global_variables_initializer()
+        with v1.Session(graph=template.graph, config=config) as session:
+            session.run(init)
+            measured.append(measure_batch(template, layers, batch, session,
+                                          warmup_steps=warmup_steps,
+                                          measured_steps=measured_steps))
+            if batch_size == sizes[-1]:
+                activation, parameter, edges = layer_sizes(template, layers, session, feed)
+                saved = saved_tensor_bytes(template, layers, session, feed)
+    slots = apply = [None] * len(layers.names)
+    if optimizer_fn is not None:
+        slots = optimizer_slot_bytes(template, layers, optimizer_fn)
+        fresh = build_template(model_fn, feature_spec, sizes[-1], device=device, seed=seed)
+        apply = apply_ms_per_layer(fresh, find_layers(fresh), optimizer_fn, batch,
+                                   session_config=config)
+    costs = []
+    for i, name in enumerate(layers.names):
+        f_fixed, f_row = fit_fixed_and_per_row(sizes, [m.forward_ms[i] for m in measured])
+        b_fixed, b_row = fit_fixed_and_per_row(sizes, [m.backward_ms[i] for m in measured])
+        costs.append(LayerCost(
+            name, forward_ms=measured[-1].forward_ms[i], backward_ms=measured[-1].backward_ms[i],
+            activation_bytes=float(activation[i]), parameter_bytes=float(parameter[i]),
+            forward_fixed_ms=f_fixed, forward_per_row_ms=f_row,
+            backward_fixed_ms=b_fixed, backward_per_row_ms=b_row,
+            saved_bytes=float(saved[i]),
+            workspace_bytes=float(measured[-1].workspace_bytes[i]),
+            optimizer_slot_bytes=None if slots[i] is None else float(slots[i]),
+            apply_ms=None if apply[i] is None else float(apply[i])))
+    return Profile(tuple(costs), tuple(edges), sizes[-1], device or "default")

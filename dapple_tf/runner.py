@@ -18,6 +18,7 @@ from absl import logging
 
 from dapple_tf import run_dir
 from dapple_tf.batching import BatchError, notation_micro_batches
+from dapple_tf.calibration import StepTimer, prediction_report, record_measurement
 from dapple_tf.stop_signals import StopAgreement, StopSignals
 from models.data import DataError
 from planner.plan_format import PlanError
@@ -54,6 +55,7 @@ class TrainingConfig:
     log_every: int = 1
     trace_step: int | None = None
     seed: int = 0
+    calibrate: bool = False
 
     @classmethod
     def from_flags(cls, flag_values) -> TrainingConfig:
@@ -127,7 +129,8 @@ def batches(spec, config: TrainingConfig, global_batch_size: int, start_step: in
 
 # ---- plan ---------------------------------------------------------------------------------------
 
-def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devices: int):
+def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devices: int,
+                 optimizer_fn=None):
     """The Plan for this run: 'auto' profiles the model and asks the planner; a path is read;
     DAPPLE notation ('2:2', '3:1', 'DP4') splits the layers evenly over that many stages, with
     `batching.notation_micro_batches` micro-batches unless --num_micro_batches says."""
@@ -139,7 +142,7 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         cluster = [int(x) for x in config.cluster.split(",")] if config.cluster else None
         return auto_plan(spec.model_fn, spec.feature_spec, global_batch_size, num_devices,
                          cluster=cluster, schedule=config.schedule,
-                         batch_fn=spec.synthetic_batch)
+                         batch_fn=spec.synthetic_batch, optimizer_fn=optimizer_fn)
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
         if plan.global_batch_size != global_batch_size:
@@ -220,14 +223,20 @@ def run_training(config: TrainingConfig) -> dict:
     from dapple_tf.trainer import Trainer
 
     multi_rank = comm.launched_ranks() > 1
+    if config.calibrate and (multi_rank or config.dapple_plan != "auto"):
+        raise ConfigError("--calibrate re-plans an auto plan of a single-process run; found "
+                         f"--dapple_plan={config.dapple_plan!r}"
+                         f"{' under ' + str(comm.launched_ranks()) + ' ranks' if multi_rank else ''}")
     num_devices = comm.launched_ranks() if multi_rank else local_device_count(config.num_devices)
     spec = model_spec(config)
     global_batch_size = config.global_batch_size or spec.default_global_batch_size
     record = run_dir.RunRecord(config.model, config.preset, dataclasses.asdict(spec.config),
                                config.optimizer, global_batch_size)
 
+    optimizer_fn = make_optimizer_fn(config.optimizer, config.learning_rate)
+
     def choose_plan():
-        plan = resolve_plan(config, spec, global_batch_size, num_devices)
+        plan = resolve_plan(config, spec, global_batch_size, num_devices, optimizer_fn)
         model_dir = config.model_dir or run_dir.default_model_dir(config.model, config.preset,
                                                                   plan.notation)
         run_dir.check_resumable(model_dir, record, spec.layer_names)
@@ -241,10 +250,13 @@ def run_training(config: TrainingConfig) -> dict:
         plan, is_chief = choose_plan(), True
     model_dir = config.model_dir or run_dir.default_model_dir(config.model, config.preset,
                                                               plan.notation)
-    trainer = Trainer(spec.model_fn, spec.feature_spec,
-                      make_optimizer_fn(config.optimizer, config.learning_rate), plan,
-                      global_batch_size, clip_norm=config.clip_norm, num_devices=num_devices,
-                      seed=config.seed, optimize_graph=use_grappler())
+
+    def make_trainer(plan):
+        return Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
+                       clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
+                       optimize_graph=use_grappler())
+
+    trainer = make_trainer(plan)
     previous_notation = _saved_plan_notation(model_dir) if is_chief else None
     if is_chief:
         _log_plan(plan, model_dir)
@@ -264,17 +276,32 @@ def run_training(config: TrainingConfig) -> dict:
     first_loss = last_loss = None
     steps_run, stopped_by = 0, None
     agreed_stop = StopAgreement() if multi_rank else (lambda received: received)
+    timer = StepTimer()
+    calibrate_now = False     # the next step is traced for --calibrate
     try:
         with StopSignals() as stop:
             for step in range(start_step + 1, config.steps + 1):  # the global step after it
                 batch = next(data)
                 begin = time.perf_counter()
-                if step == config.trace_step:
+                if calibrate_now:
+                    calibrate_now = False
+                    loss, run_metadata = trainer.traced_step(batch)
+                    trainer, plan = _recalibrate(trainer, plan, run_metadata, timer.median_s,
+                                                 make_trainer, model_dir)
+                    timer = StepTimer()
+                elif step == config.trace_step:
                     loss, run_metadata = trainer.traced_step(batch)
                     if is_chief:
                         _write_trace(model_dir, step, run_metadata)
                 else:
                     loss = trainer.train_step(batch)
+                    if timer.add(time.perf_counter() - begin):
+                        record_measurement(plan, timer.median_s, len(timer.seconds))
+                        if is_chief:
+                            logging.info("%s", prediction_report(plan, timer.median_s,
+                                                                 len(timer.seconds)))
+                            plan.save(os.path.join(model_dir, run_dir.PLAN_FILE))
+                        calibrate_now = config.calibrate and "calibration" not in plan.predicted
                 seconds = time.perf_counter() - begin
                 steps_run += 1
                 first_loss = loss if first_loss is None else first_loss
@@ -360,3 +387,24 @@ def _write_trace(model_dir: str, step: int, run_metadata) -> None:
     with open(path, "wb") as f:
         f.write(run_metadata.SerializeToString())
     logging.info("trace of step %d written to %s", step, path)
+
+
+def _recalibrate(trainer, plan, run_metadata, measured_s: float, make_trainer, model_dir: str):
+    """--calibrate: re-plan from the traced step's stage times; a different plan takes over from
+    a checkpoint of the current weights and optimizer state. Returns (trainer, plan)."""
+    from dapple_tf.calibration import replan
+    new, factors = replan(plan, run_metadata, measured_s)
+    logging.info("calibration: stage factors (measured / predicted) %s; re-planned %s M=%d "
+                 "(was %s M=%d)", ", ".join(f"{f:.2f}" for f in factors), new.notation,
+                 new.num_micro_batches, plan.notation, plan.num_micro_batches)
+    if new == plan:
+        plan.predicted["calibration"] = new.predicted["calibration"]
+        plan.save(os.path.join(model_dir, run_dir.PLAN_FILE))
+        return trainer, plan
+    path = trainer.save(os.path.join(model_dir, f"calibration-ckpt-{trainer.global_step}"))
+    trainer.close()
+    trainer = make_trainer(new)
+    trainer.restore(path)
+    _log_plan(new, model_dir)
+    new.save(os.path.join(model_dir, run_dir.PLAN_FILE))
+    return trainer, new

@@ -193,7 +193,7 @@ class Trainer(_SessionTrainer):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
-                                 num_devices)
+                                 num_devices, optimizer_fn)
         self.template = build_template(model_fn, feature_spec, seed=seed)
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
@@ -242,10 +242,10 @@ class SingleDeviceTrainer(_SessionTrainer):
 
 
 def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
-                 num_devices: int | None) -> Plan:
+                 num_devices: int | None, optimizer_fn: Callable | None = None) -> Plan:
     """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search)."""
     if isinstance(plan, str) and plan == "auto":
-        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices)
+        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
@@ -256,8 +256,8 @@ def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
     return plan
 
 
-def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices) -> Plan:
+def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn) -> Plan:
     """plan='auto': profile the template and search a plan for this process's devices."""
     from dapple_tf.auto_plan import auto_plan  # imports the profiler and planner on demand
     _, count = devices.available_devices(num_devices)
-    return auto_plan(model_fn, feature_spec, global_batch_size, count)
+    return auto_plan(model_fn, feature_spec, global_batch_size, count, optimizer_fn=optimizer_fn)

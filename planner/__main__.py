@@ -1,7 +1,7 @@
 """`python -m planner plan ...` (console script `dapple-plan`): plan, print a summary, write JSON.
 
     python -m planner plan --profile PATH --profile-batch-size PBS --global-batch-size GBS \\
-        --cluster 8,16 [--micro-batch-size MBS] [--cost-model hpgo|dapple-tf] \\
+        --cluster 8,16 [--micro-batch-size MBS] [--cost-model hpgo|dapple-tf|runtime] \\
         [--schedule 1f1b|gpipe] [--device-memory-gb 16] [--out plan.json] [--json]
 
 Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON.

@@ -13,9 +13,10 @@ from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
 from planner.plan_format import SCHEDULES, Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
+from planner.runtime_cost import RuntimeModel
 from planner.states import hpgo_states
 
-COST_MODELS = ("dapple-tf", "hpgo")
+COST_MODELS = ("dapple-tf", "hpgo", "runtime")
 
 
 def _as_profile(profile, profile_batch_size) -> Profile:
@@ -57,7 +58,8 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
          cost_model: str = "dapple-tf", schedule: str | None = None,
          device_memory_gb: float | None = None, optimizer_slots: float = 2.0,
          intra_host_bandwidth: float | None = None, inter_host_bandwidth: float | None = None,
-         inter_host_allreduce_bandwidth: float | None = None) -> Plan:
+         inter_host_allreduce_bandwidth: float | None = None,
+         use_all_devices: bool = False) -> Plan:
     """The best hybrid pipeline/data-parallel plan for `profile` on `cluster`.
 
     cost_model "dapple-tf" (default): plans the runtime can execute, memory-checked against the
@@ -65,6 +67,10 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     (`schedule=None` chooses between 1f1b and gpipe) and micro-batch size (`None` chooses).
     cost_model "hpgo": the published DAPPLE planner's scoring, for comparison; its plans may not
     be executable (then `plan.executable` is False and predicted["executable"] says why).
+    cost_model "runtime": this project's runtime as it really runs (`planner.runtime_cost`):
+    fixed cost per micro-batch, accumulation, transfer latency, devices sharing a processor;
+    it may choose fewer devices than the cluster has (one device, one micro-batch included)
+    unless `use_all_devices` (multi-rank runs need a slot on every rank).
     `predicted` holds step_time_s, speedup, dp_speedup, peak_memory_bytes (per stage), and more.
     """
     started = time.perf_counter()
@@ -87,6 +93,7 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     prof = _as_profile(profile, profile_batch_size)
     if not prof.layers:
         raise ProfileError("profile has no layers")
+    prof.validate()
     names = prof.layer_names
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
@@ -99,7 +106,8 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
         result = _plan_hpgo(prof, clu, global_batch_size, micro_batch_size or 1, optimizer_slots)
     else:
         result = _plan_dapple(prof, clu, global_batch_size, micro_batch_size, schedule,
-                              optimizer_slots)
+                              optimizer_slots, runtime=cost_model == "runtime",
+                              use_all_devices=use_all_devices)
     result.predicted["time_to_plan_s"] = round(time.perf_counter() - started, 4)
     return result
 
@@ -108,9 +116,11 @@ def _describe_cuts(states, ends) -> list[str]:
     return [states.labels[e] for e in ends[:-1]]
 
 
-def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots) -> Plan:
-    model = DappleModel(prof, clu, gbs, optimizer_slots)
-    search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule)
+def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False,
+                 use_all_devices=False) -> Plan:
+    model = (RuntimeModel if runtime else DappleModel)(prof, clu, gbs, optimizer_slots)
+    search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule,
+                          every_micro_batch_size=runtime, use_all_devices=use_all_devices)
     best = search.run()
     if best is None:
         need = search.smallest_memory()
@@ -127,7 +137,7 @@ def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots) -> Plan:
     layers = model.states.stage_layers(prof, list(best.ends))
     stages = tuple(Stage(tuple(l), d) for l, d in zip(layers, best.devices))
     predicted = {
-        "cost_model": "dapple-tf",
+        "cost_model": "runtime" if runtime else "dapple-tf",
         "step_time_s": ev.step_time_s,
         "speedup": ev.speedup,
         "dp_speedup": model.dp_speedup(clu.num_devices),

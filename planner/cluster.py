@@ -27,15 +27,30 @@ class Cluster:
     inter_host_bandwidth: float = 1 * GB        # bytes/s, p2p between hosts (Ethernet)
     inter_host_allreduce_bandwidth: float = 3 * GB  # bytes/s, NCCL allreduce bus bandwidth across hosts
     device_memory_bytes: float = 16 * GB
+    # Used by the "runtime" cost model only (planner/runtime_cost.py); measured by
+    # dapple_tf.auto_plan.runtime_cluster for this machine.
+    transfer_latency_s: float = 0.0             # fixed cost of one boundary transfer
+    accumulate_bandwidth: float = 100 * GB      # bytes/s of summing gradients on one device
+    # Consecutive device ids that share one processor's cores (logical CPU devices of one
+    # process: all of them). Work on such devices does not run in parallel for free.
+    devices_per_processor: int = 1
 
     def __post_init__(self):
         seps = tuple(int(s) for s in self.seps)
         object.__setattr__(self, "seps", seps)
+        object.__setattr__(self, "devices_per_processor", int(self.devices_per_processor))
+        if self.devices_per_processor < 1:
+            raise ClusterError(f"cluster devices_per_processor must be >= 1, got "
+                               f"{self.devices_per_processor}")
+        if not self.transfer_latency_s >= 0:
+            raise ClusterError(f"cluster transfer_latency_s must be >= 0, got "
+                               f"{self.transfer_latency_s}")
         if not seps or seps[0] <= 0 or any(b <= a for a, b in zip(seps, seps[1:])):
             raise ClusterError(f"cluster seps must be increasing positive device counts like [8, 16] "
                                f"(cumulative host boundaries), got {list(seps)}")
         for name in ("intra_host_bandwidth", "inter_host_bandwidth",
-                     "inter_host_allreduce_bandwidth", "device_memory_bytes"):
+                     "inter_host_allreduce_bandwidth", "device_memory_bytes",
+                     "accumulate_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ClusterError(f"cluster {name} must be positive, got {getattr(self, name)}")
 
@@ -101,6 +116,10 @@ class Cluster:
 
     def host_start(self, host: int) -> int:
         return self.seps[host - 1] if host > 0 else 0
+
+    def processor_of(self, device: int) -> int:
+        """Index of the processor whose cores `device` runs on (see devices_per_processor)."""
+        return device // self.devices_per_processor
 
     def within_one_host(self, devices: Sequence[int]) -> bool:
         """True iff min and max device lie on the same host (the published planner's test)."""

@@ -74,8 +74,15 @@ def useful_cuts(model: DappleModel) -> list[int]:
 class DappleSearch:
     def __init__(self, model: DappleModel, micro_batch_size: int | None = None,
                  schedule: str | None = None, keep: int = 3, finalists: int = 8,
-                 exhaustive_limit: int = 4000, max_cuts: int = 96):
+                 exhaustive_limit: int = 4000, max_cuts: int = 96,
+                 every_micro_batch_size: bool = False, use_all_devices: bool = False):
         self.m = model
+        # Under Horovod every rank must hold a slot: then only plans using all devices count.
+        self.use_all_devices = use_all_devices
+        # With a fixed cost per micro-batch, fewer and larger micro-batches than the lcm of the
+        # replica counts can be faster: then every divisor of the global batch is tried, and
+        # one device with each of them is a candidate too.
+        self.every_micro_batch_size = every_micro_batch_size
         self.c = model.cluster
         self.N = self.c.num_devices
         self.fixed_b = micro_batch_size
@@ -104,11 +111,15 @@ class DappleSearch:
         gbs = self.m.gbs
         if self.fixed_b is not None:
             return [self.fixed_b]
+        if self.every_micro_batch_size:
+            return _divisors(gbs)
         replicas = [d for d in _divisors(gbs) if d <= self.N]
         return _lcm_closure(replicas, gbs)
 
     # ---- scoring --------------------------------------------------------------------------------
     def _offer(self, ends, devices, b) -> None:
+        if self.use_all_devices and sum(len(d) for d in devices) != self.N:
+            return
         for schedule in self.schedules:
             skip = self.best.eval.step_time_s * 1.02 if self.best is not None else float("inf")
             ev = self.m.evaluate(ends, devices, b, schedule, self.limit, skip_above=skip)
@@ -131,6 +142,9 @@ class DappleSearch:
         return ta < tb * (1 - 1e-12)
 
     def run(self) -> DappleCandidate | None:
+        if self.every_micro_batch_size:
+            for b in self.micro_batch_sizes():
+                self._offer((self.cuts[-1],), [(0,)], b)
         if self._space_size() <= self.exhaustive_limit:
             self.stats.exhaustive = True
             self._exhaustive()

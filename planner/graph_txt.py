@@ -8,6 +8,13 @@ A layer's name is its node id (descriptions repeat, e.g. `LSTM(1024, 1024)` in G
 is kept in `LayerCost.description`. A list activation size is summed. The file carries no batch
 size: the caller gives it. Nothing is dropped or zeroed here; cost models decide what `Input` and
 `__getitem__` nodes mean.
+
+Our profiler measures more than the four published metrics; those extra metrics follow them on
+the node line (`, forward_fixed_time=<ms>, forward_per_row_time=<ms>, backward_fixed_time=<ms>,
+backward_per_row_time=<ms>, saved_size=<bytes>, workspace_size=<bytes>, optimizer_slot_size=<bytes>,
+apply_time=<ms>`,
+each optional), so a
+graph.txt keeps everything a JSON profile does.
 """
 from __future__ import annotations
 
@@ -17,6 +24,13 @@ import re
 from planner.profile import LayerCost, Profile, ProfileError
 
 _METRICS = ("forward_compute_time", "backward_compute_time", "activation_size", "parameter_size")
+# Optional metrics after the four above: graph.txt key -> LayerCost field.
+_EXTRA_METRICS = {"forward_fixed_time": "forward_fixed_ms",
+                  "forward_per_row_time": "forward_per_row_ms",
+                  "backward_fixed_time": "backward_fixed_ms",
+                  "backward_per_row_time": "backward_per_row_ms", "saved_size": "saved_bytes",
+                  "workspace_size": "workspace_bytes",
+                  "optimizer_slot_size": "optimizer_slot_bytes", "apply_time": "apply_ms"}
 _NODE_FORMAT = ("<id> -- <description> -- forward_compute_time=<ms>, backward_compute_time=<ms>, "
                 "activation_size=<bytes or [a; b]>, parameter_size=<bytes>")
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -29,7 +43,7 @@ def _number(text: str, where: str, what: str) -> float:
     return float(text)
 
 
-def _parse_metrics(text: str, where: str) -> list[float]:
+def _parse_metrics(text: str, where: str) -> tuple[list[float], dict[str, float]]:
     # Split on ", " only outside brackets: activation lists use "; " but be lenient with ",".
     parts, depth, current = [], 0, ""
     for ch in text:
@@ -43,9 +57,17 @@ def _parse_metrics(text: str, where: str) -> list[float]:
         else:
             current += ch
     parts.append(current)
-    if len(parts) != len(_METRICS):
+    if len(parts) < len(_METRICS):
         raise ProfileError(f"{where}: expected {len(_METRICS)} metrics "
                            f"({', '.join(m + '=...' for m in _METRICS)}), found {text.strip()!r}")
+    extras = {}
+    for part in parts[len(_METRICS):]:
+        name, eq, value = part.strip().partition("=")
+        if not eq or name.strip() not in _EXTRA_METRICS or _EXTRA_METRICS[name.strip()] in extras:
+            raise ProfileError(f"{where}: after the four metrics expected optional ones "
+                               f"({', '.join(k + '=<number>' for k in _EXTRA_METRICS)}), each "
+                               f"once, found {part.strip()!r}")
+        extras[_EXTRA_METRICS[name.strip()]] = _number(value, where, name.strip())
     values = []
     for part, key in zip(parts, _METRICS):
         name, eq, value = part.strip().partition("=")
@@ -60,7 +82,7 @@ def _parse_metrics(text: str, where: str) -> list[float]:
             values.append(sum(_number(v, where, key) for v in items))
         else:
             values.append(_number(value, where, key))
-    return values
+    return values, extras
 
 
 def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
@@ -95,9 +117,9 @@ def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
             raise ProfileError(f"{where}: expected a node id without spaces, found {node_id!r}")
         if node_id in index:
             raise ProfileError(f"{where}: node id {node_id!r} defined twice")
-        fwd, bwd, act, par = _parse_metrics(metrics, where)
+        (fwd, bwd, act, par), extras = _parse_metrics(metrics, where)
         index[node_id] = len(layers)
-        layers.append(LayerCost(node_id, fwd, bwd, act, par, desc))
+        layers.append(LayerCost(node_id, fwd, bwd, act, par, desc, **extras))
     if not layers:
         raise ProfileError(f"{source}: expected node lines ('{_NODE_FORMAT}'), found none")
     edges = []
@@ -107,7 +129,9 @@ def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
                 raise ProfileError(f"{source}:{lineno}: edge names node {node!r}, which no node line "
                                    f"defines")
         edges.append((index[src], index[dst]))
-    return Profile(tuple(layers), tuple(edges), batch_size, device)
+    profile = Profile(tuple(layers), tuple(edges), batch_size, device)
+    profile.validate(source)
+    return profile
 
 
 def _fmt(x: float) -> str:
@@ -125,7 +149,10 @@ def format_graph_txt(profile: Profile) -> str:
                      f"forward_compute_time={_fmt(layer.forward_ms)}, "
                      f"backward_compute_time={_fmt(layer.backward_ms)}, "
                      f"activation_size={_fmt(layer.activation_bytes)}, "
-                     f"parameter_size={_fmt(layer.parameter_bytes)}")
+                     f"parameter_size={_fmt(layer.parameter_bytes)}"
+                     + "".join(f", {key}={_fmt(getattr(layer, field))}"
+                               for key, field in _EXTRA_METRICS.items()
+                               if getattr(layer, field) is not None))
     for a, b in profile.edges:
         lines.append(f"\t{profile.layers[a].name} -- {profile.layers[b].name}")
     return "\n".join(lines) + "\n"

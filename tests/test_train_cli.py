@@ -80,3 +80,24 @@ def test_auto_plan_run_logs_plan_and_progress_and_writes_plan_json(tmp_path):
     assert "examples/s" in log
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
     assert (tmp_path / "ckpt-3.index").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_logs_predicted_beside_measured_and_records_both_in_the_plan(tmp_path):
+    log = _run(tmp_path, "--dapple_plan=auto", "--steps=8", "--global_batch_size=8",
+               "--calibrate", "--save_every=100")
+    assert "predicted step time" in log and "measured" in log
+    assert "calibration: stage factors (measured / predicted)" in log
+    predicted = json.loads((tmp_path / "plan.json").read_text())["predicted"]
+    assert predicted["cost_model"] == "runtime"
+    assert predicted["measured"]["steps"] == 5 and predicted["measured"]["step_time_s"] > 0
+    factors = predicted["calibration"]["stage_factors"]
+    assert len(factors) == len(json.loads((tmp_path / "plan.json").read_text())["stages"])
+    assert all(f > 0 for f in factors)
+
+
+def test_calibrate_is_refused_for_a_plan_that_is_not_auto(tmp_path):
+    from dapple_tf import runner
+    with pytest.raises(ValueError, match="--calibrate re-plans an auto plan.*'2:2'"):
+        runner.run_training(runner.TrainingConfig(dapple_plan="2:2", calibrate=True,
+                                                  model_dir=str(tmp_path)))
