@@ -60,7 +60,8 @@ class MultiRankTrainer(Trainer):
             self.plan = comm.share_plan(lambda: chosen)
         else:
             self.plan = comm.share_plan(lambda: resolve_plan(
-                plan, model_fn, feature_spec, self.global_batch_size, num_devices))
+                plan, model_fn, feature_spec, self.global_batch_size, num_devices,
+                optimizer_fn, ranks=self.size))
         if self.plan.global_batch_size != self.global_batch_size:
             raise PlanError(f"plan is for global batch size {self.plan.global_batch_size}, but "
                             f"the trainer was given {self.global_batch_size}")

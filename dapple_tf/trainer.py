@@ -242,9 +242,15 @@ class SingleDeviceTrainer(_SessionTrainer):
 
 
 def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
-                 num_devices: int | None, optimizer_fn: Callable | None = None) -> Plan:
-    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search)."""
+                 num_devices: int | None, optimizer_fn: Callable | None = None,
+                 ranks: int | None = None) -> Plan:
+    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search: for this
+    process's devices, or for `ranks` devices, one per rank, under a launcher)."""
     if isinstance(plan, str) and plan == "auto":
+        if ranks is not None:
+            from dapple_tf.auto_plan import auto_plan
+            return auto_plan(model_fn, feature_spec, global_batch_size, ranks,
+                             optimizer_fn=optimizer_fn)
         return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
