@@ -100,9 +100,11 @@ class MultiRankTrainer(Trainer):
             return all_reduce_sum(tensor, range(self.size), self.keys, name, timeout_s)
 
         use_tf = self.transport_kind == "tf"
-        sync = HorovodGradientSync(self.collectives, self.ranks_of_variable, self.rank,
-                                   comm.allgather_objects, sum_dense=tf_sums if use_tf else None,
-                                   sum_over_all_ranks=tf_sum_over_all_ranks if use_tf else None)
+        self.gradient_sums = _gradient_sum_kind(self.transport_kind)
+        sync = HorovodGradientSync(
+            self.collectives, self.ranks_of_variable, self.rank, comm.allgather_objects,
+            sum_dense=tf_sums if self.gradient_sums == "tf" else None,
+            sum_over_all_ranks=tf_sum_over_all_ranks if use_tf else None)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: device, clip_norm=clip_norm,
                                  local_slots=[self.slot], transport=transport,
@@ -233,6 +235,15 @@ def _transport_kind(requested: str | None) -> str:
     kind = requested or os.environ.get("DAPPLE_TRANSPORT") or "tf"
     if kind not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+    return kind
+
+
+def _gradient_sum_kind(transport: str) -> str:
+    """Who sums dense gradients across ranks: DAPPLE_GRADIENT_SUMS ("tf": TF collective
+    all-reduces of fused buckets; "horovod": Horovod allreduce), else the transport's kind."""
+    kind = os.environ.get("DAPPLE_GRADIENT_SUMS") or transport
+    if kind not in TRANSPORTS:
+        raise ValueError(f"DAPPLE_GRADIENT_SUMS must be one of {TRANSPORTS}, got {kind!r}")
     return kind
 
 

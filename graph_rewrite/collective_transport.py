@@ -8,9 +8,11 @@ piece's static shape) on the receiver. It needs every rank's session on its own
 Overlap: the receiving op is created outside the schedule's control dependencies, so it is
 posted when the step starts and completes as soon as the sender's data arrives; the schedule
 still orders compute, because the action's start op (the `recv` IdentityN) and its call wait
-for the previous action. The sending op gates nothing: it is collected in `outgoing`, which the
-runtime's step-end collective depends on. So no transfer waits for unrelated work, and no
-compute waits for a transfer it does not consume.
+for the previous action. The sending op is part of its action's end (`gate_on_sends`): its
+peer is already waiting, so it costs about a millisecond, and the next action cannot push it
+back (measured: with a rank pinned to one core, sends left ungated ran only after the next
+forward, in pairs, and the receiving stage idled). It is also in `outgoing`, which the
+runtime's step-end collective depends on.
 
 Keys (`CollectiveKeys`): a group per rank pair, and per direction of the pair a running count of
 the pieces created. Both ends create one direction's pieces in the same order: each rank holds
@@ -72,6 +74,12 @@ class CollectiveKeys:
 
 
 class CollectiveTransport:
+    # An action ends only once its sends ran (graph_rewrite/rewrite.py): with the receivers'
+    # ops posted at step start a send completes in about a millisecond, while an executor
+    # with one inter-op thread (a rank pinned to one core) would otherwise run the next
+    # action's compute first and leave the receiver idle.
+    gate_on_sends = True
+
     def __init__(self, plan: Plan, rank: int, keys: CollectiveKeys, device: str,
                  timeout_s: float = 0.0):
         self.rank = rank

@@ -16,6 +16,7 @@ order, and nothing of action k+1 that depends on its inputs starts before action
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Callable, Iterable
@@ -236,7 +237,9 @@ class _Builder:
         end_deps = []
         for b in spec.consumer_stages:
             transfer = self._forward_transfer(i, slot.stage, b)
-            end_deps.append(transfer.send(slot.replica, [tensors[t] for t in transfer.tensors]))
+            with self._gated_sends(end_deps):
+                end_deps.append(transfer.send(slot.replica,
+                                              [tensors[t] for t in transfer.tensors]))
         if spec.has_loss:
             with tf.device(device), tf.name_scope(prefix + "/"):
                 scaled = tf.multiply(tensors[stage.loss], self._loss_scale(slot), name="scaled_loss")
@@ -288,7 +291,8 @@ class _Builder:
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:
-                end_deps.append(transfer.send(slot.replica,
+                with self._gated_sends(end_deps):
+                    end_deps.append(transfer.send(slot.replica,
                                               [input_grads[t] for t in transfer.tensors]))
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
@@ -311,6 +315,17 @@ class _Builder:
         grads = clone.call_weight_gradients(stage, device, f"{scope}/call", stacked, handles)
         for v, g in grads.items():
             self.accumulators[slot].update(v, g)
+
+    @contextlib.contextmanager
+    def _gated_sends(self, end_deps: list):
+        """Add the cross-rank sending ops created inside to `end_deps` when the transport asks
+        for it (`gate_on_sends`): the action then ends only once its sends ran. An executor
+        with few threads otherwise runs the next action's compute first and sends late."""
+        outgoing = getattr(self.transport, "outgoing", None)
+        before = len(outgoing) if outgoing is not None else 0
+        yield
+        if outgoing is not None and getattr(self.transport, "gate_on_sends", False):
+            end_deps.extend(t.op for t in outgoing[before:])
 
     def _forward_transfer(self, i, a, b) -> BoundaryTransfer:
         key = (i, a, b)
