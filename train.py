@@ -43,6 +43,10 @@ flags.DEFINE_integer("trace_step", None,
                      "trace this step and save its RunMetadata as model_dir/trace_step_<N>.pb "
                      "(draw it with python -m dapple_tf.timeline --model_dir DIR)")
 flags.DEFINE_integer("seed", 0, "seed for weights and synthetic data")
+flags.DEFINE_string("layers", None,
+                    "layer rule: a regular expression matched (re.fullmatch) against name-scope "
+                    "paths, e.g. 'bert/embeddings|bert/encoder/layer_\\d+|bert/pooler|cls' "
+                    "(default: top-level name scopes; see docs/tf1-models.md)")
 
 
 def main(argv):

@@ -52,13 +52,14 @@ def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, 
               cluster: Cluster | Sequence[int] | str | None = None, schedule: str | None = None,
               profile_batch_size: int | None = None,
               batch_fn: Callable[[int, np.random.Generator], dict] | None = None,
-              device: str | None = None, **plan_options) -> Plan:
+              device: str | None = None, layers=None, **plan_options) -> Plan:
     """Profiles `model_fn` and returns `planner.plan`'s best plan for `num_devices` devices.
 
+    `layers`: the layer rule (graph_rewrite/template.py), the same as the trainer's.
     `plan_options` go to `planner.plan` unchanged (e.g. `cost_model`, `device_memory_gb`)."""
     pbs = profile_batch_size or default_profile_batch_size(global_batch_size, num_devices)
     profile = profiler.profile_model(model_fn, feature_spec, pbs, device=device,
-                                     batch_fn=batch_fn)
+                                     batch_fn=batch_fn, layers=layers)
     return plan_from_profile(profile, global_batch_size, num_devices, cluster=cluster,
                              schedule=schedule, **plan_options)
 

@@ -45,7 +45,8 @@ class MultiRankTrainer(Trainer):
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True, heartbeat_dir: str | None = None):
+                 optimize_graph: bool = True, heartbeat_dir: str | None = None,
+                 layers=None):
         if clip_norm is not None:
             raise NotImplementedError("clip_norm is not supported across ranks yet (the global "
                                       "norm needs every rank's gradients); run without it")
@@ -57,12 +58,12 @@ class MultiRankTrainer(Trainer):
             self.plan = comm.share_plan(lambda: chosen)
         else:
             self.plan = comm.share_plan(lambda: resolve_plan(
-                plan, model_fn, feature_spec, self.global_batch_size, num_devices))
+                plan, model_fn, feature_spec, self.global_batch_size, num_devices, layers))
         if self.plan.global_batch_size != self.global_batch_size:
             raise PlanError(f"plan is for global batch size {self.plan.global_batch_size}, but "
                             f"the trainer was given {self.global_batch_size}")
         self.slot = _slot_of_rank(self.plan, self.rank)
-        self.template = build_template(model_fn, feature_spec, seed=seed)
+        self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
         self.ranks_of_variable = _ranks_of_variable(self.plan, specs)
         tied = [tuple(s for s, spec in enumerate(specs) if v in spec.variables)

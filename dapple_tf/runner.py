@@ -40,6 +40,7 @@ class TrainingConfig:
     log_every: int = 1
     trace_step: int | None = None
     seed: int = 0
+    layers: str | None = None   # layer rule: a regular expression over scope paths
 
     @classmethod
     def from_flags(cls, flag_values) -> "TrainingConfig":
@@ -70,7 +71,7 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         cluster = [int(x) for x in config.cluster.split(",")] if config.cluster else None
         return auto_plan(spec.model_fn, spec.feature_spec, global_batch_size, num_devices,
                          cluster=cluster, schedule=config.schedule,
-                         batch_fn=spec.synthetic_batch)
+                         batch_fn=spec.synthetic_batch, layers=config.layers)
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
         if plan.global_batch_size != global_batch_size:
@@ -79,8 +80,16 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         return plan
     replicas = parse_notation(choice)
     num_micro_batches = config.num_micro_batches or max(1, 2 * len(replicas))
-    return even_plan(spec.layer_names, replicas, global_batch_size, num_micro_batches,
+    return even_plan(_layer_names(config, spec), replicas, global_batch_size, num_micro_batches,
                      config.schedule or "1f1b")
+
+
+def _layer_names(config: TrainingConfig, spec) -> tuple[str, ...]:
+    """The model's declared layers, or with --layers the layers that rule finds."""
+    if config.layers is None:
+        return tuple(spec.layer_names)
+    from graph_rewrite.template import build_template
+    return build_template(spec.model_fn, spec.feature_spec, layers=config.layers).layers
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -215,7 +224,7 @@ def run_training(config: TrainingConfig) -> dict:
         plan, is_chief = choose_plan(), True
     trainer = Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
                       clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
-                      optimize_graph=use_grappler())
+                      optimize_graph=use_grappler(), layers=config.layers)
     if is_chief:
         plan.save(os.path.join(model_dir, "plan.json"))
         predicted = plan.predicted.get("speedup")

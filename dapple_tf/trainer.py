@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
-from graph_rewrite.template import build_model_graph, build_template, initial_values
+from graph_rewrite.template import LayerRule, build_model_graph, build_template, initial_values
 from planner.plan_format import Plan, PlanError
 
 from . import checkpoint, devices
@@ -125,6 +125,9 @@ class Trainer(_SessionTrainer):
     training on the whole global batch.
 
     plan: a `Plan`, a path to plan JSON, or "auto" (needs the profiler and planner hook).
+    layers: the layer rule (default: top-level name scopes; a regular expression matched with
+    `re.fullmatch` against scope paths such as `bert/encoder/layer_3`, a list of them, or a
+    function op name -> layer name; see graph_rewrite/template.py and docs/tf1-models.md).
     Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
     (how many logical CPU devices the session may create when there is no GPU), seed (graph
     seed of the template, so initial weights are reproducible), inter_op_threads.
@@ -145,11 +148,11 @@ class Trainer(_SessionTrainer):
                  plan: Plan | str | os.PathLike, global_batch_size: int, *,
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True):
+                 optimize_graph: bool = True, layers: LayerRule = None):
         self.global_batch_size = int(global_batch_size)
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
-                                 num_devices)
-        self.template = build_template(model_fn, feature_spec, seed=seed)
+                                 num_devices, layers)
+        self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
@@ -173,8 +176,9 @@ class SingleDeviceTrainer(_SessionTrainer):
     def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
                  global_batch_size: int, *, clip_norm: float | None = None,
                  seed: int | None = None, device: str | None = None,
-                 optimize_graph: bool = True):
+                 optimize_graph: bool = True, layers: LayerRule = None):
         self.global_batch_size = int(global_batch_size)
+        self.layers = layers  # the same rule as the pipelined trainer's; the plain build needs none
         self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default(), tf.device(device):
             variables = [v for v in v1.trainable_variables()]
@@ -194,10 +198,11 @@ class SingleDeviceTrainer(_SessionTrainer):
 
 
 def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
-                 num_devices: int | None) -> Plan:
-    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search)."""
+                 num_devices: int | None, layers: LayerRule = None) -> Plan:
+    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search, with the
+    layer rule `layers`)."""
     if isinstance(plan, str) and plan == "auto":
-        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices)
+        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, layers)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
@@ -208,8 +213,8 @@ def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
     return plan
 
 
-def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices) -> Plan:
+def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, layers) -> Plan:
     """plan='auto': profile the template and search a plan for this process's devices."""
     from dapple_tf.auto_plan import auto_plan  # imports the profiler and planner on demand
     _, count = devices.available_devices(num_devices)
-    return auto_plan(model_fn, feature_spec, global_batch_size, count)
+    return auto_plan(model_fn, feature_spec, global_batch_size, count, layers=layers)

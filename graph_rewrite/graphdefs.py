@@ -50,8 +50,23 @@ def is_differentiable(dtype: tf.DType) -> bool:
 
 
 def renamed_scopes(name: str, mapping: Mapping[str, str]) -> str:
-    """`name` with each '/'-separated part found in `mapping` replaced (e.g. a layer name)."""
-    return "/".join(mapping.get(part, part) for part in name.split("/"))
+    """`name` with each run of '/'-separated parts that is a key of `mapping` replaced (e.g. a
+    layer name such as `bert/encoder/layer_3`; the longest key wins)."""
+    parts = name.split("/")
+    if all("/" not in key for key in mapping):
+        return "/".join(mapping.get(part, part) for part in parts)
+    keys = sorted((key.split("/") for key in mapping), key=len, reverse=True)
+    out, k = [], 0
+    while k < len(parts):
+        for key in keys:
+            if parts[k:k + len(key)] == key:
+                out.append(mapping["/".join(key)])
+                k += len(key)
+                break
+        else:
+            out.append(parts[k])
+            k += 1
+    return "/".join(out)
 
 
 def strip_placement(node: node_def_pb2.NodeDef) -> None:

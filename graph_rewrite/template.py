@@ -5,14 +5,21 @@ ops `model_fn` creates. Analysis only reads it: which layer every op of the loss
 belongs to, the tensors that cross layers, the variables each layer reads, and which tensors
 depend on the batch. Passes read this data; none of them changes the template.
 
-Layer rules (ARCHITECTURE.md): the layer of an op is its top-level name scope; an op without a
-scope joins the earliest layer among its consumers (the loss, if unscoped, joins the last
-layer). Feature placeholders and variable handles are inputs, not layer members.
+Layer rules (ARCHITECTURE.md): `layer_rule(layers)` turns the user's `layers=` argument into a
+function from op name to layer name (or None). The default rule: the op's top-level name scope.
+A regular expression (or a list of them) is matched with `re.fullmatch` against the scope paths
+on the op's name, outermost first (`bert`, `bert/encoder`, `bert/encoder/layer_3`); the first
+that matches is the layer. An op the rule gives no layer (a parent-scope reshape, an unscoped
+op) joins the earliest layer among its consumers (the loss, if it has none, joins the last
+layer). Feature placeholders and variable handles are inputs, not layer members. The profiler
+(dapple_tf/profiler.py) assigns forward ops with `assign_layers` too, so plans name the layers
+the rewriter finds.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +33,41 @@ _REF_VARIABLE_OPS = ("VariableV2", "Variable")
 
 class TemplateError(ValueError):
     """The model cannot be used as a pipeline template (what is wrong, and where)."""
+
+
+# What `layers=` accepts: None (top-level name scopes), a regular expression over scope paths,
+# a list of them, or a function from op name to layer name (None: no layer of its own).
+LayerRule = Union[None, str, Sequence[str], Callable[[str], Union[str, None]]]
+
+
+def layer_rule(layers: LayerRule = None) -> Callable[[str], str | None]:
+    """The function op name -> layer name (or None) that `layers` describes (module doc)."""
+    if layers is None:
+        return top_level_scope
+    if callable(layers):
+        return layers
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TemplateError(f"layers must be a regular expression, a list of them or a function "
+                            f"op name -> layer name; got {layers!r}")
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise TemplateError(f"layers: {e.pattern!r} is not a regular expression: {e}") from None
+
+    def outermost_matching_scope(op_name: str) -> str | None:
+        parts = op_name.split("/")
+        for k in range(1, len(parts)):
+            path = "/".join(parts[:k])
+            if any(c.fullmatch(path) for c in compiled):
+                return path
+        return None
+    return outermost_matching_scope
+
+
+def top_level_scope(op_name: str) -> str | None:
+    """The default layer rule: an op's top-level name scope (None for an unscoped op)."""
+    return op_name.split("/", 1)[0] if "/" in op_name else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +119,10 @@ class Template:
 
 def build_template(model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
                    feature_spec: Mapping[str, tuple[tuple[int, ...], Any]],
-                   seed: int | None = None) -> Template:
-    """Build `model_fn` in a fresh graph and analyse it."""
+                   seed: int | None = None, layers: LayerRule = None) -> Template:
+    """Build `model_fn` in a fresh graph and analyse it with the layer rule `layers`."""
     graph, features, loss = build_model_graph(model_fn, feature_spec, seed)
-    return analyse(graph, features, loss, feature_spec)
+    return analyse(graph, features, loss, feature_spec, layers)
 
 
 def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
@@ -106,7 +148,7 @@ def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
 
 
 def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
-            feature_spec) -> Template:
+            feature_spec, layers: LayerRule = None) -> Template:
     feature_ops = {t.op.name: name for name, t in features.items()}
     cone = _backward_cone(loss.op)
     ops = [op for op in graph.get_operations() if op.name in cone]  # creation = topological
@@ -137,11 +179,8 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
     if not members:
         raise TemplateError("model_fn's loss has no ops besides its inputs")
 
-    layer_of_op = _assign_layers(members, loss.op)
-    layers = list(dict.fromkeys(layer_of_op[op.name] for op in members if "/" in op.name))
-    for name in dict.fromkeys(layer_of_op.values()):
-        if name not in layers:
-            layers.append(name)
+    layers, layer_of_op = assign_layers(members, loss.op, layer_rule(layers),
+                                        explicit=layers is not None)
     ops_of_layer: dict[str, list[str]] = {name: [] for name in layers}
     for op in members:
         ops_of_layer[layer_of_op[op.name]].append(op.name)
@@ -229,17 +268,30 @@ def _backward_cone(loss_op: tf.Operation) -> set[str]:
     return seen
 
 
-def _assign_layers(members: list[tf.Operation], loss_op: tf.Operation) -> dict[str, str]:
-    """Scoped ops: their top-level scope. Unscoped ops: the earliest layer among consumers
-    (walked in reverse creation order, so consumers are decided first)."""
-    layer_of_op = {op.name: op.name.split("/")[0] for op in members if "/" in op.name}
+def assign_layers(members: Sequence[tf.Operation], loss_op: tf.Operation,
+                  rule: Callable[[str], str | None] = top_level_scope, explicit: bool = False
+                  ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(layers in creation order, op name -> layer) for `members` (the loss cone's ops in
+    creation order, inputs excluded). Ops the rule names: that layer. The others: the earliest
+    layer among their consumers (walked in reverse creation order, so consumers are decided
+    first), or the last layer. `explicit`: the rule is the user's, so matching nothing is an
+    error (the default rule makes a model without scopes one layer)."""
+    layer_of_op = {}
+    for op in members:
+        name = rule(op.name)
+        if name is not None:
+            layer_of_op[op.name] = name
     first_seen: dict[str, int] = {}
     for k, op in enumerate(members):
         if op.name in layer_of_op:
             first_seen.setdefault(layer_of_op[op.name], k)
     if not first_seen:
+        if explicit:
+            scopes = sorted({op.name.rsplit("/", 1)[0] for op in members if "/" in op.name})
+            raise TemplateError(f"the layer rule matched no scope path of the model's ops; "
+                                f"scope paths are: {scopes[:20]}{' ...' if len(scopes) > 20 else ''}")
         only = loss_op.name
-        return {op.name: only for op in members}
+        return (only,), {op.name: only for op in members}
     last_layer = max(first_seen, key=first_seen.get)
     for op in reversed(members):
         if op.name in layer_of_op:
@@ -250,4 +302,4 @@ def _assign_layers(members: list[tf.Operation], loss_op: tf.Operation) -> dict[s
             layer_of_op[op.name] = last_layer
         else:
             layer_of_op[op.name] = min(consumer_layers, key=lambda n: first_seen.get(n, 1 << 62))
-    return layer_of_op
+    return tuple(first_seen), layer_of_op
