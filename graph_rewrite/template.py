@@ -29,6 +29,12 @@ v1 = tf.compat.v1
 FEATURE_SCOPE = "dapple_features"
 _VARIABLE_OPS = ("VarHandleOp",)
 _REF_VARIABLE_OPS = ("VariableV2", "Variable")
+# TF1 control flow (v1 while_loop / cond under tf.compat.v1.disable_control_flow_v2()): its
+# frames live in Python-side contexts that a GraphDef does not keep, so the rewriter can neither
+# differentiate an imported copy nor put it in a stage function.
+V1_CONTROL_FLOW_OPS = frozenset({"Enter", "RefEnter", "Exit", "RefExit", "Merge", "RefMerge",
+                                 "Switch", "RefSwitch", "NextIteration", "RefNextIteration",
+                                 "LoopCond"})
 
 
 class TemplateError(ValueError):
@@ -181,6 +187,7 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
 
     layers, layer_of_op = assign_layers(members, loss.op, layer_rule(layers),
                                         explicit=layers is not None)
+    _check_no_v1_control_flow(members, layer_of_op)
     ops_of_layer: dict[str, list[str]] = {name: [] for name in layers}
     for op in members:
         ops_of_layer[layer_of_op[op.name]].append(op.name)
@@ -212,6 +219,21 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         variables_of_layer={n: tuple(v) for n, v in variables_of_layer.items()},
         edges=tuple(Edge(*e) for e in edges), batch_tensors=frozenset(batch_tensors),
         variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
+
+
+def _check_no_v1_control_flow(members: Sequence[tf.Operation], layer_of_op) -> None:
+    found = [op for op in members if op.type in V1_CONTROL_FLOW_OPS]
+    if found:
+        examples = ", ".join(f"{op.name} ({op.type}, layer '{layer_of_op[op.name]}')"
+                             for op in found[:2])
+        raise TemplateError(
+            f"the model uses TF1 control flow ({len(found)} ops such as {examples}): v1 "
+            f"while_loop/cond frames cannot be split into pipeline stages. Build it with "
+            f"control flow v2, TF 2's default: do not call "
+            f"tf.compat.v1.disable_control_flow_v2() (or call "
+            f"tf.compat.v1.enable_control_flow_v2() before building the trainer); "
+            f"tf.compat.v1.while_loop and tf.compat.v1.cond then make While/If ops, which "
+            f"train exactly")
 
 
 def initial_values(template: Template) -> dict[str, np.ndarray]:
