@@ -166,6 +166,7 @@ class MultiRankTrainer(Trainer):
         """Restore this rank's variables from a checkpoint written on any plan (or by a
         single-device run); every rank must call it."""
         checkpoint.restore(self.session, self._saver, path)
+        self._random_step = None
         comm.allgather_objects(None, "dapple.restore.done")
 
     def close(self):

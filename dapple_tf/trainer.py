@@ -12,12 +12,14 @@ graph of the same model with the same methods: the reference that pipelined trai
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
+from graph_rewrite.random_ops import RANDOM_ROWS_FEATURE, rows_feature_value
 from graph_rewrite.template import LayerRule, build_model_graph, build_template, initial_values
 from planner.plan_format import Plan, PlanError
 
@@ -61,6 +63,8 @@ class _SessionTrainer:
             options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
         _, loss = self.session.run([self.train_op, self.loss], feed, options=options,
                                    run_metadata=run_metadata)
+        if self._random_step is not None:
+            self._random_step += 1
         return float(loss)
 
     def traced_step(self, batch) -> tuple[float, Any]:
@@ -73,12 +77,23 @@ class _SessionTrainer:
         """Train one step with a full trace; returns its RunMetadata (step stats)."""
         return self.traced_step(batch)[1]
 
+    _random_step: int | None = None    # the step random ops are seeded with (None: read it)
+
     def _feed(self, batch):
-        missing = sorted(set(self.features) - set(batch))
+        """The feed of one step: the batch's features, and for models with random ops the
+        rows feature that seeds them (graph_rewrite/random_ops.py)."""
+        feed = {}
+        if RANDOM_ROWS_FEATURE in self.features:
+            if self._random_step is None:
+                self._random_step = self.global_step
+            feed[self.features[RANDOM_ROWS_FEATURE]] = rows_feature_value(
+                0, self.global_batch_size, self.global_batch_size, self._random_step)
+        missing = sorted(set(self.features) - set(batch) - {RANDOM_ROWS_FEATURE})
         if missing:
             raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
-        feed = {}
         for name, ph in self.features.items():
+            if name == RANDOM_ROWS_FEATURE:
+                continue
             value = np.asarray(batch[name])
             if value.shape[0] != self.global_batch_size:
                 raise ValueError(f"feature '{name}' has {value.shape[0]} rows, expected the "
@@ -99,12 +114,14 @@ class _SessionTrainer:
         names = list(weights)
         self.session.run([self._assign_ops[n] for n in names],
                          {self._assign_inputs[n]: weights[n] for n in names})
+        self._random_step = None  # global_step may have changed
 
     def save(self, path: str | os.PathLike) -> str:
         return checkpoint.save(self.session, self._saver, path)
 
     def restore(self, path: str | os.PathLike) -> None:
         checkpoint.restore(self.session, self._saver, path)
+        self._random_step = None
 
     @property
     def global_step(self) -> int:
@@ -150,13 +167,18 @@ class Trainer(_SessionTrainer):
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, layers: LayerRule = None):
         self.global_batch_size = int(global_batch_size)
+        clock = _SetupClock()
+        self.setup_seconds = clock.seconds     # wall time of each phase of __init__
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
                                  num_devices, layers)
+        clock.mark("plan")
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
+        clock.mark("template")
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
                                  clip_norm=clip_norm)
+        clock.mark("rewrite")
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.loss = self.rewritten.loss
@@ -166,7 +188,22 @@ class Trainer(_SessionTrainer):
             kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template))
+        clock.mark("session + variable init")
+        values = initial_values(self.template)
+        clock.mark("initial values")
+        self.set_weights(values)
+        clock.mark("set weights")
+
+
+class _SetupClock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
 
 
 class SingleDeviceTrainer(_SessionTrainer):

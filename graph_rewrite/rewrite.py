@@ -183,6 +183,9 @@ class _Builder:
                     gated = _identity_n(sliced, f"{prefix}/features")
                 start_ops.append(gated[0].op)
                 features = dict(zip(spec.features, gated))
+            for t, value in spec.derived_inputs.items():  # shape-derived: this clone's value
+                with tf.device(device):
+                    received[t] = tf.constant(value, name=f"{prefix}/derived")
         handles = {v: self.variables[v].handle for v in spec.variables}
         tensors = clone.call_forward(stage, device, prefix, features, received, handles)
         self.forward_tensors[(slot, i)] = tensors
@@ -251,7 +254,7 @@ class _Builder:
             tensors = self.specs[b].inputs_from(a)
             self.forward_transfers[key] = BoundaryTransfer(
                 i, a, b, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport)
+                self.transport, row_factors=self._row_factors(tensors))
         return self.forward_transfers[key]
 
     def _backward_transfer(self, i, b, a) -> BoundaryTransfer:
@@ -263,11 +266,14 @@ class _Builder:
                             if is_differentiable(graph.get_tensor_by_name(t).dtype))
             self.backward_transfers[key] = BoundaryTransfer(
                 i, b, a, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport, gradient=True)
+                self.transport, gradient=True, row_factors=self._row_factors(tensors))
         return self.backward_transfers[key]
 
     def _modes(self, tensors):
         return tuple(ROWS if t in self.template.batch_tensors else WHOLE for t in tensors)
+
+    def _row_factors(self, tensors):
+        return tuple(self.template.row_factor.get(t, 1) for t in tensors)
 
     def _specs(self, tensors):
         specs = []

@@ -24,6 +24,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
+from . import random_ops
+from .random_ops import RANDOM_ROWS_FEATURE, RANDOM_ROWS_SPEC
+
 v1 = tf.compat.v1
 
 FEATURE_SCOPE = "dapple_features"
@@ -105,9 +108,12 @@ class Template:
     variables_of_layer: dict[str, tuple[str, ...]]
     edges: tuple[Edge, ...]
     batch_tensors: frozenset[str]              # tensor names that depend on a feature
-    # batch tensors whose axis 0 is provably not the batch axis: with a static batch of
-    # PROBE_ROWS rows, shape inference gives them a different (known) first dimension
+    # crossing batch tensors whose axis 0 is provably not the batch axis: with static batches of
+    # PROBE_ROWS rows, shape inference gives them a first dimension that is not k x rows (their
+    # shape with 7 rows)
     not_batch_major: dict[str, tuple] = dataclasses.field(default_factory=dict)
+    # crossing batch tensors whose axis 0 is k x rows, k > 1 (flattened [batch * seq, ...]): k
+    row_factor: dict[str, int] = dataclasses.field(default_factory=dict)
     variable_objects: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
 
     @property
@@ -128,13 +134,17 @@ def build_template(model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
                    seed: int | None = None, layers: LayerRule = None) -> Template:
     """Build `model_fn` in a fresh graph and analyse it with the layer rule `layers`."""
     graph, features, loss = build_model_graph(model_fn, feature_spec, seed)
+    if RANDOM_ROWS_FEATURE in features:
+        feature_spec = {**feature_spec, RANDOM_ROWS_FEATURE: RANDOM_ROWS_SPEC}
     return analyse(graph, features, loss, feature_spec, layers)
 
 
 def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
-    """Create the feature placeholders and call `model_fn` with resource variables. Returns
-    (graph, {feature: placeholder}, loss). The single-device reference build uses this too, so
-    the two builds create the same ops (same random seeds, same variable names)."""
+    """Create the feature placeholders and call `model_fn` with resource variables; make its
+    random ops stateless (graph_rewrite/random_ops.py). Returns (graph, {feature: placeholder},
+    loss); the features include RANDOM_ROWS_FEATURE if the model has random ops. The
+    single-device reference build uses this too, so the two builds create the same ops (same
+    random numbers per row, same variable names)."""
     graph = graph or tf.Graph()
     with graph.as_default():
         if seed is not None:
@@ -150,6 +160,13 @@ def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
                                 f"got {loss!r}")
         if loss.shape.rank not in (0, None):
             raise TemplateError(f"model_fn must return a scalar mean loss, got shape {loss.shape}")
+        random = random_ops.random_ops_of(loss)
+        if random:
+            with tf.name_scope(FEATURE_SCOPE + "/"):
+                rows_info = v1.placeholder(RANDOM_ROWS_SPEC[1], [None, *RANDOM_ROWS_SPEC[0]],
+                                           name=RANDOM_ROWS_FEATURE)
+            random_ops.make_stateless(random, rows_info, list(features.values()), seed)
+            features[RANDOM_ROWS_FEATURE] = rows_info
     return graph, features, loss
 
 
@@ -207,10 +224,10 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         if any(t.name in batch_tensors for t in op.inputs):
             batch_tensors.update(t.name for t in op.outputs)
 
-    not_batch_major = _probe_batch_axis(graph, features, feature_spec, batch_tensors,
-                                        {e[0] for e in edges})
+    row_factor, not_batch_major = _probe_row_factors(graph, features, feature_spec,
+                                                     batch_tensors, {e[0] for e in edges})
     return Template(
-        not_batch_major=not_batch_major,
+        not_batch_major=not_batch_major, row_factor=row_factor,
         graph=graph, loss=loss.name, features={n: t.name for n, t in features.items()},
         feature_spec={n: (tuple(s), tf.as_dtype(d)) for n, (s, d) in feature_spec.items()},
         layers=tuple(layers), layer_of_op=layer_of_op,
@@ -249,33 +266,112 @@ def initial_values(template: Template) -> dict[str, np.ndarray]:
     return dict(zip(template.variables, values))
 
 
-PROBE_ROWS = 7
+PROBE_ROWS = (7, 11)
 
 
-def _probe_batch_axis(graph, features, feature_spec, batch_tensors, tensors) -> dict:
-    """Re-run shape inference with a static batch of PROBE_ROWS rows; return the batch tensors
-    among `tensors` whose first dimension then is known and is not PROBE_ROWS (e.g. a
-    [batch * time, units] reshape), with that shape."""
+def _probe_row_factors(graph, features, feature_spec, batch_tensors, tensors):
+    """Shape inference with static batches of 7 and 11 rows, for the batch tensors among
+    `tensors`: (row factors, not batch major). A tensor whose first dimension is k x rows in
+    both probes, k > 1 (a flattened [batch * seq, ...]), gets row factor k; one whose first
+    dimension is known and is not a multiple k x rows of both (a scalar, a time-major tensor)
+    is not batch major (its shape with 7 rows)."""
     tensors = sorted(t for t in tensors if t in batch_tensors)
     if not tensors:
-        return {}
+        return {}, {}
+    probed = [_static_shapes(graph, features, feature_spec, tensors, rows) for rows in PROBE_ROWS]
+    if any(p is None for p in probed):  # shapes that do not infer with a static batch
+        return {}, {}
+    row_factor, not_batch_major = {}, {}
+    for name, small, large in zip(tensors, *probed):
+        if small.rank is None or (small.rank > 0 and small[0] is None):
+            continue  # no proof either way
+        factor = small[0] // PROBE_ROWS[0] if small.rank else 0
+        if factor and small[0] == factor * PROBE_ROWS[0] and large[0] == factor * PROBE_ROWS[1]:
+            if factor > 1:
+                row_factor[name] = factor
+        else:
+            not_batch_major[name] = tuple(small.as_list())
+    return row_factor, not_batch_major
+
+
+def _static_shapes(graph, features, feature_spec, tensors, rows):
+    """Static shapes of `tensors` in a copy of `graph` fed `rows`-row features (None if the
+    copy does not build)."""
     probe = tf.Graph()
     with probe.as_default():
         input_map = {t.name: v1.placeholder(tf.as_dtype(feature_spec[n][1]),
-                                            [PROBE_ROWS] + list(feature_spec[n][0]))
+                                            [rows] + list(feature_spec[n][0]))
                      for n, t in features.items()}
         try:
             found = tf.graph_util.import_graph_def(graph.as_graph_def(), input_map=input_map,
-                                                   return_elements=tensors, name="probe")
-        except ValueError:  # shapes that do not infer with a static batch: no proof either way
-            return {}
-    out = {}
-    for name, tensor in zip(tensors, found):
-        shape = tensor.shape
-        if shape.rank is not None and shape.rank > 0 and shape[0] is not None \
-                and shape[0] != PROBE_ROWS:
-            out[name] = tuple(shape.as_list())
-    return out
+                                                   return_elements=list(tensors), name="probe")
+        except ValueError:
+            return None
+    return [t.shape for t in found]
+
+
+# Ops whose output depends on their input's shape only.
+_SHAPE_OPS = frozenset({"Shape", "ShapeN", "Size", "Rank"})
+
+
+def shape_only_cone(template: Template, tensor: str) -> tuple[list[str], bool]:
+    """(the shape ops `tensor` reads through, whether its value depends on the batch through
+    those only): e.g. `tf.shape(x)[0] * seq` depends on x's shape, not on its values."""
+    graph = template.graph
+    shape_ops, seen = [], set()
+    stack = [graph.get_tensor_by_name(tensor).op]
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type in _SHAPE_OPS:
+            shape_ops.append(op.name)
+            continue
+        if op.type in ("Placeholder", "VarHandleOp", "ReadVariableOp") or \
+                op.type in random_ops.STATEFUL_TYPES:
+            return shape_ops, False
+        stack.extend(t.op for t in op.inputs)
+    return shape_ops, True
+
+
+def values_at_rows(template: Template, tensors: Sequence[str], rows: int) -> dict[str, np.ndarray]:
+    """The values `tensors` (shape-only functions of the batch, see `shape_only_cone`) take when
+    the batch has `rows` rows: their shape ops become constants of the shapes static inference
+    gives with `rows`-row features, then the rest is evaluated."""
+    cones = {t: shape_only_cone(template, t) for t in tensors}
+    shape_ops = sorted({op for ops, _ in cones.values() for op in ops})
+    graph = template.graph
+    probe_inputs = [graph.get_operation_by_name(op).inputs for op in shape_ops]
+    names = [t.name for inputs in probe_inputs for t in inputs]
+    shapes = _static_shapes(graph, {n: graph.get_tensor_by_name(t)
+                                    for n, t in template.features.items()},
+                            template.feature_spec, names, rows) or []
+    shape_of = dict(zip(names, shapes))
+    constants = {}
+    for op_name, inputs in zip(shape_ops, probe_inputs):
+        op = graph.get_operation_by_name(op_name)
+        known = [shape_of.get(t.name) for t in inputs]
+        if any(s is None or not s.is_fully_defined() for s in known):
+            raise TemplateError(f"{op_name} ({op.type}) has no static value with a batch of "
+                                f"{rows} rows (input shapes {known})")
+        dims = [s.as_list() for s in known]
+        if op.type == "Rank":
+            values = [len(dims[0])]
+        elif op.type == "Size":
+            values = [int(np.prod(dims[0]))]
+        else:
+            values = dims
+        for k, value in enumerate(values):
+            constants[f"{op_name}:{k}"] = np.asarray(value, op.outputs[k].dtype.as_numpy_dtype)
+    evaluation = tf.Graph()
+    with evaluation.as_default():
+        found = tf.graph_util.import_graph_def(
+            graph.as_graph_def(), input_map={t: tf.constant(v) for t, v in constants.items()},
+            return_elements=list(tensors), name="")
+        with v1.Session(graph=evaluation) as session:
+            values = session.run(found)
+    return dict(zip(tensors, values))
 
 
 def _backward_cone(loss_op: tf.Operation) -> set[str]:
