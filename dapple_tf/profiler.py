@@ -30,7 +30,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from graph_rewrite.template import LayerRule, TemplateError, assign_layers, layer_rule
+from graph_rewrite.template import (LayerRule, TemplateError, WeightedLoss, assign_layers,
+                                   layer_rule)
 from planner.profile import LayerCost, Profile, ProfileError
 
 v1 = tf.compat.v1
@@ -76,6 +77,8 @@ def build_template(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int
                         for key, (shape, dtype) in feature_spec.items()}
         with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
             loss = model_fn(dict(placeholders))
+        if isinstance(loss, WeightedLoss):
+            loss = tf.math.divide(loss.numerator, loss.denominator)
         if not isinstance(loss, tf.Tensor) or loss.shape.rank not in (0, None):
             raise ProfileError(f"model_fn must return a scalar loss tensor, found {loss!r}")
         num_forward_ops = len(graph.get_operations())

@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from graph_rewrite import rewrite
 from graph_rewrite.random_ops import RANDOM_ROWS_FEATURE, rows_feature_value
-from graph_rewrite.template import LayerRule, build_model_graph, build_template, initial_values
+from graph_rewrite.template import (LayerRule, WeightedLoss, build_model_graph, build_template,
+                                   initial_values)
 from planner.plan_format import Plan, PlanError
 
 from . import checkpoint, devices
@@ -218,6 +219,9 @@ class SingleDeviceTrainer(_SessionTrainer):
         self.layers = layers  # the same rule as the pipelined trainer's; the plain build needs none
         self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default(), tf.device(device):
+            if isinstance(self.loss, WeightedLoss):
+                self.loss = tf.math.divide(self.loss.numerator, self.loss.denominator,
+                                           name="dapple/weighted_loss")
             variables = [v for v in v1.trainable_variables()]
             grads = tf.gradients(self.loss, variables)
             pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]

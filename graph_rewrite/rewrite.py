@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, functions, schedule, variables
+from . import clone, functions, graphdefs, schedule, variables
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -149,6 +149,29 @@ class _Builder:
             {name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
              for name, info in self.template.variables.items()
              if name in self.device_of_variable}, tf.compat.v1.get_default_graph())
+        self.global_denominator = None
+        if self.template.loss_denominator is not None and any(
+                slot.stage == self.plan.num_stages - 1 for slot in self.local):
+            self.global_denominator = self._global_denominator()
+
+    def _global_denominator(self) -> tf.Tensor:
+        """A WeightedLoss's denominator on the whole global batch: its ops (features only, no
+        variables) imported once, reading the global feature placeholders."""
+        template = self.template
+        graph = template.graph
+        feature_ops = {t.split(":")[0]: name for name, t in template.features.items()}
+        cone = _ancestors(graph.get_tensor_by_name(template.loss_denominator).op)
+        part = graphdefs.extract([n for n in graph.as_graph_def().node
+                                  if n.name in cone and n.name not in feature_ops],
+                                 graph, "dapple_denominator_in")
+        input_map = {ph: self.features[feature_ops[t.split(":")[0]]]
+                     for t, ph in part.placeholder_of.items()}
+        last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
+        with tf.device(self.device_of_slot[last]):
+            (denominator,) = tf.graph_util.import_graph_def(
+                part.graph_def, input_map=input_map,
+                return_elements=[template.loss_denominator], name="dapple/loss_denominator")
+        return denominator
 
     # ---- one action of one slot -----------------------------------------------------------
     def build_action(self, slot: Slot, action):
@@ -195,7 +218,8 @@ class _Builder:
             end_deps.append(transfer.send(slot.replica, [tensors[t] for t in transfer.tensors]))
         if spec.has_loss:
             with tf.device(device), tf.name_scope(prefix + "/"):
-                scaled = tf.multiply(tensors[stage.loss], self._loss_scale(slot), name="scaled_loss")
+                loss = tensors[stage.loss]
+                scaled = tf.multiply(loss, self._loss_scale(slot, loss.dtype), name="scaled_loss")
             self.scaled_losses.append(scaled)
             end_deps.append(scaled.op)
         with tf.device(device):
@@ -222,9 +246,8 @@ class _Builder:
                     grads_in.setdefault(t, []).append(g)
             if spec.has_loss:
                 with tf.device(device):
-                    loss_grad = tf.identity(
-                        tf.constant(self._loss_scale(slot), forward[stage.loss].dtype),
-                        name=f"{prefix}/loss_grad")
+                    loss_grad = tf.identity(self._loss_scale(slot, forward[stage.loss].dtype),
+                                            name=f"{prefix}/loss_grad")
                 start_ops.append(loss_grad.op)
         with tf.device(device), tf.name_scope(prefix + "/"):
             grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g))
@@ -288,9 +311,14 @@ class _Builder:
         base = i * self.plan.micro_batch_size
         return base + lo, base + hi
 
-    def _loss_scale(self, slot: Slot) -> float:
+    def _loss_scale(self, slot: Slot, dtype) -> tf.Tensor:
+        """What a clone's loss counts for in the global loss (and its gradient seed): its rows'
+        share of the global batch for a mean loss; 1 / the global denominator for a
+        WeightedLoss, whose numerator is a sum."""
+        if self.global_denominator is not None:
+            return tf.math.reciprocal(tf.cast(self.global_denominator, dtype))
         lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
-        return (hi - lo) / self.plan.global_batch_size
+        return tf.constant((hi - lo) / self.plan.global_batch_size, dtype)
 
     # ---- gradients and the update ---------------------------------------------------------
     def final_gradients(self, clip_norm, gradient_sync: GradientSync) -> dict:
@@ -329,6 +357,16 @@ class _Builder:
         last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
         with tf.device(self.device_of_slot[last]):
             return tf.add_n(self.scaled_losses, name="dapple/loss")
+
+
+def _ancestors(op: tf.Operation) -> set[str]:
+    seen, stack = {op.name}, [op]
+    while stack:
+        for t in stack.pop().inputs:
+            if t.op.name not in seen:
+                seen.add(t.op.name)
+                stack.append(t.op)
+    return seen
 
 
 def _identity_n(tensors, name):

@@ -44,6 +44,17 @@ class TemplateError(ValueError):
     """The model cannot be used as a pipeline template (what is wrong, and where)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightedLoss:
+    """A loss that is a weighted mean, `numerator / denominator`, e.g. masked LM's
+    `sum(w * l) / sum(w)`: both are sums over the batch's rows, so the pipelined trainer sums
+    each over all micro-batches and replicas and trains on their quotient, whatever M. The
+    denominator must depend on the features only (not on variables): its gradient is not taken.
+    A plain scalar loss is taken as a mean over the micro-batch's rows."""
+    numerator: tf.Tensor
+    denominator: tf.Tensor
+
+
 # What `layers=` accepts: None (top-level name scopes), a regular expression over scope paths,
 # a list of them, or a function from op name to layer name (None: no layer of its own).
 LayerRule = Union[None, str, Sequence[str], Callable[[str], Union[str, None]]]
@@ -115,6 +126,8 @@ class Template:
     # crossing batch tensors whose axis 0 is k x rows, k > 1 (flattened [batch * seq, ...]): k
     row_factor: dict[str, int] = dataclasses.field(default_factory=dict)
     variable_objects: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+    # WeightedLoss: `loss` is the numerator (a sum over rows), this the denominator's tensor
+    loss_denominator: str | None = None
 
     @property
     def graph_def(self):
@@ -136,6 +149,10 @@ def build_template(model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
     graph, features, loss = build_model_graph(model_fn, feature_spec, seed)
     if RANDOM_ROWS_FEATURE in features:
         feature_spec = {**feature_spec, RANDOM_ROWS_FEATURE: RANDOM_ROWS_SPEC}
+    if isinstance(loss, WeightedLoss):
+        template = analyse(graph, features, loss.numerator, feature_spec, layers)
+        template.loss_denominator = loss.denominator.name
+        return template
     return analyse(graph, features, loss, feature_spec, layers)
 
 
@@ -154,12 +171,9 @@ def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
             for name, (shape, dtype) in feature_spec.items():
                 features[name] = v1.placeholder(tf.as_dtype(dtype), [None] + list(shape), name=name)
         with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
-            loss = model_fn(dict(features))
-        if not isinstance(loss, tf.Tensor) or loss.graph is not graph:
-            raise TemplateError(f"model_fn must return a scalar tf.Tensor of its graph, "
-                                f"got {loss!r}")
-        if loss.shape.rank not in (0, None):
-            raise TemplateError(f"model_fn must return a scalar mean loss, got shape {loss.shape}")
+            returned = model_fn(dict(features))
+        _check_loss(returned, graph)
+        loss = returned.numerator if isinstance(returned, WeightedLoss) else returned
         random = random_ops.random_ops_of(loss)
         if random:
             with tf.name_scope(FEATURE_SCOPE + "/"):
@@ -167,7 +181,27 @@ def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
                                            name=RANDOM_ROWS_FEATURE)
             random_ops.make_stateless(random, rows_info, list(features.values()), seed)
             features[RANDOM_ROWS_FEATURE] = rows_info
-    return graph, features, loss
+    return graph, features, returned
+
+
+def _check_loss(loss, graph: tf.Graph) -> None:
+    """A scalar tensor of `graph`, or a WeightedLoss of two whose denominator reads no
+    variable."""
+    parts = [loss.numerator, loss.denominator] if isinstance(loss, WeightedLoss) else [loss]
+    for part in parts:
+        if not isinstance(part, tf.Tensor) or part.graph is not graph:
+            raise TemplateError(f"model_fn must return a scalar tf.Tensor of its graph or a "
+                                f"dapple_tf.WeightedLoss of two, got {loss!r}")
+        if part.shape.rank not in (0, None):
+            raise TemplateError(f"model_fn must return a scalar loss (a mean over its rows, or "
+                                f"WeightedLoss(sum, sum)), got {part.name} of shape {part.shape}")
+    if isinstance(loss, WeightedLoss):
+        reads = [op.name for op in graph.get_operations()
+                 if op.name in _backward_cone(loss.denominator.op)
+                 and op.type in ("ReadVariableOp", "VarHandleOp")]
+        if reads:
+            raise TemplateError(f"the WeightedLoss denominator {loss.denominator.name} reads "
+                                f"variables ({reads[:3]}); it must depend on the features only")
 
 
 def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
