@@ -230,8 +230,11 @@ class SingleDeviceTrainer(_SessionTrainer):
                 grads, _ = tf.clip_by_global_norm(grads, clip_norm)
             self._global_step_var = v1.train.get_or_create_global_step()
             self.optimizer = optimizer_fn()
-            self.train_op = self.optimizer.apply_gradients(
-                [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var)
+            # batch norm's moving statistics, as TF1 training loops run them
+            with tf.control_dependencies(v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
+                self.train_op = self.optimizer.apply_gradients(
+                    [(g, v) for g, (_, v) in zip(grads, pairs)],
+                    global_step=self._global_step_var)
         self.session = v1.Session(graph=self.graph, config=devices.session_config(
             "CPU", 1, optimize_graph=optimize_graph))
         _prepare_reads(self)

@@ -206,6 +206,7 @@ def _check_loss(loss, graph: tf.Graph) -> None:
 
 def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
             feature_spec, layers: LayerRule = None) -> Template:
+    _check_no_update_ops(graph)
     feature_ops = {t.op.name: name for name, t in features.items()}
     cone = _backward_cone(loss.op)
     ops = [op for op in graph.get_operations() if op.name in cone]  # creation = topological
@@ -270,6 +271,18 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         variables_of_layer={n: tuple(v) for n, v in variables_of_layer.items()},
         edges=tuple(Edge(*e) for e in edges), batch_tensors=frozenset(batch_tensors),
         variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
+
+
+def _check_no_update_ops(graph: tf.Graph) -> None:
+    """Batch norm's moving statistics (UPDATE_OPS) are not carried through the pipeline yet:
+    refused rather than silently never updated."""
+    update_ops = graph.get_collection(v1.GraphKeys.UPDATE_OPS)
+    if update_ops:
+        names = [getattr(op, "name", str(op)) for op in update_ops[:3]]
+        raise TemplateError(
+            f"the model has {len(update_ops)} UPDATE_OPS (batch norm moving statistics, e.g. "
+            f"{names}); pipelined training does not update them yet (see docs/tf1-models.md). "
+            f"Use SingleDeviceTrainer, which runs them every step, or a model without them")
 
 
 def _check_no_v1_control_flow(members: Sequence[tf.Operation], layer_of_op) -> None:
