@@ -68,3 +68,36 @@ def test_tf1_bert_trains_pipelined_as_on_one_device(plan_name, dropout_rate):
 
 def test_dropout_is_on_in_the_reference():
     assert single_device_run(0.1)[0] != single_device_run(0.0)[0]
+
+
+@pytest.mark.slow
+def test_tf1_bert_trains_on_four_ranks_as_on_one_device(tmp_path):
+    """4 ranks (horovodrun): plans 2:2 and 1:1:1:1, 1f1b M=4, dropout 0 and 0.1, Adam."""
+    from multirank import runner, trainer_checks as checks
+    reason = runner.horovod_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    configs = [f"{model}/{plan}/1f1b" for model in ("tf1bert0", "tf1bert1")
+               for plan in ("2x2", "4stages")]
+    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path, ",".join(configs)],
+                        timeout_s=900)
+    assert result.returncode == 0, result.output[-6000:]
+    records = result.records("LOSSES")
+    for model, rate in checks.TF1_BERT_DROPOUT.items():
+        case, layers, optimizer_fn = checks.model_case(model)
+        reference = SingleDeviceTrainer(case.model_fn, case.feature_spec, optimizer_fn,
+                                        checks.GLOBAL_BATCH, seed=checks.SEED, layers=layers,
+                                        optimize_graph=False)
+        expected_losses = [reference.train_step(b) for b in checks.batches(case, checks.STEPS)]
+        expected = reference.get_weights()
+        reference.close()
+        for plan in ("2x2", "4stages"):
+            tag = f"{model}-{plan}-1f1b"
+            for rank, recs in records.items():
+                losses = [r for r in recs if r["tag"] == tag][0]["losses"]
+                np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{tag} rank {rank}")
+            got = np.load(tmp_path / f"{tag}.npz")
+            for name, value in expected.items():
+                np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=2e-6,
+                                           err_msg=f"{tag} {name}")

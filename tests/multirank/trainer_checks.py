@@ -5,6 +5,8 @@
       train.py; off otherwise, to keep graph building fast), check get_weights() before training, run
       STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<model>-<plan>-<schedule>.npz with
       the losses (as every rank saw them) and the final weights. Plans: 2x2, 4stages, 3:1.
+      Models: those of rewrite_models.ALL, and tf1bert0 / tf1bert1 (tests/tf1_bert.py with
+      dropout 0 / 0.1, its layer rule, Adam).
   trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
       Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
       after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
@@ -20,7 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import functools  # noqa: E402
+
 import rewrite_models as models  # noqa: E402
+import tf1_bert  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import even_plan  # noqa: E402
@@ -38,18 +43,37 @@ def batches(case, steps):
     return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(steps)]
 
 
-def make_trainer(case, plan_name, schedule, optimize_graph=False):
-    layers = build_template(case.model_fn, case.feature_spec).layers
-    plan = even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
-    return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=optimize_graph)
+def adam():
+    return tf.compat.v1.train.AdamOptimizer(0.01)
+
+
+TF1_BERT_DROPOUT = {"tf1bert0": 0.0, "tf1bert1": 0.1}
+
+
+def model_case(model):
+    """(case, layer rule, optimizer_fn) of a model name."""
+    if model in TF1_BERT_DROPOUT:
+        model_fn = functools.partial(tf1_bert.bert_classifier,
+                                     dropout_rate=TF1_BERT_DROPOUT[model])
+        return (models.ModelCase(model, model_fn, tf1_bert.FEATURE_SPEC, tf1_bert.make_batch),
+                tf1_bert.LAYERS, adam)
+    return models.ALL[model], None, optimizer
+
+
+def make_trainer(case, plan_name, schedule, optimize_graph=False, layers=None,
+                 optimizer_fn=optimizer):
+    names = build_template(case.model_fn, case.feature_spec, layers=layers).layers
+    plan = even_plan(names, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
+    return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer_fn, plan, GLOBAL_BATCH,
+                             seed=SEED, optimize_graph=optimize_graph, layers=layers)
 
 
 def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
-        case = models.ALL[model]
-        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options)
+        case, layers, optimizer_fn = model_case(model)
+        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options,
+                               layers=layers, optimizer_fn=optimizer_fn)
         rank = trainer.rank
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
