@@ -1,6 +1,6 @@
 """Set-up time: building a trainer and its first step, pipelined Trainer vs SingleDeviceTrainer.
 
-    python bench/bench_setup.py [--hidden 256] [--layers 4] [--vocab 30522] [--repeats 3]
+    python bench/bench_setup.py [--hidden 128] [--layers 4] [--vocab 8000] [--repeats 3]
 
 The model is the TF1-style BERT classifier of the tests (tests/tf1_bert.py: `bert` variable scope,
 `get_shape_list`, 2-D tensors between layers), named with the layer rule of issue #13. Each
@@ -30,9 +30,9 @@ GLOBAL_BATCH = 8
 
 def _parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=3)
     return p
 
@@ -75,6 +75,8 @@ def main(argv=None):
             times[f"{kind} first step"].append(stepped - built)
             for phase, seconds in getattr(trainer, "setup_seconds", {}).items():
                 phases.setdefault(phase, []).append(seconds)
+            print(f"  {kind}: init {built - start:.2f} s, first step {stepped - built:.2f} s "
+                  f"{getattr(trainer, 'setup_seconds', '')}", flush=True)
             trainer.close()
     params = sum(int(np.prod(v.shape)) for v in build_template(
         model_fn, spec, layers=tf1_bert.LAYERS).variables.values())

@@ -39,7 +39,12 @@ class _SessionTrainer:
     train_op: tf.Operation
     global_batch_size: int
 
-    def _finish_init(self):
+    def _finish_init(self, values: Mapping[str, np.ndarray] | None = None):
+        """Create the assign, read and save ops, finalize the graph, initialize every variable:
+        those in `values` from them, the others (optimizer slots, global_step) with their
+        initializers, in one session run (each run of a new set of fetches costs a Grappler
+        pass over the whole graph, minutes for a large pipelined graph)."""
+        values = values or {}
         with self.graph.as_default():
             self._variables = checkpoint.variables_by_name(self.graph)
             self._assign_inputs, self._assign_ops = {}, {}
@@ -50,9 +55,13 @@ class _SessionTrainer:
                 self._assign_ops[name] = var.assign(ph, read_value=False)
             self._global_step_value = self._global_step_var.read_value()
             self._saver = checkpoint.make_saver(self.graph)
-            initializer = v1.global_variables_initializer()
+            initializer = v1.variables_initializer(
+                [v for n, v in self._variables.items() if n not in values])
         self.graph.finalize()
-        self.session.run(initializer)
+        self.session.run([initializer] + [self._assign_ops[n] for n in values],
+                         {self._assign_inputs[n]: value for n, value in values.items()})
+        # global_step starts at its initial value; reading it would cost another Grappler pass
+        self._random_step = int(values.get("global_step", 0))
 
     # ---- training ---------------------------------------------------------------------------
     def train_step(self, batch: Mapping[str, np.ndarray], run_metadata=None) -> float:
@@ -188,12 +197,13 @@ class Trainer(_SessionTrainer):
         self.session = v1.Session(graph=self.graph, config=devices.session_config(
             kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph))
         _prepare_reads(self)
-        self._finish_init()
-        clock.mark("session + variable init")
         values = initial_values(self.template)
         clock.mark("initial values")
-        self.set_weights(values)
-        clock.mark("set weights")
+        unknown = sorted(set(values) - set(checkpoint.variables_by_name(self.graph)))
+        if unknown:
+            raise KeyError(f"initial values of variables {unknown} the training graph lacks")
+        self._finish_init(values)
+        clock.mark("session + variable init (initial values assigned)")
 
 
 class _SetupClock:
