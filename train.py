@@ -163,6 +163,10 @@ def quiet_tensorflow(verbose: bool) -> None:
 flags.DEFINE_bool("calibrate", False,
                   "with --dapple_plan=auto (single process): after the first timed steps, "
                   "re-plan once from the measured stage times and continue with that plan")
+flags.DEFINE_string("layers", None,
+                    "layer rule: a regular expression matched (re.fullmatch) against name-scope "
+                    "paths, e.g. 'bert/embeddings|bert/encoder/layer_\\d+|bert/pooler|cls' "
+                    "(default: top-level name scopes; see docs/tf1-models.md)")
 
 
 def main(argv):

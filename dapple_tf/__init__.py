@@ -8,9 +8,9 @@ import importlib
 
 _PUBLIC = {"Plan": "planner.plan_format", "PlanError": "planner.plan_format",
            "layer": "dapple_tf.layers", "SingleDeviceTrainer": "dapple_tf.trainer",
-           "Trainer": "dapple_tf.trainer"}
+           "Trainer": "dapple_tf.trainer", "WeightedLoss": "graph_rewrite.template"}
 
-__all__ = ["Plan", "PlanError", "SingleDeviceTrainer", "Trainer", "layer"]
+__all__ = ["Plan", "PlanError", "SingleDeviceTrainer", "Trainer", "WeightedLoss", "layer"]
 
 
 def __getattr__(name):

@@ -61,19 +61,21 @@ def profile_for_plans(model_fn, feature_spec, global_batch_size: int, num_device
                       cost_model: str = "runtime", profile_batch_size: int | None = None,
                       optimizer_fn: Callable | None = None,
                       batch_fn: Callable[[int, np.random.Generator], dict] | None = None,
-                      device: str | None = None, seed: int = 0) -> Profile:
-    """The profile `cost_model` needs, measured under the runtime's session options."""
+                      device: str | None = None, seed: int = 0, layers=None) -> Profile:
+    """The profile `cost_model` needs, measured under the runtime's session options, with the
+    layer rule `layers`."""
     if cost_model != "runtime":
         pbs = profile_batch_size or default_profile_batch_size(global_batch_size, num_devices)
         return profiler.profile_model(model_fn, feature_spec, pbs, device=device,
-                                      batch_fn=batch_fn, seed=seed)
+                                      batch_fn=batch_fn, seed=seed, layers=layers)
     from dapple_tf import devices
     from dapple_tf.runner import use_grappler
     kind = devices.device_kind()
     return profiler.profile_for_runtime(
         model_fn, feature_spec, runtime_profile_batch_sizes(global_batch_size),
         optimizer_fn=optimizer_fn, device=device, seed=seed, batch_fn=batch_fn,
-        session_config=devices.session_config(kind, 1, optimize_graph=use_grappler()))
+        session_config=devices.session_config(kind, 1, optimize_graph=use_grappler()),
+        layers=layers)
 
 
 def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, *,
@@ -81,14 +83,16 @@ def auto_plan(model_fn, feature_spec, global_batch_size: int, num_devices: int, 
               profile_batch_size: int | None = None,
               batch_fn: Callable[[int, np.random.Generator], dict] | None = None,
               device: str | None = None, optimizer_fn: Callable | None = None,
-              cost_model: str = "runtime", **plan_options) -> Plan:
+              cost_model: str = "runtime", layers=None, **plan_options) -> Plan:
     """Profiles `model_fn` and returns `planner.plan`'s best plan for `num_devices` devices.
 
     `optimizer_fn` (the one training will use) lets the profile measure its slots and update;
+    `layers`: the layer rule (graph_rewrite/template.py), the same as the trainer's;
     `plan_options` go to `planner.plan` unchanged (e.g. `device_memory_gb`)."""
     profile = profile_for_plans(model_fn, feature_spec, global_batch_size, num_devices,
                                 cost_model=cost_model, profile_batch_size=profile_batch_size,
-                                optimizer_fn=optimizer_fn, batch_fn=batch_fn, device=device)
+                                optimizer_fn=optimizer_fn, batch_fn=batch_fn, device=device,
+                                layers=layers)
     if cluster is None and cost_model == "runtime":
         cluster = runtime_cluster(num_devices)
     if cost_model == "runtime" and comm.launched_ranks() > 1:

@@ -50,7 +50,7 @@ class MultiRankTrainer(Trainer):
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, heartbeat_dir: str | None = None,
                  transport: str | None = None, input_fn: Callable | None = None,
-                 stack_weight_gradients: bool = False):
+                 stack_weight_gradients: bool = False, layers=None):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         info = comm.init()
@@ -61,12 +61,12 @@ class MultiRankTrainer(Trainer):
         else:
             self.plan = comm.share_plan(lambda: resolve_plan(
                 plan, model_fn, feature_spec, self.global_batch_size, num_devices,
-                optimizer_fn, ranks=self.size))
+                optimizer_fn, ranks=self.size, layers=layers))
         if self.plan.global_batch_size != self.global_batch_size:
             raise PlanError(f"plan is for global batch size {self.plan.global_batch_size}, but "
                             f"the trainer was given {self.global_batch_size}")
         self.slot = _slot_of_rank(self.plan, self.rank)
-        self.template = build_template(model_fn, feature_spec, seed=seed)
+        self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
         self.ranks_of_variable = _ranks_of_variable(self.plan, specs)
         tied = [tuple(s for s, spec in enumerate(specs) if v in spec.variables)
@@ -212,6 +212,7 @@ class MultiRankTrainer(Trainer):
         """Restore this rank's variables from a checkpoint written on any plan (or by a
         single-device run); every rank must call it."""
         checkpoint.restore(self.session, self._saver, path)
+        self._random_step = None
         comm.allgather_objects(None, "dapple.restore.done")
 
     def close(self):

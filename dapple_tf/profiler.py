@@ -5,11 +5,11 @@ The template is `model_fn` built once, in a fresh `tf.compat.v1` graph, on place
 It is run for a few warm-up steps and then several steps with `FULL_TRACE`; the `RunMetadata`
 step stats give each op's time, which is charged to the op's layer:
 
-* a *layer* is a top-level name scope holding at least one op the loss depends on (variable
-  handles and placeholders do not count), in order of creation (`embedding`, `layer_0`, ...,
-  `loss`) -- the rule of `graph_rewrite.template`, so plans name the layers the rewriter finds;
-* an op outside every layer scope joins the layer of its nearest consumer (or, with no consumer
-  in a layer, of its nearest producer);
+* forward ops the loss depends on get their layer from `graph_rewrite.template.assign_layers`
+  with the same layer rule (`layers=`: default top-level name scopes, or a regular expression
+  over scope paths), so plans name the layers the rewriter finds;
+* any other forward op (placeholders, variable handles, initializers) joins the layer of its
+  nearest consumer (or, with no consumer in a layer, of its nearest producer);
 * backward ops are exactly the ops `tf.compat.v1.gradients` created. `gradients/<op>_grad/...`
   belongs to the layer of forward op `<op>`; the rest (`gradients/AddN`, `gradients/grad_ys_0`)
   join the layer of their nearest backward consumer, then producer.
@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from graph_rewrite.template import (LayerRule, TemplateError, WeightedLoss, assign_layers,
+                                   layer_rule)
 from planner.profile import LayerCost, Profile, ProfileError
 
 from .devices import new_session
@@ -77,6 +79,8 @@ def build_template(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int
                         for key, (shape, dtype) in feature_spec.items()}
         with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
             loss = model_fn(dict(placeholders))
+        if isinstance(loss, WeightedLoss):
+            loss = tf.math.divide(loss.numerator, loss.denominator)
         if not isinstance(loss, tf.Tensor) or loss.shape.rank not in (0, None):
             raise ProfileError(f"model_fn must return a scalar loss tensor, found {loss!r}")
         num_forward_ops = len(graph.get_operations())
@@ -117,9 +121,8 @@ class LayerMap:
         if parts[0] == self.gradient_scope and len(parts) > 1:
             layer = _layer_of_gradient_name(parts[1:], self.forward_layer, self.names)
             return None if layer is None else (layer, True)
-        if parts[0] in self.names and len(parts) > 1:
-            return self.names.index(parts[0]), False
-        return None
+        layer = _layer_of_scope_path(parts[:-1], self.names)
+        return None if layer is None else (layer, False)
 
 
 # Grappler names a rewritten node `<scope>/<Optimizer>/<Rewrite>_<...>_<original base name>`.
@@ -149,8 +152,13 @@ def _ancestors(tensor: tf.Tensor) -> set[tf.Operation]:
     return seen
 
 
-def _top_scope(name: str) -> str | None:
-    return name.split("/", 1)[0] if "/" in name else None
+def _layer_of_scope_path(scopes: Sequence[str], names: Sequence[str]) -> int | None:
+    """The layer named by the outermost path of `scopes` (a name's components) that is one."""
+    for k in range(1, len(scopes) + 1):
+        path = "/".join(scopes[:k])
+        if path in names:
+            return list(names).index(path)
+    return None
 
 
 def _nearest(start: tf.Operation, known: Mapping[str, int], allowed: set[str],
@@ -194,9 +202,7 @@ def _layer_of_gradient_name(rest: Sequence[str], forward_layer: Mapping[str, int
             forward = "/".join([*rest[:k - 1], head[:-len("_grad")]])
             if forward in forward_layer:
                 return forward_layer[forward]
-    if rest and rest[0] in names:
-        return list(names).index(rest[0])
-    return None
+    return _layer_of_scope_path(rest[:-1], names)
 
 
 def _fill_from_neighbours(ops, layer_of, allowed: set[str], pick_consumer, pick_producer) -> None:
@@ -213,27 +219,27 @@ def _fill_from_neighbours(ops, layer_of, allowed: set[str], pick_consumer, pick_
                 layer_of[op.name] = layer
 
 
-def find_layers(template: Template) -> LayerMap:
+def find_layers(template: Template, layers: LayerRule = None) -> LayerMap:
     """Assigns every forward and backward op of the template to a layer (see module doc)."""
-    # The same rule as graph_rewrite.template, so plans name the layers the rewriter finds:
-    # scopes of the loss's data cone, minus inputs (variable handles, placeholders), in the
-    # creation order of their first such op.
+    # The ops of the loss's data cone, minus inputs (variable handles, placeholders), get their
+    # layers from the rewriter's own analysis.
     needed = _ancestors(template.loss)
-    first_seen: dict[str, int] = {}
-    for i, op in enumerate(template.forward_ops):
-        scope = _top_scope(op.name)
-        if scope is not None and op in needed and op.type not in _INPUT_OP_TYPES:
-            first_seen.setdefault(scope, i)
-    names = tuple(first_seen)
-    if not names:
+    members = [op for op in template.forward_ops
+               if op in needed and op.type not in _INPUT_OP_TYPES]
+    if layers is None and not any("/" in op.name for op in members):
         raise ProfileError("model_fn created no name scopes: wrap each layer in "
-                           "tf.compat.v1.name_scope(<layer>) or dapple_tf.layer(<layer>)")
+                           "tf.compat.v1.name_scope(<layer>) or dapple_tf.layer(<layer>), "
+                           "or name the layers with a layer rule (layers=)")
+    try:
+        names, layer_of_op = assign_layers(members, template.loss.op, layer_rule(layers),
+                                           explicit=layers is not None)
+    except TemplateError as e:
+        raise ProfileError(str(e)) from None
     index = {name: i for i, name in enumerate(names)}
 
     forward_names = {op.name for op in template.forward_ops}
-    forward_layer = {op.name: index[_top_scope(op.name)] for op in template.forward_ops
-                     if _top_scope(op.name) in index}
-    # Unscoped forward ops join their earliest consumer's layer, else their latest producer's.
+    forward_layer = {op: index[layer] for op, layer in layer_of_op.items()}
+    # Other forward ops join their earliest consumer's layer, else their latest producer's.
     _fill_from_neighbours(template.forward_ops, forward_layer, forward_names, min, max)
 
     gradient_scope = template.backward_ops[0].name.split("/", 1)[0]
@@ -318,10 +324,8 @@ def layer_sizes(template: Template, layers: LayerMap, session: v1.Session | None
 
 def _layer_of_variable(var: tf.Variable, layers: LayerMap) -> int | None:
     """The layer whose scope names the variable, else the first layer reading it."""
-    scope = _top_scope(var.op.name)
-    if scope in layers.names:
-        return layers.names.index(scope)
-    return layers.forward_layer.get(var.op.name)
+    layer = _layer_of_scope_path(var.op.name.split("/")[:-1], layers.names)
+    return layer if layer is not None else layers.forward_layer.get(var.op.name)
 
 
 # ---- times: step stats -> per-layer milliseconds -----------------------------------------------
@@ -432,12 +436,13 @@ def default_batch(feature_spec: FeatureSpec, batch_size: int,
 def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
             warmup_steps: int = 2, measured_steps: int = 5, device: str | None = None,
             seed: int = 0, batch_fn: BatchFn | None = None,
-            session_config: v1.ConfigProto | None = None) -> Measurement:
+            session_config: v1.ConfigProto | None = None,
+            layers: LayerRule = None) -> Measurement:
     """Profiles model_fn at `batch_size`; see `profile_model`."""
     if measured_steps < 1:
         raise ProfileError(f"measured_steps must be >= 1, found {measured_steps}")
     template = build_template(model_fn, feature_spec, batch_size, device=device, seed=seed)
-    layers = find_layers(template)
+    layer_map = find_layers(template, layers)
     rng = np.random.default_rng(seed)
     batch = (batch_fn(batch_size, rng) if batch_fn is not None
              else default_batch(feature_spec, batch_size, rng))
@@ -452,7 +457,7 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
         init = v1.global_variables_initializer()
     with new_session(template.graph, config) as session:
         session.run(init)
-        activation, parameter, edges = layer_sizes(template, layers, session, feed)
+        activation, parameter, edges = layer_sizes(template, layer_map, session, feed)
         for _ in range(warmup_steps):
             session.run(fetches, feed)
         options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
@@ -460,7 +465,7 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
         for _ in range(measured_steps):
             metadata = v1.RunMetadata()
             session.run(fetches, feed, options=options, run_metadata=metadata)
-            steps.append(attribute_step(metadata.step_stats, layers))
+            steps.append(attribute_step(metadata.step_stats, layer_map))
 
     def median_ms(values):
         return statistics.median(values) / 1000.0
@@ -471,7 +476,7 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
                   backward_ms=median_ms([s.backward_us[i] for s in steps]),
                   activation_bytes=float(activation[i]),
                   parameter_bytes=float(parameter[i]))
-        for i, name in enumerate(layers.names))
+        for i, name in enumerate(layer_map.names))
     profile = Profile(costs, tuple(edges), batch_size, steps[0].device)
     lost = tuple(sorted(set().union(*(s.unattributed_ops for s in steps))))
     return Measurement(profile, median_ms([s.step_us for s in steps]),
@@ -480,17 +485,19 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
 
 def profile_model(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
                   warmup_steps: int = 2, measured_steps: int = 5, device: str | None = None,
-                  seed: int = 0, batch_fn: BatchFn | None = None) -> Profile:
+                  seed: int = 0, batch_fn: BatchFn | None = None,
+                  layers: LayerRule = None) -> Profile:
     """Profiles the template of `model_fn` at `batch_size` rows on one device.
 
     `feature_spec` maps feature names to (per-example shape, dtype); `batch_fn(batch_size, rng)`
     makes the fed batch (default: `default_batch`). Returns forward/backward ms per layer (median
     of `measured_steps` traced steps after `warmup_steps`), exact activation and parameter bytes,
-    and the layer edges. Layer names are the model's top-level name scopes.
+    and the layer edges. Layer names come from the layer rule `layers` (default: the model's
+    top-level name scopes; see graph_rewrite/template.py).
     """
     return measure(model_fn, feature_spec, batch_size, warmup_steps=warmup_steps,
                    measured_steps=measured_steps, device=device, seed=seed,
-                   batch_fn=batch_fn).profile
+                   batch_fn=batch_fn, layers=layers).profile
 
 
 def format_table(profile: Profile) -> str:
@@ -678,7 +685,8 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
                         *, optimizer_fn: Callable | None = None, warmup_steps: int = 2,
                         measured_steps: int = 3, device: str | None = None, seed: int = 0,
                         batch_fn: BatchFn | None = None,
-                        session_config: v1.ConfigProto | None = None) -> Profile:
+                        session_config: v1.ConfigProto | None = None,
+                        layers: LayerRule = None) -> Profile:
     """The profile the runtime cost model (`planner.runtime_cost`) needs: the template measured
     at each of `batch_sizes` (two or more) and each layer's forward and backward time fitted as
     fixed + per-row ms; the bytes each layer keeps for its backward; with `optimizer_fn`, the
@@ -694,7 +702,7 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
     measured: list[BatchMeasurement] = []
     for batch_size in sizes:
         template = build_template(model_fn, feature_spec, batch_size, device=device, seed=seed)
-        layers = find_layers(template)
+        layer_map = find_layers(template, layers)
         batch = (batch_fn(batch_size, rng) if batch_fn is not None
                  else default_batch(feature_spec, batch_size, rng))
         feed = {template.placeholders[k]: batch[k] for k in feature_spec}
@@ -702,20 +710,20 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
             init = v1.global_variables_initializer()
         with v1.Session(graph=template.graph, config=config) as session:
             session.run(init)
-            measured.append(measure_batch(template, layers, batch, session,
+            measured.append(measure_batch(template, layer_map, batch, session,
                                           warmup_steps=warmup_steps,
                                           measured_steps=measured_steps))
             if batch_size == sizes[-1]:
-                activation, parameter, edges = layer_sizes(template, layers, session, feed)
-                saved = saved_tensor_bytes(template, layers, session, feed)
-    slots = apply = [None] * len(layers.names)
+                activation, parameter, edges = layer_sizes(template, layer_map, session, feed)
+                saved = saved_tensor_bytes(template, layer_map, session, feed)
+    slots = apply = [None] * len(layer_map.names)
     if optimizer_fn is not None:
-        slots = optimizer_slot_bytes(template, layers, optimizer_fn)
+        slots = optimizer_slot_bytes(template, layer_map, optimizer_fn)
         fresh = build_template(model_fn, feature_spec, sizes[-1], device=device, seed=seed)
-        apply = apply_ms_per_layer(fresh, find_layers(fresh), optimizer_fn, batch,
+        apply = apply_ms_per_layer(fresh, find_layers(fresh, layers), optimizer_fn, batch,
                                    session_config=config)
     costs = []
-    for i, name in enumerate(layers.names):
+    for i, name in enumerate(layer_map.names):
         f_fixed, f_row = fit_fixed_and_per_row(sizes, [m.forward_ms[i] for m in measured])
         b_fixed, b_row = fit_fixed_and_per_row(sizes, [m.backward_ms[i] for m in measured])
         costs.append(LayerCost(

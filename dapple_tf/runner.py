@@ -56,6 +56,7 @@ class TrainingConfig:
     trace_step: int | None = None
     seed: int = 0
     calibrate: bool = False
+    layers: str | None = None   # layer rule: a regular expression over scope paths
 
     @classmethod
     def from_flags(cls, flag_values) -> TrainingConfig:
@@ -142,19 +143,28 @@ def resolve_plan(config: TrainingConfig, spec, global_batch_size: int, num_devic
         cluster = [int(x) for x in config.cluster.split(",")] if config.cluster else None
         return auto_plan(spec.model_fn, spec.feature_spec, global_batch_size, num_devices,
                          cluster=cluster, schedule=config.schedule,
-                         batch_fn=spec.synthetic_batch, optimizer_fn=optimizer_fn)
+                         batch_fn=spec.synthetic_batch, optimizer_fn=optimizer_fn,
+                         layers=config.layers)
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
         if plan.global_batch_size != global_batch_size:
             raise ConfigError(f"plan {choice} is for global batch {plan.global_batch_size}, but "
                               f"this run uses {global_batch_size} (--global_batch_size)")
-        plan.check_layers(spec.layer_names)
+        plan.check_layers(_layer_names(config, spec))
         return plan
     replicas = parse_notation(choice)
     num_micro_batches = notation_micro_batches(replicas, global_batch_size,
                                                config.num_micro_batches)
-    return even_plan(spec.layer_names, replicas, global_batch_size, num_micro_batches,
+    return even_plan(_layer_names(config, spec), replicas, global_batch_size, num_micro_batches,
                      config.schedule or "1f1b")
+
+
+def _layer_names(config: TrainingConfig, spec) -> tuple[str, ...]:
+    """The model's declared layers, or with --layers the layers that rule finds."""
+    if config.layers is None:
+        return tuple(spec.layer_names)
+    from graph_rewrite.template import build_template
+    return build_template(spec.model_fn, spec.feature_spec, layers=config.layers).layers
 
 
 class Summaries:
@@ -239,7 +249,7 @@ def run_training(config: TrainingConfig) -> dict:
         plan = resolve_plan(config, spec, global_batch_size, num_devices, optimizer_fn)
         model_dir = config.model_dir or run_dir.default_model_dir(config.model, config.preset,
                                                                   plan.notation)
-        run_dir.check_resumable(model_dir, record, spec.layer_names)
+        run_dir.check_resumable(model_dir, record, _layer_names(config, spec))
         return plan
 
     if multi_rank:
@@ -254,7 +264,7 @@ def run_training(config: TrainingConfig) -> dict:
     def make_trainer(plan):
         return Trainer(spec.model_fn, spec.feature_spec, optimizer_fn, plan, global_batch_size,
                        clip_norm=config.clip_norm, num_devices=num_devices, seed=config.seed,
-                       optimize_graph=use_grappler())
+                       optimize_graph=use_grappler(), layers=config.layers)
 
     trainer = make_trainer(plan)
     previous_notation = _saved_plan_notation(model_dir) if is_chief else None

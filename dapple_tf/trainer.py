@@ -12,13 +12,16 @@ graph of the same model with the same methods: the reference that pipelined trai
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
-from graph_rewrite.template import build_model_graph, build_template, initial_values
+from graph_rewrite.random_ops import RANDOM_ROWS_FEATURE, rows_feature_value
+from graph_rewrite.template import (LayerRule, WeightedLoss, build_model_graph, build_template,
+                                   initial_values)
 from planner.plan_format import Plan, PlanError
 
 from . import checkpoint, devices
@@ -38,7 +41,12 @@ class _SessionTrainer:
     feature_rows: dict | None = None  # feature -> rows read here; None: whole global batches
     input_fn = None                   # the dataset the features default to (Trainer only)
 
-    def _finish_init(self):
+    def _finish_init(self, values: Mapping[str, np.ndarray] | None = None):
+        """Create the assign, read and save ops, finalize the graph, initialize every variable:
+        those in `values` from them, the others (optimizer slots, global_step) with their
+        initializers, in one session run (each run of a new set of fetches costs a Grappler
+        pass over the whole graph, minutes for a large pipelined graph)."""
+        values = values or {}
         with self.graph.as_default():
             self._variables = checkpoint.variables_by_name(self.graph)
             self._assign_inputs, self._assign_ops = {}, {}
@@ -49,9 +57,13 @@ class _SessionTrainer:
                 self._assign_ops[name] = var.assign(ph, read_value=False)
             self._global_step_value = self._global_step_var.read_value()
             self._saver = checkpoint.make_saver(self.graph)
-            initializer = v1.global_variables_initializer()
+            initializer = v1.variables_initializer(
+                [v for n, v in self._variables.items() if n not in values])
         self.graph.finalize()
-        self.session.run(initializer)
+        self.session.run([initializer] + [self._assign_ops[n] for n in values],
+                         {self._assign_inputs[n]: value for n, value in values.items()})
+        # global_step starts at its initial value; reading it would cost another Grappler pass
+        self._random_step = int(values.get("global_step", 0))
 
     # ---- training ---------------------------------------------------------------------------
     def train_step(self, batch: Mapping[str, np.ndarray] | None = None, run_metadata=None) -> float:
@@ -67,6 +79,8 @@ class _SessionTrainer:
             options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
         _, loss = self.session.run([self.train_op, self.loss], feed, options=options,
                                    run_metadata=run_metadata)
+        if self._random_step is not None:
+            self._random_step += 1
         return float(loss)
 
     def traced_step(self, batch) -> tuple[float, Any]:
@@ -79,14 +93,26 @@ class _SessionTrainer:
         """Train one step with a full trace; returns its RunMetadata (step stats)."""
         return self.traced_step(batch)[1]
 
+    _random_step: int | None = None    # the step random ops are seeded with (None: read it)
+
     def _feed(self, batch):
         """The feed of one step: each placeholder gets the rows of its feature this process
-        reads (`local_rows`), cut from a whole global batch, or given as exactly those rows."""
+        reads (`local_rows`), cut from a whole global batch, or given as exactly those rows;
+        for models with random ops also the rows feature that seeds them
+        (graph_rewrite/random_ops.py), for the same rows."""
+        batch = dict(batch or {})
+        if RANDOM_ROWS_FEATURE in self.features:
+            if self._random_step is None:
+                self._random_step = self.global_step
+            batch[RANDOM_ROWS_FEATURE] = rows_feature_value(
+                0, self.global_batch_size, self.global_batch_size, self._random_step)
         missing = sorted(set(self.features) - set(batch))
         if missing:
             raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
         feed, fed_bytes = {}, 0
         for name, ph in self.features.items():
+            if name == RANDOM_ROWS_FEATURE:
+                continue
             value = np.asarray(batch[name])
             rows = self.local_rows.get(name)
             count = self.global_batch_size if rows is None else sum(hi - lo for lo, hi in rows)
@@ -125,12 +151,14 @@ class _SessionTrainer:
         names = list(weights)
         self.session.run([self._assign_ops[n] for n in names],
                          {self._assign_inputs[n]: weights[n] for n in names})
+        self._random_step = None  # global_step may have changed
 
     def save(self, path: str | os.PathLike) -> str:
         return checkpoint.save(self.session, self._saver, path)
 
     def restore(self, path: str | os.PathLike) -> None:
         checkpoint.restore(self.session, self._saver, path)
+        self._random_step = None
 
     @property
     def global_step(self) -> int:
@@ -159,6 +187,9 @@ class Trainer(_SessionTrainer):
     training on the whole global batch.
 
     plan: a `Plan`, a path to plan JSON, or "auto" (needs the profiler and planner hook).
+    layers: the layer rule (default: top-level name scopes; a regular expression matched with
+    `re.fullmatch` against scope paths such as `bert/encoder/layer_3`, a list of them, or a
+    function op name -> layer name; see graph_rewrite/template.py and docs/tf1-models.md).
     Extra keyword arguments: clip_norm (global-norm clipping over the whole model), num_devices
     (how many logical CPU devices the session may create when there is no GPU), seed (graph
     seed of the template, so initial weights are reproducible), inter_op_threads, input_fn
@@ -188,18 +219,24 @@ class Trainer(_SessionTrainer):
                  clip_norm: float | None = None, num_devices: int | None = None,
                  seed: int | None = None, inter_op_threads: int | None = None,
                  optimize_graph: bool = True, input_fn: Callable | None = None,
-                 transport: str | None = None, stack_weight_gradients: bool = False):
+                 transport: str | None = None, stack_weight_gradients: bool = False,
+                 layers: LayerRule = None):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
+        clock = _SetupClock()
+        self.setup_seconds = clock.seconds     # wall time of each phase of __init__
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
-                                 num_devices, optimizer_fn)
-        self.template = build_template(model_fn, feature_spec, seed=seed)
+                                 num_devices, optimizer_fn, layers=layers)
+        clock.mark("plan")
+        self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
+        clock.mark("template")
         kind = devices.check_plan_devices(self.plan, num_devices)
         self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
                                  device_name=lambda d: devices.device_name(d, kind),
                                  clip_norm=clip_norm, input_fn=input_fn,
                                  stack_weight_gradients=stack_weight_gradients)
+        clock.mark("rewrite")
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.feature_rows = self.rewritten.feature_rows
@@ -210,8 +247,24 @@ class Trainer(_SessionTrainer):
             kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph,
             fold_constants=False))
         _prepare_reads(self)
-        self._finish_init()
-        self.set_weights(initial_values(self.template, devices.pinned_config()))
+        values = initial_values(self.template, devices.pinned_config())
+        clock.mark("initial values")
+        unknown = sorted(set(values) - set(checkpoint.variables_by_name(self.graph)))
+        if unknown:
+            raise KeyError(f"initial values of variables {unknown} the training graph lacks")
+        self._finish_init(values)
+        clock.mark("session + variable init (initial values assigned)")
+
+
+class _SetupClock:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = now - self._last
+        self._last = now
 
 
 class SingleDeviceTrainer(_SessionTrainer):
@@ -221,10 +274,14 @@ class SingleDeviceTrainer(_SessionTrainer):
     def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
                  global_batch_size: int, *, clip_norm: float | None = None,
                  seed: int | None = None, device: str | None = None,
-                 optimize_graph: bool = True):
+                 optimize_graph: bool = True, layers: LayerRule = None):
         self.global_batch_size = int(global_batch_size)
+        self.layers = layers  # the same rule as the pipelined trainer's; the plain build needs none
         self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default(), tf.device(device):
+            if isinstance(self.loss, WeightedLoss):
+                self.loss = tf.math.divide(self.loss.numerator, self.loss.denominator,
+                                           name="dapple/weighted_loss")
             variables = [v for v in v1.trainable_variables()]
             grads = tf.gradients(self.loss, variables)
             pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
@@ -233,8 +290,11 @@ class SingleDeviceTrainer(_SessionTrainer):
                 grads, _ = tf.clip_by_global_norm(grads, clip_norm)
             self._global_step_var = v1.train.get_or_create_global_step()
             self.optimizer = optimizer_fn()
-            self.train_op = self.optimizer.apply_gradients(
-                [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var)
+            # batch norm's moving statistics, as TF1 training loops run them
+            with tf.control_dependencies(v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
+                self.train_op = self.optimizer.apply_gradients(
+                    [(g, v) for g, (_, v) in zip(grads, pairs)],
+                    global_step=self._global_step_var)
         self.session = devices.new_session(self.graph, devices.session_config(
             "CPU", 1, optimize_graph=optimize_graph))
         _prepare_reads(self)
@@ -243,15 +303,17 @@ class SingleDeviceTrainer(_SessionTrainer):
 
 def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
                  num_devices: int | None, optimizer_fn: Callable | None = None,
-                 ranks: int | None = None) -> Plan:
-    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search: for this
-    process's devices, or for `ranks` devices, one per rank, under a launcher)."""
+                 ranks: int | None = None, layers: LayerRule = None) -> Plan:
+    """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search, with the
+    layer rule `layers`: for this process's devices, or for `ranks` devices, one per rank,
+    under a launcher)."""
     if isinstance(plan, str) and plan == "auto":
         if ranks is not None:
             from dapple_tf.auto_plan import auto_plan
             return auto_plan(model_fn, feature_spec, global_batch_size, ranks,
-                             optimizer_fn=optimizer_fn)
-        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn)
+                             optimizer_fn=optimizer_fn, layers=layers)
+        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn,
+                          layers)
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
@@ -262,8 +324,10 @@ def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
     return plan
 
 
-def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn) -> Plan:
+def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn,
+               layers=None) -> Plan:
     """plan='auto': profile the template and search a plan for this process's devices."""
     from dapple_tf.auto_plan import auto_plan  # imports the profiler and planner on demand
     _, count = devices.available_devices(num_devices)
-    return auto_plan(model_fn, feature_spec, global_batch_size, count, optimizer_fn=optimizer_fn)
+    return auto_plan(model_fn, feature_spec, global_batch_size, count, optimizer_fn=optimizer_fn,
+                     layers=layers)

@@ -9,7 +9,9 @@ transfer of activation gradients uses the same names with the stages reversed
 
 Row re-splitting: a batch tensor's rows [0, b) of the micro-batch are spread over the sender
 replicas (`plan.rows_of_replica`); each receiver replica gets its own row range, assembled from
-the overlapping pieces of the senders' blocks (concatenated in row order). A batch-independent
+the overlapping pieces of the senders' blocks (concatenated in row order). A tensor with row
+factor k (first dimension k x rows, a flattened [batch * seq, ...]) is cut the same way at
+k x the row offsets. A batch-independent
 tensor ("whole") goes from sender replica 0 to every receiver replica; its gradient comes back
 summed from every receiver replica to sender replica 0 (the other sender replicas get zeros).
 
@@ -103,6 +105,7 @@ class BoundaryTransfer:
     plan: Plan
     transport: Transport
     gradient: bool = False             # backward: WHOLE tensors are summed into receiver 0
+    row_factors: tuple[int, ...] = ()  # per tensor: ROWS tensors hold k x rows rows (default 1)
     _pieces: dict = dataclasses.field(default_factory=dict)  # (k, j) -> list[tensor]
 
     @property
@@ -124,11 +127,11 @@ class BoundaryTransfer:
         with tf.name_scope(self.name + "/"):
             for j in range(num_receivers):
                 parts = []
-                for t, mode in zip(sent, self.modes):
+                for t, mode, f in zip(sent, self.modes, self._factors()):
                     if mode == ROWS:
                         ranges = [(lo, hi) for k, jj, lo, hi in pieces if k == replica and jj == j]
-                        parts.append([t if (lo, hi) == (0, self._block(replica)) else t[lo:hi]
-                                      for lo, hi in ranges])
+                        parts.append([t if (lo, hi) == (0, self._block(replica)) else
+                                      t[f * lo:f * hi] for lo, hi in ranges])
                     elif self._whole_goes(replica, j):
                         parts.append([t])
                     else:
@@ -173,6 +176,9 @@ class BoundaryTransfer:
         return self.transport.recv(assembled, slot, endpoint_op_name(
             self.micro_batch, self.from_stage, self.to_stage, "recv", replica, num_receivers))
 
+    def _factors(self) -> tuple[int, ...]:
+        return self.row_factors or (1,) * len(self.tensors)
+
     def _block(self, replica: int) -> int:
         lo, hi = self.plan.rows_of_replica(self.from_stage, replica)
         return hi - lo
@@ -194,9 +200,9 @@ class BoundaryTransfer:
     def _piece_specs(self, sender: int, receiver: int) -> list[tf.TensorSpec]:
         pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         specs = []
-        for spec, mode in zip(self.specs, self.modes):
+        for spec, mode, f in zip(self.specs, self.modes, self._factors()):
             if mode == ROWS:
-                specs += [tf.TensorSpec([hi - lo] + list(spec.shape), spec.dtype)
+                specs += [tf.TensorSpec([f * (hi - lo)] + list(spec.shape), spec.dtype)
                           for k, j, lo, hi in pieces if k == sender and j == receiver]
             elif self._whole_goes(sender, receiver):
                 specs.append(spec)

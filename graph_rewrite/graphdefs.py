@@ -50,8 +50,23 @@ def is_differentiable(dtype: tf.DType) -> bool:
 
 
 def renamed_scopes(name: str, mapping: Mapping[str, str]) -> str:
-    """`name` with each '/'-separated part found in `mapping` replaced (e.g. a layer name)."""
-    return "/".join(mapping.get(part, part) for part in name.split("/"))
+    """`name` with each run of '/'-separated parts that is a key of `mapping` replaced (e.g. a
+    layer name such as `bert/encoder/layer_3`; the longest key wins)."""
+    parts = name.split("/")
+    if all("/" not in key for key in mapping):
+        return "/".join(mapping.get(part, part) for part in parts)
+    keys = sorted((key.split("/") for key in mapping), key=len, reverse=True)
+    out, k = [], 0
+    while k < len(parts):
+        for key in keys:
+            if parts[k:k + len(key)] == key:
+                out.append(mapping["/".join(key)])
+                k += len(key)
+                break
+        else:
+            out.append(parts[k])
+            k += 1
+    return "/".join(out)
 
 
 def strip_placement(node: node_def_pb2.NodeDef) -> None:
@@ -68,7 +83,8 @@ def strip_library_placement(library) -> None:
 
 def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_prefix: str,
             keep_outside: Mapping[str, node_def_pb2.NodeDef] = (), library=None,
-            static_rows: int | None = None, batch_tensors=frozenset()) -> Subgraph:
+            static_rows: int | None = None, batch_tensors=frozenset(),
+            row_factor: Mapping[str, int] | None = None) -> Subgraph:
     """A GraphDef of `nodes` (copied, placement stripped). Data inputs produced outside become
     Placeholders named `<placeholder_prefix>/<k>` (dtype and shape from `graph`), except inputs
     produced by a node in `keep_outside` (e.g. variable handles), which is copied in as-is.
@@ -106,7 +122,8 @@ def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_
                     shape = like.shape
                     if static_rows and tensor_name in batch_tensors and shape.rank \
                             and shape[0] is None:
-                        shape = tf.TensorShape([static_rows]).concatenate(shape[1:])
+                        rows = static_rows * (row_factor or {}).get(tensor_name, 1)
+                        shape = tf.TensorShape([rows]).concatenate(shape[1:])
                     placeholder_of[tensor_name] = _add_placeholder(
                         out, f"{placeholder_prefix}/{len(placeholder_of)}", like, shape)
                 node.input.append(placeholder_of[tensor_name])

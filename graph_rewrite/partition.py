@@ -1,11 +1,21 @@
-"""Partition: which stage every template op belongs to, and what crosses each stage boundary."""
+"""Partition: which stage every template op belongs to, and what crosses each stage boundary.
+
+A tensor crossing a boundary is sent whole (it does not depend on the batch), or split by row
+ranges (its first dimension is k x rows: k = 1 for [batch, ...], k = seq for a flattened
+[batch * seq, ...]; `Template.row_factor`), or, if it depends on the batch through shapes only
+(`tf.shape(x)[0]`, a batch size scalar), recomputed: the receiving stage gets the value it has
+for that stage's rows per clone (`StageSpec.derived_inputs`), never the global batch's. Any other
+batch tensor is refused, naming it, its shape and the layers on each side.
+"""
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from planner.plan_format import Plan, PlanError
 
-from .template import Template
+from .template import Template, shape_only_cone, values_at_rows
 
 
 class PartitionError(PlanError):
@@ -24,6 +34,8 @@ class StageSpec:
     features: tuple[str, ...]                   # feature names this stage reads
     variables: tuple[str, ...]                  # variables this stage reads
     has_loss: bool
+    # batch-shape-derived tensors of earlier stages, as constants for this stage's clone rows
+    derived_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def outputs_to(self, stage: int) -> tuple[str, ...]:
         return tuple(t for t in self.outputs if stage in self.output_consumers[t])
@@ -55,6 +67,7 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
     consumers: list[dict[str, list[int]]] = [{} for _ in range(num_stages)]
     features: list[dict[str, None]] = [{} for _ in range(num_stages)]
     variables: list[dict[str, None]] = [{} for _ in range(num_stages)]
+    derived: list[dict[str, None]] = [{} for _ in range(num_stages)]
     for layer in template.layers:
         for name in template.ops_of_layer[layer]:
             s = stage_of_op[name]
@@ -72,7 +85,9 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
                             f"layer '{template.layer_of_op[name]}' (stage {s}) consumes "
                             f"{t.name} of layer '{template.layer_of_op[producer]}' (stage {a}); "
                             f"data may only flow to later stages")
-                    _check_crossing_tensor(t, template)
+                    if _is_derived(t, template, name, s, a):
+                        derived[s][t.name] = None
+                        continue
                     inputs[s][t.name] = a
                     users = consumers[a].setdefault(t.name, [])
                     if s not in users:
@@ -90,22 +105,36 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
         outputs=tuple(consumers[s]),
         output_consumers={t: tuple(sorted(c)) for t, c in consumers[s].items()},
         features=tuple(features[s]), variables=tuple(variables[s]),
-        has_loss=(s == num_stages - 1)) for s in range(num_stages)]
+        has_loss=(s == num_stages - 1),
+        derived_inputs=values_at_rows(template, list(derived[s]), _clone_rows(plan, s))
+        if derived[s] else {}) for s in range(num_stages)]
 
 
-def _check_crossing_tensor(tensor, template: Template) -> None:
-    """Batch tensors are split by rows at boundaries, so their axis 0 must be the batch axis."""
+def _clone_rows(plan: Plan, stage: int) -> int:
+    return plan.micro_batch_size // plan.stages[stage].num_replicas
+
+
+def _is_derived(tensor, template: Template, consumer: str, stage: int, source: int) -> bool:
+    """Whether `tensor` (from stage `source` to `consumer`'s stage `stage`) is recomputed per
+    clone rather than sent: a batch tensor whose first axis is not k x rows and whose value
+    depends on the batch through shapes only. Raises PartitionError for one that can neither be
+    split by rows nor recomputed."""
     if tensor.name not in template.batch_tensors:
-        return
+        return False
     shape = tensor.shape
-    if tensor.name in template.not_batch_major:
-        raise PartitionError(
-            f"tensor {tensor.name} crosses a stage boundary after layer "
-            f"'{template.layer_of_op[tensor.op.name]}', but its first axis is not the batch axis "
-            f"(with a batch of 7 rows its shape is {list(template.not_batch_major[tensor.name])}); "
-            f"tensors leaving a layer must be batch-major ([batch, ...]): reshape inside the layer")
-    if shape.rank is None or shape.rank == 0 or shape[0] is not None:
-        raise PartitionError(
-            f"tensor {tensor.name} (shape {shape}) crosses a stage boundary after layer "
-            f"'{template.layer_of_op[tensor.op.name]}', but its first axis is not the batch axis; "
-            f"tensors leaving a layer must be batch-major ([batch, ...])")
+    splittable = (tensor.name not in template.not_batch_major and shape.rank is not None
+                  and shape.rank > 0 and shape[0] is None)
+    if splittable:
+        return False
+    if shape_only_cone(template, tensor.name)[1]:
+        return True
+    probed = template.not_batch_major.get(tensor.name)
+    raise PartitionError(
+        f"tensor {tensor.name} (shape {shape}"
+        f"{f', {list(probed)} with a batch of 7 rows' if probed is not None else ''}) crosses "
+        f"the stage boundary from layer '{template.layer_of_op[tensor.op.name]}' (stage "
+        f"{source}) to layer '{template.layer_of_op[consumer]}' (stage {stage}), but it can "
+        f"neither be split by rows (its first axis is not k x the batch rows) nor recomputed "
+        f"per micro-batch (its value depends on the batch through more than shapes); tensors "
+        f"leaving a layer must be [k x batch, ...]: reshape or transpose inside the layer, or "
+        f"choose a cut elsewhere")

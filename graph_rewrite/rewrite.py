@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, functions, schedule, variables
+from . import clone, functions, graphdefs, schedule, variables
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -159,7 +159,10 @@ class _Builder:
 
     # ---- inputs and variables -------------------------------------------------------------
     def create_inputs_and_variables(self):
-        self.feature_rows = local_feature_rows(self.plan, self.specs, self.local)
+        holds_loss = any(slot.stage == self.plan.num_stages - 1 for slot in self.local)
+        whole = (self._denominator_features()
+                 if self.template.loss_denominator is not None and holds_loss else ())
+        self.feature_rows = local_feature_rows(self.plan, self.specs, self.local, whole)
         from_dataset = self._dataset_features() if self.input_fn is not None else {}
         for name, rows in self.feature_rows.items():
             shape, dtype = self.template.feature_spec[name]
@@ -174,6 +177,37 @@ class _Builder:
             {name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
              for name, info in self.template.variables.items()
              if name in self.device_of_variable}, tf.compat.v1.get_default_graph())
+        self.global_denominator = None
+        if self.template.loss_denominator is not None and any(
+                slot.stage == self.plan.num_stages - 1 for slot in self.local):
+            self.global_denominator = self._global_denominator()
+
+    def _denominator_features(self) -> tuple[str, ...]:
+        """The features a WeightedLoss's denominator reads: the last stage needs all their rows
+        (the denominator is over the whole global batch)."""
+        cone = _ancestors(self.template.graph.get_tensor_by_name(
+            self.template.loss_denominator).op)
+        return tuple(name for name, t in self.template.features.items()
+                     if t.split(":")[0] in cone)
+
+    def _global_denominator(self) -> tf.Tensor:
+        """A WeightedLoss's denominator on the whole global batch: its ops (features only, no
+        variables) imported once, reading the global feature placeholders."""
+        template = self.template
+        graph = template.graph
+        feature_ops = {t.split(":")[0]: name for name, t in template.features.items()}
+        cone = _ancestors(graph.get_tensor_by_name(template.loss_denominator).op)
+        part = graphdefs.extract([n for n in graph.as_graph_def().node
+                                  if n.name in cone and n.name not in feature_ops],
+                                 graph, "dapple_denominator_in")
+        input_map = {ph: self.features[feature_ops[t.split(":")[0]]]
+                     for t, ph in part.placeholder_of.items()}
+        last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
+        with tf.device(self.device_of_slot[last]):
+            (denominator,) = tf.graph_util.import_graph_def(
+                part.graph_def, input_map=input_map,
+                return_elements=[template.loss_denominator], name="dapple/loss_denominator")
+        return denominator
 
     def _dataset_features(self) -> dict[str, tf.Tensor]:
         """The next element of `input_fn(feature_rows)`, prefetched, checked against the rows."""
@@ -231,6 +265,9 @@ class _Builder:
                     gated = _identity_n(sliced, f"{prefix}/features")
                 start_ops.append(gated[0].op)
                 features = dict(zip(spec.features, gated))
+            for t, value in spec.derived_inputs.items():  # shape-derived: this clone's value
+                with tf.device(device):
+                    received[t] = tf.constant(value, name=f"{prefix}/derived")
         handles = {v: self.variables[v].handle for v in spec.variables}
         tensors = clone.call_forward(stage, device, prefix, features, received, handles)
         self.forward_tensors[(slot, i)] = tensors
@@ -242,7 +279,8 @@ class _Builder:
                                               [tensors[t] for t in transfer.tensors]))
         if spec.has_loss:
             with tf.device(device), tf.name_scope(prefix + "/"):
-                scaled = tf.multiply(tensors[stage.loss], self._loss_scale(slot), name="scaled_loss")
+                loss = tensors[stage.loss]
+                scaled = tf.multiply(loss, self._loss_scale(slot, loss.dtype), name="scaled_loss")
             self.scaled_losses.append(scaled)
             end_deps.append(scaled.op)
         with tf.device(device):
@@ -269,9 +307,8 @@ class _Builder:
                     grads_in.setdefault(t, []).append(g)
             if spec.has_loss:
                 with tf.device(device):
-                    loss_grad = tf.identity(
-                        tf.constant(self._loss_scale(slot), forward[stage.loss].dtype),
-                        name=f"{prefix}/loss_grad")
+                    loss_grad = tf.identity(self._loss_scale(slot, forward[stage.loss].dtype),
+                                            name=f"{prefix}/loss_grad")
                 start_ops.append(loss_grad.op)
         with tf.device(device), tf.name_scope(prefix + "/"):
             grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g))
@@ -333,7 +370,7 @@ class _Builder:
             tensors = self.specs[b].inputs_from(a)
             self.forward_transfers[key] = BoundaryTransfer(
                 i, a, b, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport)
+                self.transport, row_factors=self._row_factors(tensors))
         return self.forward_transfers[key]
 
     def _backward_transfer(self, i, b, a) -> BoundaryTransfer:
@@ -345,11 +382,14 @@ class _Builder:
                             if is_differentiable(graph.get_tensor_by_name(t).dtype))
             self.backward_transfers[key] = BoundaryTransfer(
                 i, b, a, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport, gradient=True)
+                self.transport, gradient=True, row_factors=self._row_factors(tensors))
         return self.backward_transfers[key]
 
     def _modes(self, tensors):
         return tuple(ROWS if t in self.template.batch_tensors else WHOLE for t in tensors)
+
+    def _row_factors(self, tensors):
+        return tuple(self.template.row_factor.get(t, 1) for t in tensors)
 
     def _specs(self, tensors):
         specs = []
@@ -366,9 +406,14 @@ class _Builder:
         return _local_offset(self.feature_rows[feature], base + lo), \
             _local_offset(self.feature_rows[feature], base + hi - 1) + 1
 
-    def _loss_scale(self, slot: Slot) -> float:
+    def _loss_scale(self, slot: Slot, dtype) -> tf.Tensor:
+        """What a clone's loss counts for in the global loss (and its gradient seed): its rows'
+        share of the global batch for a mean loss; 1 / the global denominator for a
+        WeightedLoss, whose numerator is a sum."""
+        if self.global_denominator is not None:
+            return tf.math.reciprocal(tf.cast(self.global_denominator, dtype))
         lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
-        return (hi - lo) / self.plan.global_batch_size
+        return tf.constant((hi - lo) / self.plan.global_batch_size, dtype)
 
     # ---- gradients and the update ---------------------------------------------------------
     def final_gradients(self, clip_norm, gradient_sync: GradientSync) -> dict:
@@ -410,13 +455,14 @@ class _Builder:
             return tf.add_n(self.scaled_losses, name="dapple/loss")
 
 
-def local_feature_rows(plan: Plan, specs: list[StageSpec], local: Iterable[Slot]
-                       ) -> dict[str, tuple[tuple[int, int], ...]]:
+def local_feature_rows(plan: Plan, specs: list[StageSpec], local: Iterable[Slot],
+                       whole: Iterable[str] = ()) -> dict[str, tuple[tuple[int, int], ...]]:
     """Feature -> the global-batch rows the local slots read of it, as sorted, merged [lo, hi)
     ranges (features no local slot reads are left out). A rank holding one slot of the first
     stage gets its input rows, one of the last stage its label rows, a middle stage none; one
-    process holding every slot gets the whole batch."""
-    ranges: dict[str, list[tuple[int, int]]] = {}
+    process holding every slot gets the whole batch. Features in `whole` are read whole (e.g.
+    the weights a WeightedLoss's global denominator sums)."""
+    ranges: dict[str, list[tuple[int, int]]] = {f: [(0, plan.global_batch_size)] for f in whole}
     b = plan.micro_batch_size
     for slot in local:
         lo, hi = plan.rows_of_replica(slot.stage, slot.replica)
@@ -443,6 +489,16 @@ def _local_offset(rows: tuple[tuple[int, int], ...], global_row: int) -> int:
             return before + global_row - lo
         before += hi - lo
     raise ValueError(f"row {global_row} is not among the local rows {rows}")
+
+
+def _ancestors(op: tf.Operation) -> set[str]:
+    seen, stack = {op.name}, [op]
+    while stack:
+        for t in stack.pop().inputs:
+            if t.op.name not in seen:
+                seen.add(t.op.name)
+                stack.append(t.op)
+    return seen
 
 
 def _identity_n(tensors, name):

@@ -171,7 +171,7 @@ def _forward_part(template: Template, spec: StageSpec, node_by_name, library,
     return graphdefs.extract(
         (node_by_name[op] for op in spec.ops), template.graph, FORWARD_INPUT_PREFIX,
         keep_outside=variable_nodes, library=library if len(library.function) else None,
-        static_rows=rows, batch_tensors=template.batch_tensors)
+        static_rows=rows, batch_tensors=template.batch_tensors, row_factor=template.row_factor)
 
 
 @dataclasses.dataclass

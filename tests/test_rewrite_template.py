@@ -110,17 +110,51 @@ def test_a_time_major_tensor_crossing_stages_is_rejected_with_its_name():
         with tf.name_scope("b"):
             return tf.reduce_mean(h)
     template = build_template(model_fn, SPEC)
-    with pytest.raises(PartitionError, match="batch axis"):
+    with pytest.raises(PartitionError, match=r"a/transpose:0 \(shape \(2, None, 2\), \[2, 7, 2\] "
+                                             r"with a batch of 7 rows\) .*from layer 'a' \(stage 0\) "
+                                             r"to layer 'b' \(stage 1\).*neither be split by rows"):
         partition(template, even_plan(template.layers, [1, 1], 8, 1))
 
 
-def test_a_flattened_batch_time_tensor_crossing_stages_is_rejected_as_not_batch_major():
+def test_a_flattened_batch_time_tensor_crossing_stages_is_split_at_k_times_the_rows():
     def model_fn(features):
         with tf.name_scope("a"):
             h = tf.reshape(features["x"], [-1, 2])  # [batch * 2, 2]
         with tf.name_scope("b"):
             return tf.reduce_mean(h)
     template = build_template(model_fn, SPEC)
-    assert template.not_batch_major == {"a/Reshape:0": (14, 2)}
-    with pytest.raises(PartitionError, match="a/Reshape:0 .*not the batch axis"):
+    assert template.row_factor == {"a/Reshape:0": 2}
+    assert template.not_batch_major == {}
+    specs = partition(template, even_plan(template.layers, [1, 1], 8, 1))
+    assert specs[1].inputs == ("a/Reshape:0",)
+
+
+def test_a_batch_size_scalar_crossing_stages_is_recomputed_for_the_receiving_clones_rows():
+    def model_fn(features):
+        with tf.name_scope("a"):
+            h = features["x"] * 2.0
+            rows = tf.shape(h)[0] * 2
+        with tf.name_scope("b"):
+            return tf.reduce_mean(tf.reshape(h, [rows, -1]))
+    template = build_template(model_fn, SPEC)
+    assert template.not_batch_major == {"a/mul_1:0": ()}
+    # 16 rows, 2 micro-batches of 8; stage b has 2 replicas: 4 rows per clone
+    specs = partition(template, Plan(16, 2, "1f1b", (Stage(("a",), (0,)),
+                                                      Stage(("b",), (1, 2)))))
+    assert specs[1].inputs == ("a/mul:0",)
+    assert specs[1].derived_inputs == {"a/mul_1:0": 8}
+    assert specs[0].outputs == ("a/mul:0",)
+
+
+def test_a_scalar_computed_from_batch_values_crossing_stages_is_refused_naming_both_layers():
+    def model_fn(features):
+        with tf.name_scope("a"):
+            h = features["x"] * 2.0
+            total = tf.reduce_sum(h)
+        with tf.name_scope("b"):
+            return tf.reduce_mean(h) / total
+    template = build_template(model_fn, SPEC)
+    with pytest.raises(PartitionError, match=r"a/Sum:0 \(shape \(\)"
+                                             r".*from layer 'a' \(stage 0\) to layer 'b' "
+                                             r"\(stage 1\).*nor recomputed"):
         partition(template, even_plan(template.layers, [1, 1], 8, 1))

@@ -5,7 +5,9 @@
       train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
       check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
       <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
-      rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS.
+      rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
+      those of rewrite_models.ALL, and tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
+      0.1, its layer rule, Adam).
   trainer_checks.py sessions <out_dir>
       Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
       while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
@@ -30,7 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import functools  # noqa: E402
+
 import rewrite_models as models  # noqa: E402
+import tf1_bert  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import Plan, Stage, even_plan  # noqa: E402
@@ -52,6 +57,23 @@ def batches(case, steps):
     return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(steps)]
 
 
+def adam():
+    return tf.compat.v1.train.AdamOptimizer(0.01)
+
+
+TF1_BERT_DROPOUT = {"tf1bert0": 0.0, "tf1bert1": 0.1}
+
+
+def model_case(model):
+    """(case, layer rule, optimizer_fn) of a model name."""
+    if model in TF1_BERT_DROPOUT:
+        model_fn = functools.partial(tf1_bert.bert_classifier,
+                                     dropout_rate=TF1_BERT_DROPOUT[model])
+        return (models.ModelCase(model, model_fn, tf1_bert.FEATURE_SPEC, tf1_bert.make_batch),
+                tf1_bert.LAYERS, adam)
+    return models.ALL[model], None, optimizer
+
+
 def make_plan(layers, plan_name, schedule):
     if plan_name in PLANS:
         return even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
@@ -62,11 +84,13 @@ def make_plan(layers, plan_name, schedule):
     return Plan(GLOBAL_BATCH, MICRO_BATCHES, schedule, tuple(stages))
 
 
-def make_trainer(case, plan_name, schedule, optimize_graph=False, clip_norm=None):
-    layers = build_template(case.model_fn, case.feature_spec).layers
-    plan = make_plan(layers, plan_name, schedule)
-    return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=optimize_graph, clip_norm=clip_norm)
+def make_trainer(case, plan_name, schedule, optimize_graph=False, clip_norm=None, layers=None,
+                 optimizer_fn=optimizer):
+    names = build_template(case.model_fn, case.feature_spec, layers=layers).layers
+    plan = make_plan(names, plan_name, schedule)
+    return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer_fn, plan, GLOBAL_BATCH,
+                             seed=SEED, optimize_graph=optimize_graph, clip_norm=clip_norm,
+                             layers=layers)
 
 
 def tag_of(model, plan_name, schedule, clip=False):
@@ -76,10 +100,11 @@ def tag_of(model, plan_name, schedule, clip=False):
 def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
-        case = models.ALL[model]
+        case, layers, optimizer_fn = model_case(model)
         clip = "clip" in options
         trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options,
-                               clip_norm=CLIP_NORM if clip else None)
+                               clip_norm=CLIP_NORM if clip else None, layers=layers,
+                               optimizer_fn=optimizer_fn)
         rank = trainer.rank
         transfer_ops = sorted({op.type for op in trainer.graph.get_operations()
                                if re.search(r"_to_s\d+/k\d+_j\d+/rank\d+_to_rank\d+/p\d+$",
