@@ -73,7 +73,7 @@ class _SessionTrainer:
         `tf.compat.v1.RunMetadata()` to trace the step into it (full trace)."""
         if batch is None and self.input_fn is None:
             raise ValueError("train_step needs a batch (this trainer has no input_fn)")
-        feed = self._feed(batch) if batch is not None else None
+        feed = self._feed(batch) if batch is not None else self._random_rows_feed()
         options = None
         if run_metadata is not None:
             options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
@@ -111,8 +111,6 @@ class _SessionTrainer:
             raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
         feed, fed_bytes = {}, 0
         for name, ph in self.features.items():
-            if name == RANDOM_ROWS_FEATURE:
-                continue
             value = np.asarray(batch[name])
             rows = self.local_rows.get(name)
             count = self.global_batch_size if rows is None else sum(hi - lo for lo, hi in rows)
@@ -128,6 +126,21 @@ class _SessionTrainer:
             fed_bytes += value.nbytes
         self.fed_bytes = fed_bytes
         return feed
+
+    def _random_rows_feed(self):
+        """The feed of a step whose features come from `input_fn`: only the rows feature that
+        seeds random ops, if the model has any."""
+        if RANDOM_ROWS_FEATURE not in self.features:
+            return None
+        rows = self.local_rows[RANDOM_ROWS_FEATURE]
+        return {self.features[RANDOM_ROWS_FEATURE]: self._random_rows_value(rows)}
+
+    def _random_rows_value(self, rows):
+        """This step's rows feature (global row, step, ...) of the rows `rows`."""
+        if self._random_step is None:
+            self._random_step = self.global_step
+        return take_rows(rows_feature_value(0, self.global_batch_size, self.global_batch_size,
+                                            self._random_step), rows)
 
     @property
     def local_rows(self) -> dict[str, tuple[tuple[int, int], ...]]:
