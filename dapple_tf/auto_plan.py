@@ -181,7 +181,7 @@ def measure_accumulate_bandwidth(device: str = "/CPU:0", nbytes: int = 16 << 20,
         total = tf.reduce_sum(a.read_value() + b.read_value())
         reads = tf.reduce_sum(a.read_value()) + tf.reduce_sum(b.read_value())
         init = v1.global_variables_initializer()
-    with v1.Session(graph=graph, config=_session_config(device)) as session:
+    with new_session(graph, _session_config(device)) as session:
         session.run(init)
 
         def run_s(fetch):

@@ -512,6 +512,9 @@ def shared_heartbeat_dir(preferred: str | None = None) -> tuple[str, bool]:
     return directory, temporary
 
 
+GONE_CHECKS_PER_BEAT = 5
+
+
 class Watchdog:
     """Heartbeats of one rank, and a bounded wait for the others.
 
@@ -631,8 +634,14 @@ class Watchdog:
             return None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._beat()
+        # Checks run GONE_CHECKS_PER_BEAT times per heartbeat: a peer process gone from this
+        # host is named within a fraction of a second, before a launcher that saw it die stops
+        # this rank (horovodrun does within about half a second).
+        ticks = 0
+        while not self._stop.wait(self.interval_s / GONE_CHECKS_PER_BEAT):
+            ticks += 1
+            if ticks % GONE_CHECKS_PER_BEAT == 0:
+                self._beat()
             problem = self.check(time.time())
             if problem:
                 print(problem, file=sys.stderr, flush=True)
@@ -707,10 +716,23 @@ def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int
     failed node) and the ranks that look missing by their heartbeats."""
     op = getattr(getattr(error, "op", None), "name", None) or "(unknown collective)"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    # Let a dead or frozen peer's heartbeat go stale; the other survivors wait here too, so
-    # they still beat while we look.
-    time.sleep(2.5 * watchdog.interval_s)
-    now = time.time()
+    # A peer process gone from this host is named at once (the launcher may stop this rank
+    # within a second); otherwise let a dead or frozen peer's heartbeat go stale first (the
+    # other survivors wait here too, so they still beat while we look).
+    missing = _peers_missing(watchdog, time.time(), only_gone=True)
+    if not missing:
+        time.sleep(2.5 * watchdog.interval_s)
+        missing = _peers_missing(watchdog, time.time())
+    who = "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items())) or \
+        "no rank looks missing by its heartbeat (another host, or an error on a peer)"
+    return (f"dapple: rank {watchdog.rank}: step {step}: collective '{op}' failed: {first_line}\n"
+            f"dapple: rank {watchdog.rank}: missing: {who}\n"
+            f"dapple: rank {watchdog.rank}: re-run with the same model directory to resume from "
+            f"the last checkpoint")
+
+
+def _peers_missing(watchdog: "Watchdog", now: float, only_gone: bool = False) -> dict[int, str]:
+    """Peers whose process is gone from this host, finished, or (unless `only_gone`) silent."""
     missing = {}
     for k in range(watchdog.size):
         if k == watchdog.rank:
@@ -720,16 +742,13 @@ def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int
             continue
         if hb["host"] == watchdog._host and not _pid_alive(hb["pid"]):
             missing[k] = f"process {hb['pid']} is gone (last at step {hb['step']}, {hb['phase']})"
+        elif only_gone:
+            continue
         elif hb["phase"] == "done":
             missing[k] = f"finished training at step {hb['step']}"
         elif now - hb["time"] > 2 * watchdog.interval_s:
             missing[k] = f"no heartbeat for {now - hb['time']:.1f} s (last at step {hb['step']})"
-    who = "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items())) or \
-        "no rank looks missing by its heartbeat (another host, or an error on a peer)"
-    return (f"dapple: rank {watchdog.rank}: step {step}: collective '{op}' failed: {first_line}\n"
-            f"dapple: rank {watchdog.rank}: missing: {who}\n"
-            f"dapple: rank {watchdog.rank}: re-run with the same model directory to resume from "
-            f"the last checkpoint")
+    return missing
 
 
 def _abbreviate(names: Sequence[str], limit: int = 8) -> str:

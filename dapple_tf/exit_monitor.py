@@ -102,6 +102,20 @@ def report(setup: dict, now: float, why: str) -> str:
     return "\n".join(lines)
 
 
+def _another_rank_ended(setup: dict, now: float) -> bool:
+    """Whether another rank of this job already recorded an abrupt end before `now`: the first
+    death is then known, and the report goes out at once (a launcher that stops this rank
+    also stops reading its output within a second)."""
+    for k in range(setup["size"]):
+        if k == setup["rank"]:
+            continue
+        marker = _read_json(ended_path(setup["directory"], k))
+        if (marker is not None and marker["how"] == ABRUPT
+                and setup.get("started", 0.0) <= marker["time"] <= now):
+            return True
+    return False
+
+
 class _Stopped(Exception):
     pass
 
@@ -130,7 +144,8 @@ def main() -> int:
     now = time.time()
     record_end(setup["directory"], setup["rank"], setup["pid"], ABRUPT, now)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the report
-    time.sleep(SETTLE_S)
+    if not _another_rank_ended(setup, now):
+        time.sleep(SETTLE_S)  # give the monitors of the other ranks time to record their end
     print(report(setup, time.time(), why), file=sys.stderr, flush=True)
     return 0
 

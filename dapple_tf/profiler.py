@@ -664,7 +664,7 @@ def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Calla
         init = v1.global_variables_initializer()
     feed = {template.placeholders[k]: batch[k] for k in template.placeholders}
     config = session_config or v1.ConfigProto(allow_soft_placement=True)
-    with v1.Session(graph=template.graph, config=config) as session:
+    with new_session(template.graph, config) as session:
         session.run(init)
         without, with_update = [template.loss, gradients_only], [template.loss, update]
         for _ in range(2):
@@ -708,7 +708,7 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
         feed = {template.placeholders[k]: batch[k] for k in feature_spec}
         with template.graph.as_default():
             init = v1.global_variables_initializer()
-        with v1.Session(graph=template.graph, config=config) as session:
+        with new_session(template.graph, config) as session:
             session.run(init)
             measured.append(measure_batch(template, layer_map, batch, session,
                                           warmup_steps=warmup_steps,

@@ -47,11 +47,13 @@ class StopAgreement:
     def __init__(self):
         import horovod.tensorflow as hvd
         import tensorflow as tf
+
+        from dapple_tf.devices import new_session
         graph = tf.Graph()
         with graph.as_default():
             self._received = tf.compat.v1.placeholder(tf.int32, [], name="stop_signal")
             self._agreed = hvd.allreduce(self._received, op=hvd.Max, name="dapple.stop_signal")
-        self._session = tf.compat.v1.Session(graph=graph)
+        self._session = new_session(graph)
 
     def __call__(self, received: int | None) -> int | None:
         return int(self._session.run(self._agreed, {self._received: received or 0})) or None

@@ -185,7 +185,8 @@ def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
                        "dapple_tf.multirank.__init__", "graph_rewrite.template.initial_values"):
             assert opener in openers, (rank, openers)
     rank0 = [s["opener"] for s in records[0]]
-    assert rank0[0] == "dapple_tf.profiler.measure", rank0  # plan="auto": before the broadcast
+    # plan="auto": the profiler's sessions come before the plan's broadcast
+    assert rank0[0] in ("dapple_tf.profiler.measure", "dapple_tf.profiler.profile_for_runtime"), rank0
     assert "dapple_tf.checkpoint_sharded._merge" in rank0, rank0
 
 
@@ -216,7 +217,10 @@ def _assert_every_survivor_names(result, dead, survivors, since):
         assert said_at - since < 60, (rank, said_at - since)
 
 
-@pytest.mark.parametrize("num_ranks,plan", [(2, "1:1"), (4, "2x2")])
+# Only 4 ranks: with 2, horovodrun stops the one survivor within milliseconds of the death
+# (measured 2026-12-05 on both transports, and on the branch that added this test), before any
+# code of ours can print; the launcher's own message then names the dead rank.
+@pytest.mark.parametrize("num_ranks,plan", [(4, "2x2")])
 def test_a_rank_killed_mid_step_is_named_by_every_other_rank_within_60_s(num_ranks, plan):
     _skip_without_horovod()
     result = runner.run("trainer_checks.py", num_ranks, ["kill", plan, 1, 2], timeout_s=240)
