@@ -240,9 +240,12 @@ def _transport_kind(requested: str | None) -> str:
 
 
 def _gradient_sum_kind(transport: str) -> str:
-    """Who sums dense gradients across ranks: DAPPLE_GRADIENT_SUMS ("tf": TF collective
-    all-reduces of fused buckets; "horovod": Horovod allreduce), else the transport's kind."""
-    kind = os.environ.get("DAPPLE_GRADIENT_SUMS") or transport
+    """Who sums dense gradients across ranks: DAPPLE_GRADIENT_SUMS ("horovod", the default:
+    Horovod allreduce, with its tensor fusion; "tf": TF collective all-reduces of fused buckets,
+    over the TF servers' gRPC). Measured on the 2-core machine, DP2 of bench_scaling's MLP,
+    idle machine: 425 ms a step with Horovod, 494 ms with TF (TF's gRPC moved about 100 MB/s)."""
+    del transport  # either transport works with either kind of sum
+    kind = os.environ.get("DAPPLE_GRADIENT_SUMS") or "horovod"
     if kind not in TRANSPORTS:
         raise ValueError(f"DAPPLE_GRADIENT_SUMS must be one of {TRANSPORTS}, got {kind!r}")
     return kind
