@@ -12,13 +12,13 @@ graph of the same model with the same methods: the reference that pipelined trai
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
+from graph_rewrite.rewrite import PhaseClock
 from graph_rewrite.random_ops import RANDOM_ROWS_FEATURE, rows_feature_value
 from graph_rewrite.template import (LayerRule, WeightedLoss, build_model_graph, build_template,
                                    initial_values)
@@ -237,7 +237,7 @@ class Trainer(_SessionTrainer):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
-        clock = _SetupClock()
+        clock = PhaseClock()
         self.setup_seconds = clock.seconds     # wall time of each phase of __init__
         self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
                                  num_devices, optimizer_fn, layers=layers)
@@ -268,16 +268,6 @@ class Trainer(_SessionTrainer):
         self._finish_init(values)
         clock.mark("session + variable init (initial values assigned)")
 
-
-class _SetupClock:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = now - self._last
-        self._last = now
 
 
 class SingleDeviceTrainer(_SessionTrainer):

@@ -75,7 +75,7 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     `stack_weight_gradients`: compute each slot's weight gradients that are sums over rows once
     per step, after its last backward, over the stacked rows of all its micro-batches
     (graph_rewrite/stacked_gradients.py); their inputs stay alive until then."""
-    clock = _PhaseClock()
+    clock = PhaseClock()
     specs = partition(template, plan)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     stage_graphs = build_stage_graphs(template, specs, [
@@ -115,9 +115,9 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
         phase_seconds=clock.seconds)
 
 
-class _PhaseClock:
-    """Wall time of each phase of one rewrite (TrainingGraph.phase_seconds, for logs and
-    bench/bench_rewriter.py)."""
+class PhaseClock:
+    """Wall time of each phase of one build (TrainingGraph.phase_seconds for a rewrite, for logs
+    and bench/bench_rewriter.py; Trainer.setup_seconds for a trainer's set-up)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
