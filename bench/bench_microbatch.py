@@ -26,6 +26,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dapple_tf  # noqa: E402,F401  (first: TensorFlow's oneDNN kernels, as users get them)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

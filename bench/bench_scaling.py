@@ -96,10 +96,10 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
     core = pin_to_core(local_rank)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO_ROOT)
+    import dapple_tf  # first: TensorFlow's oneDNN kernels, as users get them
     import numpy as np
     import tensorflow as tf
     tf.compat.v1.disable_eager_execution()
-    import dapple_tf
     from graph_rewrite.template import build_template
     from planner.plan_format import even_plan
 

@@ -5,6 +5,13 @@ that needs no TensorFlow (e.g. `dapple_tf.batching`, which train.py's flag check
 not start TensorFlow before train.py has set its log level.
 """
 import importlib
+import os
+
+# TensorFlow's oneDNN CPU kernels. On x86 CPUs without AVX-512 VNNI or AMX, TensorFlow leaves
+# them off, and its Eigen MatMul then ran micro-batch rows 2-4x slower per row than whole
+# batches (bench/README.md, "Micro-batching on one device"). TensorFlow reads this when it
+# starts, so it applies where dapple_tf is imported before tensorflow; set it to 0 to opt out.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 _PUBLIC = {"Plan": "planner.plan_format", "PlanError": "planner.plan_format",
            "layer": "dapple_tf.layers", "SingleDeviceTrainer": "dapple_tf.trainer",

@@ -52,6 +52,10 @@ def new_session(graph: tf.Graph | None = None,
     return tf.compat.v1.Session(target or "", graph=graph, config=pinned_config(config))
 
 
+def has_gpus() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))  # lists only: starts no runtime
+
+
 def pin_to_local_gpu(local_rank: int) -> None:
     """Make physical GPU `local_rank` TensorFlow's only visible GPU (nothing on hosts without
     GPUs). Must run before TensorFlow starts its runtime; afterwards it only checks that the

@@ -22,9 +22,11 @@ def clone_prefix(micro_batch: int, slot_tag: str) -> str:
 
 def call_forward(stage: StageGraph, device: str, prefix: str,
                  features: Mapping[str, tf.Tensor], received: Mapping[str, tf.Tensor],
-                 handles: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+                 handles: Mapping[str, tf.Tensor],
+                 transposed: Mapping[str, tf.Tensor] | None = None) -> dict[str, tf.Tensor]:
     """Call the stage's forward; returns template tensor name -> clone tensor for every tensor
-    the stage sends on, its loss, every forward tensor its backward reads, and its inputs."""
+    the stage sends on, its loss, every forward tensor its backward reads, and its inputs.
+    `transposed`: variable -> its value transposed, for `stage.transposed_weights`."""
     inputs = {}
     for feature, ph in stage.feature_inputs.items():
         inputs[ph] = features[feature]
@@ -32,6 +34,8 @@ def call_forward(stage: StageGraph, device: str, prefix: str,
         inputs[ph] = received[t]
     for v in stage.forward_variables:
         inputs[f"{v}:0"] = handles[v]
+    for t, v in stage.transposed_weights.items():
+        inputs[t] = transposed[v]
     return _call(stage.forward_function, inputs, device, prefix + "/fwd",
                  stage.backward_only_forward_results)
 

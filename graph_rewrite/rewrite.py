@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, functions, graphdefs, schedule, variables
+from . import clone, functions, graphdefs, schedule, transposed_weights, variables
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -78,12 +78,15 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     clock = PhaseClock()
     specs = partition(template, plan)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
-    stage_graphs = build_stage_graphs(template, specs, [
-        plan.micro_batch_size // stage.num_replicas for stage in plan.stages],
-        stages={slot.stage for slot in local},
-        stack_weight_gradients=stack_weight_gradients and plan.num_micro_batches > 1)
-    lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     device_of_slot = slot_devices(plan, device_name)
+    rows_of_stage = [plan.micro_batch_size // stage.num_replicas for stage in plan.stages]
+    stage_graphs = build_stage_graphs(
+        template, specs, rows_of_stage, stages={slot.stage for slot in local},
+        stack_weight_gradients=stack_weight_gradients and plan.num_micro_batches > 1,
+        transposed_stages=frozenset(
+            slot.stage for slot in local if transposed_weights.prefers_transposed_weights(
+                device_of_slot[slot], rows_of_stage[slot.stage])))
+    lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
@@ -156,6 +159,7 @@ class _Builder:
         self.start_ops: dict = {}
         self.end_ops: dict = {}
         self.last_end: dict[Slot, tf.Operation] = {}
+        self.transposed: dict[Slot, dict[str, tf.Tensor]] = {}
 
     # ---- inputs and variables -------------------------------------------------------------
     def create_inputs_and_variables(self):
@@ -269,7 +273,8 @@ class _Builder:
                 with tf.device(device):
                     received[t] = tf.constant(value, name=f"{prefix}/derived")
         handles = {v: self.variables[v].handle for v in spec.variables}
-        tensors = clone.call_forward(stage, device, prefix, features, received, handles)
+        tensors = clone.call_forward(stage, device, prefix, features, received, handles,
+                                     self._transposed_weights(slot))
         self.forward_tensors[(slot, i)] = tensors
         end_deps = []
         for b in spec.consumer_stages:
@@ -286,6 +291,17 @@ class _Builder:
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/F_end")
         return start_ops, end
+
+    def _transposed_weights(self, slot: Slot) -> dict[str, tf.Tensor]:
+        """variable -> its value transposed, read once per step for all of the slot's forwards
+        (graph_rewrite/transposed_weights.py); made at the slot's first forward."""
+        if slot not in self.transposed:
+            names = self.stage_graphs[slot.stage].transposed_weights.values()
+            with tf.control_dependencies(None), tf.device(self.device_of_slot[slot]):
+                self.transposed[slot] = {
+                    v: tf.transpose(self.variables[v].value(),
+                                    name=f"dapple/transposed/{slot.tag}/{v}") for v in names}
+        return self.transposed[slot]
 
     def _backward(self, slot: Slot, i: int, deps):
         stage = self.stage_graphs[slot.stage]

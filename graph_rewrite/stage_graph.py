@@ -26,7 +26,7 @@ import functools
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
-from . import functions, graphdefs, layer_gradients, stacked_gradients
+from . import functions, graphdefs, layer_gradients, stacked_gradients, transposed_weights
 from .graphdefs import GradRef, is_differentiable
 from .partition import StageSpec
 from .template import Template
@@ -90,6 +90,9 @@ class StageGraph:
     weight_gradient_inputs: tuple[str, ...] = ()
     weight_gradient_constants: tuple[str, ...] = ()   # inputs with one value per step
     weight_gradient_variables: tuple[str, ...] = ()
+    # forward input -> the variable whose transposed value it takes, once per step
+    # (graph_rewrite/transposed_weights.py)
+    transposed_weights: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def backward_results(self, accumulating: bool) -> list[str]:
         """Names of the backward's results, in (input grads, variable grads) order, of
@@ -119,14 +122,16 @@ class StageGraph:
 
 def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
                        stages=None, layer_cache: layer_gradients.LayerGradientCache | None = None,
-                       stack_weight_gradients: bool = False) -> list[StageGraph | None]:
+                       stack_weight_gradients: bool = False,
+                       transposed_stages: frozenset[int] = frozenset()) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
     `stages`: the stage indices to build (default all; a rank builds its own); the others are
     None in the result. `layer_cache`: gradient graphs by layer structure (default: a new one).
     `stack_weight_gradients` (needs rows_of_stage): the dense weight gradients that are sums
     over rows get a function of their own, called once per step on the stacked rows of all
-    micro-batches (graph_rewrite/stacked_gradients.py).
+    micro-batches (graph_rewrite/stacked_gradients.py). `transposed_stages`: the stages whose
+    forward matmuls read their weights transposed (graph_rewrite/transposed_weights.py).
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
     same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
@@ -160,7 +165,8 @@ def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage
                     or _differentiate(template, spec, forward_part))
             differentiated.setdefault(key, (spec.index, forward_part, diff))
         stage_graphs.append(_stage_graph(template, spec, forward_part, diff,
-                                         rows if stack_weight_gradients else None))
+                                         rows if stack_weight_gradients else None,
+                                         spec.index in transposed_stages))
     return stage_graphs
 
 
@@ -343,10 +349,12 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
 
 
 def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
-                 diff: _Differentiated, stack_rows: int | None = None) -> StageGraph:
+                 diff: _Differentiated, stack_rows: int | None = None,
+                 transpose_weights: bool = False) -> StageGraph:
     """Split the forward + gradient graph into the forward and backward GraphDefs and their
     functions; with `stack_rows` (the rows of each call), the weight gradients that are sums
-    over rows apart (stacked_gradients.py)."""
+    over rows apart (stacked_gradients.py); with `transpose_weights`, forward matmuls read
+    their weights transposed (transposed_weights.py)."""
     feature_of_tensor = {t: name for name, t in template.features.items()}
     feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
                       if t in feature_of_tensor}
@@ -381,8 +389,12 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
     spec_of = _SpecLookup(scratch, forward_refs)
     forward_refs = {ph: _resource_source(forward, t) if spec_of(t).dtype == tf.resource else t
                     for ph, t in forward_refs.items()}
+    transposed = (transposed_weights.transpose_weight_reads(forward, spec.variables)
+                  if transpose_weights else {})
+    for t, v in transposed.items():
+        spec_of.added[t] = tf.TensorSpec(list(reversed(template.variables[v].shape)), tf.float32)
     forward_inputs = [*feature_inputs.values(), *boundary_inputs.values(),
-                      *(f"{v}:0" for v in spec.variables)]
+                      *(f"{v}:0" for v in spec.variables), *transposed]
     forward_function = _stage_function(
         forward, "forward", spec.index, forward_inputs,
         [*spec.outputs, *([template.loss] if spec.has_loss else []), *forward_refs.values()],
@@ -442,7 +454,8 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
         weight_gradient_inputs=stacking.row_inputs if stacking else (),
         weight_gradient_constants=stacking.constant_inputs if stacking else (),
         weight_gradient_variables=tuple(graphdefs.split_tensor_name(t)[0]
-                                        for t in stacking.handle_inputs) if stacking else ())
+                                        for t in stacking.handle_inputs) if stacking else (),
+        transposed_weights=transposed)
 
 
 class _SpecLookup:

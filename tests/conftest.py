@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import dapple_tf  # noqa: E402,F401  (before TensorFlow: its oneDNN default, as users get it)
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -118,12 +118,14 @@ def test_cli_writes_the_runtime_profile_and_graph_txt_keeps_every_field(tmp_path
 def test_workspace_counts_the_temporaries_a_layers_ops_allocate_beyond_their_outputs():
     def conv_model(features):
         with v1.variable_scope("conv"):
-            w = v1.get_variable("w", [3, 3, 4, 8])
+            w = v1.get_variable("w", [3, 3, 4, 8], tf.float64)
             h = tf.nn.conv2d(features["x"], w, [1, 1, 1, 1], "SAME")
         with v1.variable_scope("loss"):
             return tf.reduce_mean(h)
-    profile = profiler.profile_for_runtime(conv_model, {"x": ((16, 16, 4), tf.float32)}, [2, 8],
+    # float64: TensorFlow's own (Eigen) convolution, whatever TF_ENABLE_ONEDNN_OPTS says;
+    # oneDNN's float32 convolution keeps its scratch to about 12 KB here
+    profile = profiler.profile_for_runtime(conv_model, {"x": ((16, 16, 4), tf.float64)}, [2, 8],
                                            measured_steps=1)
     conv = profile.layers[0]
-    # the backward im2col buffers exceed the output (8 rows x 16 x 16 x 8 floats)
-    assert conv.workspace_bytes > 8 * 16 * 16 * 8 * 4
+    # the backward im2col buffers exceed the output (8 rows x 16 x 16 x 8 doubles)
+    assert conv.workspace_bytes > 8 * 16 * 16 * 8 * 8
