@@ -340,6 +340,9 @@ class _Builder:
         for v, g in variable_grads.items():
             accumulator.update(v, g)
             end_deps += [g.values.op, g.indices.op] if isinstance(g, tf.IndexedSlices) else [g.op]
+        # The call itself, also where no running sum or send reads it (stacked weight
+        # gradients of a first stage): the next action must wait for this backward's compute.
+        end_deps += [t.op for t in (*input_grads.values(), *weight_rows.values())]
         end_deps = list(dict.fromkeys(end_deps))  # mostly the one call op
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
