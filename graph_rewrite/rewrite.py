@@ -334,8 +334,6 @@ class _Builder:
         input_grads, variable_grads, weight_rows = clone.call_backward(
             stage, device, prefix, forward, grad_inputs, loss_grad, handles,
             accumulator.running_sums())
-        if stage.weight_gradient_function is not None:
-            self._stack_weight_gradients(slot, weight_rows, handles)
         end_deps = []
         for v, g in variable_grads.items():
             accumulator.update(v, g)
@@ -352,11 +350,16 @@ class _Builder:
                                               [input_grads[t] for t in transfer.tensors]))
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
+        if stage.weight_gradient_function is not None:
+            self._stack_weight_gradients(slot, weight_rows, handles, end)
         return start_ops, end
 
-    def _stack_weight_gradients(self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles):
-        """Record one backward's weight-gradient inputs; after the slot's last backward, call
-        the stage's weight-gradient function once on all of them stacked (micro-batch order)."""
+    def _stack_weight_gradients(self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles,
+                                backward_end: tf.Operation):
+        """Record one backward's weight-gradient inputs; after the slot's last backward has
+        ended (its input gradients sent: the previous stage waits for them, not for these),
+        call the stage's weight-gradient function once on all of them stacked (micro-batch
+        order)."""
         rows = self.weight_gradient_rows[slot]
         rows.append(weight_rows)
         if len(rows) < self.plan.num_micro_batches:
@@ -364,7 +367,8 @@ class _Builder:
         stage = self.stage_graphs[slot.stage]
         device = self.device_of_slot[slot]
         scope = f"{self.accumulators[slot].scope}/weight_gradients"
-        with tf.device(device), tf.name_scope(scope + "/"):
+        with tf.device(device), tf.name_scope(scope + "/"), \
+                tf.control_dependencies([backward_end]):
             stacked = {t: tf.concat([r[t] for r in rows], 0, name=f"rows_{k}")
                        for k, t in enumerate(stage.weight_gradient_inputs)}
         stacked.update((t, rows[-1][t]) for t in stage.weight_gradient_constants)
