@@ -1,4 +1,5 @@
 """dapple-tf: hybrid pipeline + data parallel training for TensorFlow, planned automatically."""
+
 from setuptools import find_packages, setup
 
 setup(

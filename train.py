@@ -9,6 +9,7 @@ logs loss and throughput, writes checkpoints and TensorBoard summaries to --mode
 resumes from the last checkpoint there when restarted. SIGINT (Ctrl-C) or SIGTERM stops
 training at the next step boundary with a checkpoint. docs/user-guide.md explains every flag.
 """
+
 from __future__ import annotations
 
 import logging as std_logging
@@ -24,48 +25,84 @@ MODEL_NAMES = ("vgg19", "amoebanet", "bert", "gnmt", "xlnet")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "gnmt", MODEL_NAMES, "model to train")
 flags.DEFINE_string("preset", "tiny", "model size preset (tiny for CPU demos and tests ... paper)")
-flags.DEFINE_string("dapple_plan", "auto",
-                    "'auto' (profile + plan), a plan JSON path, or DAPPLE notation like '2:2', "
-                    "'3:1' or 'DP4' (layers split evenly)")
-flags.DEFINE_integer("global_batch_size", None, "rows per step (default: the model's default)",
-                     lower_bound=1)
-flags.DEFINE_integer("num_micro_batches", None,
-                     "micro-batches per step (notation plans; default: the largest count up to "
-                     "2 x stages that the batch and the replica counts allow; auto plans choose "
-                     "their own)", lower_bound=1)
-flags.DEFINE_enum("schedule", None, ["gpipe", "1f1b"],
-                  "pipeline schedule (default: the planner's choice, 1f1b for notation plans)")
-flags.DEFINE_integer("num_devices", None,
-                     "single process: stage devices to use (default: all GPUs, else 4 logical "
-                     "CPU devices)", lower_bound=1)
-flags.DEFINE_string("cluster", None,
-                    "host boundaries for auto planning, DAPPLE seps like '8,16' (default: one "
-                    "host holding all devices)")
+flags.DEFINE_string(
+    "dapple_plan",
+    "auto",
+    "'auto' (profile + plan), a plan JSON path, or DAPPLE notation like '2:2', "
+    "'3:1' or 'DP4' (layers split evenly)",
+)
+flags.DEFINE_integer(
+    "global_batch_size", None, "rows per step (default: the model's default)", lower_bound=1
+)
+flags.DEFINE_integer(
+    "num_micro_batches",
+    None,
+    "micro-batches per step (notation plans; default: the largest count up to "
+    "2 x stages that the batch and the replica counts allow; auto plans choose "
+    "their own)",
+    lower_bound=1,
+)
+flags.DEFINE_enum(
+    "schedule",
+    None,
+    ["gpipe", "1f1b"],
+    "pipeline schedule (default: the planner's choice, 1f1b for notation plans)",
+)
+flags.DEFINE_integer(
+    "num_devices",
+    None,
+    "single process: stage devices to use (default: all GPUs, else 4 logical CPU devices)",
+    lower_bound=1,
+)
+flags.DEFINE_string(
+    "cluster",
+    None,
+    "host boundaries for auto planning, DAPPLE seps like '8,16' (default: one "
+    "host holding all devices)",
+)
 flags.DEFINE_integer("steps", 20, "train until this global step", lower_bound=1)
-flags.DEFINE_string("data_dir", None,
-                    "real data (model-specific format, see models/README.md); default synthetic")
-flags.DEFINE_integer("vocab_size", None,
-                     "with --data_dir: the model's vocabulary size (default: the vocabulary "
-                     "file's)", lower_bound=1)
-flags.DEFINE_integer("seq_length", None,
-                     "with --data_dir: tokens per example (default: the longest example in the "
-                     "files)", lower_bound=1)
-flags.DEFINE_string("model_dir", None,
-                    "checkpoints, plan.json, run.json, summaries, traces; a run resumes from "
-                    "here (default: runs/<model>-<preset>-<plan notation>, ':' written '_')")
+flags.DEFINE_string(
+    "data_dir", None, "real data (model-specific format, see models/README.md); default synthetic"
+)
+flags.DEFINE_integer(
+    "vocab_size",
+    None,
+    "with --data_dir: the model's vocabulary size (default: the vocabulary file's)",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "seq_length",
+    None,
+    "with --data_dir: tokens per example (default: the longest example in the files)",
+    lower_bound=1,
+)
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "checkpoints, plan.json, run.json, summaries, traces; a run resumes from "
+    "here (default: runs/<model>-<preset>-<plan notation>, ':' written '_')",
+)
 flags.DEFINE_enum("optimizer", "adam", ["adam", "momentum", "sgd"], "optimizer")
 flags.DEFINE_float("learning_rate", 1e-3, "learning rate")
 flags.DEFINE_float("clip_norm", None, "clip gradients by this global norm (whole model)")
-flags.DEFINE_integer("save_every", 10, "write a checkpoint every N steps (and at the end)",
-                     lower_bound=1)
-flags.DEFINE_integer("keep_checkpoints", 5,
-                     "keep the newest N checkpoints, delete older ones (0: keep all)",
-                     lower_bound=0)
+flags.DEFINE_integer(
+    "save_every", 10, "write a checkpoint every N steps (and at the end)", lower_bound=1
+)
+flags.DEFINE_integer(
+    "keep_checkpoints",
+    5,
+    "keep the newest N checkpoints, delete older ones (0: keep all)",
+    lower_bound=0,
+)
 flags.DEFINE_integer("log_every", 1, "log a progress line every N steps", lower_bound=1)
-flags.DEFINE_integer("trace_step", None,
-                     "trace global step N (the step whose progress line reads 'step N') and save "
-                     "its RunMetadata as model_dir/trace_step_<N>.pb (draw it with "
-                     "python -m dapple_tf.timeline --model_dir DIR)", lower_bound=1)
+flags.DEFINE_integer(
+    "trace_step",
+    None,
+    "trace global step N (the step whose progress line reads 'step N') and save "
+    "its RunMetadata as model_dir/trace_step_<N>.pb (draw it with "
+    "python -m dapple_tf.timeline --model_dir DIR)",
+    lower_bound=1,
+)
 flags.DEFINE_integer("seed", 0, "seed for weights and synthetic data", lower_bound=0)
 flags.DEFINE_bool("verbose", False, "also show TensorFlow's own C++ and profiler log lines")
 
@@ -74,10 +111,10 @@ def _positive_or_none(value) -> bool:
     return value is None or value > 0
 
 
-flags.register_validator("learning_rate", lambda v: v > 0,
-                         message="--learning_rate must be > 0")
-flags.register_validator("clip_norm", _positive_or_none,
-                         message="--clip_norm must be > 0 (leave it out for no clipping)")
+flags.register_validator("learning_rate", lambda v: v > 0, message="--learning_rate must be > 0")
+flags.register_validator(
+    "clip_norm", _positive_or_none, message="--clip_norm must be > 0 (leave it out for no clipping)"
+)
 
 
 @flags.validator("cluster")
@@ -86,8 +123,9 @@ def _check_cluster(value):
         return True
     parts = value.split(",")
     if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise flags.ValidationError(f"expected increasing device counts like '8,16', "
-                                    f"found '{value}'")
+        raise flags.ValidationError(
+            f"expected increasing device counts like '8,16', found '{value}'"
+        )
     seps = [int(p) for p in parts]
     if seps != sorted(set(seps)):
         raise flags.ValidationError(f"host boundaries must increase, found '{value}'")
@@ -97,6 +135,7 @@ def _check_cluster(value):
 @flags.validator("dapple_plan")
 def _check_dapple_plan(value):
     from planner.plan_format import PlanError, parse_notation
+
     if value == "auto" or os.path.isfile(value):
         return True
     if value.endswith(".json"):
@@ -104,8 +143,10 @@ def _check_dapple_plan(value):
     try:
         parse_notation(value)
     except PlanError:
-        raise flags.ValidationError(f"expected 'auto', a plan JSON file or DAPPLE "
-                                    f"notation like '2:2', '3:1' or 'DP4'; found '{value}'")
+        raise flags.ValidationError(
+            f"expected 'auto', a plan JSON file or DAPPLE "
+            f"notation like '2:2', '3:1' or 'DP4'; found '{value}'"
+        )
     return True
 
 
@@ -126,8 +167,10 @@ def _check_model_dir(value):
 @flags.multi_flags_validator(["trace_step", "steps"])
 def _check_trace_step(values):
     if values["trace_step"] is not None and values["trace_step"] > values["steps"]:
-        raise flags.ValidationError(f"--trace_step={values['trace_step']} is after the last step "
-                                    f"(--steps={values['steps']}): nothing would be traced")
+        raise flags.ValidationError(
+            f"--trace_step={values['trace_step']} is after the last step "
+            f"(--steps={values['steps']}): nothing would be traced"
+        )
     return True
 
 
@@ -136,11 +179,13 @@ def _check_notation_batch(values):
     """Notation plans: the micro-batch size must divide by every stage's replica count (checked
     here when the batch is given; with the model's default batch, when the run starts)."""
     from planner.plan_format import PlanError, parse_notation
+
     try:
         replicas = parse_notation(values["dapple_plan"])
     except PlanError:
         return True  # not notation: _check_dapple_plan reports it
     from dapple_tf.batching import BatchError, notation_micro_batches
+
     if values["global_batch_size"] is None:
         return True
     try:
@@ -158,21 +203,29 @@ def quiet_tensorflow(verbose: bool) -> None:
         # TensorFlow's Python INFO lines ("Restoring parameters from ...") too.
         std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
+
 # Plans that are checked against this machine (issue #14): the predicted step time is logged
 # beside the measured one after the first steps; --calibrate re-plans an auto plan once.
-flags.DEFINE_bool("calibrate", False,
-                  "with --dapple_plan=auto (single process): after the first timed steps, "
-                  "re-plan once from the measured stage times and continue with that plan")
-flags.DEFINE_string("layers", None,
-                    "layer rule: a regular expression matched (re.fullmatch) against name-scope "
-                    "paths, e.g. 'bert/embeddings|bert/encoder/layer_\\d+|bert/pooler|cls' "
-                    "(default: top-level name scopes; see docs/tf1-models.md)")
+flags.DEFINE_bool(
+    "calibrate",
+    False,
+    "with --dapple_plan=auto (single process): after the first timed steps, "
+    "re-plan once from the measured stage times and continue with that plan",
+)
+flags.DEFINE_string(
+    "layers",
+    None,
+    "layer rule: a regular expression matched (re.fullmatch) against name-scope "
+    "paths, e.g. 'bert/embeddings|bert/encoder/layer_\\d+|bert/pooler|cls' "
+    "(default: top-level name scopes; see docs/tf1-models.md)",
+)
 
 
 def main(argv):
     del argv
     quiet_tensorflow(FLAGS.verbose)
     from dapple_tf import runner
+
     try:
         result = runner.run_training(runner.TrainingConfig.from_flags(FLAGS))
     except runner.USER_ERRORS as e:

@@ -13,6 +13,7 @@ devices. The table shows the median over traced steps next to (S-1)/(M+S-1)
 (`theoretical_bubble`). On this machine the S logical devices share the same few cores with
 each other (and with other jobs), so stages slow each other down when they overlap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ import tensorflow as tf  # noqa: E402
 
 from dapple_tf import devices  # noqa: E402
 from bench_models import mlp_fn  # noqa: E402
-from dapple_tf.timeline import (bubble_fraction, pipeline_window, tasks_from_step_stats,  # noqa: E402
-                                theoretical_bubble)
+from dapple_tf.timeline import (
+    bubble_fraction,
+    pipeline_window,
+    tasks_from_step_stats,  # noqa: E402
+    theoretical_bubble,
+)
 from dapple_tf.trainer import Trainer  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import even_plan  # noqa: E402
@@ -47,8 +52,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="traced steps per setting")
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--optimize-graph", action="store_true",
-                        help="keep Grappler on (slower set-up)")
+    parser.add_argument(
+        "--optimize-graph", action="store_true", help="keep Grappler on (slower set-up)"
+    )
     args = parser.parse_args(argv)
     devices.create_logical_cpus(max(args.stages))
     fn = functools.partial(mlp_fn, depth=DEPTH, width=args.width)
@@ -61,11 +67,21 @@ def main(argv=None):
         for M in args.micro_batches:
             for schedule in ("gpipe", "1f1b"):
                 gbs = args.micro_batch * M
-                batch = {"x": rng.standard_normal((gbs, args.width)).astype(np.float32),
-                         "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32)}
+                batch = {
+                    "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
+                    "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32),
+                }
                 plan = even_plan(layers, [1] * S, gbs, M, schedule)
-                trainer = Trainer(fn, spec, lambda: v1.train.GradientDescentOptimizer(0.01), plan,
-                                  gbs, seed=0, num_devices=S, optimize_graph=args.optimize_graph)
+                trainer = Trainer(
+                    fn,
+                    spec,
+                    lambda: v1.train.GradientDescentOptimizer(0.01),
+                    plan,
+                    gbs,
+                    seed=0,
+                    num_devices=S,
+                    optimize_graph=args.optimize_graph,
+                )
                 trainer.train_step(batch)
                 bubbles, windows = [], []
                 for _ in range(args.steps):
@@ -76,19 +92,39 @@ def main(argv=None):
                     start, end = pipeline_window(tasks)
                     windows.append((end - start) / 1e3)
                 trainer.close()
-                rows.append((S, M, schedule, theoretical_bubble(S, M), statistics.median(bubbles),
-                             min(bubbles), max(bubbles), statistics.median(windows)))
-                print(f"S={S} M={M:2d} {schedule:5s} theory {rows[-1][3]:.3f} measured "
-                      f"{rows[-1][4]:.3f}  window {rows[-1][7]:.1f} ms", file=sys.stderr, flush=True)
-    print(f"MLP {DEPTH} layers x width {args.width}, micro-batch {args.micro_batch} rows, "
-          f"{args.steps} traced steps per setting, {time.perf_counter() - begin:.0f} s in all")
+                rows.append(
+                    (
+                        S,
+                        M,
+                        schedule,
+                        theoretical_bubble(S, M),
+                        statistics.median(bubbles),
+                        min(bubbles),
+                        max(bubbles),
+                        statistics.median(windows),
+                    )
+                )
+                print(
+                    f"S={S} M={M:2d} {schedule:5s} theory {rows[-1][3]:.3f} measured "
+                    f"{rows[-1][4]:.3f}  window {rows[-1][7]:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"MLP {DEPTH} layers x width {args.width}, micro-batch {args.micro_batch} rows, "
+        f"{args.steps} traced steps per setting, {time.perf_counter() - begin:.0f} s in all"
+    )
     print()
-    print("| S | M | schedule | theoretical (S-1)/(M+S-1) | measured (median) | measured min-max "
-          "| pipeline window ms |")
+    print(
+        "| S | M | schedule | theoretical (S-1)/(M+S-1) | measured (median) | measured min-max "
+        "| pipeline window ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for S, M, schedule, theory, med, lo, hi, window in rows:
-        print(f"| {S} | {M} | {schedule} | {theory:.3f} | {med:.3f} | {lo:.3f}-{hi:.3f} | "
-              f"{window:.1f} |")
+        print(
+            f"| {S} | {M} | {schedule} | {theory:.3f} | {med:.3f} | {lo:.3f}-{hi:.3f} | "
+            f"{window:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the 512 rows of a variable split into row blocks, every product reduced to a sca
 session with one intra- and one inter-op thread; median of `--steps` runs after one warm-up.
 Prints milliseconds per 512 rows and GFLOP/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) for _ in range(WEIGHTS)]
     config = v1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
-    print(f"oneDNN kernels: {onednn_enabled()}; {WEIGHTS} weights {WIDTH}x{WIDTH}, {ROWS} rows "
-          f"in blocks; median of {args.steps}")
+    print(
+        f"oneDNN kernels: {onednn_enabled()}; {WEIGHTS} weights {WIDTH}x{WIDTH}, {ROWS} rows "
+        f"in blocks; median of {args.steps}"
+    )
     print("| rows per matmul | layout | ms per 512 rows | GFLOP/s |")
     print("|---|---|---|---|")
     flops = 2 * ROWS * WIDTH * WIDTH * WEIGHTS
@@ -60,20 +63,25 @@ def main(argv=None):
         graph = tf.Graph()
         with graph.as_default():
             w = [v1.Variable(x) for x in weights]
-            w_transposed = [v1.Variable(x.T.copy()) for x in weights]   # stored: no fold
+            w_transposed = [v1.Variable(x.T.copy()) for x in weights]  # stored: no fold
             x = v1.Variable(rng.standard_normal((ROWS, WIDTH)).astype(np.float32))
             blocks = tf.split(x, ROWS // rows)
             layouts = {
                 "x @ W": [tf.reduce_sum(tf.matmul(b, k)) for k in w for b in blocks],
-                "x @ W'^T (transpose_b)": [tf.reduce_sum(tf.matmul(b, k, transpose_b=True))
-                                           for k in w_transposed for b in blocks],
+                "x @ W'^T (transpose_b)": [
+                    tf.reduce_sum(tf.matmul(b, k, transpose_b=True))
+                    for k in w_transposed
+                    for b in blocks
+                ],
             }
             with v1.Session(graph=graph, config=config) as session:
                 session.run(v1.global_variables_initializer())
                 for name, fetches in layouts.items():
                     seconds = median_seconds(session, fetches, args.steps)
-                    print(f"| {rows} | {name} | {seconds * 1e3 / WEIGHTS:.1f} | "
-                          f"{flops / seconds / 1e9:.0f} |")
+                    print(
+                        f"| {rows} | {name} | {seconds * 1e3 / WEIGHTS:.1f} | "
+                        f"{flops / seconds / 1e9:.0f} |"
+                    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ gradients, alive until accumulated). Theory: GPipe keeps the activations of all 
 backwards start; 1F1B keeps at most min(S - k, M) on stage k (graph_rewrite.schedule
 `warmup_forwards`), so the expected ratio 1f1b/gpipe is min(S - k, M) / M.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,12 @@ def main(argv=None):
     parser.add_argument("--micro-batch", type=int, default=64, help="rows per micro-batch")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
-    parser.add_argument("--stack-weight-gradients", action="store_true",
-                        help="Trainer(stack_weight_gradients=True): weight-gradient inputs stay "
-                             "alive until each stage's last backward")
+    parser.add_argument(
+        "--stack-weight-gradients",
+        action="store_true",
+        help="Trainer(stack_weight_gradients=True): weight-gradient inputs stay "
+        "alive until each stage's last backward",
+    )
     args = parser.parse_args(argv)
     S, M = args.stages, args.micro_batches
     devices.create_logical_cpus(S)
@@ -55,39 +59,56 @@ def main(argv=None):
     spec = {"x": ((args.width,), tf.float32), "y": ((), tf.int32)}
     gbs = args.micro_batch * M
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((gbs, args.width)).astype(np.float32),
-             "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32)}
+    batch = {
+        "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
+        "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32),
+    }
     layers = build_template(fn, spec).layers
     peaks = {}
     start = time.perf_counter()
     for schedule in ("gpipe", "1f1b"):
         plan = even_plan(layers, [1] * S, gbs, M, schedule)
-        trainer = Trainer(fn, spec, lambda: v1.train.GradientDescentOptimizer(0.01), plan, gbs,
-                          seed=0, num_devices=S,
-                          stack_weight_gradients=args.stack_weight_gradients)
+        trainer = Trainer(
+            fn,
+            spec,
+            lambda: v1.train.GradientDescentOptimizer(0.01),
+            plan,
+            gbs,
+            seed=0,
+            num_devices=S,
+            stack_weight_gradients=args.stack_weight_gradients,
+        )
         trainer.train_step(batch)
         _, metadata = trainer.traced_step(batch)
         for k in range(S):
             device = trainer.rewritten.device_of_slot[Slot(k, 0)]
             peaks[schedule, k] = peak_live_bytes(metadata, device, stage_prefix(k))
             peaks[schedule, k, "fwd"] = peak_live_bytes(
-                metadata, device, re.compile(rf"^dapple/mb\d+/s{k}r0/fwd/"))
+                metadata, device, re.compile(rf"^dapple/mb\d+/s{k}r0/fwd/")
+            )
         trainer.close()
     one_mb = args.micro_batch * args.width * 4
-    print(f"MLP {depth} layers x width {args.width}, S={S}, M={M}, micro-batch {args.micro_batch} "
-          f"rows (one layer's output of one micro-batch = {one_mb / 2**20:.3f} MiB), "
-          f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s"
-          f"{', stacked weight gradients' if args.stack_weight_gradients else ''}")
+    print(
+        f"MLP {depth} layers x width {args.width}, S={S}, M={M}, micro-batch {args.micro_batch} "
+        f"rows (one layer's output of one micro-batch = {one_mb / 2**20:.3f} MiB), "
+        f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s"
+        f"{', stacked weight gradients' if args.stack_weight_gradients else ''}"
+    )
     print()
-    print("| stage | activations (fwd ops): gpipe MiB | 1f1b MiB | 1f1b / gpipe | expected "
-          "min(S-k, M)/M | all clone ops: gpipe MiB | 1f1b MiB | 1f1b / gpipe |")
+    print(
+        "| stage | activations (fwd ops): gpipe MiB | 1f1b MiB | 1f1b / gpipe | expected "
+        "min(S-k, M)/M | all clone ops: gpipe MiB | 1f1b MiB | 1f1b / gpipe |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for k in range(S):
         ga, fa = peaks["gpipe", k, "fwd"], peaks["1f1b", k, "fwd"]
         g, f = peaks["gpipe", k], peaks["1f1b", k]
-        print(f"| {k} | {ga / 2**20:.2f} | {fa / 2**20:.2f} | {fa / ga if ga else float('nan'):.2f} "
-              f"| {min(S - k, M) / M:.2f} | {g / 2**20:.2f} | {f / 2**20:.2f} | "
-              f"{f / g if g else float('nan'):.2f} |")
+        print(
+            f"| {k} | {ga / 2**20:.2f} | {fa / 2**20:.2f} | {fa / ga if ga else float('nan'):.2f} "
+            f"| {min(S - k, M) / M:.2f} | {g / 2**20:.2f} | {f / 2**20:.2f} | "
+            f"{f / g if g else float('nan'):.2f} |"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ over `--steps` rounds and the ratio of its median to Trainer M=1's and SingleDev
 `--trace` also prints, per trainer, the op types that took the most time in one traced step
 (summed op time from RunMetadata step stats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ v1 = tf.compat.v1
 def make_trainers(args, optimize_graph: bool, label: str):
     """name -> trainer and name -> set-up seconds, for SingleDeviceTrainer and each Trainer
     variant; `label` is appended to every name."""
+
     def model_fn(features):
         return relu_mlp_fn(features, depth=args.depth, width=args.width)
 
@@ -53,7 +55,8 @@ def make_trainers(args, optimize_graph: bool, label: str):
     trainers, setup = {}, {}
     start = time.perf_counter()
     trainers["SingleDevice" + label] = SingleDeviceTrainer(
-        model_fn, spec, optimizer, args.batch, seed=0, optimize_graph=optimize_graph)
+        model_fn, spec, optimizer, args.batch, seed=0, optimize_graph=optimize_graph
+    )
     setup["SingleDevice" + label] = time.perf_counter() - start
     variants = [(m, False) for m in args.micro_batches]
     if args.stack_weight_gradients:
@@ -62,9 +65,17 @@ def make_trainers(args, optimize_graph: bool, label: str):
         plan = even_plan(layers, [1], args.batch, m, "1f1b")
         name = f"Trainer M={m}{' stacked' if stack else ''}{label}"
         start = time.perf_counter()
-        trainers[name] = Trainer(model_fn, spec, optimizer, plan, args.batch, seed=0,
-                                 num_devices=1, optimize_graph=optimize_graph,
-                                 stack_weight_gradients=stack)
+        trainers[name] = Trainer(
+            model_fn,
+            spec,
+            optimizer,
+            plan,
+            args.batch,
+            seed=0,
+            num_devices=1,
+            optimize_graph=optimize_graph,
+            stack_weight_gradients=stack,
+        )
         setup[name] = time.perf_counter() - start
     return trainers, setup
 
@@ -93,15 +104,24 @@ def main(argv=None):
     parser.add_argument("--micro-batches", default="1,2,4,8")
     parser.add_argument("--optimize-graph", choices=("on", "off", "both"), default="on")
     parser.add_argument("--trace", action="store_true")
-    parser.add_argument("--no-stack-weight-gradients", dest="stack_weight_gradients",
-                        action="store_false", help="leave out the stacked variants")
+    parser.add_argument(
+        "--no-stack-weight-gradients",
+        dest="stack_weight_gradients",
+        action="store_false",
+        help="leave out the stacked variants",
+    )
     args = parser.parse_args(argv)
     args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((args.batch, args.width)).astype(np.float32),
-             "y": rng.integers(0, 10, size=(args.batch,)).astype(np.int32)}
-    settings = {"on": [(True, "")], "off": [(False, "")],
-                "both": [(True, " grappler"), (False, " no-grappler")]}[args.optimize_graph]
+    batch = {
+        "x": rng.standard_normal((args.batch, args.width)).astype(np.float32),
+        "y": rng.integers(0, 10, size=(args.batch,)).astype(np.int32),
+    }
+    settings = {
+        "on": [(True, "")],
+        "off": [(False, "")],
+        "both": [(True, " grappler"), (False, " no-grappler")],
+    }[args.optimize_graph]
     trainers, setup, labels = {}, {}, {}
     for optimize_graph, label in settings:
         built, seconds = make_trainers(args, optimize_graph, label)
@@ -116,17 +136,23 @@ def main(argv=None):
             if round_ >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(values) * 1000 for name, values in times.items()}
-    print(f"MLP {args.depth} x dense+ReLU width {args.width} + softmax, global batch {args.batch}, "
-          f"momentum, one stage on one device; {args.steps} interleaved steps after "
-          f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}")
-    print("| trainer | median ms | min-max ms | median / Trainer M=1 | median / SingleDevice "
-          "| set-up s |")
+    print(
+        f"MLP {args.depth} x dense+ReLU width {args.width} + softmax, global batch {args.batch}, "
+        f"momentum, one stage on one device; {args.steps} interleaved steps after "
+        f"{args.warmup} warm-up; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| trainer | median ms | min-max ms | median / Trainer M=1 | median / SingleDevice "
+        "| set-up s |"
+    )
     print("|---|---|---|---|---|---|")
     for name, values in times.items():
         label = labels[name]
-        print(f"| {name} | {median[name]:.1f} | {min(values) * 1000:.1f}-"
-              f"{max(values) * 1000:.1f} | {median[name] / median['Trainer M=1' + label]:.3f} | "
-              f"{median[name] / median['SingleDevice' + label]:.3f} | {setup[name]:.1f} |")
+        print(
+            f"| {name} | {median[name]:.1f} | {min(values) * 1000:.1f}-"
+            f"{max(values) * 1000:.1f} | {median[name] / median['Trainer M=1' + label]:.3f} | "
+            f"{median[name] / median['SingleDevice' + label]:.3f} | {setup[name]:.1f} |"
+        )
     if args.trace:
         for name, trainer in trainers.items():
             print(f"\n{name}: op types by summed time in one traced step")

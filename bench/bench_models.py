@@ -1,4 +1,5 @@
 """Models shared by the benchmark scripts (run from the repository root: `python bench/x.py`)."""
+
 import tensorflow as tf
 
 from dapple_tf.layers import layer
@@ -16,8 +17,11 @@ def mlp_fn(features, depth, width, classes=10):
             h = tf.tanh(tf.matmul(h, w) + b)
             if i == depth - 1:
                 logits = tf.matmul(h, v1.get_variable("logits", [width, classes]))
-                return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=features["y"], logits=logits))
+                return tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        labels=features["y"], logits=logits
+                    )
+                )
 
 
 def relu_mlp_fn(features, depth=8, width=1024, classes=10):
@@ -32,5 +36,6 @@ def relu_mlp_fn(features, depth=8, width=1024, classes=10):
         w = v1.get_variable("kernel", [width, classes])
         b = v1.get_variable("bias", [classes], initializer=v1.zeros_initializer())
         logits = tf.matmul(h, w) + b
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=features["y"], logits=logits))
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=features["y"], logits=logits)
+        )

@@ -10,6 +10,7 @@ because the machine may be shared. "published" is the published DAPPLE planner's
 its time to plan, measured once on this machine and recorded below; "panics" and "-" mark where it
 crashes or cannot prepare the profile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ PUBLISHED = {
 
 def profile_batch_size(name: str) -> int:
     match = re.search(r"pbs-(\d+)", name)
-    return int(match.group(1)) if match else 32      # vgg16.txt names none
+    return int(match.group(1)) if match else 32  # vgg16.txt names none
 
 
 def settings():
@@ -83,8 +84,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
 
-    header = ["profile", "setting", "model", "plan", "speedup", "DP baseline", "plan s (wall)",
-              "plan s (cpu)", "published planner: speedup", "its plan s"]
+    header = [
+        "profile",
+        "setting",
+        "model",
+        "plan",
+        "speedup",
+        "DP baseline",
+        "plan s (wall)",
+        "plan s (cpu)",
+        "published planner: speedup",
+        "its plan s",
+    ]
     rows = []
     cases = [(name, gbs, [8, 16]) for name, gbs in settings()]
     if not args.skip_large:
@@ -95,19 +106,41 @@ def main(argv=None) -> int:
         cluster_obj = cluster if isinstance(cluster, Cluster) else Cluster.from_seps(cluster)
         hosts = f"{cluster_obj.num_hosts}x{cluster_obj.num_devices // cluster_obj.num_hosts}"
         for model in ("hpgo", "dapple-tf"):
-            result, wall, cpu = timed_plan(args.repeat, profile_path, cluster_obj, gbs,
-                                           profile_batch_size=pbs, cost_model=model)
+            result, wall, cpu = timed_plan(
+                args.repeat,
+                profile_path,
+                cluster_obj,
+                gbs,
+                profile_batch_size=pbs,
+                cost_model=model,
+            )
             p = result.predicted
-            notation = result.notation if len(result.notation) <= 24 else \
-                f"{result.num_stages} stages x {result.stages[0].num_replicas}"
-            published, their_time = (PUBLISHED.get((name, gbs), ("", None))
-                                     if model == "hpgo" and hosts == "2x8" else ("", None))
+            notation = (
+                result.notation
+                if len(result.notation) <= 24
+                else f"{result.num_stages} stages x {result.stages[0].num_replicas}"
+            )
+            published, their_time = (
+                PUBLISHED.get((name, gbs), ("", None))
+                if model == "hpgo" and hosts == "2x8"
+                else ("", None)
+            )
             if model == "hpgo" and not result.executable:
                 notation += " (not executable)"
-            rows.append([name, f"{hosts} GPUs, PBS {pbs}, GBS {gbs}", model, notation,
-                         f"{p['speedup']:.3f}", f"{p['dp_speedup']:.3f}", f"{wall:.3f}", f"{cpu:.3f}",
-                         f"{published:.3f}" if isinstance(published, float) else published,
-                         f"{their_time:g}" if their_time else ""])
+            rows.append(
+                [
+                    name,
+                    f"{hosts} GPUs, PBS {pbs}, GBS {gbs}",
+                    model,
+                    notation,
+                    f"{p['speedup']:.3f}",
+                    f"{p['dp_speedup']:.3f}",
+                    f"{wall:.3f}",
+                    f"{cpu:.3f}",
+                    f"{published:.3f}" if isinstance(published, float) else published,
+                    f"{their_time:g}" if their_time else "",
+                ]
+            )
             if not args.markdown:
                 print("  ".join(rows[-1]), flush=True)
     if args.markdown:

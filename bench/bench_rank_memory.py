@@ -9,6 +9,7 @@ and Adam slots), its resident memory after set-up and after 2 steps (VmRSS and p
 /proc/self/status), and how much of the whole model (all variables of the single-device build)
 it holds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ def worker(model: str, preset: str, ranks: int) -> None:
     sys.path.insert(0, REPO_ROOT)
     import numpy as np
     import tensorflow as tf
+
     tf.compat.v1.disable_eager_execution()
     import dapple_tf
     import models
@@ -43,26 +45,41 @@ def worker(model: str, preset: str, ranks: int) -> None:
 
     spec = models.get_model(model, preset)
     template = build_template(spec.model_fn, spec.feature_spec)
-    whole = sum(int(np.prod(info.shape)) * info.dtype.size
-                for info in template.variables.values())
+    whole = sum(int(np.prod(info.shape)) * info.dtype.size for info in template.variables.values())
     del template
-    plan = even_plan(build_template(spec.model_fn, spec.feature_spec).layers, [1] * ranks,
-                     ranks, 1, "1f1b")
-    trainer = dapple_tf.Trainer(spec.model_fn, spec.feature_spec,
-                                lambda: tf.compat.v1.train.AdamOptimizer(1e-4), plan, ranks,
-                                optimize_graph=False)
-    held = sum(int(np.prod(v.shape)) * v.dtype.base_dtype.size
-               for v in checkpoint.variables_by_name(trainer.graph).values())
-    params = sum(int(np.prod(v.shape)) * v.dtype.base_dtype.size
-                 for v in trainer.rewritten.variables.values())
+    plan = even_plan(
+        build_template(spec.model_fn, spec.feature_spec).layers, [1] * ranks, ranks, 1, "1f1b"
+    )
+    trainer = dapple_tf.Trainer(
+        spec.model_fn,
+        spec.feature_spec,
+        lambda: tf.compat.v1.train.AdamOptimizer(1e-4),
+        plan,
+        ranks,
+        optimize_graph=False,
+    )
+    held = sum(
+        int(np.prod(v.shape)) * v.dtype.base_dtype.size
+        for v in checkpoint.variables_by_name(trainer.graph).values()
+    )
+    params = sum(
+        int(np.prod(v.shape)) * v.dtype.base_dtype.size
+        for v in trainer.rewritten.variables.values()
+    )
     after_setup = _status_bytes("VmRSS")
     batch = spec.synthetic_batch(ranks, np.random.default_rng(0))
     for _ in range(2):
         trainer.train_step(batch)
-    record = {"rank": trainer.rank, "layers": len(plan.stages[trainer.slot.stage].layers),
-              "parameter_bytes": params, "held_bytes": held, "whole_model_parameter_bytes": whole,
-              "rss_after_setup": after_setup, "rss_after_steps": _status_bytes("VmRSS"),
-              "peak_rss": _status_bytes("VmHWM")}
+    record = {
+        "rank": trainer.rank,
+        "layers": len(plan.stages[trainer.slot.stage].layers),
+        "parameter_bytes": params,
+        "held_bytes": held,
+        "whole_model_parameter_bytes": whole,
+        "rss_after_setup": after_setup,
+        "rss_after_steps": _status_bytes("VmRSS"),
+        "peak_rss": _status_bytes("VmHWM"),
+    }
     print("MEMORY " + json.dumps(record), flush=True)
     trainer.close()
 
@@ -78,29 +95,56 @@ def main(argv=None):
         worker(args.model, args.preset, args.ranks)
         return
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "--gloo", "-np", str(args.ranks), "-H", f"localhost:{args.ranks}",
-               sys.executable, os.path.abspath(__file__), "--worker", "--ranks", str(args.ranks),
-               "--model", args.model, "--preset", args.preset]
+    command = [
+        horovodrun,
+        "--gloo",
+        "-np",
+        str(args.ranks),
+        "-H",
+        f"localhost:{args.ranks}",
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--ranks",
+        str(args.ranks),
+        "--model",
+        args.model,
+        "--preset",
+        args.preset,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=3600)
-    records = sorted((json.loads(line.split("MEMORY ", 1)[1]) for line in out.stdout.splitlines()
-                      if "MEMORY " in line), key=lambda r: r["rank"])
+    out = subprocess.run(
+        command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600
+    )
+    records = sorted(
+        (
+            json.loads(line.split("MEMORY ", 1)[1])
+            for line in out.stdout.splitlines()
+            if "MEMORY " in line
+        ),
+        key=lambda r: r["rank"],
+    )
     if out.returncode != 0 or len(records) != args.ranks:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"launch failed with status {out.returncode}")
-    mib = 2 ** 20
+    mib = 2**20
     whole = records[0]["whole_model_parameter_bytes"]
-    print(f"{args.model}-{args.preset} on {args.ranks} ranks (1:...:1, Adam): whole model "
-          f"{whole / mib:.0f} MiB of parameters, {3 * whole / mib:.0f} MiB with Adam's 2 slots")
-    print("| rank | layers | parameters MiB | share of the model | parameters + slots MiB |"
-          " RSS after set-up MiB | RSS after 2 steps MiB | peak RSS MiB |")
+    print(
+        f"{args.model}-{args.preset} on {args.ranks} ranks (1:...:1, Adam): whole model "
+        f"{whole / mib:.0f} MiB of parameters, {3 * whole / mib:.0f} MiB with Adam's 2 slots"
+    )
+    print(
+        "| rank | layers | parameters MiB | share of the model | parameters + slots MiB |"
+        " RSS after set-up MiB | RSS after 2 steps MiB | peak RSS MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['rank']} | {r['layers']} | {r['parameter_bytes'] / mib:.0f} | "
-              f"{r['parameter_bytes'] / whole:.2f} | {r['held_bytes'] / mib:.0f} | "
-              f"{r['rss_after_setup'] / mib:.0f} | {r['rss_after_steps'] / mib:.0f} | "
-              f"{r['peak_rss'] / mib:.0f} |")
+        print(
+            f"| {r['rank']} | {r['layers']} | {r['parameter_bytes'] / mib:.0f} | "
+            f"{r['parameter_bytes'] / whole:.2f} | {r['held_bytes'] / mib:.0f} | "
+            f"{r['rss_after_setup'] / mib:.0f} | {r['rss_after_steps'] / mib:.0f} | "
+            f"{r['peak_rss'] / mib:.0f} |"
+        )
 
 
 if __name__ == "__main__":

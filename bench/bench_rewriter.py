@@ -10,6 +10,7 @@ the op count of the training graph, and, for scale, how long plain TF takes to b
 single-device training graph of the same model (model_fn, tf.gradients, the optimizer) on this
 machine, with the machine's cost of creating and of importing one op. Target: rewrite < 10 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def _layer_norm(x, name):
 
 def transformer_fn(num_blocks):
     """Tensors between layers are batch-major [batch, SEQ, DIM]; blocks work on rows inside."""
+
     def model_fn(features):
         with layer("embedding"):
             table = v1.get_variable("table", [VOCAB, DIM])
@@ -58,18 +60,25 @@ def transformer_fn(num_blocks):
                 scores = tf.nn.softmax(tf.matmul(q, k, transpose_b=True) / np.sqrt(DIM // HEADS))
                 attended = tf.reshape(tf.transpose(tf.matmul(scores, v), [0, 2, 1, 3]), [-1, DIM])
                 x = _layer_norm(x + _dense(attended, DIM, "out"), "ln_1")
-                x = _layer_norm(x + _dense(tf.nn.relu(_dense(x, 4 * DIM, "ffn_in")), DIM,
-                                           "ffn_out"), "ln_2")
+                x = _layer_norm(
+                    x + _dense(tf.nn.relu(_dense(x, 4 * DIM, "ffn_in")), DIM, "ffn_out"), "ln_2"
+                )
                 h = tf.reshape(x, [-1, SEQ, DIM])
         with layer("output"):
             logits = tf.matmul(tf.reshape(h, [-1, DIM]), table, transpose_b=True)
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.reshape(features["targets"], [-1]), logits=logits))
+            return tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=tf.reshape(features["targets"], [-1]), logits=logits
+                )
+            )
+
     return model_fn
 
 
-OPTIMIZERS = {"adam": lambda: v1.train.AdamOptimizer(1e-3),
-              "sgd": lambda: v1.train.GradientDescentOptimizer(1e-3)}
+OPTIMIZERS = {
+    "adam": lambda: v1.train.AdamOptimizer(1e-3),
+    "sgd": lambda: v1.train.GradientDescentOptimizer(1e-3),
+}
 SPEC = {"tokens": ((SEQ,), tf.int32), "targets": ((SEQ,), tf.int32)}
 DEVICE = "/job:localhost/replica:0/task:0/device:CPU:{}"
 
@@ -79,33 +88,45 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--stages", type=int, default=8)
     parser.add_argument("--micro-batches", type=int, default=16)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS),
-                        help="one optimizer (default: SGD, then Adam; --grid: Adam)")
-    parser.add_argument("--grid", action="store_true",
-                        help="time every blocks x stages x micro-batches combination and print "
-                             "a markdown table with the graph size growth")
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        help="one optimizer (default: SGD, then Adam; --grid: Adam)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="time every blocks x stages x micro-batches combination and print "
+        "a markdown table with the graph size growth",
+    )
     parser.add_argument("--grid-blocks", default="12,24,48")
     parser.add_argument("--grid-stages", default="2,4,8")
     parser.add_argument("--grid-micro-batches", default="4,16,32")
     args = parser.parse_args(argv)
     if args.grid:
-        return grid([int(x) for x in args.grid_blocks.split(",")],
-                    [int(x) for x in args.grid_stages.split(",")],
-                    [int(x) for x in args.grid_micro_batches.split(",")],
-                    args.optimizer or "adam")
+        return grid(
+            [int(x) for x in args.grid_blocks.split(",")],
+            [int(x) for x in args.grid_stages.split(",")],
+            [int(x) for x in args.grid_micro_batches.split(",")],
+            args.optimizer or "adam",
+        )
     for optimizer in [args.optimizer] if args.optimizer else ["sgd", "adam"]:
         report(args.blocks, args.stages, args.micro_batches, optimizer)
-    print(f"machine calibration: creating one AddV2 op from Python costs {op_cost_us():.0f} us, "
-          f"importing one costs {import_cost_us():.0f} us")
+    print(
+        f"machine calibration: creating one AddV2 op from Python costs {op_cost_us():.0f} us, "
+        f"importing one costs {import_cost_us():.0f} us"
+    )
 
 
 def report(blocks: int, stages: int, micro_batches: int, optimizer: str) -> None:
     r = time_rewrite(blocks, stages, micro_batches, optimizer)
-    print(f"transformer: {blocks} blocks ({r['layers']} layers, {r['template_ops']} "
-          f"template ops) -> {stages} stages x {micro_batches} micro-batches, "
-          f"{optimizer}: {r['training_ops']} ops in the training graph, "
-          f"{r['differentiated']} of {stages} stages differentiated (the others repeat one), "
-          f"{r['by_layers']} of them layer by layer")
+    print(
+        f"transformer: {blocks} blocks ({r['layers']} layers, {r['template_ops']} "
+        f"template ops) -> {stages} stages x {micro_batches} micro-batches, "
+        f"{optimizer}: {r['training_ops']} ops in the training graph, "
+        f"{r['differentiated']} of {stages} stages differentiated (the others repeat one), "
+        f"{r['by_layers']} of them layer by layer"
+    )
     print(f"  template build + analysis            {r['template_s']:7.2f} s")
     print(f"  rewrite (all passes)                 {r['rewrite_s']:7.2f} s  (target < 10 s)")
     for phase, seconds in r["phases"].items():
@@ -125,22 +146,31 @@ def time_rewrite(blocks: int, stages: int, micro_batches: int, optimizer: str = 
     plan = even_plan(template.layers, [1] * stages, 2 * micro_batches, micro_batches, "1f1b")
     training = rewrite(template, plan, OPTIMIZERS[optimizer], device_name=DEVICE.format)
     t2 = time.perf_counter()
-    return {"template_s": t1 - t0, "rewrite_s": t2 - t1, "phases": training.phase_seconds,
-            "layers": len(template.layers),
-            "differentiated": sum(g.gradient_twin is None for g in training.stage_graphs
-                                  if g is not None),
-            "by_layers": sum(g.gradient_by_layers and g.gradient_twin is None
-                             for g in training.stage_graphs if g is not None),
-            "template_ops": len(template.graph.get_operations()),
-            "training_ops": len(training.graph.get_operations())}
+    return {
+        "template_s": t1 - t0,
+        "rewrite_s": t2 - t1,
+        "phases": training.phase_seconds,
+        "layers": len(template.layers),
+        "differentiated": sum(
+            g.gradient_twin is None for g in training.stage_graphs if g is not None
+        ),
+        "by_layers": sum(
+            g.gradient_by_layers and g.gradient_twin is None
+            for g in training.stage_graphs
+            if g is not None
+        ),
+        "template_ops": len(template.graph.get_operations()),
+        "training_ops": len(training.graph.get_operations()),
+    }
 
 
 def time_single_device_build(blocks: int, optimizer: str) -> dict:
     """model_fn, tf.gradients of the loss, the optimizer's apply_gradients, in a plain graph."""
     with tf.Graph().as_default():
         t0 = time.perf_counter()
-        loss = transformer_fn(blocks)({name: v1.placeholder(dtype, [None, *shape])
-                                       for name, (shape, dtype) in SPEC.items()})
+        loss = transformer_fn(blocks)(
+            {name: v1.placeholder(dtype, [None, *shape]) for name, (shape, dtype) in SPEC.items()}
+        )
         t1 = time.perf_counter()
         variables = v1.trainable_variables()
         grads = tf.gradients(loss, variables)
@@ -160,20 +190,26 @@ def op_cost_us(num_ops: int = 2000) -> float:
 
 
 def grid(blocks_list, stages_list, micro_batch_list, optimizer="adam") -> None:
-    print("| blocks | stages | micro-batches | template s | rewrite s | of which optimizer apply_gradients s | "
-          "stages differentiated | template ops | training-graph ops |")
+    print(
+        "| blocks | stages | micro-batches | template s | rewrite s | of which optimizer apply_gradients s | "
+        "stages differentiated | template ops | training-graph ops |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for blocks in blocks_list:
         for stages in stages_list:
             for micro_batches in micro_batch_list:
                 r = time_rewrite(blocks, stages, micro_batches, optimizer)
-                print(f"| {blocks} | {stages} | {micro_batches} | {r['template_s']:.2f} | "
-                      f"{r['rewrite_s']:.2f} | "
-                      f"{r['phases']['optimizer apply_gradients']:.2f} | "
-                      f"{r['differentiated']} | {r['template_ops']} | {r['training_ops']} |",
-                      flush=True)
-    print(f"\ncalibration: {op_cost_us():.0f} us per AddV2 created from Python, "
-          f"{import_cost_us():.0f} us per imported op")
+                print(
+                    f"| {blocks} | {stages} | {micro_batches} | {r['template_s']:.2f} | "
+                    f"{r['rewrite_s']:.2f} | "
+                    f"{r['phases']['optimizer apply_gradients']:.2f} | "
+                    f"{r['differentiated']} | {r['template_ops']} | {r['training_ops']} |",
+                    flush=True,
+                )
+    print(
+        f"\ncalibration: {op_cost_us():.0f} us per AddV2 created from Python, "
+        f"{import_cost_us():.0f} us per imported op"
+    )
 
 
 def import_cost_us(num_ops: int = 5000) -> float:

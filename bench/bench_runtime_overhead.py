@@ -6,6 +6,7 @@ plain single-device graph, same model, same global batch.
 With M = 1 nothing overlaps, so the ratio is the cost of clones, boundary ops, schedule control
 dependencies, accumulation and cross-device transfers (target <= 1.10x).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def mlp_fn(features, depth, width):
     with layer("loss"):
         w = v1.get_variable("kernel", [width, 10])
         logits = tf.matmul(h, w)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=features["y"], logits=logits))
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=features["y"], logits=logits)
+        )
 
 
 def main(argv=None):
@@ -56,13 +58,17 @@ def main(argv=None):
     model_fn = functools.partial(mlp_fn, depth=args.depth, width=args.width)
     spec = {"x": ((args.width,), tf.float32), "y": ((), tf.int32)}
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((args.batch, args.width)).astype(np.float32),
-             "y": rng.integers(0, 10, size=(args.batch,)).astype(np.int32)}
+    batch = {
+        "x": rng.standard_normal((args.batch, args.width)).astype(np.float32),
+        "y": rng.integers(0, 10, size=(args.batch,)).astype(np.int32),
+    }
     optimizer = lambda: v1.train.MomentumOptimizer(0.01, 0.9)  # noqa: E731
     layers = build_template(model_fn, spec).layers
     plan = even_plan(layers, parse_notation(args.plan), args.batch, 1, "1f1b")
     single = SingleDeviceTrainer(model_fn, spec, optimizer, args.batch, seed=0)
-    pipelined = Trainer(model_fn, spec, optimizer, plan, args.batch, seed=0, num_devices=max(4, plan.num_devices))
+    pipelined = Trainer(
+        model_fn, spec, optimizer, plan, args.batch, seed=0, num_devices=max(4, plan.num_devices)
+    )
     # Alternate single and pipelined steps so machine load affects both alike; the minimum is
     # the least load-sensitive figure on a shared machine, the median is reported too.
     for trainer in (single, pipelined):
@@ -74,12 +80,17 @@ def main(argv=None):
             start = time.perf_counter()
             trainer.train_step(batch)
             times.append(time.perf_counter() - start)
-    print(f"MLP depth {args.depth} width {args.width}, global batch {args.batch}, plan "
-          f"{plan.notation} M=1 on {plan.num_devices} logical CPU devices, {args.steps} steps each")
+    print(
+        f"MLP depth {args.depth} width {args.width}, global batch {args.batch}, plan "
+        f"{plan.notation} M=1 on {plan.num_devices} logical CPU devices, {args.steps} steps each"
+    )
     for label, pick in (("min", min), ("median", statistics.median)):
         s, p = pick(single_times), pick(pipelined_times)
-        print(f"  {label:6s} single-device {s * 1e3:8.2f} ms   pipelined {p * 1e3:8.2f} ms   "
-              f"ratio {p / s:6.3f}x  (target <= 1.10x)")
+        print(
+            f"  {label:6s} single-device {s * 1e3:8.2f} ms   pipelined {p * 1e3:8.2f} ms   "
+            f"ratio {p / s:6.3f}x  (target <= 1.10x)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -7,14 +7,16 @@ The way GPUs behave: every rank computes on a core of its own. Each run is launc
 `horovodrun --gloo -np N -H localhost:N`, every rank pinning itself to core
 `HOROVOD_LOCAL_RANK mod cores` before TensorFlow starts (what `taskset -c $HOROVOD_LOCAL_RANK`
 does); the baseline is one process pinned to core 0 (`SingleDeviceTrainer`, and `Trainer` on one
-device with M = 1, M = 8, and M = 8 with `stack_weight_gradients=True`). Model (default, issue #17): an MLP of 8 dense+ReLU layers of width
-1024 and a softmax layer, global batch 512, momentum. Step time: median over `--steps` steps after
-`--warmup` warm-up steps, of the slowest rank per step (each rank reports its own times; every
-rank leaves a step only after the step-end collective, so they agree closely).
+device with M = 1, M = 8, and M = 8 with `stack_weight_gradients=True`). Model (default, issue
+#17): an MLP of 8 dense+ReLU layers of width 1024 and a softmax layer, global batch 512,
+momentum. Step time: median over `--steps` steps after `--warmup` warm-up steps, of the
+slowest rank per step (each rank reports its own times; every rank leaves a step only after the
+step-end collective, so they agree closely).
 
 Physical limit of a pipeline of S equal stages with M micro-batches on S cores: S*M/(M+S-1)
 (1:1 M=8: 1.78x); of data parallelism on R cores: R.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +51,7 @@ def pin_to_core(local_rank: int) -> int:
 def mlp_fn(features):
     import tensorflow as tf
     from dapple_tf.layers import layer
+
     v1 = tf.compat.v1
     h = features["x"]
     for i in range(DEPTH):
@@ -59,24 +62,30 @@ def mlp_fn(features):
     with layer("softmax"):
         w = v1.get_variable("kernel", [WIDTH, CLASSES])
         logits = tf.matmul(h, w)
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=features["y"], logits=logits))
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=features["y"], logits=logits)
+        )
 
 
 def feature_spec():
     import tensorflow as tf
+
     return {"x": ((WIDTH,), tf.float32), "y": ((), tf.int32)}
 
 
 def optimizer():
     import tensorflow as tf
+
     return tf.compat.v1.train.MomentumOptimizer(0.01, momentum=0.9)
 
 
 def make_batch(rng):
     import numpy as np
-    return {"x": rng.standard_normal((GLOBAL_BATCH, WIDTH)).astype(np.float32),
-            "y": rng.integers(0, CLASSES, size=(GLOBAL_BATCH,)).astype(np.int32)}
+
+    return {
+        "x": rng.standard_normal((GLOBAL_BATCH, WIDTH)).astype(np.float32),
+        "y": rng.integers(0, CLASSES, size=(GLOBAL_BATCH,)).astype(np.int32),
+    }
 
 
 def timed_steps(trainer, batch, steps, warmup):
@@ -99,6 +108,7 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
     import dapple_tf  # first: TensorFlow's oneDNN kernels, as users get them
     import numpy as np
     import tensorflow as tf
+
     tf.compat.v1.disable_eager_execution()
     from graph_rewrite.template import build_template
     from planner.plan_format import even_plan
@@ -110,16 +120,36 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
         results = {}
         trainers = {
             "SingleDeviceTrainer": dapple_tf.SingleDeviceTrainer(
-                mlp_fn, feature_spec(), optimizer, GLOBAL_BATCH, seed=1),
+                mlp_fn, feature_spec(), optimizer, GLOBAL_BATCH, seed=1
+            ),
             "one device M=1": dapple_tf.Trainer(
-                mlp_fn, feature_spec(), optimizer, even_plan(layers, [1], GLOBAL_BATCH, 1),
-                GLOBAL_BATCH, seed=1, num_devices=1),
+                mlp_fn,
+                feature_spec(),
+                optimizer,
+                even_plan(layers, [1], GLOBAL_BATCH, 1),
+                GLOBAL_BATCH,
+                seed=1,
+                num_devices=1,
+            ),
             "one device M=8": dapple_tf.Trainer(
-                mlp_fn, feature_spec(), optimizer, even_plan(layers, [1], GLOBAL_BATCH, 8),
-                GLOBAL_BATCH, seed=1, num_devices=1),
+                mlp_fn,
+                feature_spec(),
+                optimizer,
+                even_plan(layers, [1], GLOBAL_BATCH, 8),
+                GLOBAL_BATCH,
+                seed=1,
+                num_devices=1,
+            ),
             "one device M=8 stacked": dapple_tf.Trainer(
-                mlp_fn, feature_spec(), optimizer, even_plan(layers, [1], GLOBAL_BATCH, 8),
-                GLOBAL_BATCH, seed=1, num_devices=1, stack_weight_gradients=True),
+                mlp_fn,
+                feature_spec(),
+                optimizer,
+                even_plan(layers, [1], GLOBAL_BATCH, 8),
+                GLOBAL_BATCH,
+                seed=1,
+                num_devices=1,
+                stack_weight_gradients=True,
+            ),
         }
         for trainer in trainers.values():
             timed_steps(trainer, batch, 0, warmup)
@@ -133,22 +163,33 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
         return
     _, replicas, micro_batches = RUNS[run]
     plan = even_plan(layers, replicas, GLOBAL_BATCH, micro_batches, "1f1b")
-    trainer = dapple_tf.Trainer(mlp_fn, feature_spec(), optimizer, plan, GLOBAL_BATCH, seed=1,
-                                stack_weight_gradients=stack)
+    trainer = dapple_tf.Trainer(
+        mlp_fn, feature_spec(), optimizer, plan, GLOBAL_BATCH, seed=1, stack_weight_gradients=stack
+    )
     times = timed_steps(trainer, batch, steps, warmup)
     name = run + (" stacked" if stack else "")
-    print("RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {name: times}}),
-          flush=True)
+    print(
+        "RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {name: times}}),
+        flush=True,
+    )
     trainer.close()
 
 
-def launch(run: str, steps: int, warmup: int, env_extra: dict,
-           stack: bool = False) -> dict[str, list[float]]:
+def launch(
+    run: str, steps: int, warmup: int, env_extra: dict, stack: bool = False
+) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
-    script = [sys.executable, os.path.abspath(__file__), "--worker", run,
-              "--steps", str(steps), "--warmup", str(warmup)] + \
-        (["--stack-weight-gradients"] if stack else [])
+    script = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        run,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+    ] + (["--stack-weight-gradients"] if stack else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     if run == "single":
         command = script
@@ -156,8 +197,9 @@ def launch(run: str, steps: int, warmup: int, env_extra: dict,
         ranks = RUNS[run][0]
         horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
         command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + script
-    out = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=1800)
+    out = subprocess.run(
+        command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800
+    )
     records = []
     for line in out.stdout.splitlines():
         if "RESULT " in line:
@@ -189,10 +231,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--stack-weight-gradients", action="store_true",
-                        help="also run the multi-rank plans with stack_weight_gradients=True")
-    parser.add_argument("--env", action="append", default=[],
-                        help="KEY=VALUE for the launched ranks (repeatable)")
+    parser.add_argument(
+        "--stack-weight-gradients",
+        action="store_true",
+        help="also run the multi-rank plans with stack_weight_gradients=True",
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the launched ranks (repeatable)"
+    )
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.steps, args.warmup, args.stack_weight_gradients)
@@ -203,10 +249,15 @@ def main(argv=None):
         results.update(launch(run, args.steps, args.warmup, env_extra))
         if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
             results.update(launch(run, args.steps, args.warmup, env_extra, stack=True))
-    base = statistics.median(results["SingleDeviceTrainer"]) if "SingleDeviceTrainer" in results \
+    base = (
+        statistics.median(results["SingleDeviceTrainer"])
+        if "SingleDeviceTrainer" in results
         else None
-    print(f"| run | ranks | step ms (median of {args.steps}) | min-max ms | speedup vs one rank |"
-          f" physical limit |")
+    )
+    print(
+        f"| run | ranks | step ms (median of {args.steps}) | min-max ms | speedup vs one rank |"
+        f" physical limit |"
+    )
     print("|---|---|---|---|---|---|")
     for name, times in results.items():
         median = statistics.median(times)
@@ -214,8 +265,10 @@ def main(argv=None):
         ranks = RUNS[run][0] if run in RUNS else 1
         limit = f"{physical_limit(run):.2f}x" if run in RUNS else "1.00x"
         speedup = f"{base / median:.2f}x" if base else "-"
-        print(f"| {name} | {ranks} | {median * 1e3:.1f} | {min(times) * 1e3:.1f}-"
-              f"{max(times) * 1e3:.1f} | {speedup} | {limit} |")
+        print(
+            f"| {name} | {ranks} | {median * 1e3:.1f} | {min(times) * 1e3:.1f}-"
+            f"{max(times) * 1e3:.1f} | {speedup} | {limit} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Set-up time (auto plan: profiling + search; trainer: template + rewrite + sessio
 Grappler is off in both sessions unless `--optimize-graph` (set-up of large pipelined graphs is
 several times faster without it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,14 +50,34 @@ def main(argv=None):
         spec = models.get_model(name, args.preset)
         batch = spec.synthetic_batch(args.gbs, np.random.default_rng(0))
         t0 = time.perf_counter()
-        single = SingleDeviceTrainer(spec.model_fn, spec.feature_spec, spec.default_optimizer,
-                                     args.gbs, seed=0, optimize_graph=args.optimize_graph)
+        single = SingleDeviceTrainer(
+            spec.model_fn,
+            spec.feature_spec,
+            spec.default_optimizer,
+            args.gbs,
+            seed=0,
+            optimize_graph=args.optimize_graph,
+        )
         t1 = time.perf_counter()
-        plan = auto_plan(spec.model_fn, spec.feature_spec, args.gbs, args.devices,
-                         batch_fn=spec.synthetic_batch, optimizer_fn=spec.default_optimizer)
+        plan = auto_plan(
+            spec.model_fn,
+            spec.feature_spec,
+            args.gbs,
+            args.devices,
+            batch_fn=spec.synthetic_batch,
+            optimizer_fn=spec.default_optimizer,
+        )
         t2 = time.perf_counter()
-        piped = Trainer(spec.model_fn, spec.feature_spec, spec.default_optimizer, plan, args.gbs,
-                        seed=0, num_devices=args.devices, optimize_graph=args.optimize_graph)
+        piped = Trainer(
+            spec.model_fn,
+            spec.feature_spec,
+            spec.default_optimizer,
+            plan,
+            args.gbs,
+            seed=0,
+            num_devices=args.devices,
+            optimize_graph=args.optimize_graph,
+        )
         t3 = time.perf_counter()
         for trainer in (single, piped):
             for _ in range(2):
@@ -70,20 +91,42 @@ def main(argv=None):
         single.close()
         piped.close()
         s, p = statistics.median(times["single"]), statistics.median(times["piped"])
-        rows.append((name, plan.notation, plan.num_micro_batches, plan.schedule, args.gbs / s,
-                     args.gbs / p, s / p, t1 - t0, t2 - t1, t3 - t2))
-        print(f"{name}: single {args.gbs / s:.1f} ex/s, auto plan {plan.notation} M="
-              f"{plan.num_micro_batches} {args.gbs / p:.1f} ex/s", file=sys.stderr, flush=True)
-    print(f"{args.preset} presets, global batch {args.gbs}, {args.devices} logical CPU devices, "
-          f"median of {args.steps} alternating steps, Grappler "
-          f"{'on' if args.optimize_graph else 'off'}")
+        rows.append(
+            (
+                name,
+                plan.notation,
+                plan.num_micro_batches,
+                plan.schedule,
+                args.gbs / s,
+                args.gbs / p,
+                s / p,
+                t1 - t0,
+                t2 - t1,
+                t3 - t2,
+            )
+        )
+        print(
+            f"{name}: single {args.gbs / s:.1f} ex/s, auto plan {plan.notation} M="
+            f"{plan.num_micro_batches} {args.gbs / p:.1f} ex/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"{args.preset} presets, global batch {args.gbs}, {args.devices} logical CPU devices, "
+        f"median of {args.steps} alternating steps, Grappler "
+        f"{'on' if args.optimize_graph else 'off'}"
+    )
     print()
-    print("| model | auto plan | M | schedule | single device ex/s | auto plan ex/s | speedup | "
-          "set-up s: single | auto_plan | pipelined trainer |")
+    print(
+        "| model | auto plan | M | schedule | single device ex/s | auto plan ex/s | speedup | "
+        "set-up s: single | auto_plan | pipelined trainer |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, notation, m, schedule, se, pe, speedup, ts, ta, tp in rows:
-        print(f"| {name} | {notation} | {m} | {schedule} | {se:.1f} | {pe:.1f} | {speedup:.2f}x | "
-              f"{ts:.1f} | {ta:.1f} | {tp:.1f} |")
+        print(
+            f"| {name} | {notation} | {m} | {schedule} | {se:.1f} | {pe:.1f} | {speedup:.2f}x | "
+            f"{ts:.1f} | {ta:.1f} | {tp:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ The public names are imported on first use, so that `import dapple_tf.<module>` 
 that needs no TensorFlow (e.g. `dapple_tf.batching`, which train.py's flag checks use) does
 not start TensorFlow before train.py has set its log level.
 """
+
 import importlib
 import os
 
@@ -13,9 +14,14 @@ import os
 # starts, so it applies where dapple_tf is imported before tensorflow; set it to 0 to opt out.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-_PUBLIC = {"Plan": "planner.plan_format", "PlanError": "planner.plan_format",
-           "layer": "dapple_tf.layers", "SingleDeviceTrainer": "dapple_tf.trainer",
-           "Trainer": "dapple_tf.trainer", "WeightedLoss": "graph_rewrite.template"}
+_PUBLIC = {
+    "Plan": "planner.plan_format",
+    "PlanError": "planner.plan_format",
+    "layer": "dapple_tf.layers",
+    "SingleDeviceTrainer": "dapple_tf.trainer",
+    "Trainer": "dapple_tf.trainer",
+    "WeightedLoss": "graph_rewrite.template",
+}
 
 __all__ = ["Plan", "PlanError", "SingleDeviceTrainer", "Trainer", "WeightedLoss", "layer"]
 

@@ -1,6 +1,7 @@
 """Checkpoints keyed by single-device variable names, so pipelined and plain single-device runs
 restore each other's checkpoints. Holds every global variable: model variables, optimizer
 slots (e.g. `layer_0/dense/kernel/Adam`), the optimizer's non-slot variables and global_step."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,12 @@ def variables_by_name(graph: tf.Graph) -> dict[str, tf.Variable]:
 
 def make_saver(graph: tf.Graph) -> v1.train.Saver:
     with graph.as_default():
-        return v1.train.Saver(var_list=variables_by_name(graph), max_to_keep=None,
-                              save_relative_paths=True, sharded=False)
+        return v1.train.Saver(
+            var_list=variables_by_name(graph),
+            max_to_keep=None,
+            save_relative_paths=True,
+            sharded=False,
+        )
 
 
 def save(session, saver, path: str | os.PathLike) -> str:
@@ -29,11 +34,12 @@ def save(session, saver, path: str | os.PathLike) -> str:
     tmp = f"{path}.tmp-{os.getpid()}"
     with session.graph.as_default():  # Saver.save takes its eager path outside a graph
         written = saver.save(session, tmp, write_meta_graph=False, write_state=False)
-    parts = sorted(f for f in os.listdir(directory)
-                   if f.startswith(os.path.basename(tmp) + "."))
+    parts = sorted(f for f in os.listdir(directory) if f.startswith(os.path.basename(tmp) + "."))
     for f in sorted(parts, key=lambda f: f.endswith(".index")):
-        os.replace(os.path.join(directory, f),
-                   os.path.join(directory, os.path.basename(path) + f[len(os.path.basename(tmp)):]))
+        os.replace(
+            os.path.join(directory, f),
+            os.path.join(directory, os.path.basename(path) + f[len(os.path.basename(tmp)) :]),
+        )
     assert written.startswith(tmp)
     return path
 

@@ -13,6 +13,7 @@ Atomic: shards go to `<path>.tmp-<token>/`, the merge writes `<tmp>/merged`, who
 are renamed to their final names first and the index last; a crash before that last rename
 leaves the previous checkpoint (and what `checkpoint.json` names) untouched.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,14 @@ def owners(variables_by_rank: Sequence[Sequence[str]], rank_order: Sequence[int]
     return owner
 
 
-def save(session, saver_of_owned: v1.train.Saver | None, path: str | os.PathLike, rank: int,
-         broadcast: Callable[[object, str], object], allgather: Callable[[object, str], list]) -> str:
+def save(
+    session,
+    saver_of_owned: v1.train.Saver | None,
+    path: str | os.PathLike,
+    rank: int,
+    broadcast: Callable[[object, str], object],
+    allgather: Callable[[object, str], list],
+) -> str:
     """Write this rank's shard (if it owns variables), then rank 0 merges all shards into the
     checkpoint `path`. Every rank must call it; all return once `path` is complete."""
     path = os.path.abspath(os.fspath(path))
@@ -48,8 +55,12 @@ def save(session, saver_of_owned: v1.train.Saver | None, path: str | os.PathLike
     shard = None
     if saver_of_owned is not None:
         with session.graph.as_default():  # Saver.save takes its eager path outside a graph
-            shard = saver_of_owned.save(session, os.path.join(tmp_dir, f"shard-rank{rank}"),
-                                        write_meta_graph=False, write_state=False)
+            shard = saver_of_owned.save(
+                session,
+                os.path.join(tmp_dir, f"shard-rank{rank}"),
+                write_meta_graph=False,
+                write_state=False,
+            )
     shards = [s for s in allgather(shard, "dapple.save.shards") if s is not None]
     error = None
     if rank == 0:
@@ -66,12 +77,14 @@ def save(session, saver_of_owned: v1.train.Saver | None, path: str | os.PathLike
 def _merge(shards: list[str], tmp_dir: str, path: str) -> None:
     merged = os.path.join(tmp_dir, "merged")
     with tf.Graph().as_default(), new_session() as session:
-        session.run(tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards,
-                                                  destination_prefix=merged,
-                                                  delete_old_dirs=False))
+        session.run(
+            tf.raw_ops.MergeV2Checkpoints(
+                checkpoint_prefixes=shards, destination_prefix=merged, delete_old_dirs=False
+            )
+        )
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     files = sorted(f for f in os.listdir(tmp_dir) if f.startswith("merged."))
     for f in sorted(files, key=lambda f: f.endswith(".index")):  # the index last
-        os.replace(os.path.join(tmp_dir, f), path + f[len("merged"):])
+        os.replace(os.path.join(tmp_dir, f), path + f[len("merged") :])
     shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -39,6 +39,7 @@ Horovod 0.28.1 + Gloo facts this module is built around (measured, see tests/mul
     with status EXIT_PEER_LOST within DAPPLE_PEER_TIMEOUT_S seconds, naming the rank and the
     collectives shared with it.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -101,6 +102,7 @@ def launched_local_rank() -> int | None:
 
 def _hvd():
     import horovod.tensorflow as hvd  # imported lazily: single-process users need no Horovod
+
     return hvd
 
 
@@ -135,6 +137,7 @@ class RowTransfer:
     """Rows [begin, end) of a micro-batch that `sender_rank` (a replica of the earlier stage)
     passes to `receiver_rank` (a replica of the later stage) at one boundary. `src_begin` and
     `dst_begin` are where the rows start in the sender's and the receiver's local slice."""
+
     sender_rank: int
     receiver_rank: int
     begin: int
@@ -159,13 +162,15 @@ def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTr
             s_begin, s_end = plan.rows_of_replica(from_stage, k)
             begin, end = max(r_begin, s_begin), min(r_end, s_end)
             if begin < end:
-                transfers.append(RowTransfer(sender, receiver, begin, end,
-                                             begin - s_begin, begin - r_begin))
+                transfers.append(
+                    RowTransfer(sender, receiver, begin, end, begin - s_begin, begin - r_begin)
+                )
     return transfers
 
 
-def pair_groups(plan: Plan, boundaries: Sequence[tuple[int, int]] | None = None
-                ) -> list[tuple[int, ...]]:
+def pair_groups(
+    plan: Plan, boundaries: Sequence[tuple[int, int]] | None = None
+) -> list[tuple[int, ...]]:
     """The rank pairs that exchange rows at the stage boundaries `boundaries` ((from stage,
     to stage) pairs, in the order given; default: every pair of consecutive stages), in that
     order. Both directions (activations forward, their gradients backward) share a pair.
@@ -186,8 +191,13 @@ class ProcessSets:
     non-adjacent stages); default: consecutive stages. `get(ranks)` returns the set for a group
     of ranks; a group equal to all ranks is the global set (Horovod refuses to add a copy)."""
 
-    def __init__(self, plan: Plan, tied_stages: Sequence[Sequence[int]] = (), world_size: int | None = None,
-                 boundaries: Sequence[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        tied_stages: Sequence[Sequence[int]] = (),
+        world_size: int | None = None,
+        boundaries: Sequence[tuple[int, int]] | None = None,
+    ):
         hvd = _hvd()
         self.world_size = hvd.size() if world_size is None else world_size
         self.order = _unique(gradient_groups(plan, tied_stages) + pair_groups(plan, boundaries))
@@ -195,18 +205,23 @@ class ProcessSets:
         self._sets = {}
         for group in self.order:
             if max(group) >= self.world_size:
-                raise PlanError(f"plan {plan.notation} uses rank {max(group)} but only "
-                                f"{self.world_size} ranks were launched")
-            self._sets[group] = (hvd.global_process_set if group == everyone
-                                 else _registered_or_new(group))
+                raise PlanError(
+                    f"plan {plan.notation} uses rank {max(group)} but only "
+                    f"{self.world_size} ranks were launched"
+                )
+            self._sets[group] = (
+                hvd.global_process_set if group == everyone else _registered_or_new(group)
+            )
 
     def get(self, ranks: Iterable[int]):
         group = _rank_group(ranks)
         if group == tuple(range(self.world_size)):
             return _hvd().global_process_set
         if group not in self._sets:
-            raise KeyError(f"no process set for ranks {list(group)}; registered: "
-                           f"{[list(g) for g in self.order]}")
+            raise KeyError(
+                f"no process set for ranks {list(group)}; registered: "
+                f"{[list(g) for g in self.order]}"
+            )
         return self._sets[group]
 
 
@@ -217,6 +232,7 @@ def _registered_or_new(group: tuple[int, ...]):
     hvd = _hvd()
     from horovod.common.process_sets import _temp_process_set_object
     from horovod.tensorflow.mpi_ops import _basics
+
     for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
         if set_id != 0 and tuple(ranks) == group:
             existing = _temp_process_set_object(set_id)
@@ -248,8 +264,9 @@ class CollectiveLog:
             return [c.name for c in self._items if rank in c.ranks]
 
 
-def transfer_name(micro_batch: int, from_stage: int, to_stage: int, t: RowTransfer,
-                  backward: bool = False) -> str:
+def transfer_name(
+    micro_batch: int, from_stage: int, to_stage: int, t: RowTransfer, backward: bool = False
+) -> str:
     """Name of one pair broadcast. Forward activations travel s<a>_to_s<b> from the earlier
     stage; their gradients travel back under s<b>_to_s<a>, from the later stage's replica."""
     if backward:
@@ -273,6 +290,7 @@ def session_config(config=None):
     the defaults and runs with these three passes off."""
     import tensorflow as tf
     from tensorflow.core.protobuf import rewriter_config_pb2
+
     out = tf.compat.v1.ConfigProto()
     if config is not None:
         out.CopyFrom(config)
@@ -287,6 +305,7 @@ def _unfoldable(tensor):
     """`tensor` + 0, where the 0 comes from a stateful op, so that the collective it feeds never
     has constant inputs (see session_config; belt and braces for small tensors)."""
     import tensorflow as tf
+
     tensor = tf.convert_to_tensor(tensor)
     return tensor + tf.raw_ops.Empty(shape=[], dtype=tensor.dtype, init=True)
 
@@ -295,12 +314,15 @@ def _named(make: Callable[[str], object], full_name: str):
     """Create a Horovod op whose TF node name is exactly `full_name` (Horovod matches ranks by
     node name, so a silently uniquified name would deadlock)."""
     import tensorflow as tf
+
     scope, _, leaf = full_name.rpartition("/")
     with tf.compat.v1.name_scope(scope + "/" if scope else None):
         out = make(leaf)
     if out.op.name != full_name:
-        raise ValueError(f"collective name '{full_name}' is already taken in this graph (TF "
-                         f"renamed it to '{out.op.name}'); every collective needs a unique name")
+        raise ValueError(
+            f"collective name '{full_name}' is already taken in this graph (TF "
+            f"renamed it to '{out.op.name}'); every collective needs a unique name"
+        )
     return out
 
 
@@ -318,11 +340,19 @@ class Collectives:
         hvd = _hvd()
         ps = self.process_sets.get((sender, receiver))
         self.log.add(name, (sender, receiver))
-        return _named(lambda leaf: hvd.broadcast(tensor, root_rank=sender, name=leaf,
-                                                 process_set=ps), name)
+        return _named(
+            lambda leaf: hvd.broadcast(tensor, root_rank=sender, name=leaf, process_set=ps), name
+        )
 
-    def send_rows(self, local, transfers: Sequence[RowTransfer], micro_batch: int, from_stage: int,
-                  to_stage: int, backward: bool = False) -> list:
+    def send_rows(
+        self,
+        local,
+        transfers: Sequence[RowTransfer],
+        micro_batch: int,
+        from_stage: int,
+        to_stage: int,
+        backward: bool = False,
+    ) -> list:
         """On a rank that holds rows of a boundary tensor (`local`: this rank's rows, batch
         first), send each overlap it owns. Forward: this rank is a sender replica of from_stage.
         Backward (`local` = gradient w.r.t. the receiver's rows): this rank is the receiver."""
@@ -332,30 +362,57 @@ class Collectives:
             if mine != self.rank:
                 continue
             start = t.dst_begin if backward else t.src_begin
-            rows = local[start:start + t.num_rows]
-            src, dst = (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
-            ops.append(self.pair_broadcast(rows, src, dst, transfer_name(
-                micro_batch, from_stage, to_stage, t, backward)))
+            rows = local[start : start + t.num_rows]
+            src, dst = (
+                (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
+            )
+            ops.append(
+                self.pair_broadcast(
+                    rows, src, dst, transfer_name(micro_batch, from_stage, to_stage, t, backward)
+                )
+            )
         return ops
 
-    def recv_rows(self, row_shape, dtype, transfers: Sequence[RowTransfer], micro_batch: int,
-                  from_stage: int, to_stage: int, backward: bool = False):
+    def recv_rows(
+        self,
+        row_shape,
+        dtype,
+        transfers: Sequence[RowTransfer],
+        micro_batch: int,
+        from_stage: int,
+        to_stage: int,
+        backward: bool = False,
+    ):
         """On a rank that needs rows of a boundary tensor, receive every overlap addressed to it
         and concatenate them in row order. `row_shape` is the per-row shape (without batch)."""
         import tensorflow as tf
+
         pieces = []
         for t in transfers:
             mine = t.sender_rank if backward else t.receiver_rank
             if mine != self.rank:
                 continue
-            src, dst = (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
+            src, dst = (
+                (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
+            )
             placeholder = tf.raw_ops.Empty(shape=[t.num_rows] + list(row_shape), dtype=dtype)
-            key = (t.src_begin if backward else t.dst_begin)
-            pieces.append((key, self.pair_broadcast(placeholder, src, dst, transfer_name(
-                micro_batch, from_stage, to_stage, t, backward))))
+            key = t.src_begin if backward else t.dst_begin
+            pieces.append(
+                (
+                    key,
+                    self.pair_broadcast(
+                        placeholder,
+                        src,
+                        dst,
+                        transfer_name(micro_batch, from_stage, to_stage, t, backward),
+                    ),
+                )
+            )
         if not pieces:
-            raise ValueError(f"rank {self.rank} receives nothing at boundary "
-                             f"s{from_stage}->s{to_stage} ({'backward' if backward else 'forward'})")
+            raise ValueError(
+                f"rank {self.rank} receives nothing at boundary "
+                f"s{from_stage}->s{to_stage} ({'backward' if backward else 'forward'})"
+            )
         pieces.sort(key=lambda p: p[0])
         return pieces[0][1] if len(pieces) == 1 else tf.concat([p for _, p in pieces], axis=0)
 
@@ -363,6 +420,7 @@ class Collectives:
         """Sum a gradient over `ranks` (a stage's replicas, or all users of a tied variable).
         Per-tensor allreduce: grouped_allreduce is not used on process sets (see module doc)."""
         import tensorflow as tf
+
         hvd = _hvd()
         group = _rank_group(ranks)
         if len(group) == 1:
@@ -378,16 +436,20 @@ class Collectives:
         """Sum an IndexedSlices gradient over `ranks`, keeping it sparse: the rows (values and
         indices) of every rank, concatenated in rank order (the optimizer sums duplicates)."""
         import tensorflow as tf
+
         hvd = _hvd()
         group = _rank_group(ranks)
         ps = self.process_sets.get(group)
         base = "dapple/allgather/" + variable_name.replace(":", "_")
         self.log.add(base + "/values", group)
         self.log.add(base + "/indices", group)
-        values = _named(lambda leaf: hvd.allgather(grad.values, name=leaf, process_set=ps),
-                        base + "/values")
-        indices = _named(lambda leaf: hvd.allgather(tf.cast(grad.indices, tf.int64), name=leaf,
-                                                    process_set=ps), base + "/indices")
+        values = _named(
+            lambda leaf: hvd.allgather(grad.values, name=leaf, process_set=ps), base + "/values"
+        )
+        indices = _named(
+            lambda leaf: hvd.allgather(tf.cast(grad.indices, tf.int64), name=leaf, process_set=ps),
+            base + "/indices",
+        )
         return tf.IndexedSlices(values, indices, grad.dense_shape)
 
     def broadcast_variable(self, variable, variable_name: str, ranks: Iterable[int]):
@@ -397,8 +459,12 @@ class Collectives:
         name = "dapple/init/" + variable_name.replace(":", "_")
         self.log.add(name, group)
         ps = self.process_sets.get(group)
-        value = _named(lambda leaf: hvd.broadcast(variable.read_value(), root_rank=group[0],
-                                                  name=leaf, process_set=ps), name)
+        value = _named(
+            lambda leaf: hvd.broadcast(
+                variable.read_value(), root_rank=group[0], name=leaf, process_set=ps
+            ),
+            name,
+        )
         return variable.assign(value, read_value=False)
 
     def sum_over_all_ranks(self, tensor, name: str):
@@ -413,11 +479,14 @@ class Collectives:
         leaves a step before all ranks reached its end, so no rank can run ahead into
         collectives its peers will never join (Horovod would shut down for everyone)."""
         import tensorflow as tf
+
         hvd = _hvd()
         self.log.add("dapple/step_end", range(hvd.size()))
         with tf.control_dependencies(list(control_inputs)):
             local_loss = _unfoldable(local_loss)
-        return _named(lambda leaf: hvd.allreduce(local_loss, op=hvd.Sum, name=leaf), "dapple/step_end")
+        return _named(
+            lambda leaf: hvd.allreduce(local_loss, op=hvd.Sum, name=leaf), "dapple/step_end"
+        )
 
 
 # ---- init and plan sharing ------------------------------------------------------------------
@@ -434,6 +503,7 @@ def init() -> RankInfo:
     rank to its local GPU before anything else queries devices or opens a session (see
     devices.pin_to_local_gpu)."""
     from . import devices
+
     for key, value in _HOROVOD_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if not devices.has_gpus():
@@ -444,9 +514,11 @@ def init() -> RankInfo:
     info = RankInfo(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
     from_launcher = launched_local_rank()
     if from_launcher is not None and from_launcher != info.local_rank:
-        raise RuntimeError(f"rank {info.rank}: the launcher says local rank {from_launcher} but "
-                           f"Horovod says {info.local_rank}; sessions would be pinned to the "
-                           f"wrong GPU")
+        raise RuntimeError(
+            f"rank {info.rank}: the launcher says local rank {from_launcher} but "
+            f"Horovod says {info.local_rank}; sessions would be pinned to the "
+            f"wrong GPU"
+        )
     devices.pin_to_local_gpu(info.local_rank)
     return info
 
@@ -455,6 +527,7 @@ def allgather_objects(obj, name: str) -> list:
     """Python-level allgather on the global set (every rank must call it, in the same order)."""
     import tensorflow as tf
     from . import devices
+
     hvd = _hvd()
     with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.allgather_object(obj, session=session, name=name)
@@ -463,6 +536,7 @@ def allgather_objects(obj, name: str) -> list:
 def broadcast_object(obj, name: str, root_rank: int = 0):
     import tensorflow as tf
     from . import devices
+
     hvd = _hvd()
     with tf.Graph().as_default(), devices.new_session() as session:
         return hvd.broadcast_object(obj, root_rank=root_rank, session=session, name=name)
@@ -484,8 +558,10 @@ def share_plan(plan_on_rank0: Callable[[], Plan]) -> Plan:
     plan = Plan.from_dict(payload["plan"], source="plan broadcast from rank 0")
     plan.check_devices(hvd.size(), what="Horovod ranks")
     if plan.num_devices != hvd.size():
-        raise PlanError(f"plan {plan.notation} uses {plan.num_devices} devices but {hvd.size()} "
-                        f"ranks were launched; launch one rank per device of the plan")
+        raise PlanError(
+            f"plan {plan.notation} uses {plan.num_devices} devices but {hvd.size()} "
+            f"ranks were launched; launch one rank per device of the plan"
+        )
     return plan
 
 
@@ -498,6 +574,7 @@ def fusion_bytes() -> int:
     """DAPPLE_FUSION_BYTES: the largest bucket of small dense gradients summed by one TF
     all-reduce (graph_rewrite/collective_transport.py fused_all_reduce_sum)."""
     from graph_rewrite.collective_transport import DEFAULT_BUCKET_BYTES
+
     return int(os.environ.get("DAPPLE_FUSION_BYTES", DEFAULT_BUCKET_BYTES))
 
 
@@ -512,8 +589,14 @@ def shared_heartbeat_dir(preferred: str | None = None) -> tuple[str, bool]:
     choice = None
     if hvd.rank() == 0:
         given = preferred or os.environ.get("DAPPLE_HEARTBEAT_DIR")
-        choice = (given, False) if given else (os.path.join(
-            tempfile.gettempdir(), f"dapple-heartbeat-{uuid.uuid4().hex[:12]}"), True)
+        choice = (
+            (given, False)
+            if given
+            else (
+                os.path.join(tempfile.gettempdir(), f"dapple-heartbeat-{uuid.uuid4().hex[:12]}"),
+                True,
+            )
+        )
     directory, temporary = broadcast_object(choice, name="dapple.heartbeat_dir")
     os.makedirs(directory, exist_ok=True)
     return directory, temporary
@@ -538,27 +621,47 @@ class Watchdog:
     abruptly (Horovod aborts the survivors of a killed rank before any of their Python code
     runs again); `stop()`, a normal interpreter exit and the watchdog's own exit dismiss it."""
 
-    def __init__(self, rank: int, size: int, directory: str, log: CollectiveLog,
-                 peer_timeout_s: float | None = None, step_timeout_s: float | None = None,
-                 interval_s: float = 1.0, exit_fn: Callable[[int], None] = os._exit):
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        directory: str,
+        log: CollectiveLog,
+        peer_timeout_s: float | None = None,
+        step_timeout_s: float | None = None,
+        interval_s: float = 1.0,
+        exit_fn: Callable[[int], None] = os._exit,
+    ):
         self.rank, self.size, self.directory, self.log = rank, size, directory, log
-        self.peer_timeout_s = float(peer_timeout_s if peer_timeout_s is not None else
-                                    os.environ.get("DAPPLE_PEER_TIMEOUT_S", DEFAULT_PEER_TIMEOUT_S))
-        self.step_timeout_s = float(step_timeout_s if step_timeout_s is not None else
-                                    os.environ.get("DAPPLE_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S))
+        self.peer_timeout_s = float(
+            peer_timeout_s
+            if peer_timeout_s is not None
+            else os.environ.get("DAPPLE_PEER_TIMEOUT_S", DEFAULT_PEER_TIMEOUT_S)
+        )
+        self.step_timeout_s = float(
+            step_timeout_s
+            if step_timeout_s is not None
+            else os.environ.get("DAPPLE_STEP_TIMEOUT_S", DEFAULT_STEP_TIMEOUT_S)
+        )
         self.interval_s = interval_s
         self._exit = exit_fn
         self._host = socket.gethostname()
         self._step, self._phase, self._since = -1, "idle", time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"dapple-watchdog-{rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"dapple-watchdog-{rank}", daemon=True
+        )
         self._monitor: subprocess.Popen | None = None
         gloo = float(os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30"))
         if gloo <= self.peer_timeout_s:
-            print(f"dapple: warning: HOROVOD_GLOO_TIMEOUT_SECONDS={gloo:g} is not above "
-                  f"DAPPLE_PEER_TIMEOUT_S={self.peer_timeout_s:g}: Gloo may abort before the "
-                  f"watchdog can name a missing rank", file=sys.stderr, flush=True)
+            print(
+                f"dapple: warning: HOROVOD_GLOO_TIMEOUT_SECONDS={gloo:g} is not above "
+                f"DAPPLE_PEER_TIMEOUT_S={self.peer_timeout_s:g}: Gloo may abort before the "
+                f"watchdog can name a missing rank",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def start(self) -> "Watchdog":
         self._beat()
@@ -582,14 +685,23 @@ class Watchdog:
             os.remove(exit_monitor.ended_path(self.directory, self.rank))
         except OSError:
             pass
-        setup = {"rank": self.rank, "size": self.size, "directory": self.directory,
-                 "pid": os.getpid(), "started": time.time(),
-                 "shared": {str(k): _abbreviate(self.log.shared_with(k))
-                            for k in range(self.size) if k != self.rank}}
+        setup = {
+            "rank": self.rank,
+            "size": self.size,
+            "directory": self.directory,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "shared": {
+                str(k): _abbreviate(self.log.shared_with(k))
+                for k in range(self.size)
+                if k != self.rank
+            },
+        }
         # -I keeps the script's folder off sys.path (dapple_tf/profile.py would shadow the
         # standard library's profile module).
-        self._monitor = subprocess.Popen([sys.executable, "-I", exit_monitor.__file__],
-                                         stdin=subprocess.PIPE)
+        self._monitor = subprocess.Popen(
+            [sys.executable, "-I", exit_monitor.__file__], stdin=subprocess.PIPE
+        )
         self._monitor.stdin.write((json.dumps(setup) + "\n").encode())
         self._monitor.stdin.flush()
         atexit.register(self._dismiss_exit_monitor)
@@ -623,8 +735,15 @@ class Watchdog:
 
     def _beat(self) -> None:
         with self._lock:
-            state = {"rank": self.rank, "pid": os.getpid(), "host": self._host, "step": self._step,
-                     "phase": self._phase, "since": self._since, "time": time.time()}
+            state = {
+                "rank": self.rank,
+                "pid": os.getpid(),
+                "host": self._host,
+                "step": self._step,
+                "phase": self._phase,
+                "since": self._since,
+                "time": time.time(),
+            }
         tmp = self._path(self.rank) + f".tmp{os.getpid()}"
         try:
             with open(tmp, "w") as f:
@@ -652,8 +771,9 @@ class Watchdog:
             problem = self.check(time.time())
             if problem:
                 print(problem, file=sys.stderr, flush=True)
-                exit_monitor.record_end(self.directory, self.rank, os.getpid(),
-                                        exit_monitor.WATCHDOG, time.time())
+                exit_monitor.record_end(
+                    self.directory, self.rank, os.getpid(), exit_monitor.WATCHDOG, time.time()
+                )
                 self._dismiss_exit_monitor()
                 # Let the other waiting ranks report too: our exit makes Horovod abort them.
                 time.sleep(max(2 * self.interval_s, 3.0))
@@ -679,14 +799,23 @@ class Watchdog:
             age = now - hb["time"]
             gone = hb["host"] == self._host and not _pid_alive(hb["pid"])
             if gone:
-                missing[k] = f"process {hb['pid']} on {hb['host']} is gone (last at step {hb['step']})"
+                missing[k] = (
+                    f"process {hb['pid']} on {hb['host']} is gone (last at step {hb['step']})"
+                )
             elif age > self.peer_timeout_s:
-                missing[k] = (f"no heartbeat for {age:.1f} s (frozen or unreachable; last at "
-                              f"step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}")
-            elif waited > self.peer_timeout_s and (hb["step"] < step or hb["phase"] != "run") \
-                    and not (hb["step"] > step):
-                missing[k] = (f"alive but has not entered step {step} for {now - hb['since']:.1f} s "
-                              f"(at step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}")
+                missing[k] = (
+                    f"no heartbeat for {age:.1f} s (frozen or unreachable; last at "
+                    f"step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}"
+                )
+            elif (
+                waited > self.peer_timeout_s
+                and (hb["step"] < step or hb["phase"] != "run")
+                and not (hb["step"] > step)
+            ):
+                missing[k] = (
+                    f"alive but has not entered step {step} for {now - hb['since']:.1f} s "
+                    f"(at step {hb['step']}, {hb['phase']}) on {hb['host']} pid {hb['pid']}"
+                )
         return missing
 
     def check(self, now: float) -> str | None:
@@ -699,18 +828,26 @@ class Watchdog:
         waited = now - since
         if not missing and waited <= self.step_timeout_s:
             return None
-        lines = [f"dapple: rank {self.rank}: step {step} has waited {waited:.1f} s for its collectives"]
+        lines = [
+            f"dapple: rank {self.rank}: step {step} has waited {waited:.1f} s for its collectives"
+        ]
         if missing:
             for k, why in sorted(missing.items()):
                 shared = self.log.shared_with(k)
                 lines.append(f"dapple: rank {self.rank}: missing rank {k}: {why}")
-                lines.append(f"dapple: rank {self.rank}: collectives rank {self.rank} waits on with "
-                             f"rank {k}: {_abbreviate(shared)}")
+                lines.append(
+                    f"dapple: rank {self.rank}: collectives rank {self.rank} waits on with "
+                    f"rank {k}: {_abbreviate(shared)}"
+                )
         else:
-            lines.append(f"dapple: rank {self.rank}: no rank looks missing, but the step exceeded "
-                         f"DAPPLE_STEP_TIMEOUT_S={self.step_timeout_s:g}")
-        lines.append(f"dapple: rank {self.rank}: exiting with status {EXIT_PEER_LOST}; re-run with "
-                     f"the same model directory to resume from the last checkpoint")
+            lines.append(
+                f"dapple: rank {self.rank}: no rank looks missing, but the step exceeded "
+                f"DAPPLE_STEP_TIMEOUT_S={self.step_timeout_s:g}"
+            )
+        lines.append(
+            f"dapple: rank {self.rank}: exiting with status {EXIT_PEER_LOST}; re-run with "
+            f"the same model directory to resume from the last checkpoint"
+        )
         return "\n".join(lines)
 
 
@@ -730,12 +867,16 @@ def explain_collective_failure(watchdog: "Watchdog", error: Exception, step: int
     if not missing:
         time.sleep(2.5 * watchdog.interval_s)
         missing = _peers_missing(watchdog, time.time())
-    who = "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items())) or \
-        "no rank looks missing by its heartbeat (another host, or an error on a peer)"
-    return (f"dapple: rank {watchdog.rank}: step {step}: collective '{op}' failed: {first_line}\n"
-            f"dapple: rank {watchdog.rank}: missing: {who}\n"
-            f"dapple: rank {watchdog.rank}: re-run with the same model directory to resume from "
-            f"the last checkpoint")
+    who = (
+        "; ".join(f"rank {k}: {why}" for k, why in sorted(missing.items()))
+        or "no rank looks missing by its heartbeat (another host, or an error on a peer)"
+    )
+    return (
+        f"dapple: rank {watchdog.rank}: step {step}: collective '{op}' failed: {first_line}\n"
+        f"dapple: rank {watchdog.rank}: missing: {who}\n"
+        f"dapple: rank {watchdog.rank}: re-run with the same model directory to resume from "
+        f"the last checkpoint"
+    )
 
 
 def _peers_missing(watchdog: "Watchdog", now: float, only_gone: bool = False) -> dict[int, str]:

@@ -13,6 +13,7 @@ that pass no config. TensorFlow maps a process's GPUs once, at the first session
 start: a session without the pin first would take every GPU of the host, and later pinned
 sessions would fail.
 """
+
 from __future__ import annotations
 
 import tensorflow as tf
@@ -30,7 +31,9 @@ def device_kind() -> str:
     return "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
 
 
-def pinned_config(config: tf.compat.v1.ConfigProto | None = None) -> tf.compat.v1.ConfigProto | None:
+def pinned_config(
+    config: tf.compat.v1.ConfigProto | None = None,
+) -> tf.compat.v1.ConfigProto | None:
     """`config` for a session of this process: in a rank of a multi-rank run, a copy whose
     GPUs are only the rank's local GPU (TensorFlow ignores the setting on hosts without GPUs);
     otherwise `config` unchanged (None: TensorFlow's default config)."""
@@ -44,9 +47,11 @@ def pinned_config(config: tf.compat.v1.ConfigProto | None = None) -> tf.compat.v
     return pinned
 
 
-def new_session(graph: tf.Graph | None = None,
-                config: tf.compat.v1.ConfigProto | None = None,
-                target: str | None = None) -> tf.compat.v1.Session:
+def new_session(
+    graph: tf.Graph | None = None,
+    config: tf.compat.v1.ConfigProto | None = None,
+    target: str | None = None,
+) -> tf.compat.v1.Session:
     """Every session dapple_tf opens is opened here, with `pinned_config(config)`; `target`: a
     TF server's address (a multi-rank trainer's session runs on its rank's server)."""
     return tf.compat.v1.Session(target or "", graph=graph, config=pinned_config(config))
@@ -64,8 +69,10 @@ def pin_to_local_gpu(local_rank: int) -> None:
     if not gpus:
         return
     if local_rank >= len(gpus):
-        raise RuntimeError(f"local rank {local_rank} has no GPU of its own: this host has "
-                           f"{len(gpus)} GPUs; launch at most one rank per GPU on each host")
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: this host has "
+            f"{len(gpus)} GPUs; launch at most one rank per GPU on each host"
+        )
     try:
         tf.config.set_visible_devices(gpus[local_rank], "GPU")
     except RuntimeError:
@@ -73,7 +80,8 @@ def pin_to_local_gpu(local_rank: int) -> None:
             raise RuntimeError(
                 f"TensorFlow started its GPUs before this rank (local rank {local_rank}) was "
                 f"pinned to GPU {local_rank}; create the Trainer (or call dapple_tf.comm.init()) "
-                f"before any TensorFlow session, op or device query of the script") from None
+                f"before any TensorFlow session, op or device query of the script"
+            ) from None
 
 
 def device_name(device_id: int, kind: str | None = None) -> str:
@@ -90,13 +98,17 @@ def create_logical_cpus(n: int) -> None:
     if configured is not None and len(configured) >= n:
         return
     try:
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * n
+        )
     except RuntimeError:
         have = len(tf.config.list_logical_devices("CPU"))
         if have < n:
-            raise RuntimeError(f"need {n} logical CPU devices but TensorFlow is already "
-                               f"initialised with {have}; call dapple_tf.devices."
-                               f"create_logical_cpus({n}) before any TensorFlow op runs") from None
+            raise RuntimeError(
+                f"need {n} logical CPU devices but TensorFlow is already "
+                f"initialised with {have}; call dapple_tf.devices."
+                f"create_logical_cpus({n}) before any TensorFlow op runs"
+            ) from None
 
 
 def available_devices(num_devices: int | None = None) -> tuple[str, int]:
@@ -113,15 +125,23 @@ def available_devices(num_devices: int | None = None) -> tuple[str, int]:
 def check_plan_devices(plan: Plan, num_devices: int | None = None) -> str:
     """Raise PlanError (saying how many devices the plan needs) if too few exist; return kind."""
     kind, have = available_devices(num_devices)
-    what = ("local GPUs" if kind == "GPU" else
-            "logical CPU devices (pass num_devices= to Trainer, or call "
-            "dapple_tf.devices.create_logical_cpus(n) before TensorFlow starts)")
+    what = (
+        "local GPUs"
+        if kind == "GPU"
+        else "logical CPU devices (pass num_devices= to Trainer, or call "
+        "dapple_tf.devices.create_logical_cpus(n) before TensorFlow starts)"
+    )
     plan.check_devices(have, what)
     return kind
 
 
-def session_config(kind: str, num_devices: int, inter_op_threads: int | None = None,
-                   optimize_graph: bool = True, fold_constants: bool = True):
+def session_config(
+    kind: str,
+    num_devices: int,
+    inter_op_threads: int | None = None,
+    optimize_graph: bool = True,
+    fold_constants: bool = True,
+):
     """ConfigProto for a session whose graph uses device ids 0..num_devices-1.
     optimize_graph=False turns Grappler off: the first step of a large pipelined graph starts
     several times faster (tests), steady-state steps may be slower. fold_constants=False turns

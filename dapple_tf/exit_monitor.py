@@ -25,6 +25,7 @@ way at once. Lines start with "dapple: rank <r>:".
 
 Usage (comm.Watchdog does this): python -I exit_monitor.py  < pipe from the rank
 """
+
 import json
 import os
 import signal
@@ -73,31 +74,42 @@ def report(setup: dict, now: float, why: str) -> str:
     lines = [f"{head} {why} during step {step} ({mine.get('phase', '?')})"]
     watchdog_times = [m["time"] for m in ends.values() if m["how"] == WATCHDOG]
     first_report = min(watchdog_times) if watchdog_times else float("inf")
-    abrupt = sorted((m["time"], k) for k, m in ends.items()
-                    if m["how"] == ABRUPT and m["time"] < first_report)
+    abrupt = sorted(
+        (m["time"], k) for k, m in ends.items() if m["how"] == ABRUPT and m["time"] < first_report
+    )
     if watchdog_times and (not abrupt or first_report < abrupt[0][0]):
         reporters = sorted(k for k, m in ends.items() if m["how"] == WATCHDOG)
-        lines.append(f"{head} the job was stopped after the watchdog of rank(s) {reporters} "
-                     f"reported missing ranks (see their messages)")
+        lines.append(
+            f"{head} the job was stopped after the watchdog of rank(s) {reporters} "
+            f"reported missing ranks (see their messages)"
+        )
     elif not abrupt:
         lines.append(f"{head} no rank is recorded as ended abruptly in {directory}")
     else:
         first_time, first = abrupt[0]
         if first == rank:
-            lines.append(f"{head} this rank (process {setup['pid']}) ended abruptly first "
-                         f"(killed by a signal, or crashed)")
+            lines.append(
+                f"{head} this rank (process {setup['pid']}) ended abruptly first "
+                f"(killed by a signal, or crashed)"
+            )
         else:
             beat = _read_json(os.path.join(directory, f"rank{first}.json")) or {}
-            lines.append(f"{head} rank {first} died first: its process {beat.get('pid', '?')} on "
-                         f"{beat.get('host', '?')} ended {now - first_time:.1f} s ago (last at "
-                         f"step {beat.get('step', '?')}, {beat.get('phase', '?')})")
+            lines.append(
+                f"{head} rank {first} died first: its process {beat.get('pid', '?')} on "
+                f"{beat.get('host', '?')} ended {now - first_time:.1f} s ago (last at "
+                f"step {beat.get('step', '?')}, {beat.get('phase', '?')})"
+            )
             shared = setup["shared"].get(str(first), "(none)")
-            lines.append(f"{head} rank {rank} was waiting on rank {first} in step {step}: the "
-                         f"collectives it shares with rank {first}: {shared}")
+            lines.append(
+                f"{head} rank {rank} was waiting on rank {first} in step {step}: the "
+                f"collectives it shares with rank {first}: {shared}"
+            )
         later = [k for _, k in abrupt[1:] if k != rank]
         if later:
-            lines.append(f"{head} also ended after it: ranks {later} (aborted by Horovod or "
-                         f"stopped by the launcher)")
+            lines.append(
+                f"{head} also ended after it: ranks {later} (aborted by Horovod or "
+                f"stopped by the launcher)"
+            )
     lines.append(f"{head} re-run with the same model directory to resume from the last checkpoint")
     return "\n".join(lines)
 
@@ -110,8 +122,11 @@ def _another_rank_ended(setup: dict, now: float) -> bool:
         if k == setup["rank"]:
             continue
         marker = _read_json(ended_path(setup["directory"], k))
-        if (marker is not None and marker["how"] == ABRUPT
-                and setup.get("started", 0.0) <= marker["time"] <= now):
+        if (
+            marker is not None
+            and marker["how"] == ABRUPT
+            and setup.get("started", 0.0) <= marker["time"] <= now
+        ):
             return True
     return False
 

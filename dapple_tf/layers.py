@@ -1,4 +1,5 @@
 """`layer(name)`: open a model layer explicitly (a top-level name scope of the template graph)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +18,5 @@ def layer(name: str):
     `layer()` nested in other scopes still opens a top-level scope."""
     if not isinstance(name, str) or not _LAYER_NAME.match(name):
         raise ValueError(f"layer name must be a valid TensorFlow op name without '/', got {name!r}")
-    with tf.compat.v1.variable_scope(name, auxiliary_name_scope=False), \
-            tf.name_scope(name + "/"):
+    with tf.compat.v1.variable_scope(name, auxiliary_name_scope=False), tf.name_scope(name + "/"):
         yield

@@ -7,6 +7,7 @@ Every node's `memory[].allocation_records` lists (time, +bytes) when it allocate
 (time, -bytes) when the buffer was freed; the running sum over the clone ops of one stage is the
 activation memory that stage holds, and its maximum over the step is the peak.
 """
+
 from __future__ import annotations
 
 import re

@@ -18,6 +18,7 @@ Device: rank d uses its local GPU `local_rank` (every session of the process see
 GPU, as /GPU:0; pinned in comm.init before any session or device query), or /CPU:0 without
 GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,13 @@ import numpy as np
 import tensorflow as tf
 
 from graph_rewrite import rewrite
-from graph_rewrite.collective_transport import (CollectiveKeys, CollectiveTransport,
-                                                all_reduce_sum, check_keys, fused_all_reduce_sum)
+from graph_rewrite.collective_transport import (
+    CollectiveKeys,
+    CollectiveTransport,
+    all_reduce_sum,
+    check_keys,
+    fused_all_reduce_sum,
+)
 from graph_rewrite.horovod_transport import HorovodGradientSync, HorovodTransport
 from graph_rewrite.partition import partition
 from graph_rewrite.place import Slot
@@ -44,13 +50,25 @@ v1 = tf.compat.v1
 class MultiRankTrainer(Trainer):
     """Trainer of one rank of a multi-rank run (see module doc). Same public methods."""
 
-    def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
-                 plan: Plan | str | os.PathLike, global_batch_size: int, *,
-                 clip_norm: float | None = None, num_devices: int | None = None,
-                 seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True, heartbeat_dir: str | None = None,
-                 transport: str | None = None, input_fn: Callable | None = None,
-                 stack_weight_gradients: bool = False, layers=None):
+    def __init__(
+        self,
+        model_fn: Callable,
+        feature_spec: Mapping,
+        optimizer_fn: Callable,
+        plan: Plan | str | os.PathLike,
+        global_batch_size: int,
+        *,
+        clip_norm: float | None = None,
+        num_devices: int | None = None,
+        seed: int | None = None,
+        inter_op_threads: int | None = None,
+        optimize_graph: bool = True,
+        heartbeat_dir: str | None = None,
+        transport: str | None = None,
+        input_fn: Callable | None = None,
+        stack_weight_gradients: bool = False,
+        layers=None,
+    ):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         info = comm.init()
@@ -59,23 +77,37 @@ class MultiRankTrainer(Trainer):
             chosen = plan
             self.plan = comm.share_plan(lambda: chosen)
         else:
-            self.plan = comm.share_plan(lambda: resolve_plan(
-                plan, model_fn, feature_spec, self.global_batch_size, num_devices,
-                optimizer_fn, ranks=self.size, layers=layers))
+            self.plan = comm.share_plan(
+                lambda: resolve_plan(
+                    plan,
+                    model_fn,
+                    feature_spec,
+                    self.global_batch_size,
+                    num_devices,
+                    optimizer_fn,
+                    ranks=self.size,
+                    layers=layers,
+                )
+            )
         if self.plan.global_batch_size != self.global_batch_size:
-            raise PlanError(f"plan is for global batch size {self.plan.global_batch_size}, but "
-                            f"the trainer was given {self.global_batch_size}")
+            raise PlanError(
+                f"plan is for global batch size {self.plan.global_batch_size}, but "
+                f"the trainer was given {self.global_batch_size}"
+            )
         self.slot = _slot_of_rank(self.plan, self.rank)
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
         self.ranks_of_variable = _ranks_of_variable(self.plan, specs)
-        tied = [tuple(s for s, spec in enumerate(specs) if v in spec.variables)
-                for v in self.template.variables]
+        tied = [
+            tuple(s for s, spec in enumerate(specs) if v in spec.variables)
+            for v in self.template.variables
+        ]
         tied = [stages for stages in dict.fromkeys(tied) if len(stages) > 1]
 
         kind = devices.device_kind()
         config = devices.pinned_config(
-            devices.session_config(kind, 1, inter_op_threads, optimize_graph))
+            devices.session_config(kind, 1, inter_op_threads, optimize_graph)
+        )
         self.process_sets = comm.ProcessSets(self.plan, tied, boundaries=_stage_boundaries(specs))
         self.collectives = comm.Collectives(self.process_sets, self.rank)
         self.transport_kind = _transport_kind(transport)
@@ -92,8 +124,16 @@ class MultiRankTrainer(Trainer):
 
         def tf_sums(grads, ranks, device_of_variable):
             order = list(reversed(self.template.variables))  # later layers' gradients first
-            return fused_all_reduce_sum(grads, order, ranks, self.keys, device_of_variable,
-                                        comm.fusion_bytes(), timeout_s, self.collectives.log)
+            return fused_all_reduce_sum(
+                grads,
+                order,
+                ranks,
+                self.keys,
+                device_of_variable,
+                comm.fusion_bytes(),
+                timeout_s,
+                self.collectives.log,
+            )
 
         def tf_sum_over_all_ranks(tensor, name):
             self.collectives.log.add(name, range(self.size))
@@ -102,14 +142,25 @@ class MultiRankTrainer(Trainer):
         use_tf = self.transport_kind == "tf"
         self.gradient_sums = _gradient_sum_kind(self.transport_kind)
         sync = HorovodGradientSync(
-            self.collectives, self.ranks_of_variable, self.rank, comm.allgather_objects,
+            self.collectives,
+            self.ranks_of_variable,
+            self.rank,
+            comm.allgather_objects,
             sum_dense=tf_sums if self.gradient_sums == "tf" else None,
-            sum_over_all_ranks=tf_sum_over_all_ranks if use_tf else None)
-        self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
-                                 device_name=lambda d: device, clip_norm=clip_norm,
-                                 local_slots=[self.slot], transport=transport,
-                                 gradient_sync=sync, input_fn=input_fn,
-                                 stack_weight_gradients=stack_weight_gradients)
+            sum_over_all_ranks=tf_sum_over_all_ranks if use_tf else None,
+        )
+        self.rewritten = rewrite(
+            self.template,
+            self.plan,
+            optimizer_fn,
+            device_name=lambda d: device,
+            clip_norm=clip_norm,
+            local_slots=[self.slot],
+            transport=transport,
+            gradient_sync=sync,
+            input_fn=input_fn,
+            stack_weight_gradients=stack_weight_gradients,
+        )
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
         self.feature_rows = self.rewritten.feature_rows
@@ -125,12 +176,19 @@ class MultiRankTrainer(Trainer):
                 self.loss = self._tf_step_end(share, after, timeout_s)
             else:
                 self.loss = self.collectives.step_end(share, after)
-            self._broadcast_init = tf.group(*[
-                self.collectives.broadcast_variable(var, name, self.ranks_of_variable[name])
-                for name, var in sorted(self.rewritten.variables.items())
-                if len(self.ranks_of_variable[name]) > 1], name="dapple/init/broadcast")
-        check_keys(self.keys.names, comm.allgather_objects(self.keys.names,
-                                                           "dapple.collective_keys"), self.rank)
+            self._broadcast_init = tf.group(
+                *[
+                    self.collectives.broadcast_variable(var, name, self.ranks_of_variable[name])
+                    for name, var in sorted(self.rewritten.variables.items())
+                    if len(self.ranks_of_variable[name]) > 1
+                ],
+                name="dapple/init/broadcast",
+            )
+        check_keys(
+            self.keys.names,
+            comm.allgather_objects(self.keys.names, "dapple.collective_keys"),
+            self.rank,
+        )
         self._prepare_sharded_saver()
         target = self.cluster.target if self.cluster is not None else None
         if self.cluster is not None:
@@ -138,8 +196,11 @@ class MultiRankTrainer(Trainer):
         self.session = devices.new_session(self.graph, comm.session_config(config), target=target)
         _prepare_reads(self)
         self._finish_init()
-        self.set_weights(initial_values(self.template, devices.pinned_config(),
-                                        names=set(self.rewritten.variables)))
+        self.set_weights(
+            initial_values(
+                self.template, devices.pinned_config(), names=set(self.rewritten.variables)
+            )
+        )
         self.session.run(self._broadcast_init)
         directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0
@@ -163,15 +224,20 @@ class MultiRankTrainer(Trainer):
         for rank, names in enumerate(everyone):
             for name in names:
                 self._all_variable_ranks.setdefault(name, []).append(rank)
-        owned = {n: v for n, v in checkpoint.variables_by_name(self.graph).items()
-                 if self._owner[n] == self.rank}
+        owned = {
+            n: v
+            for n, v in checkpoint.variables_by_name(self.graph).items()
+            if self._owner[n] == self.rank
+        }
         with self.graph.as_default():
-            self._owned_saver = (v1.train.Saver(var_list=owned, max_to_keep=None,
-                                                save_relative_paths=True) if owned else None)
+            self._owned_saver = (
+                v1.train.Saver(var_list=owned, max_to_keep=None, save_relative_paths=True)
+                if owned
+                else None
+            )
 
     # ---- training -----------------------------------------------------------------------------
-    def train_step(self, batch: Mapping[str, np.ndarray] | None = None,
-                   run_metadata=None) -> float:
+    def train_step(self, batch: Mapping[str, np.ndarray] | None = None, run_metadata=None) -> float:
         self.watchdog.step_begin(self._steps_run)
         try:
             loss = super().train_step(batch, run_metadata=run_metadata)
@@ -200,13 +266,21 @@ class MultiRankTrainer(Trainer):
         skipped; names no rank has are an error)."""
         unknown = sorted(set(weights) - set(self._all_variable_ranks))
         if unknown:
-            raise KeyError(f"set_weights: unknown variables {unknown}; this model has "
-                           f"{sorted(self._all_variable_ranks)}")
+            raise KeyError(
+                f"set_weights: unknown variables {unknown}; this model has "
+                f"{sorted(self._all_variable_ranks)}"
+            )
         super().set_weights({n: v for n, v in weights.items() if n in self._variables})
 
     def save(self, path: str | os.PathLike) -> str:
-        return checkpoint_sharded.save(self.session, self._owned_saver, path, self.rank,
-                                       comm.broadcast_object, comm.allgather_objects)
+        return checkpoint_sharded.save(
+            self.session,
+            self._owned_saver,
+            path,
+            self.rank,
+            comm.broadcast_object,
+            comm.allgather_objects,
+        )
 
     def restore(self, path: str | os.PathLike) -> None:
         """Restore this rank's variables from a checkpoint written on any plan (or by a
@@ -255,8 +329,10 @@ def _slot_of_rank(plan: Plan, rank: int) -> Slot:
     for s, stage in enumerate(plan.stages):
         if rank in stage.devices:
             return Slot(s, stage.devices.index(rank))
-    raise PlanError(f"rank {rank} holds no stage of plan {plan.notation} (devices "
-                    f"{list(plan.devices)}); launch exactly one rank per plan device")
+    raise PlanError(
+        f"rank {rank} holds no stage of plan {plan.notation} (devices "
+        f"{list(plan.devices)}); launch exactly one rank per plan device"
+    )
 
 
 def _stage_boundaries(specs) -> list[tuple[int, int]]:

@@ -14,6 +14,7 @@ Builds the model's template at the given batch size on one device, measures it
 (`dapple_tf.profiler`), prints a per-layer table, and writes the Profile as JSON (`--out`) and,
 with `--graph-txt`, in the PipeDream/DAPPLE `graph.txt` format that `python -m planner` reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ from planner.profile import Profile  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dapple_tf.profile", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dapple_tf.profile", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", required=True, help="model name in the models registry (e.g. bert)")
     p.add_argument("--preset", default="tiny", help="model size preset (default: tiny)")
     p.add_argument("--batch-size", type=int, required=True, help="rows per profiled step")
@@ -40,17 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--measured-steps", type=int, default=5)
     p.add_argument("--device", default=None, help="device to profile on (default: TF's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fit-batch-sizes", default=None,
-                   help="comma-separated batch sizes (two or more) for the runtime profile")
-    p.add_argument("--layers", default=None,
-                   help="layer rule: a regular expression matched against name-scope paths "
-                        "(default: top-level name scopes)")
+    p.add_argument(
+        "--fit-batch-sizes",
+        default=None,
+        help="comma-separated batch sizes (two or more) for the runtime profile",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="layer rule: a regular expression matched against name-scope paths "
+        "(default: top-level name scopes)",
+    )
     return p
 
 
 def write_graph_txt(profile: Profile, path: str) -> None:
     """Writes `profile` in graph.txt format (the planner's writer)."""
     from planner import graph_txt
+
     graph_txt.write_graph_txt(profile, path)
 
 
@@ -67,25 +77,45 @@ def main(argv: Sequence[str] | None = None, get_model: Callable | None = None) -
     if args.fit_batch_sizes:
         sizes = [int(x) for x in args.fit_batch_sizes.split(",") if x.strip()]
         prof = profiler.profile_for_runtime(
-            model.model_fn, model.feature_spec, sizes, optimizer_fn=model.default_optimizer,
-            warmup_steps=args.warmup_steps, measured_steps=args.measured_steps,
-            device=args.device, seed=args.seed, batch_fn=batch_fn, layers=args.layers)
+            model.model_fn,
+            model.feature_spec,
+            sizes,
+            optimizer_fn=model.default_optimizer,
+            warmup_steps=args.warmup_steps,
+            measured_steps=args.measured_steps,
+            device=args.device,
+            seed=args.seed,
+            batch_fn=batch_fn,
+            layers=args.layers,
+        )
         print(f"{args.model} ({args.preset}), batch sizes {sizes}, fixed + per-row fit")
         print(profiler.format_table(prof))
         return _write(prof, args)
-    measurement = profiler.measure(model.model_fn, model.feature_spec, args.batch_size,
-                                   warmup_steps=args.warmup_steps,
-                                   measured_steps=args.measured_steps, device=args.device,
-                                   seed=args.seed, batch_fn=batch_fn, layers=args.layers)
+    measurement = profiler.measure(
+        model.model_fn,
+        model.feature_spec,
+        args.batch_size,
+        warmup_steps=args.warmup_steps,
+        measured_steps=args.measured_steps,
+        device=args.device,
+        seed=args.seed,
+        batch_fn=batch_fn,
+        layers=args.layers,
+    )
     prof = measurement.profile
     print(f"{args.model} ({args.preset}), batch {prof.batch_size}, on {prof.device}")
     print(profiler.format_table(prof))
-    print(f"traced step: {measurement.step_ms:.3f} ms wall; op time no layer claims: "
-          f"{measurement.unattributed_ms:.3f} ms")
+    print(
+        f"traced step: {measurement.step_ms:.3f} ms wall; op time no layer claims: "
+        f"{measurement.unattributed_ms:.3f} ms"
+    )
     expected = tuple(getattr(model, "layer_names", prof.layer_names))
     if args.layers is None and tuple(expected) != prof.layer_names:
-        print(f"warning: the model declares layers {list(expected)} but its graph has name scopes "
-              f"{list(prof.layer_names)}; plans name the latter", file=sys.stderr)
+        print(
+            f"warning: the model declares layers {list(expected)} but its graph has name scopes "
+            f"{list(prof.layer_names)}; plans name the latter",
+            file=sys.stderr,
+        )
     return _write(prof, args)
 
 

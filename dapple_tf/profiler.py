@@ -19,6 +19,7 @@ produces that forward ops of other layers consume (what crosses a stage cut afte
 parameter bytes those of the trainable variables it owns. Times are the median over the measured
 steps of the summed op times per layer.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from graph_rewrite.template import (LayerRule, TemplateError, WeightedLoss, assign_layers,
-                                   layer_rule)
+from graph_rewrite.template import LayerRule, TemplateError, WeightedLoss, assign_layers, layer_rule
 from planner.profile import LayerCost, Profile, ProfileError
 
 from .devices import new_session
@@ -52,13 +52,14 @@ _INPUT_OP_TYPES = frozenset({"VarHandleOp", "VariableV2", "Variable", "Placehold
 @dataclasses.dataclass
 class Template:
     """The template graph of one batch: placeholders, loss, gradients and what is backward."""
+
     graph: tf.Graph
     placeholders: dict[str, tf.Tensor]
     loss: tf.Tensor
     variables: list[tf.Variable]
-    gradients: list[tf.Tensor]          # one per variable with a gradient, in `variables` order
-    forward_ops: list[tf.Operation]     # ops model_fn created, in creation order
-    backward_ops: list[tf.Operation]    # ops tf.compat.v1.gradients created, in creation order
+    gradients: list[tf.Tensor]  # one per variable with a gradient, in `variables` order
+    forward_ops: list[tf.Operation]  # ops model_fn created, in creation order
+    backward_ops: list[tf.Operation]  # ops tf.compat.v1.gradients created, in creation order
 
 
 def _placeholder_name(key: str) -> str:
@@ -66,17 +67,26 @@ def _placeholder_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", key) or "feature"
 
 
-def build_template(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
-                   device: str | None = None, seed: int = 0) -> Template:
+def build_template(
+    model_fn: ModelFn,
+    feature_spec: FeatureSpec,
+    batch_size: int,
+    *,
+    device: str | None = None,
+    seed: int = 0,
+) -> Template:
     """Builds model_fn and its gradients in a fresh graph, all on `device` (default placement)."""
     if batch_size < 1:
         raise ProfileError(f"profile batch size must be >= 1, found {batch_size}")
     graph = tf.Graph()
     with graph.as_default(), graph.device(device):
         v1.set_random_seed(seed)
-        placeholders = {key: v1.placeholder(tf.as_dtype(dtype), [batch_size, *shape],
-                                            name=_placeholder_name(key))
-                        for key, (shape, dtype) in feature_spec.items()}
+        placeholders = {
+            key: v1.placeholder(
+                tf.as_dtype(dtype), [batch_size, *shape], name=_placeholder_name(key)
+            )
+            for key, (shape, dtype) in feature_spec.items()
+        }
         with v1.variable_scope(v1.get_variable_scope(), use_resource=True):
             loss = model_fn(dict(placeholders))
         if isinstance(loss, WeightedLoss):
@@ -90,18 +100,26 @@ def build_template(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int
     pairs = [(v, g) for v, g in zip(candidates, grads) if g is not None]
     if not pairs:
         raise ProfileError("model_fn's loss depends on no trainable variable; nothing to profile")
-    return Template(graph, placeholders, loss, [v for v, _ in pairs], [g for _, g in pairs],
-                    ops[:num_forward_ops], ops[num_forward_ops:])
+    return Template(
+        graph,
+        placeholders,
+        loss,
+        [v for v, _ in pairs],
+        [g for _, g in pairs],
+        ops[:num_forward_ops],
+        ops[num_forward_ops:],
+    )
 
 
 # ---- layers: which op belongs where ------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LayerMap:
     """Layer names in order, and the layer index of each op of the template (forward, backward)."""
+
     names: tuple[str, ...]
-    forward_layer: Mapping[str, int]    # forward op name -> layer index
-    backward_layer: Mapping[str, int]   # backward op name -> layer index
-    gradient_scope: str                 # first name component of the backward ops ("gradients")
+    forward_layer: Mapping[str, int]  # forward op name -> layer index
+    backward_layer: Mapping[str, int]  # backward op name -> layer index
+    gradient_scope: str  # first name component of the backward ops ("gradients")
 
     def layer_of_node(self, node_name: str) -> tuple[int, bool] | None:
         """(layer, is_backward) of an executed node, also for names Grappler made up; else None.
@@ -134,10 +152,11 @@ def _grappler_originals(node_name: str) -> list[str]:
     parts = node_name.split("/")
     for i, part in enumerate(parts[:-1]):
         if _GRAPPLER_COMPONENT.match(part):
-            scope, rest = parts[:i], parts[i + 1:]
+            scope, rest = parts[:i], parts[i + 1 :]
             words = rest[0].split("_")
-            return ["/".join([*scope, "_".join(words[k:]), *rest[1:]])
-                    for k in range(1, len(words))]
+            return [
+                "/".join([*scope, "_".join(words[k:]), *rest[1:]]) for k in range(1, len(words))
+            ]
     return []
 
 
@@ -161,8 +180,13 @@ def _layer_of_scope_path(scopes: Sequence[str], names: Sequence[str]) -> int | N
     return None
 
 
-def _nearest(start: tf.Operation, known: Mapping[str, int], allowed: set[str],
-             step: Callable[[tf.Operation], Iterable[tf.Operation]], pick) -> int | None:
+def _nearest(
+    start: tf.Operation,
+    known: Mapping[str, int],
+    allowed: set[str],
+    step: Callable[[tf.Operation], Iterable[tf.Operation]],
+    pick,
+) -> int | None:
     """Breadth-first along `step` from `start` through `allowed` ops; `pick` of the layers of the
     nearest ops that have one (the first level holding any)."""
     frontier, seen = [start], {start.name}
@@ -192,14 +216,15 @@ def _producers(op: tf.Operation) -> Iterable[tf.Operation]:
     yield from op.control_inputs
 
 
-def _layer_of_gradient_name(rest: Sequence[str], forward_layer: Mapping[str, int],
-                            names: Sequence[str]) -> int | None:
+def _layer_of_gradient_name(
+    rest: Sequence[str], forward_layer: Mapping[str, int], names: Sequence[str]
+) -> int | None:
     """Layer of `gradients/<rest>`: the forward op `<op>` of a `<op>_grad` scope, else a layer
     named by the first component."""
     for k in range(len(rest), 0, -1):
         head = rest[k - 1]
         if head.endswith("_grad"):
-            forward = "/".join([*rest[:k - 1], head[:-len("_grad")]])
+            forward = "/".join([*rest[: k - 1], head[: -len("_grad")]])
             if forward in forward_layer:
                 return forward_layer[forward]
     return _layer_of_scope_path(rest[:-1], names)
@@ -224,15 +249,17 @@ def find_layers(template: Template, layers: LayerRule = None) -> LayerMap:
     # The ops of the loss's data cone, minus inputs (variable handles, placeholders), get their
     # layers from the rewriter's own analysis.
     needed = _ancestors(template.loss)
-    members = [op for op in template.forward_ops
-               if op in needed and op.type not in _INPUT_OP_TYPES]
+    members = [op for op in template.forward_ops if op in needed and op.type not in _INPUT_OP_TYPES]
     if layers is None and not any("/" in op.name for op in members):
-        raise ProfileError("model_fn created no name scopes: wrap each layer in "
-                           "tf.compat.v1.name_scope(<layer>) or dapple_tf.layer(<layer>), "
-                           "or name the layers with a layer rule (layers=)")
+        raise ProfileError(
+            "model_fn created no name scopes: wrap each layer in "
+            "tf.compat.v1.name_scope(<layer>) or dapple_tf.layer(<layer>), "
+            "or name the layers with a layer rule (layers=)"
+        )
     try:
-        names, layer_of_op = assign_layers(members, template.loss.op, layer_rule(layers),
-                                           explicit=layers is not None)
+        names, layer_of_op = assign_layers(
+            members, template.loss.op, layer_rule(layers), explicit=layers is not None
+        )
     except TemplateError as e:
         raise ProfileError(str(e)) from None
     index = {name: i for i, name in enumerate(names)}
@@ -265,7 +292,9 @@ def _tensor_bytes(shape: Sequence[int], dtype: tf.DType) -> int:
     return int(np.prod(shape, dtype=np.int64)) * item
 
 
-def boundary_tensors(template: Template, layers: LayerMap) -> list[tuple[tf.Tensor, int, list[int]]]:
+def boundary_tensors(
+    template: Template, layers: LayerMap
+) -> list[tuple[tf.Tensor, int, list[int]]]:
     """Tensors that leave their layer: (tensor, producer layer, sorted consumer layers).
 
     Only forward consumers count (a backward op reading a forward tensor runs where that tensor
@@ -278,16 +307,22 @@ def boundary_tensors(template: Template, layers: LayerMap) -> list[tuple[tf.Tens
         for t in op.outputs:
             if t.dtype == tf.resource:
                 continue
-            dst = {layers.forward_layer[c.name] for c in t.consumers()
-                   if c.name in layers.forward_layer and layers.forward_layer[c.name] != src}
+            dst = {
+                layers.forward_layer[c.name]
+                for c in t.consumers()
+                if c.name in layers.forward_layer and layers.forward_layer[c.name] != src
+            }
             if dst:
                 out.append((t, src, sorted(dst)))
     return out
 
 
-def layer_sizes(template: Template, layers: LayerMap, session: v1.Session | None = None,
-                feed: Mapping[tf.Tensor, np.ndarray] | None = None
-                ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+def layer_sizes(
+    template: Template,
+    layers: LayerMap,
+    session: v1.Session | None = None,
+    feed: Mapping[tf.Tensor, np.ndarray] | None = None,
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """(activation bytes per layer, parameter bytes per layer, edges), exact for static shapes.
 
     Tensors whose static shape is not fully known are sized by running `tf.shape` on them in
@@ -300,8 +335,10 @@ def layer_sizes(template: Template, layers: LayerMap, session: v1.Session | None
     shapes = {}
     if unknown:
         if session is None:
-            raise ProfileError(f"shape of {unknown[0].name} is not static ({unknown[0].shape}); "
-                               "pass a session to measure it")
+            raise ProfileError(
+                f"shape of {unknown[0].name} is not static ({unknown[0].shape}); "
+                "pass a session to measure it"
+            )
         with template.graph.as_default(), v1.name_scope("dapple_profiler_shapes"):
             shape_ops = [tf.shape(t) for t in unknown]
         shapes = dict(zip((t.name for t in unknown), session.run(shape_ops, feed)))
@@ -312,7 +349,8 @@ def layer_sizes(template: Template, layers: LayerMap, session: v1.Session | None
             if dst < src:
                 raise ProfileError(
                     f"layer {layers.names[dst]!r} consumes {t.name} of the later layer "
-                    f"{layers.names[src]!r}; layers must be created in dataflow order")
+                    f"{layers.names[src]!r}; layers must be created in dataflow order"
+                )
             edges.add((src, dst))
     for var in template.variables:
         layer = _layer_of_variable(var, layers)
@@ -332,6 +370,7 @@ def _layer_of_variable(var: tf.Variable, layers: LayerMap) -> int | None:
 @dataclasses.dataclass(frozen=True)
 class OpRecord:
     """One executed node: where, when, and how long it kept its device busy (microseconds)."""
+
     name: str
     device: str
     start_us: int
@@ -344,7 +383,7 @@ def _kernel_op_name(node) -> str:
     label, name = node.timeline_label, node.node_name
     start, end = label.find("@@"), label.find("#")
     if 0 <= start and start + 2 < end:
-        name = label[start + 2:end]
+        name = label[start + 2 : end]
     return name.split(":")[0]
 
 
@@ -356,7 +395,8 @@ def op_records(step_stats) -> list[OpRecord]:
         if "/stream:all" in dev.device:
             for node in dev.node_stats:
                 kernels[_kernel_op_name(node)].append(
-                    (node.all_start_micros, node.all_start_micros + node.all_end_rel_micros))
+                    (node.all_start_micros, node.all_start_micros + node.all_end_rel_micros)
+                )
     records = []
     for dev in step_stats.dev_stats:
         if "/stream:" in dev.device or "/memcpy" in dev.device:
@@ -413,14 +453,16 @@ def attribute_step(step_stats, layers: LayerMap) -> StepTimes:
 @dataclasses.dataclass(frozen=True)
 class Measurement:
     """A profile plus what the profile format has no place for."""
+
     profile: Profile
-    step_ms: float                      # median wall time of a traced step, first op to last
-    unattributed_ms: float              # median op time per step that no layer could claim
+    step_ms: float  # median wall time of a traced step, first op to last
+    unattributed_ms: float  # median op time per step that no layer could claim
     unattributed_ops: tuple[str, ...]
 
 
-def default_batch(feature_spec: FeatureSpec, batch_size: int,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+def default_batch(
+    feature_spec: FeatureSpec, batch_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Normal floats, zero integers (a valid id and label for any vocabulary), False booleans."""
     batch = {}
     for key, (shape, dtype) in feature_spec.items():
@@ -433,19 +475,30 @@ def default_batch(feature_spec: FeatureSpec, batch_size: int,
     return batch
 
 
-def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
-            warmup_steps: int = 2, measured_steps: int = 5, device: str | None = None,
-            seed: int = 0, batch_fn: BatchFn | None = None,
-            session_config: v1.ConfigProto | None = None,
-            layers: LayerRule = None) -> Measurement:
+def measure(
+    model_fn: ModelFn,
+    feature_spec: FeatureSpec,
+    batch_size: int,
+    *,
+    warmup_steps: int = 2,
+    measured_steps: int = 5,
+    device: str | None = None,
+    seed: int = 0,
+    batch_fn: BatchFn | None = None,
+    session_config: v1.ConfigProto | None = None,
+    layers: LayerRule = None,
+) -> Measurement:
     """Profiles model_fn at `batch_size`; see `profile_model`."""
     if measured_steps < 1:
         raise ProfileError(f"measured_steps must be >= 1, found {measured_steps}")
     template = build_template(model_fn, feature_spec, batch_size, device=device, seed=seed)
     layer_map = find_layers(template, layers)
     rng = np.random.default_rng(seed)
-    batch = (batch_fn(batch_size, rng) if batch_fn is not None
-             else default_batch(feature_spec, batch_size, rng))
+    batch = (
+        batch_fn(batch_size, rng)
+        if batch_fn is not None
+        else default_batch(feature_spec, batch_size, rng)
+    )
     missing = sorted(set(feature_spec) - set(batch))
     if missing:
         raise ProfileError(f"batch_fn returned no {missing}; expected keys {sorted(feature_spec)}")
@@ -471,22 +524,37 @@ def measure(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
         return statistics.median(values) / 1000.0
 
     costs = tuple(
-        LayerCost(name,
-                  forward_ms=median_ms([s.forward_us[i] for s in steps]),
-                  backward_ms=median_ms([s.backward_us[i] for s in steps]),
-                  activation_bytes=float(activation[i]),
-                  parameter_bytes=float(parameter[i]))
-        for i, name in enumerate(layer_map.names))
+        LayerCost(
+            name,
+            forward_ms=median_ms([s.forward_us[i] for s in steps]),
+            backward_ms=median_ms([s.backward_us[i] for s in steps]),
+            activation_bytes=float(activation[i]),
+            parameter_bytes=float(parameter[i]),
+        )
+        for i, name in enumerate(layer_map.names)
+    )
     profile = Profile(costs, tuple(edges), batch_size, steps[0].device)
     lost = tuple(sorted(set().union(*(s.unattributed_ops for s in steps))))
-    return Measurement(profile, median_ms([s.step_us for s in steps]),
-                       median_ms([s.unattributed_us for s in steps]), lost)
+    return Measurement(
+        profile,
+        median_ms([s.step_us for s in steps]),
+        median_ms([s.unattributed_us for s in steps]),
+        lost,
+    )
 
 
-def profile_model(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int, *,
-                  warmup_steps: int = 2, measured_steps: int = 5, device: str | None = None,
-                  seed: int = 0, batch_fn: BatchFn | None = None,
-                  layers: LayerRule = None) -> Profile:
+def profile_model(
+    model_fn: ModelFn,
+    feature_spec: FeatureSpec,
+    batch_size: int,
+    *,
+    warmup_steps: int = 2,
+    measured_steps: int = 5,
+    device: str | None = None,
+    seed: int = 0,
+    batch_fn: BatchFn | None = None,
+    layers: LayerRule = None,
+) -> Profile:
     """Profiles the template of `model_fn` at `batch_size` rows on one device.
 
     `feature_spec` maps feature names to (per-example shape, dtype); `batch_fn(batch_size, rng)`
@@ -495,37 +563,53 @@ def profile_model(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size: int,
     and the layer edges. Layer names come from the layer rule `layers` (default: the model's
     top-level name scopes; see graph_rewrite/template.py).
     """
-    return measure(model_fn, feature_spec, batch_size, warmup_steps=warmup_steps,
-                   measured_steps=measured_steps, device=device, seed=seed,
-                   batch_fn=batch_fn, layers=layers).profile
+    return measure(
+        model_fn,
+        feature_spec,
+        batch_size,
+        warmup_steps=warmup_steps,
+        measured_steps=measured_steps,
+        device=device,
+        seed=seed,
+        batch_fn=batch_fn,
+        layers=layers,
+    ).profile
 
 
 def format_table(profile: Profile) -> str:
     """A per-layer table: times, activation and parameter sizes, and totals."""
     width = max([len("layer"), *(len(l.name) for l in profile.layers)])
-    lines = [f"{'layer':<{width}}  {'fwd ms':>9}  {'bwd ms':>9}  {'activation B':>13}  "
-             f"{'param B':>12}"]
+    lines = [
+        f"{'layer':<{width}}  {'fwd ms':>9}  {'bwd ms':>9}  {'activation B':>13}  {'param B':>12}"
+    ]
     for l in profile.layers:
-        lines.append(f"{l.name:<{width}}  {l.forward_ms:9.3f}  {l.backward_ms:9.3f}  "
-                     f"{l.activation_bytes:13.0f}  {l.parameter_bytes:12.0f}")
-    lines.append(f"{'total':<{width}}  {sum(l.forward_ms for l in profile.layers):9.3f}  "
-                 f"{sum(l.backward_ms for l in profile.layers):9.3f}  "
-                 f"{sum(l.activation_bytes for l in profile.layers):13.0f}  "
-                 f"{sum(l.parameter_bytes for l in profile.layers):12.0f}")
+        lines.append(
+            f"{l.name:<{width}}  {l.forward_ms:9.3f}  {l.backward_ms:9.3f}  "
+            f"{l.activation_bytes:13.0f}  {l.parameter_bytes:12.0f}"
+        )
+    lines.append(
+        f"{'total':<{width}}  {sum(l.forward_ms for l in profile.layers):9.3f}  "
+        f"{sum(l.backward_ms for l in profile.layers):9.3f}  "
+        f"{sum(l.activation_bytes for l in profile.layers):13.0f}  "
+        f"{sum(l.parameter_bytes for l in profile.layers):12.0f}"
+    )
     return "\n".join(lines)
 
 
 # ---- what the runtime's cost model needs beyond the published profile (issue #14) ----------------
-def fit_fixed_and_per_row(batch_sizes: Sequence[int], times_ms: Sequence[float]
-                          ) -> tuple[float, float]:
+def fit_fixed_and_per_row(
+    batch_sizes: Sequence[int], times_ms: Sequence[float]
+) -> tuple[float, float]:
     """(fixed ms, per-row ms) of the least-squares line `time = fixed + per_row x rows` through
     the measured points, both kept >= 0 (a negative intercept becomes a line through the origin,
     a negative slope a constant)."""
     rows = np.asarray(batch_sizes, dtype=float)
     times = np.asarray(times_ms, dtype=float)
     if len(set(rows.tolist())) < 2:
-        raise ProfileError(f"a fixed + per-row fit needs two or more distinct batch sizes, found "
-                           f"{sorted(set(rows.tolist()))}")
+        raise ProfileError(
+            f"a fixed + per-row fit needs two or more distinct batch sizes, found "
+            f"{sorted(set(rows.tolist()))}"
+        )
     per_row, fixed = np.polyfit(rows, times, 1)
     if fixed < 0:
         return 0.0, float(max(0.0, np.dot(rows, times) / np.dot(rows, rows)))
@@ -538,11 +622,16 @@ def fit_fixed_and_per_row(batch_sizes: Sequence[int], times_ms: Sequence[float]
 _METADATA_OP_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank", "BroadcastGradientArgs"})
 
 
-def saved_tensor_bytes(template: Template, layers: LayerMap, session: v1.Session | None = None,
-                       feed: Mapping[tf.Tensor, np.ndarray] | None = None) -> list[int]:
+def saved_tensor_bytes(
+    template: Template,
+    layers: LayerMap,
+    session: v1.Session | None = None,
+    feed: Mapping[tf.Tensor, np.ndarray] | None = None,
+) -> list[int]:
     """Bytes per layer of the forward tensors the gradient ops read: what a layer keeps alive
     from its forward until its backward (variables and their reads excluded: they are
-    parameters; so are reads by shape-only ops). Tensors without a static shape are sized by running `tf.shape` in `session`."""
+    parameters; so are reads by shape-only ops). Tensors without a static shape are sized by
+    running `tf.shape` in `session`."""
     kept: dict[str, tuple[tf.Tensor, int]] = {}
     for op in template.backward_ops:
         if op.type in _METADATA_OP_TYPES:
@@ -556,8 +645,10 @@ def saved_tensor_bytes(template: Template, layers: LayerMap, session: v1.Session
     shapes = {}
     if unknown:
         if session is None:
-            raise ProfileError(f"shape of {unknown[0].name} is not static ({unknown[0].shape}); "
-                               "pass a session to measure it")
+            raise ProfileError(
+                f"shape of {unknown[0].name} is not static ({unknown[0].shape}); "
+                "pass a session to measure it"
+            )
         with template.graph.as_default(), v1.name_scope("dapple_profiler_saved_shapes"):
             shape_ops = [tf.shape(t) for t in unknown]
         shapes = dict(zip((t.name for t in unknown), session.run(shape_ops, feed)))
@@ -568,8 +659,7 @@ def saved_tensor_bytes(template: Template, layers: LayerMap, session: v1.Session
     return saved
 
 
-def optimizer_slot_bytes(template: Template, layers: LayerMap, optimizer_fn: Callable
-                         ) -> list[int]:
+def optimizer_slot_bytes(template: Template, layers: LayerMap, optimizer_fn: Callable) -> list[int]:
     """Bytes per layer of the slot variables `optimizer_fn()` creates for the layer's parameters
     (Adam: m and v; momentum: one accumulator). Adds the optimizer's ops to the template graph."""
     with template.graph.as_default():
@@ -587,6 +677,7 @@ def optimizer_slot_bytes(template: Template, layers: LayerMap, optimizer_fn: Cal
 
 def _untraced_step_ms(session: v1.Session, fetches, feed, steps: int) -> float:
     import time
+
     times = []
     for _ in range(steps):
         begin = time.perf_counter()
@@ -598,11 +689,12 @@ def _untraced_step_ms(session: v1.Session, fetches, feed, steps: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class BatchMeasurement:
     """One batch size's per-layer times (ms), scaled so that they sum to the untraced step."""
+
     forward_ms: tuple[float, ...]
     backward_ms: tuple[float, ...]
-    wall_ms: float                      # median untraced forward + backward step
-    traced_sum_ms: float                # what the traced layer times summed to
-    workspace_bytes: tuple[int, ...]    # per layer, the most one of its ops allocated
+    wall_ms: float  # median untraced forward + backward step
+    traced_sum_ms: float  # what the traced layer times summed to
+    workspace_bytes: tuple[int, ...]  # per layer, the most one of its ops allocated
 
 
 def largest_op_allocation(step_stats, layers: LayerMap) -> list[int]:
@@ -615,17 +707,29 @@ def largest_op_allocation(step_stats, layers: LayerMap) -> list[int]:
             where = layers.layer_of_node(node.node_name)
             if where is None:
                 continue
-            allocated = sum(r.alloc_bytes for m in node.memory for r in m.allocation_records
-                            if r.alloc_bytes > 0)
-            outputs = sum(o.tensor_description.allocation_description.allocated_bytes
-                          for o in node.output)
+            allocated = sum(
+                r.alloc_bytes
+                for m in node.memory
+                for r in m.allocation_records
+                if r.alloc_bytes > 0
+            )
+            outputs = sum(
+                o.tensor_description.allocation_description.allocated_bytes for o in node.output
+            )
             temporaries[where[0]].append(max(0, allocated - outputs))
     return [sum(sorted(t)[-2:]) for t in temporaries]
 
 
-def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.ndarray],
-                  session: v1.Session, *, warmup_steps: int = 2, measured_steps: int = 5,
-                  wall_steps: int = 10) -> BatchMeasurement:
+def measure_batch(
+    template: Template,
+    layers: LayerMap,
+    batch: Mapping[str, np.ndarray],
+    session: v1.Session,
+    *,
+    warmup_steps: int = 2,
+    measured_steps: int = 5,
+    wall_steps: int = 10,
+) -> BatchMeasurement:
     """Per-layer forward/backward time of one template at its batch size. Traced op times carry
     the tracer's overhead and miss the executor's, so each layer's share of the traced time is
     applied to the median untraced step time instead (the step the runtime really pays)."""
@@ -640,20 +744,28 @@ def measure_batch(template: Template, layers: LayerMap, batch: Mapping[str, np.n
         metadata = v1.RunMetadata()
         session.run(fetches, feed, options=options, run_metadata=metadata)
         steps.append(attribute_step(metadata.step_stats, layers))
-        workspace = [max(a, b) for a, b in
-                     zip(workspace, largest_op_allocation(metadata.step_stats, layers))]
+        workspace = [
+            max(a, b) for a, b in zip(workspace, largest_op_allocation(metadata.step_stats, layers))
+        ]
     n = len(layers.names)
     fwd = [statistics.median(s.forward_us[i] for s in steps) / 1000.0 for i in range(n)]
     bwd = [statistics.median(s.backward_us[i] for s in steps) / 1000.0 for i in range(n)]
     traced = sum(fwd) + sum(bwd)
     scale = wall / traced if traced > 0 else 0.0
-    return BatchMeasurement(tuple(x * scale for x in fwd), tuple(x * scale for x in bwd),
-                            wall, traced, tuple(workspace))
+    return BatchMeasurement(
+        tuple(x * scale for x in fwd), tuple(x * scale for x in bwd), wall, traced, tuple(workspace)
+    )
 
 
-def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Callable,
-                       batch: Mapping[str, np.ndarray], *, steps: int = 10,
-                       session_config: v1.ConfigProto | None = None) -> list[float]:
+def apply_ms_per_layer(
+    template: Template,
+    layers: LayerMap,
+    optimizer_fn: Callable,
+    batch: Mapping[str, np.ndarray],
+    *,
+    steps: int = 10,
+    session_config: v1.ConfigProto | None = None,
+) -> list[float]:
     """Time of the optimizer's update once per step, per layer: the untraced step with the
     update minus the step without it, shared out by the layers' parameter bytes."""
     with template.graph.as_default():
@@ -669,8 +781,11 @@ def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Calla
         without, with_update = [template.loss, gradients_only], [template.loss, update]
         for _ in range(2):
             session.run(with_update, feed)
-        diffs = [_untraced_step_ms(session, with_update, feed, 1)
-                 - _untraced_step_ms(session, without, feed, 1) for _ in range(steps)]
+        diffs = [
+            _untraced_step_ms(session, with_update, feed, 1)
+            - _untraced_step_ms(session, without, feed, 1)
+            for _ in range(steps)
+        ]
     total = max(0.0, statistics.median(diffs))
     bytes_per_layer = [0.0] * len(layers.names)
     for var in template.variables:
@@ -681,12 +796,20 @@ def apply_ms_per_layer(template: Template, layers: LayerMap, optimizer_fn: Calla
     return [total * b / whole if whole else 0.0 for b in bytes_per_layer]
 
 
-def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_sizes: Sequence[int],
-                        *, optimizer_fn: Callable | None = None, warmup_steps: int = 2,
-                        measured_steps: int = 3, device: str | None = None, seed: int = 0,
-                        batch_fn: BatchFn | None = None,
-                        session_config: v1.ConfigProto | None = None,
-                        layers: LayerRule = None) -> Profile:
+def profile_for_runtime(
+    model_fn: ModelFn,
+    feature_spec: FeatureSpec,
+    batch_sizes: Sequence[int],
+    *,
+    optimizer_fn: Callable | None = None,
+    warmup_steps: int = 2,
+    measured_steps: int = 3,
+    device: str | None = None,
+    seed: int = 0,
+    batch_fn: BatchFn | None = None,
+    session_config: v1.ConfigProto | None = None,
+    layers: LayerRule = None,
+) -> Profile:
     """The profile the runtime cost model (`planner.runtime_cost`) needs: the template measured
     at each of `batch_sizes` (two or more) and each layer's forward and backward time fitted as
     fixed + per-row ms; the bytes each layer keeps for its backward; with `optimizer_fn`, the
@@ -696,23 +819,35 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
     config = session_config or v1.ConfigProto(allow_soft_placement=True)
     sizes = sorted(set(int(b) for b in batch_sizes))
     if len(sizes) < 2 or sizes[0] < 1:
-        raise ProfileError(f"profile_for_runtime needs two or more distinct positive batch sizes, "
-                           f"found {list(batch_sizes)}")
+        raise ProfileError(
+            f"profile_for_runtime needs two or more distinct positive batch sizes, "
+            f"found {list(batch_sizes)}"
+        )
     rng = np.random.default_rng(seed)
     measured: list[BatchMeasurement] = []
     for batch_size in sizes:
         template = build_template(model_fn, feature_spec, batch_size, device=device, seed=seed)
         layer_map = find_layers(template, layers)
-        batch = (batch_fn(batch_size, rng) if batch_fn is not None
-                 else default_batch(feature_spec, batch_size, rng))
+        batch = (
+            batch_fn(batch_size, rng)
+            if batch_fn is not None
+            else default_batch(feature_spec, batch_size, rng)
+        )
         feed = {template.placeholders[k]: batch[k] for k in feature_spec}
         with template.graph.as_default():
             init = v1.global_variables_initializer()
         with new_session(template.graph, config) as session:
             session.run(init)
-            measured.append(measure_batch(template, layer_map, batch, session,
-                                          warmup_steps=warmup_steps,
-                                          measured_steps=measured_steps))
+            measured.append(
+                measure_batch(
+                    template,
+                    layer_map,
+                    batch,
+                    session,
+                    warmup_steps=warmup_steps,
+                    measured_steps=measured_steps,
+                )
+            )
             if batch_size == sizes[-1]:
                 activation, parameter, edges = layer_sizes(template, layer_map, session, feed)
                 saved = saved_tensor_bytes(template, layer_map, session, feed)
@@ -720,19 +855,28 @@ def profile_for_runtime(model_fn: ModelFn, feature_spec: FeatureSpec, batch_size
     if optimizer_fn is not None:
         slots = optimizer_slot_bytes(template, layer_map, optimizer_fn)
         fresh = build_template(model_fn, feature_spec, sizes[-1], device=device, seed=seed)
-        apply = apply_ms_per_layer(fresh, find_layers(fresh, layers), optimizer_fn, batch,
-                                   session_config=config)
+        apply = apply_ms_per_layer(
+            fresh, find_layers(fresh, layers), optimizer_fn, batch, session_config=config
+        )
     costs = []
     for i, name in enumerate(layer_map.names):
         f_fixed, f_row = fit_fixed_and_per_row(sizes, [m.forward_ms[i] for m in measured])
         b_fixed, b_row = fit_fixed_and_per_row(sizes, [m.backward_ms[i] for m in measured])
-        costs.append(LayerCost(
-            name, forward_ms=measured[-1].forward_ms[i], backward_ms=measured[-1].backward_ms[i],
-            activation_bytes=float(activation[i]), parameter_bytes=float(parameter[i]),
-            forward_fixed_ms=f_fixed, forward_per_row_ms=f_row,
-            backward_fixed_ms=b_fixed, backward_per_row_ms=b_row,
-            saved_bytes=float(saved[i]),
-            workspace_bytes=float(measured[-1].workspace_bytes[i]),
-            optimizer_slot_bytes=None if slots[i] is None else float(slots[i]),
-            apply_ms=None if apply[i] is None else float(apply[i])))
+        costs.append(
+            LayerCost(
+                name,
+                forward_ms=measured[-1].forward_ms[i],
+                backward_ms=measured[-1].backward_ms[i],
+                activation_bytes=float(activation[i]),
+                parameter_bytes=float(parameter[i]),
+                forward_fixed_ms=f_fixed,
+                forward_per_row_ms=f_row,
+                backward_fixed_ms=b_fixed,
+                backward_per_row_ms=b_row,
+                saved_bytes=float(saved[i]),
+                workspace_bytes=float(measured[-1].workspace_bytes[i]),
+                optimizer_slot_bytes=None if slots[i] is None else float(slots[i]),
+                apply_ms=None if apply[i] is None else float(apply[i]),
+            )
+        )
     return Profile(tuple(costs), tuple(edges), sizes[-1], device or "default")

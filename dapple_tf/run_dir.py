@@ -12,6 +12,7 @@ directory when model, preset, model config, optimizer and global batch size equa
 `run.json`; the plan (stages, replicas, micro-batches, schedule) may change, and the change is
 logged. Anything else is refused with `RunDirError`, naming what differs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ def default_model_dir(model: str, preset: str, plan_notation: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
     """What decides whether checkpoints of a directory fit this run (saved as run.json)."""
+
     model: str
     preset: str
     model_config: dict[str, Any]
@@ -53,8 +55,9 @@ class RunRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> RunRecord:
         if data.get("format") != RUN_FORMAT:
-            raise RunDirError(f"{source}: expected \"format\": \"{RUN_FORMAT}\", found "
-                              f"{data.get('format')!r}")
+            raise RunDirError(
+                f'{source}: expected "format": "{RUN_FORMAT}", found {data.get("format")!r}'
+            )
         try:
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
         except KeyError as e:
@@ -89,20 +92,26 @@ def check_resumable(model_dir: str, record: RunRecord, plan_layers=None) -> None
         return
     mine = json.loads(json.dumps(record.to_dict()))  # tuples -> lists, as in the file
     theirs = saved.to_dict()
-    differences = [f"{key}: {theirs[key]!r} there, {mine[key]!r} now"
-                   for key in ("model", "preset", "optimizer", "global_batch_size")
-                   if theirs[key] != mine[key]]
+    differences = [
+        f"{key}: {theirs[key]!r} there, {mine[key]!r} now"
+        for key in ("model", "preset", "optimizer", "global_batch_size")
+        if theirs[key] != mine[key]
+    ]
     config_keys = sorted(set(theirs["model_config"]) | set(mine["model_config"]))
     if theirs["model"] != mine["model"] or theirs["preset"] != mine["preset"]:
         config_keys = []  # another model or size: its config fields say nothing more
-    differences += [f"model config {key}: {theirs['model_config'].get(key)!r} there, "
-                    f"{mine['model_config'].get(key)!r} now" for key in config_keys
-                    if theirs["model_config"].get(key) != mine["model_config"].get(key)]
+    differences += [
+        f"model config {key}: {theirs['model_config'].get(key)!r} there, "
+        f"{mine['model_config'].get(key)!r} now"
+        for key in config_keys
+        if theirs["model_config"].get(key) != mine["model_config"].get(key)
+    ]
     if differences:
         raise RunDirError(
             f"--model_dir {model_dir} holds checkpoints of another run ({'; '.join(differences)})"
             f". Its checkpoints resume only the same model, preset, model config, optimizer and "
-            f"global batch size (any plan); use another --model_dir, or the flags of that run")
+            f"global batch size (any plan); use another --model_dir, or the flags of that run"
+        )
 
 
 def _check_old_plan_layers(model_dir: str, record: RunRecord, plan_layers) -> None:
@@ -113,12 +122,15 @@ def _check_old_plan_layers(model_dir: str, record: RunRecord, plan_layers) -> No
         stages = json.load(f).get("stages", [])
     saved_layers = [name for stage in stages for name in stage["layers"]]
     if saved_layers != list(plan_layers):
-        raise RunDirError(f"--model_dir {model_dir} holds checkpoints of a model with layers "
-                          f"{saved_layers[:4]}..., not {record.model}/{record.preset}; use "
-                          f"another --model_dir")
+        raise RunDirError(
+            f"--model_dir {model_dir} holds checkpoints of a model with layers "
+            f"{saved_layers[:4]}..., not {record.model}/{record.preset}; use "
+            f"another --model_dir"
+        )
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
+
 
 def checkpoint_path(model_dir: str, step: int) -> str:
     return os.path.join(model_dir, f"ckpt-{step}")
@@ -145,16 +157,19 @@ def record_checkpoint(model_dir: str, step: int) -> None:
     _write_json(os.path.join(model_dir, LATEST_FILE), {"latest": f"ckpt-{step}", "step": step})
 
 
-def newest_good_checkpoint(model_dir: str, is_readable: Callable[[str], str | None],
-                           warn: Callable[[str], None]) -> tuple[str, int] | None:
+def newest_good_checkpoint(
+    model_dir: str, is_readable: Callable[[str], str | None], warn: Callable[[str], None]
+) -> tuple[str, int] | None:
     """(path, step) of the newest checkpoint that `is_readable` accepts (it returns None, or
     why the checkpoint cannot be read); each rejected one is reported through `warn`, naming
     the file. Candidates: every `ckpt-<step>.index` here, newest first, but none newer than
     what checkpoint.json names (a newer one was not completely written)."""
     recorded = recorded_latest(model_dir)
     if recorded is None and os.path.exists(os.path.join(model_dir, LATEST_FILE)):
-        warn(f"{os.path.join(model_dir, LATEST_FILE)} is unreadable: looking for the newest "
-             f"readable checkpoint")
+        warn(
+            f"{os.path.join(model_dir, LATEST_FILE)} is unreadable: looking for the newest "
+            f"readable checkpoint"
+        )
     for step in checkpoint_steps(model_dir):
         if recorded is not None and step > recorded:
             continue

@@ -2,6 +2,7 @@
 at the next step boundary with a checkpoint (dapple_tf.runner). A second signal while the
 first is pending gets the default action (Ctrl-C twice: KeyboardInterrupt at once). Across
 ranks, `StopAgreement` makes every rank stop after the same step."""
+
 from __future__ import annotations
 
 import signal
@@ -49,6 +50,7 @@ class StopAgreement:
         import tensorflow as tf
 
         from dapple_tf.devices import new_session
+
         graph = tf.Graph()
         with graph.as_default():
             self._received = tf.compat.v1.placeholder(tf.int32, [], name="stop_signal")

@@ -13,6 +13,7 @@ runs on its own server (`TFCluster.target`) and sees only its own task's devices
 (`device_filters`); task 0 is the collective group leader (it resolves the groups of the
 collectives). Device names of rank r: `/job:worker/replica:0/task:r/device:<kind>:0`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,9 @@ JOB = "worker"
 @dataclasses.dataclass
 class TFCluster:
     rank: int
-    addresses: list[str]          # "host:port" of every rank, by rank
-    server: object                # tf.distribute.Server of this rank
-    config: object                # the ConfigProto the server was started with
+    addresses: list[str]  # "host:port" of every rank, by rank
+    server: object  # tf.distribute.Server of this rank
+    config: object  # the ConfigProto the server was started with
 
     @property
     def target(self) -> str:
@@ -41,6 +42,7 @@ class TFCluster:
         """`base` (a ConfigProto) made fit for a session on this rank's server: the collective
         group leader set and only this rank's devices visible."""
         import tensorflow as tf
+
         config = tf.compat.v1.ConfigProto()
         if base is not None:
             config.CopyFrom(base)
@@ -71,6 +73,7 @@ def start(rank: int, size: int, exchange, base_config=None) -> TFCluster:
     """Start this rank's server. `exchange(obj, name)` is an allgather of Python objects over all
     ranks (dapple_tf.comm.allgather_objects); every rank must call `start` at the same point."""
     import tensorflow as tf
+
     address = f"{advertised_host()}:{free_port()}"
     addresses = exchange(address, "dapple.tf_cluster.addresses")
     if len(addresses) != size:
@@ -81,10 +84,13 @@ def start(rank: int, size: int, exchange, base_config=None) -> TFCluster:
         config.CopyFrom(base_config)
     _cluster_settings(config, rank)
     try:
-        server = tf.distribute.Server(cluster, job_name=JOB, task_index=rank, config=config,
-                                      start=True)
+        server = tf.distribute.Server(
+            cluster, job_name=JOB, task_index=rank, config=config, start=True
+        )
     except Exception as e:  # noqa: BLE001 - re-raised with the address that failed
-        raise RuntimeError(f"rank {rank}: could not start the TensorFlow server at "
-                           f"{addresses[rank]} ({type(e).__name__}: {e}); set DAPPLE_TF_HOST "
-                           f"to an address the other ranks can reach") from e
+        raise RuntimeError(
+            f"rank {rank}: could not start the TensorFlow server at "
+            f"{addresses[rank]} ({type(e).__name__}: {e}); set DAPPLE_TF_HOST "
+            f"to an address the other ranks can reach"
+        ) from e
     return TFCluster(rank, list(addresses), server, config)

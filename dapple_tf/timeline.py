@@ -20,6 +20,7 @@ Horovod/NCCL collectives are recognised by op type and optimizer updates by `*Ap
 Ops of one kind, micro-batch and stage on one device merge into one task (see
 `tasks_from_records` for where its box starts).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,19 @@ _SYNC = re.compile(r"^dapple/sync/(?:s(\d+)/)?")  # in-process sum over a stage'
 _ALLREDUCE = re.compile(r"allreduce|allgather", re.IGNORECASE)
 _COLLECTIVE_TYPE = re.compile(r"^(Horovod|Nccl|Collective)")  # HorovodAllreduce, NcclAllReduce, ...
 # Ops that read no micro-batch data: the executor may run them long before their task.
-_NO_DATA_TYPES = frozenset({"Const", "ReadVariableOp", "VarHandleOp", "Shape", "ShapeN", "Size",
-                            "Rank", "BroadcastGradientArgs", "NoOp"})
+_NO_DATA_TYPES = frozenset(
+    {
+        "Const",
+        "ReadVariableOp",
+        "VarHandleOp",
+        "Shape",
+        "ShapeN",
+        "Size",
+        "Rank",
+        "BroadcastGradientArgs",
+        "NoOp",
+    }
+)
 _APPLY_TYPE = re.compile(r"^(Resource)?(Sparse)?Apply")  # optimizer updates: ResourceApplyAdam, ...
 _BACKWARD_PART = re.compile(r"^(bwd|gradients(_\d+)?|B_end|B_start|loss_grad)$")
 
@@ -56,14 +68,15 @@ _BACKWARD_PART = re.compile(r"^(bwd|gradients(_\d+)?|B_end|B_start|loss_grad)$")
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A box of the chart: one kind of work for one micro-batch of one stage on one device."""
+
     device: str
-    kind: str                      # one of KINDS
-    micro_batch: int | None        # None for allreduce and apply
-    stage: int | None              # the sending stage for transfers
+    kind: str  # one of KINDS
+    micro_batch: int | None  # None for allreduce and apply
+    stage: int | None  # the sending stage for transfers
     start_us: int
     end_us: int
-    busy_us: int = 0               # summed time of the task's ops (some may run before start_us)
-    to_stage: int | None = None    # the receiving stage, transfers only
+    busy_us: int = 0  # summed time of the task's ops (some may run before start_us)
+    to_stage: int | None = None  # the receiving stage, transfers only
 
     @property
     def label(self) -> str:
@@ -120,8 +133,10 @@ def _parse_label(label: str) -> tuple[str, tuple[str, ...]]:
     return m.group(1), inputs
 
 
-def tasks_from_records(records: Iterable[tuple[OpRecord, str, Sequence[str]]],
-                       stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
+def tasks_from_records(
+    records: Iterable[tuple[OpRecord, str, Sequence[str]]],
+    stage_of_device: Mapping[str, int] | None = None,
+) -> list[Task]:
     """Merges classified ops (record, op type, input names) into tasks, sorted by device then
     start. Gradient accumulation ops carry no micro-batch in their names; they get the newest
     micro-batch among their inputs.
@@ -145,13 +160,18 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str, Sequence[str]]],
             found = [int(m.group(1)) for m in map(_MICRO_BATCH.match, inputs) if m]
             mb = max(found) if found else None
         if stage is None and kind in ("F", "B") and stage_of_device:
-            stage = stage_of_device.get(rec.device, _short_device_match(rec.device, stage_of_device))
+            stage = stage_of_device.get(
+                rec.device, _short_device_match(rec.device, stage_of_device)
+            )
         groups[(rec.device, kind, mb, stage, to_stage)].append(rec)
         if op_type in _NO_DATA_TYPES:
             no_data.add(id(rec))
 
-    stage_here = {device: stage for device, kind, _, stage, _ in groups
-                  if kind in ("F", "B") and stage is not None}
+    stage_here = {
+        device: stage
+        for device, kind, _, stage, _ in groups
+        if kind in ("F", "B") and stage is not None
+    }
     arrivals: dict[tuple, int] = {}  # (device, mb, forward?) -> when the last input arrived
     for (device, kind, mb, a, b), recs in groups.items():
         if kind == "transfer" and stage_here.get(device) == b:
@@ -164,11 +184,20 @@ def tasks_from_records(records: Iterable[tuple[OpRecord, str, Sequence[str]]],
         starting before `floor`, so B(i) is drawn after F(i) whatever the transfer records."""
         device, kind, mb, stage, to_stage = key
         data = [r for r in recs if id(r) not in no_data] or recs
-        inside = ([r for r in data if r.end_us > ready] or
-                  [r for r in data if r.end_us > floor] or data)
+        inside = (
+            [r for r in data if r.end_us > ready] or [r for r in data if r.end_us > floor] or data
+        )
         start = max(min(r.start_us for r in inside), floor)
-        return Task(device, kind, mb, stage, start, max(start, max(r.end_us for r in inside)),
-                    sum(r.busy_us for r in recs), to_stage)
+        return Task(
+            device,
+            kind,
+            mb,
+            stage,
+            start,
+            max(start, max(r.end_us for r in inside)),
+            sum(r.busy_us for r in recs),
+            to_stage,
+        )
 
     tasks, forward_end, backward_start = [], {}, {}
     order = {"F": 0, "B": 1}  # forwards first: backwards need them, accumulation needs both
@@ -209,7 +238,9 @@ def _short_device_match(device: str, stage_of_device: Mapping[str, int]) -> int 
     return None
 
 
-def tasks_from_step_stats(step_stats, stage_of_device: Mapping[str, int] | None = None) -> list[Task]:
+def tasks_from_step_stats(
+    step_stats, stage_of_device: Mapping[str, int] | None = None
+) -> list[Task]:
     """Tasks of one traced step (`RunMetadata.step_stats`).
 
     `stage_of_device` maps a device name (full, or a suffix such as `CPU:1`) to the stage it
@@ -218,8 +249,9 @@ def tasks_from_step_stats(step_stats, stage_of_device: Mapping[str, int] | None 
     for dev in step_stats.dev_stats:
         for node in dev.node_stats:
             labels.setdefault(node.node_name, _parse_label(node.timeline_label))
-    return tasks_from_records(((r, *labels.get(r.name, ("", ()))) for r in op_records(step_stats)),
-                              stage_of_device)
+    return tasks_from_records(
+        ((r, *labels.get(r.name, ("", ()))) for r in op_records(step_stats)), stage_of_device
+    )
 
 
 # ---- analysis ----------------------------------------------------------------------------------
@@ -260,7 +292,9 @@ def bubble_fraction(tasks: Sequence[Task]) -> dict[str, float]:
     window = max(end - begin, 1)
     out = {}
     for device in devices_of(tasks):
-        spans = [(t.start_us, t.end_us) for t in tasks if t.device == device and t.kind in ("F", "B")]
+        spans = [
+            (t.start_us, t.end_us) for t in tasks if t.device == device and t.kind in ("F", "B")
+        ]
         if spans:
             out[device] = 1.0 - _union_us(spans) / window
     return out
@@ -275,27 +309,42 @@ def compute_order(tasks: Sequence[Task]) -> dict[str, list[tuple[str, int]]]:
     comparable with a schedule's action lists (graph_rewrite.schedule)."""
     out: dict[str, list[tuple[str, int]]] = {}
     for device in devices_of(tasks):
-        mine = sorted((t for t in tasks if t.device == device and t.kind in ("F", "B")),
-                      key=lambda t: t.start_us)
+        mine = sorted(
+            (t for t in tasks if t.device == device and t.kind in ("F", "B")),
+            key=lambda t: t.start_us,
+        )
         if mine:
             out[device] = [(t.kind, t.micro_batch) for t in mine]
     return out
 
 
 # ---- outputs -----------------------------------------------------------------------------------
-_COLORS = {"F": "#4c78a8", "B": "#59a14f", "transfer": "#9d9d9d", "accumulate": "#b07aa1",
-           "allreduce": "#f28e2b", "apply": "#e15759"}
+_COLORS = {
+    "F": "#4c78a8",
+    "B": "#59a14f",
+    "transfer": "#9d9d9d",
+    "accumulate": "#b07aa1",
+    "allreduce": "#f28e2b",
+    "apply": "#e15759",
+}
 
 
 # (bottom offset, height) in a device's row: compute on top, transfers, then gradient work.
-_LANES = {"F": (-0.05, 0.45), "B": (-0.05, 0.45), "transfer": (-0.22, 0.13),
-          "accumulate": (-0.40, 0.13), "allreduce": (-0.40, 0.13), "apply": (-0.40, 0.13)}
+_LANES = {
+    "F": (-0.05, 0.45),
+    "B": (-0.05, 0.45),
+    "transfer": (-0.22, 0.13),
+    "accumulate": (-0.40, 0.13),
+    "allreduce": (-0.40, 0.13),
+    "apply": (-0.40, 0.13),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Chart:
     """What `render_png` drew, read back from the figure: per row (device), the boxes' labels
     and x extents in milliseconds, in x order."""
+
     rows: dict[str, list[tuple[str, float, float]]]
 
 
@@ -308,6 +357,7 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
     """Draws a Gantt chart: one row per device; F/B boxes labelled `F<i>`/`B<i>` on the upper
     lane, transfers on a thin middle lane, accumulation/allreduce/apply on a thin lower lane."""
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -318,34 +368,59 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
     devices = devices_of(tasks)
     t0 = min(t.start_us for t in tasks)
     span_ms = (max(t.end_us for t in tasks) - t0) / 1000.0 or 1.0
-    fig = Figure(figsize=(max(8.0, min(24.0, 2.0 + 0.5 * len(tasks) / max(len(devices), 1))),
-                          1.0 + 0.9 * len(devices)))
+    fig = Figure(
+        figsize=(
+            max(8.0, min(24.0, 2.0 + 0.5 * len(tasks) / max(len(devices), 1))),
+            1.0 + 0.9 * len(devices),
+        )
+    )
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for row, device in enumerate(devices):
         y = len(devices) - 1 - row
         for t in (t for t in tasks if t.device == device):
-            x0, width = (t.start_us - t0) / 1000.0, max((t.end_us - t.start_us) / 1000.0, span_ms / 2000)
+            x0, width = (
+                (t.start_us - t0) / 1000.0,
+                max((t.end_us - t.start_us) / 1000.0, span_ms / 2000),
+            )
             compute = t.kind in ("F", "B")
             bottom, height = _LANES[t.kind]
             bottom += y
-            rect = ax.broken_barh([(x0, width)], (bottom, height), facecolors=_COLORS[t.kind],
-                                  edgecolors="black", linewidth=0.4)
+            rect = ax.broken_barh(
+                [(x0, width)],
+                (bottom, height),
+                facecolors=_COLORS[t.kind],
+                edgecolors="black",
+                linewidth=0.4,
+            )
             rect.set_gid(f"{device}|{t.label}")
             if compute and width > span_ms / 90:
-                ax.text(x0 + width / 2, bottom + height / 2, t.label, ha="center", va="center",
-                        fontsize=7, color="white")
+                ax.text(
+                    x0 + width / 2,
+                    bottom + height / 2,
+                    t.label,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
     ax.set_yticks(range(len(devices)))
     stage_of = {t.device: t.stage for t in tasks if t.kind in ("F", "B") and t.stage is not None}
-    ax.set_yticklabels([_short(d) + (f"\nstage {stage_of[d]}" if d in stage_of else "")
-                        for d in reversed(devices)])
+    ax.set_yticklabels(
+        [_short(d) + (f"\nstage {stage_of[d]}" if d in stage_of else "") for d in reversed(devices)]
+    )
     ax.set_ylim(-0.6, len(devices) - 0.4)
     ax.set_xlim(0, span_ms * 1.01)
     ax.set_xlabel("time since step start (ms)")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
-    ax.legend(handles=[Patch(color=_COLORS[k], label=k) for k in KINDS],
-              loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(KINDS), fontsize=8,
-              frameon=False)
+    ax.legend(
+        handles=[Patch(color=_COLORS[k], label=k) for k in KINDS],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        ncol=len(KINDS),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         ax.set_title(title, fontsize=9, loc="left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -368,36 +443,60 @@ def chrome_trace(tasks: Sequence[Task]) -> dict:
     events = []
     devices = devices_of(tasks)
     for pid, device in enumerate(devices):
-        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                       "args": {"name": device}})
-        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 0,
-                       "args": {"name": "compute"}})
-        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": 1,
-                       "args": {"name": "communication"}})
+        events.append(
+            {"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": device}}
+        )
+        events.append(
+            {"name": "thread_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": "compute"}}
+        )
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": pid,
+                "tid": 1,
+                "args": {"name": "communication"},
+            }
+        )
     pid_of = {d: i for i, d in enumerate(devices)}
     t0 = min((t.start_us for t in tasks), default=0)
     for t in tasks:
-        events.append({
-            "name": t.label, "cat": t.kind, "ph": "X", "pid": pid_of[t.device],
-            "tid": 0 if t.kind in ("F", "B") else 1, "ts": t.start_us - t0,
-            "dur": max(t.end_us - t.start_us, 1),
-            "args": {"micro_batch": t.micro_batch, "stage": t.stage, "to_stage": t.to_stage,
-                     "busy_us": t.busy_us}})
+        events.append(
+            {
+                "name": t.label,
+                "cat": t.kind,
+                "ph": "X",
+                "pid": pid_of[t.device],
+                "tid": 0 if t.kind in ("F", "B") else 1,
+                "ts": t.start_us - t0,
+                "dur": max(t.end_us - t.start_us, 1),
+                "args": {
+                    "micro_batch": t.micro_batch,
+                    "stage": t.stage,
+                    "to_stage": t.to_stage,
+                    "busy_us": t.busy_us,
+                },
+            }
+        )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def format_bubbles(tasks: Sequence[Task], num_stages: int | None = None,
-                   num_micro_batches: int | None = None) -> str:
+def format_bubbles(
+    tasks: Sequence[Task], num_stages: int | None = None, num_micro_batches: int | None = None
+) -> str:
     """A table of the measured bubble fraction per device, with the theoretical one if known."""
-    known = {t.stage for t in tasks if t.stage is not None} | \
-        {t.to_stage for t in tasks if t.to_stage is not None}
+    known = {t.stage for t in tasks if t.stage is not None} | {
+        t.to_stage for t in tasks if t.to_stage is not None
+    }
     stages = num_stages or (max(known) + 1 if known else 1)
     mbs = num_micro_batches or len({t.micro_batch for t in tasks if t.kind in ("F", "B")}) or 1
     theory = theoretical_bubble(stages, mbs)
     begin, end = pipeline_window(tasks)
-    lines = [f"pipeline window {(end - begin) / 1000.0:.3f} ms; S={stages}, M={mbs}: theoretical "
-             f"bubble (S-1)/(M+S-1) = {theory:.3f}",
-             f"{'device':<40} {'measured bubble':>16}"]
+    lines = [
+        f"pipeline window {(end - begin) / 1000.0:.3f} ms; S={stages}, M={mbs}: theoretical "
+        f"bubble (S-1)/(M+S-1) = {theory:.3f}",
+        f"{'device':<40} {'measured bubble':>16}",
+    ]
     for device, frac in bubble_fraction(tasks).items():
         lines.append(f"{device:<40} {frac:16.3f}")
     return "\n".join(lines)
@@ -416,14 +515,17 @@ def _latest_trace(model_dir: str) -> tuple[str, int]:
         if m:
             found.append((int(m.group(1)), path))
     if not found:
-        raise SystemExit(f"{model_dir}: no trace_step_<N>.pb found; run train.py --trace_step N "
-                         f"--model_dir {model_dir} first")
+        raise SystemExit(
+            f"{model_dir}: no trace_step_<N>.pb found; run train.py --trace_step N "
+            f"--model_dir {model_dir} first"
+        )
     step, path = max(found)
     return path, step
 
 
 def load_run_metadata(path: str):
     from tensorflow.core.protobuf import config_pb2
+
     metadata = config_pb2.RunMetadata()
     with open(path, "rb") as f:
         metadata.ParseFromString(f.read())
@@ -431,7 +533,9 @@ def load_run_metadata(path: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dapple_tf.timeline", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dapple_tf.timeline", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model_dir", required=True)
     p.add_argument("--step", type=int, default=None, help="traced step (default: the newest)")
     p.add_argument("--stages", type=int, default=None, help="S for the theoretical bubble")
@@ -447,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan_file = os.path.join(args.model_dir, "plan.json")
     if os.path.exists(plan_file) and (stages is None or micro_batches is None):
         from planner.plan_format import Plan
+
         plan = Plan.load(plan_file)
         stages = stages or plan.num_stages
         micro_batches = micro_batches or plan.num_micro_batches

@@ -9,6 +9,7 @@
 `global_step`, keyed by op name (no ':0'). `SingleDeviceTrainer` builds the plain single-device
 graph of the same model with the same methods: the reference that pipelined training equals.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ import tensorflow as tf
 from graph_rewrite import rewrite
 from graph_rewrite.rewrite import PhaseClock
 from graph_rewrite.random_ops import RANDOM_ROWS_FEATURE, rows_feature_value
-from graph_rewrite.template import (LayerRule, WeightedLoss, build_model_graph, build_template,
-                                   initial_values)
+from graph_rewrite.template import (
+    LayerRule,
+    WeightedLoss,
+    build_model_graph,
+    build_template,
+    initial_values,
+)
 from planner.plan_format import Plan, PlanError
 
 from . import checkpoint, devices
@@ -39,7 +45,7 @@ class _SessionTrainer:
     train_op: tf.Operation
     global_batch_size: int
     feature_rows: dict | None = None  # feature -> rows read here; None: whole global batches
-    input_fn = None                   # the dataset the features default to (Trainer only)
+    input_fn = None  # the dataset the features default to (Trainer only)
 
     def _finish_init(self, values: Mapping[str, np.ndarray] | None = None):
         """Create the assign, read and save ops, finalize the graph, initialize every variable:
@@ -51,17 +57,19 @@ class _SessionTrainer:
             self._variables = checkpoint.variables_by_name(self.graph)
             self._assign_inputs, self._assign_ops = {}, {}
             for name, var in self._variables.items():
-                ph = v1.placeholder(var.dtype.base_dtype, var.shape,
-                                    name=f"dapple/assign/{name}")
+                ph = v1.placeholder(var.dtype.base_dtype, var.shape, name=f"dapple/assign/{name}")
                 self._assign_inputs[name] = ph
                 self._assign_ops[name] = var.assign(ph, read_value=False)
             self._global_step_value = self._global_step_var.read_value()
             self._saver = checkpoint.make_saver(self.graph)
             initializer = v1.variables_initializer(
-                [v for n, v in self._variables.items() if n not in values])
+                [v for n, v in self._variables.items() if n not in values]
+            )
         self.graph.finalize()
-        self.session.run([initializer] + [self._assign_ops[n] for n in values],
-                         {self._assign_inputs[n]: value for n, value in values.items()})
+        self.session.run(
+            [initializer] + [self._assign_ops[n] for n in values],
+            {self._assign_inputs[n]: value for n, value in values.items()},
+        )
         # global_step starts at its initial value; reading it would cost another Grappler pass
         self._random_step = int(values.get("global_step", 0))
 
@@ -77,8 +85,9 @@ class _SessionTrainer:
         options = None
         if run_metadata is not None:
             options = v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE)
-        _, loss = self.session.run([self.train_op, self.loss], feed, options=options,
-                                   run_metadata=run_metadata)
+        _, loss = self.session.run(
+            [self.train_op, self.loss], feed, options=options, run_metadata=run_metadata
+        )
         if self._random_step is not None:
             self._random_step += 1
         return float(loss)
@@ -93,7 +102,7 @@ class _SessionTrainer:
         """Train one step with a full trace; returns its RunMetadata (step stats)."""
         return self.traced_step(batch)[1]
 
-    _random_step: int | None = None    # the step random ops are seeded with (None: read it)
+    _random_step: int | None = None  # the step random ops are seeded with (None: read it)
 
     def _feed(self, batch):
         """The feed of one step: each placeholder gets the rows of its feature this process
@@ -105,7 +114,8 @@ class _SessionTrainer:
             if self._random_step is None:
                 self._random_step = self.global_step
             batch[RANDOM_ROWS_FEATURE] = rows_feature_value(
-                0, self.global_batch_size, self.global_batch_size, self._random_step)
+                0, self.global_batch_size, self.global_batch_size, self._random_step
+            )
         missing = sorted(set(self.features) - set(batch))
         if missing:
             raise KeyError(f"batch lacks features {missing}; expected {sorted(self.features)}")
@@ -116,10 +126,15 @@ class _SessionTrainer:
             count = self.global_batch_size if rows is None else sum(hi - lo for lo, hi in rows)
             if value.ndim == 0 or value.shape[0] not in (self.global_batch_size, count):
                 found = "a scalar" if value.ndim == 0 else f"{value.shape[0]} rows"
-                local = "" if count == self.global_batch_size else \
-                    f" or this process's {count} rows {list(rows)}"
-                raise ValueError(f"feature '{name}' has {found}, expected the global batch size "
-                                 f"{self.global_batch_size}{local}")
+                local = (
+                    ""
+                    if count == self.global_batch_size
+                    else f" or this process's {count} rows {list(rows)}"
+                )
+                raise ValueError(
+                    f"feature '{name}' has {found}, expected the global batch size "
+                    f"{self.global_batch_size}{local}"
+                )
             if value.shape[0] != count:
                 value = take_rows(value, rows)
             feed[ph] = value
@@ -139,8 +154,12 @@ class _SessionTrainer:
         """This step's rows feature (global row, step, ...) of the rows `rows`."""
         if self._random_step is None:
             self._random_step = self.global_step
-        return take_rows(rows_feature_value(0, self.global_batch_size, self.global_batch_size,
-                                            self._random_step), rows)
+        return take_rows(
+            rows_feature_value(
+                0, self.global_batch_size, self.global_batch_size, self._random_step
+            ),
+            rows,
+        )
 
     @property
     def local_rows(self) -> dict[str, tuple[tuple[int, int], ...]]:
@@ -148,8 +167,9 @@ class _SessionTrainer:
         (a multi-rank trainer's rank reads only its slot's rows of the features its stage
         uses). `train_step` takes either whole global batches or batches of exactly these
         rows (in this order), so an input pipeline can read only its own rows."""
-        return dict(self.feature_rows or
-                    {name: ((0, self.global_batch_size),) for name in self.features})
+        return dict(
+            self.feature_rows or {name: ((0, self.global_batch_size),) for name in self.features}
+        )
 
     # ---- weights and checkpoints ------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -159,11 +179,15 @@ class _SessionTrainer:
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         unknown = sorted(set(weights) - set(self._variables))
         if unknown:
-            raise KeyError(f"set_weights: unknown variables {unknown}; this model has "
-                           f"{sorted(self._variables)}")
+            raise KeyError(
+                f"set_weights: unknown variables {unknown}; this model has "
+                f"{sorted(self._variables)}"
+            )
         names = list(weights)
-        self.session.run([self._assign_ops[n] for n in names],
-                         {self._assign_inputs[n]: weights[n] for n in names})
+        self.session.run(
+            [self._assign_ops[n] for n in names],
+            {self._assign_inputs[n]: weights[n] for n in names},
+        )
         self._random_step = None  # global_step may have changed
 
     def save(self, path: str | os.PathLike) -> str:
@@ -191,8 +215,9 @@ def take_rows(value: np.ndarray, rows) -> np.ndarray:
 
 def _prepare_reads(trainer: _SessionTrainer):
     with trainer.graph.as_default():
-        trainer._read_ops = {n: v.read_value() for n, v in
-                             checkpoint.variables_by_name(trainer.graph).items()}
+        trainer._read_ops = {
+            n: v.read_value() for n, v in checkpoint.variables_by_name(trainer.graph).items()
+        }
 
 
 class Trainer(_SessionTrainer):
@@ -222,33 +247,58 @@ class Trainer(_SessionTrainer):
     def __new__(cls, *args, **kwargs):
         if cls is Trainer:
             from . import comm
+
             if comm.launched_ranks() > 1:
                 from .multirank import MultiRankTrainer
+
                 return super().__new__(MultiRankTrainer)
         return super().__new__(cls)
 
-    def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
-                 plan: Plan | str | os.PathLike, global_batch_size: int, *,
-                 clip_norm: float | None = None, num_devices: int | None = None,
-                 seed: int | None = None, inter_op_threads: int | None = None,
-                 optimize_graph: bool = True, input_fn: Callable | None = None,
-                 transport: str | None = None, stack_weight_gradients: bool = False,
-                 layers: LayerRule = None):
+    def __init__(
+        self,
+        model_fn: Callable,
+        feature_spec: Mapping,
+        optimizer_fn: Callable,
+        plan: Plan | str | os.PathLike,
+        global_batch_size: int,
+        *,
+        clip_norm: float | None = None,
+        num_devices: int | None = None,
+        seed: int | None = None,
+        inter_op_threads: int | None = None,
+        optimize_graph: bool = True,
+        input_fn: Callable | None = None,
+        transport: str | None = None,
+        stack_weight_gradients: bool = False,
+        layers: LayerRule = None,
+    ):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
         clock = PhaseClock()
-        self.setup_seconds = clock.seconds     # wall time of each phase of __init__
-        self.plan = resolve_plan(plan, model_fn, feature_spec, self.global_batch_size,
-                                 num_devices, optimizer_fn, layers=layers)
+        self.setup_seconds = clock.seconds  # wall time of each phase of __init__
+        self.plan = resolve_plan(
+            plan,
+            model_fn,
+            feature_spec,
+            self.global_batch_size,
+            num_devices,
+            optimizer_fn,
+            layers=layers,
+        )
         clock.mark("plan")
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         clock.mark("template")
         kind = devices.check_plan_devices(self.plan, num_devices)
-        self.rewritten = rewrite(self.template, self.plan, optimizer_fn,
-                                 device_name=lambda d: devices.device_name(d, kind),
-                                 clip_norm=clip_norm, input_fn=input_fn,
-                                 stack_weight_gradients=stack_weight_gradients)
+        self.rewritten = rewrite(
+            self.template,
+            self.plan,
+            optimizer_fn,
+            device_name=lambda d: devices.device_name(d, kind),
+            clip_norm=clip_norm,
+            input_fn=input_fn,
+            stack_weight_gradients=stack_weight_gradients,
+        )
         clock.mark("rewrite")
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features
@@ -256,9 +306,16 @@ class Trainer(_SessionTrainer):
         self.loss = self.rewritten.loss
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
-        self.session = devices.new_session(self.graph, devices.session_config(
-            kind, max(self.plan.devices) + 1, inter_op_threads, optimize_graph,
-            fold_constants=False))
+        self.session = devices.new_session(
+            self.graph,
+            devices.session_config(
+                kind,
+                max(self.plan.devices) + 1,
+                inter_op_threads,
+                optimize_graph,
+                fold_constants=False,
+            ),
+        )
         _prepare_reads(self)
         values = initial_values(self.template, devices.pinned_config())
         clock.mark("initial values")
@@ -269,22 +326,31 @@ class Trainer(_SessionTrainer):
         clock.mark("session + variable init (initial values assigned)")
 
 
-
 class SingleDeviceTrainer(_SessionTrainer):
     """The plain single-device build of the same model: the reference for equivalence tests and
     the graph whose variable names checkpoints use."""
 
-    def __init__(self, model_fn: Callable, feature_spec: Mapping, optimizer_fn: Callable,
-                 global_batch_size: int, *, clip_norm: float | None = None,
-                 seed: int | None = None, device: str | None = None,
-                 optimize_graph: bool = True, layers: LayerRule = None):
+    def __init__(
+        self,
+        model_fn: Callable,
+        feature_spec: Mapping,
+        optimizer_fn: Callable,
+        global_batch_size: int,
+        *,
+        clip_norm: float | None = None,
+        seed: int | None = None,
+        device: str | None = None,
+        optimize_graph: bool = True,
+        layers: LayerRule = None,
+    ):
         self.global_batch_size = int(global_batch_size)
         self.layers = layers  # the same rule as the pipelined trainer's; the plain build needs none
         self.graph, self.features, self.loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default(), tf.device(device):
             if isinstance(self.loss, WeightedLoss):
-                self.loss = tf.math.divide(self.loss.numerator, self.loss.denominator,
-                                           name="dapple/weighted_loss")
+                self.loss = tf.math.divide(
+                    self.loss.numerator, self.loss.denominator, name="dapple/weighted_loss"
+                )
             variables = [v for v in v1.trainable_variables()]
             grads = tf.gradients(self.loss, variables)
             pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
@@ -296,41 +362,62 @@ class SingleDeviceTrainer(_SessionTrainer):
             # batch norm's moving statistics, as TF1 training loops run them
             with tf.control_dependencies(v1.get_collection(v1.GraphKeys.UPDATE_OPS)):
                 self.train_op = self.optimizer.apply_gradients(
-                    [(g, v) for g, (_, v) in zip(grads, pairs)],
-                    global_step=self._global_step_var)
-        self.session = devices.new_session(self.graph, devices.session_config(
-            "CPU", 1, optimize_graph=optimize_graph))
+                    [(g, v) for g, (_, v) in zip(grads, pairs)], global_step=self._global_step_var
+                )
+        self.session = devices.new_session(
+            self.graph, devices.session_config("CPU", 1, optimize_graph=optimize_graph)
+        )
         _prepare_reads(self)
         self._finish_init()
 
 
-def resolve_plan(plan, model_fn, feature_spec, global_batch_size: int,
-                 num_devices: int | None, optimizer_fn: Callable | None = None,
-                 ranks: int | None = None, layers: LayerRule = None) -> Plan:
+def resolve_plan(
+    plan,
+    model_fn,
+    feature_spec,
+    global_batch_size: int,
+    num_devices: int | None,
+    optimizer_fn: Callable | None = None,
+    ranks: int | None = None,
+    layers: LayerRule = None,
+) -> Plan:
     """A Plan from a Plan, a plan JSON path, or "auto" (profile + planner search, with the
     layer rule `layers`: for this process's devices, or for `ranks` devices, one per rank,
     under a launcher)."""
     if isinstance(plan, str) and plan == "auto":
         if ranks is not None:
             from dapple_tf.auto_plan import auto_plan
-            return auto_plan(model_fn, feature_spec, global_batch_size, ranks,
-                             optimizer_fn=optimizer_fn, layers=layers)
-        return _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn,
-                          layers)
+
+            return auto_plan(
+                model_fn,
+                feature_spec,
+                global_batch_size,
+                ranks,
+                optimizer_fn=optimizer_fn,
+                layers=layers,
+            )
+        return _auto_plan(
+            model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn, layers
+        )
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan, a path to plan JSON or 'auto', got {plan!r}")
     if plan.global_batch_size != global_batch_size:
-        raise PlanError(f"plan is for global batch size {plan.global_batch_size}, but the "
-                        f"trainer was given {global_batch_size}")
+        raise PlanError(
+            f"plan is for global batch size {plan.global_batch_size}, but the "
+            f"trainer was given {global_batch_size}"
+        )
     return plan
 
 
-def _auto_plan(model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn,
-               layers=None) -> Plan:
+def _auto_plan(
+    model_fn, feature_spec, global_batch_size, num_devices, optimizer_fn, layers=None
+) -> Plan:
     """plan='auto': profile the template and search a plan for this process's devices."""
     from dapple_tf.auto_plan import auto_plan  # imports the profiler and planner on demand
+
     _, count = devices.available_devices(num_devices)
-    return auto_plan(model_fn, feature_spec, global_batch_size, count, optimizer_fn=optimizer_fn,
-                     layers=layers)
+    return auto_plan(
+        model_fn, feature_spec, global_batch_size, count, optimizer_fn=optimizer_fn, layers=layers
+    )

@@ -1,4 +1,5 @@
 """Graph rewriter: template analysis and the passes that turn it into a pipelined training graph."""
+
 from .rewrite import TrainingGraph, rewrite
 from .template import Template, TemplateError, build_template
 

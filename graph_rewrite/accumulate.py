@@ -8,6 +8,7 @@ gradients added (the stage's `backward_accumulate` function, graph_rewrite/stage
 concatenated (duplicate indices are summed by the optimizer's sparse apply, as in a
 single-device build).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -53,9 +54,11 @@ def sum_gradients(grads: Sequence, name: str):
         return grads[0]
     with tf.name_scope(name):
         if all(isinstance(g, tf.IndexedSlices) for g in grads):
-            return tf.IndexedSlices(tf.concat([g.values for g in grads], 0),
-                                    tf.concat([tf.cast(g.indices, tf.int64) for g in grads], 0),
-                                    grads[0].dense_shape)
+            return tf.IndexedSlices(
+                tf.concat([g.values for g in grads], 0),
+                tf.concat([tf.cast(g.indices, tf.int64) for g in grads], 0),
+                grads[0].dense_shape,
+            )
         return tf.add_n([tf.convert_to_tensor(g) for g in grads])
 
 

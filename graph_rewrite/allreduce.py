@@ -6,6 +6,7 @@ same variable (tied weights).
 passed to `rewrite(..., gradient_sync=...)`; `global_norm` (for clip_norm) is the norm of the
 whole model's gradients, which a rank holding only some stages must sum across ranks.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -16,11 +17,14 @@ from .accumulate import sum_gradients
 
 
 class GradientSync(Protocol):
-    def sum_replicas(self, stage: int, grads_by_replica: dict[int, dict], device_of_variable:
-                     dict[str, str]) -> dict:
+    def sum_replicas(
+        self, stage: int, grads_by_replica: dict[int, dict], device_of_variable: dict[str, str]
+    ) -> dict:
         """variable -> gradient summed over all replicas of `stage` (given: the local ones)."""
 
-    def sum_stages(self, grads_by_stage: dict[int, dict], device_of_variable: dict[str, str]) -> dict:
+    def sum_stages(
+        self, grads_by_stage: dict[int, dict], device_of_variable: dict[str, str]
+    ) -> dict:
         """variable -> gradient summed over every stage that reads it (tied weights)."""
 
     def global_norm(self, grads: dict) -> tf.Tensor:

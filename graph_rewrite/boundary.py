@@ -21,10 +21,11 @@ three methods and gets `None` for pieces produced on another rank; a transport w
 `is_local(slot)` method is also handed, at send time, the pieces for receivers on other ranks
 (nothing on the sender's rank would otherwise ask for them).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import tensorflow as tf
 
@@ -39,14 +40,16 @@ def boundary_name(micro_batch: int, from_stage: int, to_stage: int) -> str:
     return f"dapple/mb{micro_batch}/s{from_stage}_to_s{to_stage}"
 
 
-def endpoint_op_name(micro_batch: int, from_stage: int, to_stage: int, kind: str,
-                     replica: int, num_replicas: int) -> str:
+def endpoint_op_name(
+    micro_batch: int, from_stage: int, to_stage: int, kind: str, replica: int, num_replicas: int
+) -> str:
     suffix = f"_r{replica}" if num_replicas > 1 else ""
     return f"{boundary_name(micro_batch, from_stage, to_stage)}/{kind}{suffix}"
 
 
-def row_pieces(sender_rows: Sequence[tuple[int, int]],
-               receiver_rows: Sequence[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+def row_pieces(
+    sender_rows: Sequence[tuple[int, int]], receiver_rows: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, int, int]]:
     """(sender k, receiver j, begin, end) for every non-empty overlap of sender k's rows with
     receiver j's rows; begin/end are offsets into sender k's block. Sorted by (j, row)."""
     pieces = []
@@ -62,8 +65,14 @@ class Transport(Protocol):
     def send(self, tensors: list[tf.Tensor], slot: Slot, name: str) -> list[tf.Tensor]:
         """The send op: on `slot`'s device, carrying `tensors` (all produced on that slot)."""
 
-    def transfer(self, pieces: list[tf.Tensor] | None, specs: list[tf.TensorSpec],
-                 from_slot: Slot, to_slot: Slot, name: str) -> list[tf.Tensor] | None:
+    def transfer(
+        self,
+        pieces: list[tf.Tensor] | None,
+        specs: list[tf.TensorSpec],
+        from_slot: Slot,
+        to_slot: Slot,
+        name: str,
+    ) -> list[tf.Tensor] | None:
         """Move `pieces` (None when `from_slot` is not local) to `to_slot`; returns the tensors
         usable on `to_slot`, or None when `to_slot` is not local."""
 
@@ -96,15 +105,16 @@ class LocalTransport:
 class BoundaryTransfer:
     """One direction of one boundary for one micro-batch: sender replicas of `from_stage` each
     `send` their blocks of `tensors`; receiver replicas of `to_stage` each `recv` theirs."""
+
     micro_batch: int
     from_stage: int
     to_stage: int
-    tensors: tuple[str, ...]           # template tensor names, the order of every op's list
-    modes: tuple[str, ...]             # ROWS or WHOLE per tensor
-    specs: tuple[tf.TensorSpec, ...]   # per-example (ROWS: shape[1:]) or whole shapes
+    tensors: tuple[str, ...]  # template tensor names, the order of every op's list
+    modes: tuple[str, ...]  # ROWS or WHOLE per tensor
+    specs: tuple[tf.TensorSpec, ...]  # per-example (ROWS: shape[1:]) or whole shapes
     plan: Plan
     transport: Transport
-    gradient: bool = False             # backward: WHOLE tensors are summed into receiver 0
+    gradient: bool = False  # backward: WHOLE tensors are summed into receiver 0
     row_factors: tuple[int, ...] = ()  # per tensor: ROWS tensors hold k x rows rows (default 1)
     _pieces: dict = dataclasses.field(default_factory=dict)  # (k, j) -> list[tensor]
 
@@ -113,15 +123,21 @@ class BoundaryTransfer:
         return boundary_name(self.micro_batch, self.from_stage, self.to_stage)
 
     def _rows(self, stage: int) -> list[tuple[int, int]]:
-        return [self.plan.rows_of_replica(stage, r)
-                for r in range(self.plan.stages[stage].num_replicas)]
+        return [
+            self.plan.rows_of_replica(stage, r) for r in range(self.plan.stages[stage].num_replicas)
+        ]
 
     def send(self, replica: int, tensors: Sequence[tf.Tensor]) -> tf.Operation:
         """Create sender `replica`'s send op and slice its pieces for every receiver."""
         num_senders = self.plan.stages[self.from_stage].num_replicas
         slot = Slot(self.from_stage, replica)
-        sent = self.transport.send(list(tensors), slot, endpoint_op_name(
-            self.micro_batch, self.from_stage, self.to_stage, "send", replica, num_senders))
+        sent = self.transport.send(
+            list(tensors),
+            slot,
+            endpoint_op_name(
+                self.micro_batch, self.from_stage, self.to_stage, "send", replica, num_senders
+            ),
+        )
         pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         num_receivers = self.plan.stages[self.to_stage].num_replicas
         with tf.name_scope(self.name + "/"):
@@ -130,17 +146,25 @@ class BoundaryTransfer:
                 for t, mode, f in zip(sent, self.modes, self._factors()):
                     if mode == ROWS:
                         ranges = [(lo, hi) for k, jj, lo, hi in pieces if k == replica and jj == j]
-                        parts.append([t if (lo, hi) == (0, self._block(replica)) else
-                                      t[f * lo:f * hi] for lo, hi in ranges])
+                        parts.append(
+                            [
+                                t if (lo, hi) == (0, self._block(replica)) else t[f * lo : f * hi]
+                                for lo, hi in ranges
+                            ]
+                        )
                     elif self._whole_goes(replica, j):
                         parts.append([t])
                     else:
                         parts.append([])
                 self._pieces[(replica, j)] = parts
                 if not _is_local(self.transport, Slot(self.to_stage, j)):
-                    self.transport.transfer([p for ps in parts for p in ps],
-                                            self._piece_specs(replica, j), slot,
-                                            Slot(self.to_stage, j), f"{self.name}/k{replica}_j{j}")
+                    self.transport.transfer(
+                        [p for ps in parts for p in ps],
+                        self._piece_specs(replica, j),
+                        slot,
+                        Slot(self.to_stage, j),
+                        f"{self.name}/k{replica}_j{j}",
+                    )
         return sent[0].op
 
     def recv(self, replica: int, like: Sequence[tf.Tensor] | None = None) -> list[tf.Tensor]:
@@ -161,8 +185,9 @@ class BoundaryTransfer:
                 if not specs:  # sender k holds none of this receiver's rows
                     arrived[k] = [[] for _ in parts]
                     continue
-                moved = self.transport.transfer(flat, specs, Slot(self.from_stage, k), slot,
-                                                f"{self.name}/k{k}_j{replica}")
+                moved = self.transport.transfer(
+                    flat, specs, Slot(self.from_stage, k), slot, f"{self.name}/k{k}_j{replica}"
+                )
                 it = iter(moved)
                 arrived[k] = [[next(it) for _ in ps] for ps in parts]
             for n, mode in enumerate(self.modes):
@@ -173,8 +198,13 @@ class BoundaryTransfer:
                     assembled.append(pieces[0] if len(pieces) == 1 else tf.add_n(pieces))
                 else:
                     assembled.append(tf.zeros_like(like[n]))
-        return self.transport.recv(assembled, slot, endpoint_op_name(
-            self.micro_batch, self.from_stage, self.to_stage, "recv", replica, num_receivers))
+        return self.transport.recv(
+            assembled,
+            slot,
+            endpoint_op_name(
+                self.micro_batch, self.from_stage, self.to_stage, "recv", replica, num_receivers
+            ),
+        )
 
     def _factors(self) -> tuple[int, ...]:
         return self.row_factors or (1,) * len(self.tensors)
@@ -202,8 +232,11 @@ class BoundaryTransfer:
         specs = []
         for spec, mode, f in zip(self.specs, self.modes, self._factors()):
             if mode == ROWS:
-                specs += [tf.TensorSpec([f * (hi - lo)] + list(spec.shape), spec.dtype)
-                          for k, j, lo, hi in pieces if k == sender and j == receiver]
+                specs += [
+                    tf.TensorSpec([f * (hi - lo)] + list(spec.shape), spec.dtype)
+                    for k, j, lo, hi in pieces
+                    if k == sender and j == receiver
+                ]
             elif self._whole_goes(sender, receiver):
                 specs.append(spec)
         return specs

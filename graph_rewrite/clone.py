@@ -6,6 +6,7 @@ gradients, running gradient sums) and to the training graph's variable handles, 
 clones share (variables are never cloned). When the session inlines the call, the stage's ops
 run as `<prefix>/fwd/<template op>` on that device.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -20,10 +21,15 @@ def clone_prefix(micro_batch: int, slot_tag: str) -> str:
     return f"dapple/mb{micro_batch}/{slot_tag}"
 
 
-def call_forward(stage: StageGraph, device: str, prefix: str,
-                 features: Mapping[str, tf.Tensor], received: Mapping[str, tf.Tensor],
-                 handles: Mapping[str, tf.Tensor],
-                 transposed: Mapping[str, tf.Tensor] | None = None) -> dict[str, tf.Tensor]:
+def call_forward(
+    stage: StageGraph,
+    device: str,
+    prefix: str,
+    features: Mapping[str, tf.Tensor],
+    received: Mapping[str, tf.Tensor],
+    handles: Mapping[str, tf.Tensor],
+    transposed: Mapping[str, tf.Tensor] | None = None,
+) -> dict[str, tf.Tensor]:
     """Call the stage's forward; returns template tensor name -> clone tensor for every tensor
     the stage sends on, its loss, every forward tensor its backward reads, and its inputs.
     `transposed`: variable -> its value transposed, for `stage.transposed_weights`."""
@@ -36,15 +42,21 @@ def call_forward(stage: StageGraph, device: str, prefix: str,
         inputs[f"{v}:0"] = handles[v]
     for t, v in stage.transposed_weights.items():
         inputs[t] = transposed[v]
-    return _call(stage.forward_function, inputs, device, prefix + "/fwd",
-                 stage.backward_only_forward_results)
+    return _call(
+        stage.forward_function, inputs, device, prefix + "/fwd", stage.backward_only_forward_results
+    )
 
 
-def call_backward(stage: StageGraph, device: str, prefix: str,
-                  forward: Mapping[str, tf.Tensor], grad_inputs: Mapping[str, tf.Tensor],
-                  loss_grad: tf.Tensor | None, handles: Mapping[str, tf.Tensor],
-                  running_sums: Mapping[str, tf.Tensor]
-                  ) -> tuple[dict[str, tf.Tensor], dict, dict[str, tf.Tensor]]:
+def call_backward(
+    stage: StageGraph,
+    device: str,
+    prefix: str,
+    forward: Mapping[str, tf.Tensor],
+    grad_inputs: Mapping[str, tf.Tensor],
+    loss_grad: tf.Tensor | None,
+    handles: Mapping[str, tf.Tensor],
+    running_sums: Mapping[str, tf.Tensor],
+) -> tuple[dict[str, tf.Tensor], dict, dict[str, tf.Tensor]]:
     """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
     slot's earlier micro-batches (empty for its first backward). Returns (input tensor -> its
     gradient, variable -> gradient: the new running sum if dense, else tf.IndexedSlices,
@@ -75,9 +87,13 @@ def call_backward(stage: StageGraph, device: str, prefix: str,
     return input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}
 
 
-def call_weight_gradients(stage: StageGraph, device: str, name: str,
-                          stacked: Mapping[str, tf.Tensor],
-                          handles: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+def call_weight_gradients(
+    stage: StageGraph,
+    device: str,
+    name: str,
+    stacked: Mapping[str, tf.Tensor],
+    handles: Mapping[str, tf.Tensor],
+) -> dict[str, tf.Tensor]:
     """Call the stage's stacked weight-gradient function once: `stacked` maps each of its row
     inputs to that tensor of every micro-batch concatenated along axis 0, and each of its step
     constants to its value. Returns variable -> its gradient summed over those micro-batches."""
@@ -88,14 +104,24 @@ def call_weight_gradients(stage: StageGraph, device: str, name: str,
     return {v: tensors[t] for v, t in stage.stacked_gradients.items()}
 
 
-def _call(function: StageFunction, inputs: Mapping[str, tf.Tensor], device: str,
-          name: str, unshaped: frozenset[int] = frozenset()) -> dict[str, tf.Tensor]:
+def _call(
+    function: StageFunction,
+    inputs: Mapping[str, tf.Tensor],
+    device: str,
+    name: str,
+    unshaped: frozenset[int] = frozenset(),
+) -> dict[str, tf.Tensor]:
     """Call `function` on `device`; returns output name -> tensor, plus the inputs (names the
     caller asks for may be inputs passed straight through). Results at the indices in
     `unshaped` keep unknown static shapes."""
     with tf.device(device):
-        results = functions.call(function.name, [inputs[t] for t in function.inputs],
-                                 function.output_specs, name, unshaped)
+        results = functions.call(
+            function.name,
+            [inputs[t] for t in function.inputs],
+            function.output_specs,
+            name,
+            unshaped,
+        )
     tensors = dict(zip(function.outputs, results))
     tensors.update(inputs)
     return tensors

@@ -17,9 +17,10 @@ runtime's step-end collective depends on.
 Keys (`CollectiveKeys`): a group per rank pair, and per direction of the pair a running count of
 the pieces created. Both ends create one direction's pieces in the same order: each rank holds
 one slot, so a direction is one boundary, whose transfers both ranks build in micro-batch order;
-the runtime checks that both ends agree before the first step (`check_keys`). `all_reduce_sum` is the same machinery for sums over a
-group of ranks (gradients, the step-end loss).
+the runtime checks that both ends agree before the first step (`check_keys`). `all_reduce_sum`
+is the same machinery for sums over a group of ranks (gradients, the step-end loss).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -59,8 +60,10 @@ class CollectiveKeys:
         if len(group) == 2:
             return GROUP_KEY_BASE + group[0] * n + group[1]
         if group not in self.groups:
-            raise KeyError(f"no collective group for ranks {list(group)}; known groups: "
-                           f"{[list(g) for g in self.groups]}")
+            raise KeyError(
+                f"no collective group for ranks {list(group)}; known groups: "
+                f"{[list(g) for g in self.groups]}"
+            )
         return GROUP_KEY_BASE + n * n + self.groups.index(group)
 
     def instance_key(self, ranks, name: str, stream: int) -> int:
@@ -80,14 +83,18 @@ class CollectiveTransport:
     # action's compute first and leave the receiver idle.
     gate_on_sends = True
 
-    def __init__(self, plan: Plan, rank: int, keys: CollectiveKeys, device: str,
-                 timeout_s: float = 0.0):
+    def __init__(
+        self, plan: Plan, rank: int, keys: CollectiveKeys, device: str, timeout_s: float = 0.0
+    ):
         self.rank = rank
         self.keys = keys
         self.device = device
         self.timeout_s = float(timeout_s)
-        self.rank_of_slot = {Slot(s, k): d for s, stage in enumerate(plan.stages)
-                             for k, d in enumerate(stage.devices)}
+        self.rank_of_slot = {
+            Slot(s, k): d
+            for s, stage in enumerate(plan.stages)
+            for k, d in enumerate(stage.devices)
+        }
         self.outgoing: list[tf.Tensor] = []
 
     def is_local(self, slot: Slot) -> bool:
@@ -115,17 +122,37 @@ class CollectiveTransport:
             if self.rank == src:
                 for piece, piece_name in zip(pieces, names):
                     key = self.keys.instance_key(pair, piece_name, direction)
-                    self.outgoing.append(_named(piece_name, lambda leaf: (
-                        tf.raw_ops.CollectiveBcastSendV2(
-                            input=piece, group_size=2, group_key=group, instance_key=key,
-                            timeout_seconds=self.timeout_s, name=leaf))))
+                    self.outgoing.append(
+                        _named(
+                            piece_name,
+                            lambda leaf: tf.raw_ops.CollectiveBcastSendV2(
+                                input=piece,
+                                group_size=2,
+                                group_key=group,
+                                instance_key=key,
+                                timeout_seconds=self.timeout_s,
+                                name=leaf,
+                            ),
+                        )
+                    )
                 return None
             received = []
             for spec, piece_name in zip(specs, names):
                 key = self.keys.instance_key(pair, piece_name, direction)
-                received.append(_named(piece_name, lambda leaf: tf.raw_ops.CollectiveBcastRecvV2(
-                    group_size=2, group_key=group, instance_key=key, shape=list(spec.shape),
-                    T=spec.dtype, timeout_seconds=self.timeout_s, name=leaf)))
+                received.append(
+                    _named(
+                        piece_name,
+                        lambda leaf: tf.raw_ops.CollectiveBcastRecvV2(
+                            group_size=2,
+                            group_key=group,
+                            instance_key=key,
+                            shape=list(spec.shape),
+                            T=spec.dtype,
+                            timeout_seconds=self.timeout_s,
+                            name=leaf,
+                        ),
+                    )
+                )
             return received
 
 
@@ -134,17 +161,35 @@ def all_reduce_sum(tensor, ranks, keys: CollectiveKeys, name: str, timeout_s: fl
     group = tuple(sorted(set(ranks)))
     group_key = keys.group_key(group)
     instance_key = keys.instance_key(group, name, REDUCE)
-    return _named(name, lambda leaf: tf.raw_ops.CollectiveReduceV2(
-        input=tensor, group_size=len(group), group_key=group_key, instance_key=instance_key,
-        ordering_token=[], merge_op="Add", final_op="Id", timeout_seconds=timeout_s, name=leaf))
+    return _named(
+        name,
+        lambda leaf: tf.raw_ops.CollectiveReduceV2(
+            input=tensor,
+            group_size=len(group),
+            group_key=group_key,
+            instance_key=instance_key,
+            ordering_token=[],
+            merge_op="Add",
+            final_op="Id",
+            timeout_seconds=timeout_s,
+            name=leaf,
+        ),
+    )
 
 
 DEFAULT_BUCKET_BYTES = 4 << 20
 
 
-def fused_all_reduce_sum(grads: dict, order, ranks, keys: CollectiveKeys,
-                         device_of_variable: dict[str, str], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                         timeout_s: float = 0.0, log=None) -> dict:
+def fused_all_reduce_sum(
+    grads: dict,
+    order,
+    ranks,
+    keys: CollectiveKeys,
+    device_of_variable: dict[str, str],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    timeout_s: float = 0.0,
+    log=None,
+) -> dict:
     """Sum each (dense) gradient of `grads` over `ranks`: gradients taken in `order` (the order
     they are expected to be ready in, e.g. last layer first) are packed into buckets of at most
     `bucket_bytes` (a larger one is a bucket of its own), each bucket one TF all-reduce of the
@@ -156,10 +201,15 @@ def fused_all_reduce_sum(grads: dict, order, ranks, keys: CollectiveKeys,
     buckets, current, size = [], [], 0
     for v in names:
         g = tf.convert_to_tensor(grads[v])
-        nbytes = (g.shape.num_elements() or 0) * g.dtype.size if g.shape.is_fully_defined() \
-            else None
-        fits = (current and nbytes is not None and size + nbytes <= bucket_bytes
-                and g.dtype == current[0][1].dtype)
+        nbytes = (
+            (g.shape.num_elements() or 0) * g.dtype.size if g.shape.is_fully_defined() else None
+        )
+        fits = (
+            current
+            and nbytes is not None
+            and size + nbytes <= bucket_bytes
+            and g.dtype == current[0][1].dtype
+        )
         if current and not fits:
             buckets.append(current)
             current, size = [], 0
@@ -174,7 +224,7 @@ def fused_all_reduce_sum(grads: dict, order, ranks, keys: CollectiveKeys,
     for k, bucket in enumerate(buckets):
         with tf.device(device_of_variable[bucket[0][0]]):
             if len(bucket) == 1:
-                (v, g), = bucket
+                ((v, g),) = bucket
                 name = "dapple/allreduce/" + v.replace(":", "_")
                 if log is not None:
                     log.add(name, group)
@@ -201,20 +251,25 @@ def check_keys(mine: dict[tuple[int, ...], list[str]], everyone: list[dict], ran
             theirs = everyone[peer].get((group, stream), [])
             if peer == rank or theirs == names:
                 continue
-            first = next((k for k, (a, b) in enumerate(zip(names, theirs)) if a != b),
-                         min(len(names), len(theirs)))
+            first = next(
+                (k for k, (a, b) in enumerate(zip(names, theirs)) if a != b),
+                min(len(names), len(theirs)),
+            )
             raise RuntimeError(
                 f"rank {rank}: the collectives of ranks {list(group)} are numbered differently "
                 f"on ranks {rank} and {peer} from instance {first + 1} on (here "
-                f"{names[first:first + 1]}, there {theirs[first:first + 1]}; {len(names)} vs "
-                f"{len(theirs)} collectives); every rank must build the same plan and model")
+                f"{names[first : first + 1]}, there {theirs[first : first + 1]}; {len(names)} vs "
+                f"{len(theirs)} collectives); every rank must build the same plan and model"
+            )
 
 
 def _named(full_name: str, make):
     """The op `make(leaf)` named exactly `full_name` (absolute, whatever the current scope)."""
     scope, _, leaf = full_name.rpartition("/")
-    with tf.compat.v1.get_default_graph().name_scope(None), \
-            tf.compat.v1.name_scope(scope + "/" if scope else None):
+    with (
+        tf.compat.v1.get_default_graph().name_scope(None),
+        tf.compat.v1.name_scope(scope + "/" if scope else None),
+    ):
         return make(leaf)
 
 

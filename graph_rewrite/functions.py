@@ -11,6 +11,7 @@ The conversion works on protos only (no Python op per node): every node input `o
 the FunctionDef form `op:<output arg>:<index within arg>`, read from the op's OpDef (or, for a
 call to a library function, the function's signature).
 """
+
 from __future__ import annotations
 
 import re
@@ -26,9 +27,12 @@ ARG_PREFIX = "dapple_arg_"
 RESULT_PREFIX = "dapple_result_"
 
 
-def function_def(graph_def: graph_pb2.GraphDef, name: str,
-                 inputs: Sequence[tuple[str, tf.DType]],
-                 outputs: Sequence[tuple[str, tf.DType]]) -> function_pb2.FunctionDef:
+def function_def(
+    graph_def: graph_pb2.GraphDef,
+    name: str,
+    inputs: Sequence[tuple[str, tf.DType]],
+    outputs: Sequence[tuple[str, tf.DType]],
+) -> function_pb2.FunctionDef:
     """The nodes of `graph_def` as function `name`. `inputs`: (tensor name, dtype) of each
     argument, tensors that nodes of `graph_def` read but that no node of it produces (their
     Placeholder or VarHandleOp must not be in `graph_def`). `outputs`: (tensor name, dtype) of
@@ -89,8 +93,13 @@ def register(graph: tf.Graph, functions: Iterable[function_pb2.FunctionDef]) -> 
         tf.graph_util.import_graph_def(library, name="")
 
 
-def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.TensorSpec],
-         name: str, unshaped: frozenset[int] = frozenset()) -> list[tf.Tensor]:
+def call(
+    function_name: str,
+    args: Sequence[tf.Tensor],
+    specs: Sequence[tf.TensorSpec],
+    name: str,
+    unshaped: frozenset[int] = frozenset(),
+) -> list[tf.Tensor]:
     """One call op of a registered function; results get the static shapes of `specs`, except
     those at the indices in `unshaped` (results only another call reads need none).
 
@@ -99,11 +108,17 @@ def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.Tenso
     most of the cost of a call op; the result shapes are known from `specs` instead."""
     graph = tf.compat.v1.get_default_graph()
     op = graph.create_op(
-        "StatefulPartitionedCall", list(args), [s.dtype for s in specs], name=name,
-        attrs={"Tin": _type_list([a.dtype for a in args]),
-               "Tout": _type_list([s.dtype for s in specs]),
-               "f": attr_value_pb2.AttrValue(func=attr_value_pb2.NameAttrList(name=function_name)),
-               "_disable_call_shape_inference": attr_value_pb2.AttrValue(b=True)})
+        "StatefulPartitionedCall",
+        list(args),
+        [s.dtype for s in specs],
+        name=name,
+        attrs={
+            "Tin": _type_list([a.dtype for a in args]),
+            "Tout": _type_list([s.dtype for s in specs]),
+            "f": attr_value_pb2.AttrValue(func=attr_value_pb2.NameAttrList(name=function_name)),
+            "_disable_call_shape_inference": attr_value_pb2.AttrValue(b=True),
+        },
+    )
     for k, (tensor, spec) in enumerate(zip(op.outputs, specs)):
         if k not in unshaped:
             tensor.set_shape(spec.shape)
@@ -111,8 +126,9 @@ def call(function_name: str, args: Sequence[tf.Tensor], specs: Sequence[tf.Tenso
 
 
 def _type_list(dtypes: Sequence[tf.DType]) -> attr_value_pb2.AttrValue:
-    return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(
-        type=[d.as_datatype_enum for d in dtypes]))
+    return attr_value_pb2.AttrValue(
+        list=attr_value_pb2.AttrValue.ListValue(type=[d.as_datatype_enum for d in dtypes])
+    )
 
 
 _VALID_NAME = re.compile(r"[^A-Za-z0-9_]")
@@ -133,8 +149,9 @@ def _reference(tensor: str, arg_of: dict[str, str], output_args: dict) -> str:
     for arg_name, start, count in output_args[op]:
         if start <= index < start + count:
             return f"{op}:{arg_name}:{index - start}"
-    raise ValueError(f"tensor {tensor!r}: its op has only "
-                     f"{sum(c for _, _, c in output_args[op])} outputs")
+    raise ValueError(
+        f"tensor {tensor!r}: its op has only {sum(c for _, _, c in output_args[op])} outputs"
+    )
 
 
 def _output_arg_ranges(node, op_def) -> list[tuple[str, int, int]]:

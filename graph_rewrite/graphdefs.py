@@ -1,6 +1,7 @@
 """GraphDef surgery shared by the passes: cut a set of nodes out of a GraphDef, turning every
 tensor it reads from outside into a Placeholder (so `import_graph_def` can map it), and strip
 device and colocation attributes (placement is decided by the rewriter, not the template)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ _COLOCATION_ATTR = "_class"
 @dataclasses.dataclass(frozen=True)
 class GradRef:
     """Where a gradient is in a GraphDef: a dense tensor, or the parts of IndexedSlices."""
+
     dense: str | None = None
     indices: str | None = None
     values: str | None = None
@@ -59,7 +61,7 @@ def renamed_scopes(name: str, mapping: Mapping[str, str]) -> str:
     out, k = [], 0
     while k < len(parts):
         for key in keys:
-            if parts[k:k + len(key)] == key:
+            if parts[k : k + len(key)] == key:
                 out.append(mapping["/".join(key)])
                 k += len(key)
                 break
@@ -81,10 +83,16 @@ def strip_library_placement(library) -> None:
             strip_placement(node)
 
 
-def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_prefix: str,
-            keep_outside: Mapping[str, node_def_pb2.NodeDef] = (), library=None,
-            static_rows: int | None = None, batch_tensors=frozenset(),
-            row_factor: Mapping[str, int] | None = None) -> Subgraph:
+def extract(
+    nodes: Iterable[node_def_pb2.NodeDef],
+    graph: tf.Graph,
+    placeholder_prefix: str,
+    keep_outside: Mapping[str, node_def_pb2.NodeDef] = (),
+    library=None,
+    static_rows: int | None = None,
+    batch_tensors=frozenset(),
+    row_factor: Mapping[str, int] | None = None,
+) -> Subgraph:
     """A GraphDef of `nodes` (copied, placement stripped). Data inputs produced outside become
     Placeholders named `<placeholder_prefix>/<k>` (dtype and shape from `graph`), except inputs
     produced by a node in `keep_outside` (e.g. variable handles), which is copied in as-is.
@@ -120,12 +128,17 @@ def extract(nodes: Iterable[node_def_pb2.NodeDef], graph: tf.Graph, placeholder_
                 if tensor_name not in placeholder_of:
                     like = graph.get_tensor_by_name(tensor_name)
                     shape = like.shape
-                    if static_rows and tensor_name in batch_tensors and shape.rank \
-                            and shape[0] is None:
+                    if (
+                        static_rows
+                        and tensor_name in batch_tensors
+                        and shape.rank
+                        and shape[0] is None
+                    ):
                         rows = static_rows * (row_factor or {}).get(tensor_name, 1)
                         shape = tf.TensorShape([rows]).concatenate(shape[1:])
                     placeholder_of[tensor_name] = _add_placeholder(
-                        out, f"{placeholder_prefix}/{len(placeholder_of)}", like, shape)
+                        out, f"{placeholder_prefix}/{len(placeholder_of)}", like, shape
+                    )
                 node.input.append(placeholder_of[tensor_name])
     if library is not None:
         out.library.CopyFrom(library)
@@ -151,6 +164,7 @@ def positions(graph_def: graph_pb2.GraphDef):
     def where(name: str) -> str:
         op, index = split_tensor_name(name)
         return f"{position[op]}:{index}"
+
     return where
 
 
@@ -169,8 +183,9 @@ def structure_key(graph_def: graph_pb2.GraphDef, wiring: Iterable[str]) -> bytes
         for name, value in source.attr.items():
             if not (source.op == "VarHandleOp" and name in _VARIABLE_NAME_ATTRS):
                 node.attr[name].CopyFrom(value)
-        node.input.extend(("^" if t.startswith("^") else "") + where(t.lstrip("^"))
-                          for t in source.input)
+        node.input.extend(
+            ("^" if t.startswith("^") else "") + where(t.lstrip("^")) for t in source.input
+        )
     node = key.node.add()
     node.op = "dapple_wiring"
     node.input.extend(wiring)

@@ -20,6 +20,7 @@ training; otherwise they are summed dense, as tf.gradients aggregates mixed grad
 For clip_norm, the global norm counts each variable once (on the lowest rank holding it) and
 sums the squares with one scalar allreduce over all ranks (`dapple/clip/global_norm`).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -38,8 +39,11 @@ class HorovodTransport:
         self.rank = rank
         self.collectives = collectives
         self.device = device
-        self.rank_of_slot = {Slot(s, k): d for s, stage in enumerate(plan.stages)
-                             for k, d in enumerate(stage.devices)}
+        self.rank_of_slot = {
+            Slot(s, k): d
+            for s, stage in enumerate(plan.stages)
+            for k, d in enumerate(stage.devices)
+        }
         self.outgoing: list[tf.Tensor] = []
 
     def is_local(self, slot: Slot) -> bool:
@@ -65,7 +69,9 @@ class HorovodTransport:
         with tf.control_dependencies(None), tf.device(self.device):
             if self.rank == src:
                 for piece, piece_name in zip(pieces, names):
-                    self.outgoing.append(self.collectives.pair_broadcast(piece, src, dst, piece_name))
+                    self.outgoing.append(
+                        self.collectives.pair_broadcast(piece, src, dst, piece_name)
+                    )
                 return None
             received = []
             for spec, piece_name in zip(specs, names):
@@ -79,9 +85,15 @@ class HorovodGradientSync:
     `exchange(obj, name)`: an allgather of Python objects over all ranks (to agree, per variable,
     whether every rank's gradient is sparse)."""
 
-    def __init__(self, collectives, ranks_of_variable: dict[str, tuple[int, ...]], rank: int,
-                 exchange: Callable[[object, str], list], sum_dense: Callable | None = None,
-                 sum_over_all_ranks: Callable | None = None):
+    def __init__(
+        self,
+        collectives,
+        ranks_of_variable: dict[str, tuple[int, ...]],
+        rank: int,
+        exchange: Callable[[object, str], list],
+        sum_dense: Callable | None = None,
+        sum_over_all_ranks: Callable | None = None,
+    ):
         self.collectives = collectives
         self.ranks_of_variable = ranks_of_variable
         self.rank = rank
@@ -105,7 +117,9 @@ class HorovodGradientSync:
 
     def sum_stages(self, grads_by_stage, device_of_variable):
         (grads,) = grads_by_stage.values()
-        kinds = {v: (SPARSE if isinstance(g, tf.IndexedSlices) else DENSE) for v, g in grads.items()}
+        kinds = {
+            v: (SPARSE if isinstance(g, tf.IndexedSlices) else DENSE) for v, g in grads.items()
+        }
         everyone = self.exchange(kinds, "dapple.gradient_kinds")
         out, dense_by_group = {}, {}
         for v in sorted(grads):  # the same order on every rank
@@ -120,21 +134,28 @@ class HorovodGradientSync:
                 dense_by_group.setdefault(group, {})[v] = g
         for group, dense in dense_by_group.items():
             out.update(self.sum_dense(dense, group, device_of_variable))
-        missing = sorted(v for v, group in self.ranks_of_variable.items()
-                         if self.rank in group and v not in grads and len(group) > 1
-                         and any(v in everyone[r] for r in group))
+        missing = sorted(
+            v
+            for v, group in self.ranks_of_variable.items()
+            if self.rank in group
+            and v not in grads
+            and len(group) > 1
+            and any(v in everyone[r] for r in group)
+        )
         if missing:
             raise NotImplementedError(
                 f"rank {self.rank} reads variables {missing} without a gradient while other "
-                f"ranks have one; not supported by the multi-rank gradient sync")
+                f"ranks have one; not supported by the multi-rank gradient sync"
+            )
         return out
 
     def global_norm(self, grads):
         """Each variable's final gradient is on every rank of its group; only the lowest of
         them (its owner) adds its squared norm, then one scalar sum over all ranks."""
         owned = [g for v, g in grads.items() if self.ranks_of_variable[v][0] == self.rank]
-        half_squares = [tf.nn.l2_loss(g.values if isinstance(g, tf.IndexedSlices) else g)
-                        for g in owned]  # as tf.linalg.global_norm computes it
+        half_squares = [
+            tf.nn.l2_loss(g.values if isinstance(g, tf.IndexedSlices) else g) for g in owned
+        ]  # as tf.linalg.global_norm computes it
         local = tf.add_n(half_squares) if half_squares else tf.constant(0.0, tf.float32)
         total = self.sum_over_all_ranks(local, "dapple/clip/global_norm")
         return tf.sqrt(2.0 * total, name="global_norm")

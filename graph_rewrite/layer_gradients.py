@@ -20,6 +20,7 @@ construction changes its forward ops (while loops and function calls, whose grad
 outputs to the forward op), a layer reading a tensor produced by a later layer, or a resource
 tensor passed between layers other than a variable handle.
 """
+
 from __future__ import annotations
 
 import collections
@@ -43,10 +44,11 @@ _INPUT_OPS = frozenset({"Placeholder", "VarHandleOp"})
 @dataclasses.dataclass
 class _LayerGradient:
     """The gradient ops of one layer structure, as differentiated for layer `layer`."""
+
     layer: str
-    forward: graph_pb2.GraphDef           # the layer's forward part (names of `layer`)
-    gradient: graph_pb2.GraphDef          # only the gradient nodes
-    outside: tuple[str, ...]              # tensors the gradient nodes read from outside them
+    forward: graph_pb2.GraphDef  # the layer's forward part (names of `layer`)
+    gradient: graph_pb2.GraphDef  # only the gradient nodes
+    outside: tuple[str, ...]  # tensors the gradient nodes read from outside them
     grads: tuple[graphdefs.GradRef | None, ...]  # per x: float inputs, then variable handles
 
 
@@ -68,10 +70,15 @@ class LayerGradientCache:
         return len(self._by_key)
 
 
-def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
-                            layer_of_op: dict[str, str], layers: tuple[str, ...],
-                            seeds: list[tuple[str, tf.Tensor]], xs: list[str],
-                            cache: LayerGradientCache):
+def differentiate_by_layers(
+    scratch: tf.Graph,
+    forward: graph_pb2.GraphDef,
+    layer_of_op: dict[str, str],
+    layers: tuple[str, ...],
+    seeds: list[tuple[str, tf.Tensor]],
+    xs: list[str],
+    cache: LayerGradientCache,
+):
     """Backpropagate the stage's forward part `forward`, imported in `scratch`, layer by layer.
 
     seeds: (forward tensor name, its incoming gradient) (grad_ys placeholders, the loss seed).
@@ -79,11 +86,14 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
     VarHandleOp name -> gradient), None where there is none, with the gradient ops added to
     `scratch`; or None if this stage needs the stage-level `tf.gradients` (then `scratch` may
     hold unused ops: build a fresh one)."""
-    node_layer = {n.name: None if n.op in _INPUT_OPS else layer_of_op.get(n.name)
-                  for n in forward.node}
-    if any(layer is None and forward_node.op not in _INPUT_OPS
-           for forward_node, layer in zip(forward.node, node_layer.values())):
-        return None         # an op outside every layer
+    node_layer = {
+        n.name: None if n.op in _INPUT_OPS else layer_of_op.get(n.name) for n in forward.node
+    }
+    if any(
+        layer is None and forward_node.op not in _INPUT_OPS
+        for forward_node, layer in zip(forward.node, node_layer.values())
+    ):
+        return None  # an op outside every layer
     layer_index = {layer: k for k, layer in enumerate(layers)}
     handles = {n.name: n for n in forward.node if n.op == "VarHandleOp"}
     position = {n.name: k for k, n in enumerate(forward.node)}
@@ -91,7 +101,7 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
     for node in forward.node:
         nodes_of_layer[node_layer[node.name]].append(node)
     library = forward.library if len(forward.library.function) else None
-    incoming = collections.defaultdict(list)      # tensor -> gradients its consumers sent
+    incoming = collections.defaultdict(list)  # tensor -> gradients its consumers sent
     for tensor, seed in seeds:
         incoming[graphdefs.canonical_tensor_name(tensor)].append(seed)
     variable_parts = collections.defaultdict(list)
@@ -99,74 +109,112 @@ def differentiate_by_layers(scratch: tf.Graph, forward: graph_pb2.GraphDef,
     with scratch.as_default():
         for layer in reversed(layers):
             names = {n.name for n in nodes_of_layer[layer]}
-            ys = [t for t in incoming if graphdefs.split_tensor_name(t)[0] in names
-                  and graphdefs.is_differentiable(scratch.get_tensor_by_name(t).dtype)]
+            ys = [
+                t
+                for t in incoming
+                if graphdefs.split_tensor_name(t)[0] in names
+                and graphdefs.is_differentiable(scratch.get_tensor_by_name(t).dtype)
+            ]
             if not ys:
                 continue
             ys.sort(key=lambda t: (position[graphdefs.split_tensor_name(t)[0]], t))
-            part = graphdefs.extract(nodes_of_layer[layer], scratch, LAYER_INPUT_PREFIX,
-                                     keep_outside=handles, library=library)
+            part = graphdefs.extract(
+                nodes_of_layer[layer],
+                scratch,
+                LAYER_INPUT_PREFIX,
+                keep_outside=handles,
+                library=library,
+            )
             layer_xs = []
             for tensor in part.placeholder_of:
                 producer = node_layer.get(graphdefs.split_tensor_name(tensor)[0])
                 dtype = scratch.get_tensor_by_name(tensor).dtype
                 if producer is not None and layer_index[producer] > layer_index[layer]:
-                    return None     # reads a later layer: not a chain of layers
+                    return None  # reads a later layer: not a chain of layers
                 if dtype == tf.resource:
-                    return None     # a resource passed between layers, not a variable handle
+                    return None  # a resource passed between layers, not a variable handle
                 if graphdefs.is_differentiable(dtype) and (producer is not None or tensor in x_set):
                     layer_xs.append(tensor)
             variables = [n.name for n in part.graph_def.node if n.op == "VarHandleOp"]
             where = graphdefs.positions(part.graph_def)
             x_placeholders = [part.placeholder_of[t] for t in layer_xs]
-            key = graphdefs.structure_key(part.graph_def, [
-                *(where(t) for t in ys), "ys", *(where(p) for p in x_placeholders), "xs",
-                *(where(v) for v in variables)])
-            layer_grad = cache.get(key, lambda: _differentiate_layer(
-                layer, part.graph_def, ys, x_placeholders, variables))
+            key = graphdefs.structure_key(
+                part.graph_def,
+                [
+                    *(where(t) for t in ys),
+                    "ys",
+                    *(where(p) for p in x_placeholders),
+                    "xs",
+                    *(where(v) for v in variables),
+                ],
+            )
+            layer_grad = cache.get(
+                key,
+                lambda: _differentiate_layer(layer, part.graph_def, ys, x_placeholders, variables),
+            )
             if layer_grad is None:
                 return None
-            grad_ys = [_as_tensor(sum_gradients(incoming.pop(t), f"{SUM_SCOPE}/{scope_name(t)}"))
-                       for t in ys]
+            grad_ys = [
+                _as_tensor(sum_gradients(incoming.pop(t), f"{SUM_SCOPE}/{scope_name(t)}"))
+                for t in ys
+            ]
             grads = _import_layer_gradient(layer_grad, layer, part, grad_ys)
             for tensor, grad in zip(layer_xs + variables, grads):
                 if grad is not None:
-                    (incoming[tensor] if tensor in part.placeholder_of
-                     else variable_parts[tensor]).append(grad)
-        input_grads = {x: sum_gradients(incoming.get(x, []), f"{SUM_SCOPE}/{scope_name(x)}")
-                       for x in xs}
-        variable_grads = {v: sum_gradients(variable_parts.get(v, []),
-                                           f"{SUM_SCOPE}/{scope_name(v)}") for v in handles}
+                    (
+                        incoming[tensor]
+                        if tensor in part.placeholder_of
+                        else variable_parts[tensor]
+                    ).append(grad)
+        input_grads = {
+            x: sum_gradients(incoming.get(x, []), f"{SUM_SCOPE}/{scope_name(x)}") for x in xs
+        }
+        variable_grads = {
+            v: sum_gradients(variable_parts.get(v, []), f"{SUM_SCOPE}/{scope_name(v)}")
+            for v in handles
+        }
     return input_grads, variable_grads
 
 
-def _differentiate_layer(layer: str, forward: graph_pb2.GraphDef, ys: list[str],
-                         x_placeholders: list[str], variables: list[str]) -> _LayerGradient | None:
+def _differentiate_layer(
+    layer: str,
+    forward: graph_pb2.GraphDef,
+    ys: list[str],
+    x_placeholders: list[str],
+    variables: list[str],
+) -> _LayerGradient | None:
     """`tf.gradients` of the layer's ys (grad_ys: placeholders) w.r.t. its float inputs and
     variable handles, in a graph holding only the layer."""
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(forward, name="")
         y_tensors = [graph.get_tensor_by_name(t) for t in ys]
-        grad_ys = [v1.placeholder(y.dtype, y.shape, name=f"{LAYER_GRAD_PREFIX}/{k}")
-                   for k, y in enumerate(y_tensors)]
-        xs = [graph.get_tensor_by_name(t) for t in x_placeholders] + \
-             [graph.get_tensor_by_name(f"{v}:0") for v in variables]
+        grad_ys = [
+            v1.placeholder(y.dtype, y.shape, name=f"{LAYER_GRAD_PREFIX}/{k}")
+            for k, y in enumerate(y_tensors)
+        ]
+        xs = [graph.get_tensor_by_name(t) for t in x_placeholders] + [
+            graph.get_tensor_by_name(f"{v}:0") for v in variables
+        ]
         grads = tf.gradients(y_tensors, xs, grad_ys)
         refs = []
         for g in grads:
             if g is None:
                 refs.append(None)
             elif isinstance(g, tf.IndexedSlices):
-                refs.append(graphdefs.GradRef(
-                    indices=g.indices.name, values=g.values.name,
-                    dense_shape=None if g.dense_shape is None else g.dense_shape.name))
+                refs.append(
+                    graphdefs.GradRef(
+                        indices=g.indices.name,
+                        values=g.values.name,
+                        dense_shape=None if g.dense_shape is None else g.dense_shape.name,
+                    )
+                )
             else:
                 refs.append(graphdefs.GradRef(dense=g.name))
     result = graph.as_graph_def()
     before = {n.name: n for n in forward.node}
     if any(n.name in before and not _same_node(n, before[n.name]) for n in result.node):
-        return None         # the gradient rewrote forward ops (while loops, function calls)
+        return None  # the gradient rewrote forward ops (while loops, function calls)
     if len(result.library.function) != len(forward.library.function):
         return None
     gradient = graph_pb2.GraphDef()
@@ -193,8 +241,9 @@ def _differentiate_layer(layer: str, forward: graph_pb2.GraphDef, ys: list[str],
     return _LayerGradient(layer, forward, gradient, tuple(dict.fromkeys(outside)), tuple(refs))
 
 
-def _import_layer_gradient(layer_grad: _LayerGradient, layer: str, part: graphdefs.Subgraph,
-                           grad_ys: list[tf.Tensor]) -> list:
+def _import_layer_gradient(
+    layer_grad: _LayerGradient, layer: str, part: graphdefs.Subgraph, grad_ys: list[tf.Tensor]
+) -> list:
     """Import the layer structure's gradient ops for `layer` into the default (scratch) graph;
     returns its gradients, one per x of the structure (None where there is none)."""
     graph = tf.compat.v1.get_default_graph()
@@ -215,14 +264,23 @@ def _import_layer_gradient(layer_grad: _LayerGradient, layer: str, part: graphde
     if layer != layer_grad.layer:
         gradient = _with_layer_renamed(gradient, layer_grad.layer, layer)
     new_name = {a.name: b.name for a, b in zip(layer_grad.gradient.node, gradient.node)}
-    wanted = [graphdefs.canonical_tensor_name(part) for g in layer_grad.grads if g is not None
-              for part in (g.dense, g.indices, g.values, g.dense_shape) if part]
+    wanted = [
+        graphdefs.canonical_tensor_name(part)
+        for g in layer_grad.grads
+        if g is not None
+        for part in (g.dense, g.indices, g.values, g.dense_shape)
+        if part
+    ]
     # a gradient may be an outside tensor itself (an Identity passes its incoming gradient on)
     made = [t for t in wanted if graphdefs.split_tensor_name(t)[0] in new_name]
     imported = tf.graph_util.import_graph_def(
-        gradient, input_map={name: outside(name) for name in layer_grad.outside},
-        return_elements=[f"{new_name[op]}:{index}" for op, index in
-                         map(graphdefs.split_tensor_name, made)], name="")
+        gradient,
+        input_map={name: outside(name) for name in layer_grad.outside},
+        return_elements=[
+            f"{new_name[op]}:{index}" for op, index in map(graphdefs.split_tensor_name, made)
+        ],
+        name="",
+    )
     returned = dict(zip(made, imported))
     returned.update((t, outside(t)) for t in wanted if t not in returned)
     grads = []
@@ -232,8 +290,10 @@ def _import_layer_gradient(layer_grad: _LayerGradient, layer: str, part: graphde
         elif g.dense:
             grads.append(returned[graphdefs.canonical_tensor_name(g.dense)])
         else:
-            parts = [returned[graphdefs.canonical_tensor_name(p)] if p else None
-                     for p in (g.values, g.indices, g.dense_shape)]
+            parts = [
+                returned[graphdefs.canonical_tensor_name(p)] if p else None
+                for p in (g.values, g.indices, g.dense_shape)
+            ]
             grads.append(tf.IndexedSlices(*parts))
     return grads
 
@@ -245,7 +305,7 @@ def _with_layer_renamed(gradient: graph_pb2.GraphDef, old: str, new: str) -> gra
     inside = {n.name for n in gradient.node}
     layer_map = {old: new}
     if len({graphdefs.renamed_scopes(name, layer_map) for name in inside}) != len(inside):
-        return gradient     # the new names would clash: keep the first layer's
+        return gradient  # the new names would clash: keep the first layer's
     renamed = graph_pb2.GraphDef()
     renamed.CopyFrom(gradient)
     for node in renamed.node:
@@ -261,8 +321,10 @@ def _with_layer_renamed(gradient: graph_pb2.GraphDef, old: str, new: str) -> gra
 
 def _same_node(a, b) -> bool:
     """Equal up to the spelling of inputs ('op' and 'op:0' are the same tensor)."""
+
     def canonical(names):
         return [n if n.startswith("^") else graphdefs.canonical_tensor_name(n) for n in names]
+
     return a.op == b.op and a.attr == b.attr and canonical(a.input) == canonical(b.input)
 
 

@@ -7,6 +7,7 @@ ranges (its first dimension is k x rows: k = 1 for [batch, ...], k = seq for a f
 for that stage's rows per clone (`StageSpec.derived_inputs`), never the global batch's. Any other
 batch tensor is refused, naming it, its shape and the layers on each side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +27,13 @@ class PartitionError(PlanError):
 class StageSpec:
     index: int
     layers: tuple[str, ...]
-    ops: tuple[str, ...]                        # template op names, topological order
-    inputs: tuple[str, ...]                     # tensors received from earlier stages
-    input_source: dict[str, int]                # input tensor -> producing stage
-    outputs: tuple[str, ...]                    # tensors sent to later stages
+    ops: tuple[str, ...]  # template op names, topological order
+    inputs: tuple[str, ...]  # tensors received from earlier stages
+    input_source: dict[str, int]  # input tensor -> producing stage
+    outputs: tuple[str, ...]  # tensors sent to later stages
     output_consumers: dict[str, tuple[int, ...]]
-    features: tuple[str, ...]                   # feature names this stage reads
-    variables: tuple[str, ...]                  # variables this stage reads
+    features: tuple[str, ...]  # feature names this stage reads
+    variables: tuple[str, ...]  # variables this stage reads
     has_loss: bool
     # batch-shape-derived tensors of earlier stages, as constants for this stage's clone rows
     derived_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -84,7 +85,8 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
                         raise PartitionError(
                             f"layer '{template.layer_of_op[name]}' (stage {s}) consumes "
                             f"{t.name} of layer '{template.layer_of_op[producer]}' (stage {a}); "
-                            f"data may only flow to later stages")
+                            f"data may only flow to later stages"
+                        )
                     if _is_derived(t, template, name, s, a):
                         derived[s][t.name] = None
                         continue
@@ -94,20 +96,30 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
                         users.append(s)
     loss_stage = stage_of_op[template.loss.split(":")[0]]
     if loss_stage != num_stages - 1:
-        raise PartitionError(f"the loss {template.loss} is in stage {loss_stage}, but it must be "
-                             f"computed by the last stage ({num_stages - 1})")
+        raise PartitionError(
+            f"the loss {template.loss} is in stage {loss_stage}, but it must be "
+            f"computed by the last stage ({num_stages - 1})"
+        )
     # Keep each stage's ops in template (topological) order.
     position = {op: k for k, op in enumerate(template.layer_of_op)}
-    return [StageSpec(
-        index=s, layers=plan.stages[s].layers,
-        ops=tuple(sorted(ops[s], key=position.__getitem__)),
-        inputs=tuple(inputs[s]), input_source=dict(inputs[s]),
-        outputs=tuple(consumers[s]),
-        output_consumers={t: tuple(sorted(c)) for t, c in consumers[s].items()},
-        features=tuple(features[s]), variables=tuple(variables[s]),
-        has_loss=(s == num_stages - 1),
-        derived_inputs=values_at_rows(template, list(derived[s]), _clone_rows(plan, s))
-        if derived[s] else {}) for s in range(num_stages)]
+    return [
+        StageSpec(
+            index=s,
+            layers=plan.stages[s].layers,
+            ops=tuple(sorted(ops[s], key=position.__getitem__)),
+            inputs=tuple(inputs[s]),
+            input_source=dict(inputs[s]),
+            outputs=tuple(consumers[s]),
+            output_consumers={t: tuple(sorted(c)) for t, c in consumers[s].items()},
+            features=tuple(features[s]),
+            variables=tuple(variables[s]),
+            has_loss=(s == num_stages - 1),
+            derived_inputs=values_at_rows(template, list(derived[s]), _clone_rows(plan, s))
+            if derived[s]
+            else {},
+        )
+        for s in range(num_stages)
+    ]
 
 
 def _clone_rows(plan: Plan, stage: int) -> int:
@@ -122,8 +134,12 @@ def _is_derived(tensor, template: Template, consumer: str, stage: int, source: i
     if tensor.name not in template.batch_tensors:
         return False
     shape = tensor.shape
-    splittable = (tensor.name not in template.not_batch_major and shape.rank is not None
-                  and shape.rank > 0 and shape[0] is None)
+    splittable = (
+        tensor.name not in template.not_batch_major
+        and shape.rank is not None
+        and shape.rank > 0
+        and shape[0] is None
+    )
     if splittable:
         return False
     if shape_only_cone(template, tensor.name)[1]:
@@ -137,4 +153,5 @@ def _is_derived(tensor, template: Template, consumer: str, stage: int, source: i
         f"neither be split by rows (its first axis is not k x the batch rows) nor recomputed "
         f"per micro-batch (its value depends on the batch through more than shapes); tensors "
         f"leaving a layer must be [k x batch, ...]: reshape or transpose inside the layer, or "
-        f"choose a cut elsewhere")
+        f"choose a cut elsewhere"
+    )

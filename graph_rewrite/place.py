@@ -1,4 +1,5 @@
 """Device placement: which device each slot (stage replica) and each variable lives on."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ from .partition import StageSpec
 @dataclasses.dataclass(frozen=True, order=True)
 class Slot:
     """Replica `replica` of stage `stage`."""
+
     stage: int
     replica: int
 
@@ -26,12 +28,14 @@ def all_slots(plan: Plan) -> list[Slot]:
 
 def slot_devices(plan: Plan, device_name: Callable[[int], str]) -> dict[Slot, str]:
     """Slot -> device string; `device_name` maps a plan device id to a local device name."""
-    return {slot: device_name(plan.stages[slot.stage].devices[slot.replica])
-            for slot in all_slots(plan)}
+    return {
+        slot: device_name(plan.stages[slot.stage].devices[slot.replica]) for slot in all_slots(plan)
+    }
 
 
-def variable_devices(specs: list[StageSpec], local_slots: Iterable[Slot],
-                     device_of_slot: dict[Slot, str]) -> dict[str, str]:
+def variable_devices(
+    specs: list[StageSpec], local_slots: Iterable[Slot], device_of_slot: dict[Slot, str]
+) -> dict[str, str]:
     """Each variable lives on the first local replica of the first stage that reads it."""
     local = sorted(local_slots)
     placement: dict[str, str] = {}

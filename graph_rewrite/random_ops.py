@@ -21,6 +21,7 @@ global index of the clone's first row and `n` its first dimension: global row g 
 random numbers of the whole global batch and keeps its rows (M x replicas times the numbers it
 needs).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,20 +36,34 @@ RANDOM_ROWS_SPEC = ((3,), tf.int64)
 # (op type) -> builds the stateless replacement: (op, shape, seed pair) -> tensor
 _STATELESS = {
     "RandomUniform": lambda op, shape, seed: tf.random.stateless_uniform(
-        shape, seed, dtype=op.get_attr("dtype")),
+        shape, seed, dtype=op.get_attr("dtype")
+    ),
     "RandomStandardNormal": lambda op, shape, seed: tf.random.stateless_normal(
-        shape, seed, dtype=op.get_attr("dtype")),
+        shape, seed, dtype=op.get_attr("dtype")
+    ),
     "TruncatedNormal": lambda op, shape, seed: tf.random.stateless_truncated_normal(
-        shape, seed, dtype=op.get_attr("dtype")),
+        shape, seed, dtype=op.get_attr("dtype")
+    ),
     "RandomUniformInt": lambda op, shape, seed: tf.random.stateless_uniform(
-        shape, seed, minval=op.inputs[1], maxval=op.inputs[2], dtype=op.get_attr("Tout")),
+        shape, seed, minval=op.inputs[1], maxval=op.inputs[2], dtype=op.get_attr("Tout")
+    ),
 }
 # Stateful random ops without a stateless replacement here: refused rather than trained wrongly.
-_UNSUPPORTED = frozenset({"Multinomial", "RandomGamma", "RandomPoisson", "RandomPoissonV2",
-                          "RandomShuffle", "ParameterizedTruncatedNormal",
-                          "StatefulUniform", "StatefulStandardNormalV2",
-                          "StatefulTruncatedNormal", "StatefulUniformInt",
-                          "StatefulUniformFullInt"})
+_UNSUPPORTED = frozenset(
+    {
+        "Multinomial",
+        "RandomGamma",
+        "RandomPoisson",
+        "RandomPoissonV2",
+        "RandomShuffle",
+        "ParameterizedTruncatedNormal",
+        "StatefulUniform",
+        "StatefulStandardNormalV2",
+        "StatefulTruncatedNormal",
+        "StatefulUniformInt",
+        "StatefulUniformFullInt",
+    }
+)
 STATEFUL_TYPES = frozenset(_STATELESS) | _UNSUPPORTED
 
 
@@ -71,7 +86,8 @@ def random_ops_of(loss: tf.Tensor) -> list[tf.Operation]:
         if op.type in _UNSUPPORTED:
             raise RandomOpError(
                 f"random op {op.name} ({op.type}) has no plan-independent replacement in "
-                f"dapple; use tf.random.stateless_* ops or one of {sorted(_STATELESS)}")
+                f"dapple; use tf.random.stateless_* ops or one of {sorted(_STATELESS)}"
+            )
         for t in op.inputs:
             if t.op not in seen:
                 seen.add(t.op)
@@ -79,8 +95,12 @@ def random_ops_of(loss: tf.Tensor) -> list[tf.Operation]:
     return [op for op in loss.graph.get_operations() if op in seen and op.type in _STATELESS]
 
 
-def make_stateless(random_ops: list[tf.Operation], rows_info: tf.Tensor,
-                   features: list[tf.Tensor], seed: int | None) -> None:
+def make_stateless(
+    random_ops: list[tf.Operation],
+    rows_info: tf.Tensor,
+    features: list[tf.Tensor],
+    seed: int | None,
+) -> None:
     """Replace each of `random_ops` by its stateless version (module doc), reading the
     RANDOM_ROWS_FEATURE placeholder `rows_info`; `features` tell which shapes depend on the
     batch."""
@@ -90,8 +110,9 @@ def make_stateless(random_ops: list[tf.Operation], rows_info: tf.Tensor,
         for op in random_ops:
             with tf.name_scope(f"{op.name}_stateless/"):
                 shape = tf.cast(op.inputs[0], tf.int64)
-                seed_pair = tf.stack([tf.constant(op_key(seed, op.name), tf.int64),
-                                      rows_info[0, 2]])
+                seed_pair = tf.stack(
+                    [tf.constant(op_key(seed, op.name), tf.int64), rows_info[0, 2]]
+                )
                 if op.inputs[0].op in batch_ops:
                     value = _rows_of_global_draw(op, shape, seed_pair, rows_info)
                 else:
@@ -101,11 +122,11 @@ def make_stateless(random_ops: list[tf.Operation], rows_info: tf.Tensor,
 
 def _rows_of_global_draw(op, shape, seed_pair, rows_info):
     rows = tf.shape(rows_info, out_type=tf.int64)[0]
-    per_row = shape[0] // rows                          # k: first dim = k x rows
+    per_row = shape[0] // rows  # k: first dim = k x rows
     global_shape = tf.concat([[per_row * rows_info[0, 1]], shape[1:]], 0)
     drawn = _STATELESS[op.type](op, global_shape, seed_pair)
     first = per_row * rows_info[0, 0]
-    return drawn[first:first + shape[0]]
+    return drawn[first : first + shape[0]]
 
 
 def _replace_uses(old: tf.Tensor, new: tf.Tensor) -> None:

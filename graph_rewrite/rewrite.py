@@ -14,6 +14,7 @@ gradient seed (`.../loss_grad`). Its end op: a NoOp `dapple/mb<i>/s<s>r<k>/F_end
 send ops (and loss / variable gradients). So the executor runs each slot's actions in list
 order, and nothing of action k+1 that depends on its inputs starts before action k ended.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,14 +44,14 @@ FEATURE_PREFIX = "dapple/features"
 class TrainingGraph:
     graph: tf.Graph
     plan: Plan
-    features: dict[str, tf.Tensor]          # placeholders of the features local slots read
+    features: dict[str, tf.Tensor]  # placeholders of the features local slots read
     feature_rows: dict[str, tuple[tuple[int, int], ...]]  # each one's global rows, in order
-    loss: tf.Tensor                         # global-batch mean loss (sum of scaled clone losses)
+    loss: tf.Tensor  # global-batch mean loss (sum of scaled clone losses)
     train_op: tf.Operation
-    variables: dict[str, tf.Variable]       # model variables by single-device name
+    variables: dict[str, tf.Variable]  # model variables by single-device name
     global_step: tf.Variable
     optimizer: object
-    gradients: dict[str, object]            # variable -> final gradient (after sync, clipping)
+    gradients: dict[str, object]  # variable -> final gradient (after sync, clipping)
     schedule: list[list[schedule.Action]]
     device_of_slot: dict[Slot, str]
     device_of_variable: dict[str, str]
@@ -58,15 +59,22 @@ class TrainingGraph:
     start_ops: dict[tuple[Slot, schedule.Action], list[tf.Operation]]
     end_ops: dict[tuple[Slot, schedule.Action], tf.Operation]
     stage_graphs: list[StageGraph | None]  # by stage; None where no slot of it is local
-    phase_seconds: dict[str, float]         # wall time of each phase of the rewrite
+    phase_seconds: dict[str, float]  # wall time of each phase of the rewrite
 
 
-def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], *,
-            device_name: Callable[[int], str], clip_norm: float | None = None,
-            local_slots: Iterable[Slot] | None = None, transport: Transport | None = None,
-            gradient_sync: GradientSync | None = None,
-            input_fn: Callable[[dict], object] | None = None,
-            stack_weight_gradients: bool = False) -> TrainingGraph:
+def rewrite(
+    template: Template,
+    plan: Plan,
+    optimizer_fn: Callable[[], object],
+    *,
+    device_name: Callable[[int], str],
+    clip_norm: float | None = None,
+    local_slots: Iterable[Slot] | None = None,
+    transport: Transport | None = None,
+    gradient_sync: GradientSync | None = None,
+    input_fn: Callable[[dict], object] | None = None,
+    stack_weight_gradients: bool = False,
+) -> TrainingGraph:
     """Build the training graph of the slots in `local_slots` (default: all, one process).
     `device_name` maps a plan device id to a device string of this process. The features are
     placeholders of the rows the local slots read (`TrainingGraph.feature_rows`); given
@@ -81,19 +89,29 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
     device_of_slot = slot_devices(plan, device_name)
     rows_of_stage = [plan.micro_batch_size // stage.num_replicas for stage in plan.stages]
     stage_graphs = build_stage_graphs(
-        template, specs, rows_of_stage, stages={slot.stage for slot in local},
+        template,
+        specs,
+        rows_of_stage,
+        stages={slot.stage for slot in local},
         stack_weight_gradients=stack_weight_gradients and plan.num_micro_batches > 1,
         transposed_stages=frozenset(
-            slot.stage for slot in local if transposed_weights.prefers_transposed_weights(
-                device_of_slot[slot], rows_of_stage[slot.stage])))
+            slot.stage
+            for slot in local
+            if transposed_weights.prefers_transposed_weights(
+                device_of_slot[slot], rows_of_stage[slot.stage]
+            )
+        ),
+    )
     lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
-    builder = _Builder(template, plan, specs, stage_graphs, lists, device_of_slot, local,
-                       transport, input_fn)
+    builder = _Builder(
+        template, plan, specs, stage_graphs, lists, device_of_slot, local, transport, input_fn
+    )
     graph = tf.Graph()
-    functions.register(graph, [f for stage in stage_graphs if stage is not None
-                               for f in stage.functions()])
+    functions.register(
+        graph, [f for stage in stage_graphs if stage is not None for f in stage.functions()]
+    )
     clock.mark("partition + stage functions")
     with graph.as_default():
         builder.create_inputs_and_variables()
@@ -109,13 +127,25 @@ def rewrite(template: Template, plan: Plan, optimizer_fn: Callable[[], object], 
         train_op, optimizer, global_step = builder.apply(optimizer_fn, gradients)
         clock.mark("optimizer apply_gradients")
     return TrainingGraph(
-        graph=graph, plan=plan, features=builder.features, feature_rows=builder.feature_rows,
-        loss=loss, train_op=train_op,
-        variables=builder.variables, global_step=global_step, optimizer=optimizer,
-        gradients=gradients, schedule=lists, device_of_slot=device_of_slot,
-        device_of_variable=builder.device_of_variable, local_slots=local,
-        start_ops=builder.start_ops, end_ops=builder.end_ops, stage_graphs=stage_graphs,
-        phase_seconds=clock.seconds)
+        graph=graph,
+        plan=plan,
+        features=builder.features,
+        feature_rows=builder.feature_rows,
+        loss=loss,
+        train_op=train_op,
+        variables=builder.variables,
+        global_step=global_step,
+        optimizer=optimizer,
+        gradients=gradients,
+        schedule=lists,
+        device_of_slot=device_of_slot,
+        device_of_variable=builder.device_of_variable,
+        local_slots=local,
+        start_ops=builder.start_ops,
+        end_ops=builder.end_ops,
+        stage_graphs=stage_graphs,
+        phase_seconds=clock.seconds,
+    )
 
 
 class PhaseClock:
@@ -133,9 +163,18 @@ class PhaseClock:
 
 
 class _Builder:
-    def __init__(self, template: Template, plan: Plan, specs: list[StageSpec],
-                 stage_graphs: list[StageGraph], lists, device_of_slot, local, transport,
-                 input_fn=None):
+    def __init__(
+        self,
+        template: Template,
+        plan: Plan,
+        specs: list[StageSpec],
+        stage_graphs: list[StageGraph],
+        lists,
+        device_of_slot,
+        local,
+        transport,
+        input_fn=None,
+    ):
         self.template, self.plan, self.specs = template, plan, specs
         self.input_fn = input_fn
         self.stage_graphs = stage_graphs
@@ -150,12 +189,14 @@ class _Builder:
         self.forward_tensors: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.forward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
         self.backward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
-        self.accumulators = {slot: SlotAccumulator(f"dapple/accumulate/{slot.tag}")
-                             for slot in local}
+        self.accumulators = {
+            slot: SlotAccumulator(f"dapple/accumulate/{slot.tag}") for slot in local
+        }
         self.scaled_losses: list[tf.Tensor] = []
         # slot -> per finished backward: its inputs of the stacked weight gradients
         self.weight_gradient_rows: dict[Slot, list[dict[str, tf.Tensor]]] = {
-            slot: [] for slot in local}
+            slot: [] for slot in local
+        }
         self.start_ops: dict = {}
         self.end_ops: dict = {}
         self.last_end: dict[Slot, tf.Operation] = {}
@@ -164,8 +205,11 @@ class _Builder:
     # ---- inputs and variables -------------------------------------------------------------
     def create_inputs_and_variables(self):
         holds_loss = any(slot.stage == self.plan.num_stages - 1 for slot in self.local)
-        whole = (self._denominator_features()
-                 if self.template.loss_denominator is not None and holds_loss else ())
+        whole = (
+            self._denominator_features()
+            if self.template.loss_denominator is not None and holds_loss
+            else ()
+        )
         self.feature_rows = local_feature_rows(self.plan, self.specs, self.local, whole)
         from_dataset = self._dataset_features() if self.input_fn is not None else {}
         for name, rows in self.feature_rows.items():
@@ -173,26 +217,31 @@ class _Builder:
             full_shape = [sum(hi - lo for lo, hi in rows)] + list(shape)
             if name in from_dataset:
                 self.features[name] = v1.placeholder_with_default(
-                    from_dataset[name], full_shape, name=f"{FEATURE_PREFIX}/{name}")
+                    from_dataset[name], full_shape, name=f"{FEATURE_PREFIX}/{name}"
+                )
             else:
-                self.features[name] = v1.placeholder(dtype, full_shape,
-                                                     name=f"{FEATURE_PREFIX}/{name}")
+                self.features[name] = v1.placeholder(
+                    dtype, full_shape, name=f"{FEATURE_PREFIX}/{name}"
+                )
         self.variables = variables.create_variables(
-            {name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
-             for name, info in self.template.variables.items()
-             if name in self.device_of_variable}, tf.compat.v1.get_default_graph())
+            {
+                name: (info.shape, info.dtype, info.trainable, self.device_of_variable[name])
+                for name, info in self.template.variables.items()
+                if name in self.device_of_variable
+            },
+            tf.compat.v1.get_default_graph(),
+        )
         self.global_denominator = None
         if self.template.loss_denominator is not None and any(
-                slot.stage == self.plan.num_stages - 1 for slot in self.local):
+            slot.stage == self.plan.num_stages - 1 for slot in self.local
+        ):
             self.global_denominator = self._global_denominator()
 
     def _denominator_features(self) -> tuple[str, ...]:
         """The features a WeightedLoss's denominator reads: the last stage needs all their rows
         (the denominator is over the whole global batch)."""
-        cone = _ancestors(self.template.graph.get_tensor_by_name(
-            self.template.loss_denominator).op)
-        return tuple(name for name, t in self.template.features.items()
-                     if t.split(":")[0] in cone)
+        cone = _ancestors(self.template.graph.get_tensor_by_name(self.template.loss_denominator).op)
+        return tuple(name for name, t in self.template.features.items() if t.split(":")[0] in cone)
 
     def _global_denominator(self) -> tf.Tensor:
         """A WeightedLoss's denominator on the whole global batch: its ops (features only, no
@@ -201,16 +250,22 @@ class _Builder:
         graph = template.graph
         feature_ops = {t.split(":")[0]: name for name, t in template.features.items()}
         cone = _ancestors(graph.get_tensor_by_name(template.loss_denominator).op)
-        part = graphdefs.extract([n for n in graph.as_graph_def().node
-                                  if n.name in cone and n.name not in feature_ops],
-                                 graph, "dapple_denominator_in")
-        input_map = {ph: self.features[feature_ops[t.split(":")[0]]]
-                     for t, ph in part.placeholder_of.items()}
+        part = graphdefs.extract(
+            [n for n in graph.as_graph_def().node if n.name in cone and n.name not in feature_ops],
+            graph,
+            "dapple_denominator_in",
+        )
+        input_map = {
+            ph: self.features[feature_ops[t.split(":")[0]]] for t, ph in part.placeholder_of.items()
+        }
         last = [s for s in self.local if s.stage == self.plan.num_stages - 1][0]
         with tf.device(self.device_of_slot[last]):
             (denominator,) = tf.graph_util.import_graph_def(
-                part.graph_def, input_map=input_map,
-                return_elements=[template.loss_denominator], name="dapple/loss_denominator")
+                part.graph_def,
+                input_map=input_map,
+                return_elements=[template.loss_denominator],
+                name="dapple/loss_denominator",
+            )
         return denominator
 
     def _dataset_features(self) -> dict[str, tf.Tensor]:
@@ -219,8 +274,10 @@ class _Builder:
             dataset = self.input_fn(dict(self.feature_rows)).prefetch(2)
             element = v1.data.make_one_shot_iterator(dataset).get_next(name="dapple/input")
         if not isinstance(element, dict) or set(element) < set(self.feature_rows):
-            raise ValueError(f"input_fn must return a dataset of dicts holding the features "
-                             f"{sorted(self.feature_rows)}; its elements are {element!r}")
+            raise ValueError(
+                f"input_fn must return a dataset of dicts holding the features "
+                f"{sorted(self.feature_rows)}; its elements are {element!r}"
+            )
         out = {}
         for name, rows in self.feature_rows.items():
             count = sum(hi - lo for lo, hi in rows)
@@ -228,9 +285,11 @@ class _Builder:
             tensor = element[name]
             expected = tf.TensorShape([count] + list(shape))
             if tensor.dtype != dtype or not tensor.shape.is_compatible_with(expected):
-                raise ValueError(f"input_fn's feature '{name}' is {tensor.dtype.name}"
-                                 f"{tensor.shape}, expected {tf.as_dtype(dtype).name}{expected} "
-                                 f"(this process's rows {list(rows)} of each global batch)")
+                raise ValueError(
+                    f"input_fn's feature '{name}' is {tensor.dtype.name}"
+                    f"{tensor.shape}, expected {tf.as_dtype(dtype).name}{expected} "
+                    f"(this process's rows {list(rows)} of each global batch)"
+                )
             out[name] = tf.cast(tensor, dtype)
         return out
 
@@ -273,15 +332,15 @@ class _Builder:
                 with tf.device(device):
                     received[t] = tf.constant(value, name=f"{prefix}/derived")
         handles = {v: self.variables[v].handle for v in spec.variables}
-        tensors = clone.call_forward(stage, device, prefix, features, received, handles,
-                                     self._transposed_weights(slot))
+        tensors = clone.call_forward(
+            stage, device, prefix, features, received, handles, self._transposed_weights(slot)
+        )
         self.forward_tensors[(slot, i)] = tensors
         end_deps = []
         for b in spec.consumer_stages:
             transfer = self._forward_transfer(i, slot.stage, b)
             with self._gated_sends(end_deps):
-                end_deps.append(transfer.send(slot.replica,
-                                              [tensors[t] for t in transfer.tensors]))
+                end_deps.append(transfer.send(slot.replica, [tensors[t] for t in transfer.tensors]))
         if spec.has_loss:
             with tf.device(device), tf.name_scope(prefix + "/"):
                 loss = tensors[stage.loss]
@@ -299,8 +358,11 @@ class _Builder:
             names = self.stage_graphs[slot.stage].transposed_weights.values()
             with tf.control_dependencies(None), tf.device(self.device_of_slot[slot]):
                 self.transposed[slot] = {
-                    v: tf.transpose(self.variables[v].value(),
-                                    name=f"dapple/transposed/{slot.tag}/{v}") for v in names}
+                    v: tf.transpose(
+                        self.variables[v].value(), name=f"dapple/transposed/{slot.tag}/{v}"
+                    )
+                    for v in names
+                }
         return self.transposed[slot]
 
     def _backward(self, slot: Slot, i: int, deps):
@@ -323,17 +385,25 @@ class _Builder:
                     grads_in.setdefault(t, []).append(g)
             if spec.has_loss:
                 with tf.device(device):
-                    loss_grad = tf.identity(self._loss_scale(slot, forward[stage.loss].dtype),
-                                            name=f"{prefix}/loss_grad")
+                    loss_grad = tf.identity(
+                        self._loss_scale(slot, forward[stage.loss].dtype),
+                        name=f"{prefix}/loss_grad",
+                    )
                 start_ops.append(loss_grad.op)
         with tf.device(device), tf.name_scope(prefix + "/"):
-            grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g))
-                           for t, g in grads_in.items()}
+            grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g)) for t, g in grads_in.items()}
         handles = {v: self.variables[v].handle for v in spec.variables}
         accumulator = self.accumulators[slot]
         input_grads, variable_grads, weight_rows = clone.call_backward(
-            stage, device, prefix, forward, grad_inputs, loss_grad, handles,
-            accumulator.running_sums())
+            stage,
+            device,
+            prefix,
+            forward,
+            grad_inputs,
+            loss_grad,
+            handles,
+            accumulator.running_sums(),
+        )
         end_deps = []
         for v, g in variable_grads.items():
             accumulator.update(v, g)
@@ -346,16 +416,18 @@ class _Builder:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:
                 with self._gated_sends(end_deps):
-                    end_deps.append(transfer.send(slot.replica,
-                                              [input_grads[t] for t in transfer.tensors]))
+                    end_deps.append(
+                        transfer.send(slot.replica, [input_grads[t] for t in transfer.tensors])
+                    )
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
         if stage.weight_gradient_function is not None:
             self._stack_weight_gradients(slot, weight_rows, handles, end)
         return start_ops, end
 
-    def _stack_weight_gradients(self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles,
-                                backward_end: tf.Operation):
+    def _stack_weight_gradients(
+        self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles, backward_end: tf.Operation
+    ):
         """Record one backward's weight-gradient inputs; after the slot's last backward has
         ended (its input gradients sent: the previous stage waits for them, not for these),
         call the stage's weight-gradient function once on all of them stacked (micro-batch
@@ -367,10 +439,11 @@ class _Builder:
         stage = self.stage_graphs[slot.stage]
         device = self.device_of_slot[slot]
         scope = f"{self.accumulators[slot].scope}/weight_gradients"
-        with tf.device(device), tf.name_scope(scope + "/"), \
-                tf.control_dependencies([backward_end]):
-            stacked = {t: tf.concat([r[t] for r in rows], 0, name=f"rows_{k}")
-                       for k, t in enumerate(stage.weight_gradient_inputs)}
+        with tf.device(device), tf.name_scope(scope + "/"), tf.control_dependencies([backward_end]):
+            stacked = {
+                t: tf.concat([r[t] for r in rows], 0, name=f"rows_{k}")
+                for k, t in enumerate(stage.weight_gradient_inputs)
+            }
         stacked.update((t, rows[-1][t]) for t in stage.weight_gradient_constants)
         grads = clone.call_weight_gradients(stage, device, f"{scope}/call", stacked, handles)
         for v, g in grads.items():
@@ -392,8 +465,16 @@ class _Builder:
         if key not in self.forward_transfers:
             tensors = self.specs[b].inputs_from(a)
             self.forward_transfers[key] = BoundaryTransfer(
-                i, a, b, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport, row_factors=self._row_factors(tensors))
+                i,
+                a,
+                b,
+                tensors,
+                self._modes(tensors),
+                self._specs(tensors),
+                self.plan,
+                self.transport,
+                row_factors=self._row_factors(tensors),
+            )
         return self.forward_transfers[key]
 
     def _backward_transfer(self, i, b, a) -> BoundaryTransfer:
@@ -401,11 +482,23 @@ class _Builder:
         key = (i, b, a)
         if key not in self.backward_transfers:
             graph = self.template.graph
-            tensors = tuple(t for t in self.specs[b].inputs_from(a)
-                            if is_differentiable(graph.get_tensor_by_name(t).dtype))
+            tensors = tuple(
+                t
+                for t in self.specs[b].inputs_from(a)
+                if is_differentiable(graph.get_tensor_by_name(t).dtype)
+            )
             self.backward_transfers[key] = BoundaryTransfer(
-                i, b, a, tensors, self._modes(tensors), self._specs(tensors), self.plan,
-                self.transport, gradient=True, row_factors=self._row_factors(tensors))
+                i,
+                b,
+                a,
+                tensors,
+                self._modes(tensors),
+                self._specs(tensors),
+                self.plan,
+                self.transport,
+                gradient=True,
+                row_factors=self._row_factors(tensors),
+            )
         return self.backward_transfers[key]
 
     def _modes(self, tensors):
@@ -426,8 +519,9 @@ class _Builder:
         """Where micro-batch i's rows of `slot` lie in the placeholder of `feature`."""
         lo, hi = self.plan.rows_of_replica(slot.stage, slot.replica)
         base = i * self.plan.micro_batch_size
-        return _local_offset(self.feature_rows[feature], base + lo), \
-            _local_offset(self.feature_rows[feature], base + hi - 1) + 1
+        return _local_offset(self.feature_rows[feature], base + lo), _local_offset(
+            self.feature_rows[feature], base + hi - 1
+        ) + 1
 
     def _loss_scale(self, slot: Slot, dtype) -> tf.Tensor:
         """What a clone's loss counts for in the global loss (and its gradient seed): its rows'
@@ -448,11 +542,16 @@ class _Builder:
             with tf.device(self.device_of_slot[slot]):
                 summed = self.accumulators[slot].result()
             per_stage.setdefault(slot.stage, {})[slot.replica] = summed
-        by_stage = {s: gradient_sync.sum_replicas(s, replicas, self.device_of_variable)
-                    for s, replicas in per_stage.items()}
+        by_stage = {
+            s: gradient_sync.sum_replicas(s, replicas, self.device_of_variable)
+            for s, replicas in per_stage.items()
+        }
         final = gradient_sync.sum_stages(by_stage, self.device_of_variable)
-        order = [v for v in self.template.variables
-                 if v in final and self.template.variables[v].trainable]
+        order = [
+            v
+            for v in self.template.variables
+            if v in final and self.template.variables[v].trainable
+        ]
         grads = [final[v] for v in order]
         if clip_norm is not None:
             with tf.name_scope("dapple/clip"):
@@ -467,7 +566,8 @@ class _Builder:
             global_step = v1.train.get_or_create_global_step()
         optimizer = optimizer_fn()
         train_op = optimizer.apply_gradients(
-            [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step)
+            [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step
+        )
         return train_op, optimizer, global_step
 
     def global_loss(self) -> tf.Tensor:
@@ -478,8 +578,9 @@ class _Builder:
             return tf.add_n(self.scaled_losses, name="dapple/loss")
 
 
-def local_feature_rows(plan: Plan, specs: list[StageSpec], local: Iterable[Slot],
-                       whole: Iterable[str] = ()) -> dict[str, tuple[tuple[int, int], ...]]:
+def local_feature_rows(
+    plan: Plan, specs: list[StageSpec], local: Iterable[Slot], whole: Iterable[str] = ()
+) -> dict[str, tuple[tuple[int, int], ...]]:
     """Feature -> the global-batch rows the local slots read of it, as sorted, merged [lo, hi)
     ranges (features no local slot reads are left out). A rank holding one slot of the first
     stage gets its input rows, one of the last stage its label rows, a middle stage none; one
@@ -491,7 +592,8 @@ def local_feature_rows(plan: Plan, specs: list[StageSpec], local: Iterable[Slot]
         lo, hi = plan.rows_of_replica(slot.stage, slot.replica)
         for feature in specs[slot.stage].features:
             ranges.setdefault(feature, []).extend(
-                (i * b + lo, i * b + hi) for i in range(plan.num_micro_batches))
+                (i * b + lo, i * b + hi) for i in range(plan.num_micro_batches)
+            )
     out = {}
     for feature, parts in ranges.items():
         merged: list[list[int]] = []

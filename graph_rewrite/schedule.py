@@ -13,6 +13,7 @@ Invariants every generator keeps (checked by `execution_order`):
 order, so each action's start ops can be created under a control dependency on the end op of
 the stage's previous action (see `control_edges`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -29,8 +30,9 @@ def gpipe(num_stages: int, num_micro_batches: int) -> list[list[Action]]:
     same order (the order of backwards does not change the result; this one frees the oldest
     activations first)."""
     _check_sizes(num_stages, num_micro_batches)
-    actions = [("F", i) for i in range(num_micro_batches)] + \
-              [("B", i) for i in range(num_micro_batches)]
+    actions = [("F", i) for i in range(num_micro_batches)] + [
+        ("B", i) for i in range(num_micro_batches)
+    ]
     return [list(actions) for _ in range(num_stages)]
 
 
@@ -76,18 +78,22 @@ def schedule_for(name: str, num_stages: int, num_micro_batches: int) -> list[lis
     return lists
 
 
-def execution_order(lists: Sequence[Sequence[Action]],
-                    num_micro_batches: int) -> list[tuple[int, Action]]:
+def execution_order(
+    lists: Sequence[Sequence[Action]], num_micro_batches: int
+) -> list[tuple[int, Action]]:
     """Simulate the stages running their lists; return the (stage, action) pairs in one order in
     which every action's inputs are done before it. Raise ScheduleError if the lists are not a
     complete schedule or deadlock."""
     num_stages = len(lists)
-    expected = sorted([("F", i) for i in range(num_micro_batches)] +
-                      [("B", i) for i in range(num_micro_batches)])
+    expected = sorted(
+        [("F", i) for i in range(num_micro_batches)] + [("B", i) for i in range(num_micro_batches)]
+    )
     for s, actions in enumerate(lists):
         if sorted(actions) != expected:
-            raise ScheduleError(f"stage {s} must run F and B of each of the {num_micro_batches} "
-                                f"micro-batches exactly once; its list is {format_actions(actions)}")
+            raise ScheduleError(
+                f"stage {s} must run F and B of each of the {num_micro_batches} "
+                f"micro-batches exactly once; its list is {format_actions(actions)}"
+            )
     done: set[tuple[int, Action]] = set()
     position = [0] * num_stages
     order: list[tuple[int, Action]] = []
@@ -108,9 +114,14 @@ def execution_order(lists: Sequence[Sequence[Action]],
                 position[s] += 1
                 progressed = True
         if not progressed:
-            waiting = {s: format_actions([lists[s][position[s]]])
-                       for s in range(num_stages) if position[s] < len(lists[s])}
-            raise ScheduleError(f"schedule deadlocks: every stage waits, next actions are {waiting}")
+            waiting = {
+                s: format_actions([lists[s][position[s]]])
+                for s in range(num_stages)
+                if position[s] < len(lists[s])
+            }
+            raise ScheduleError(
+                f"schedule deadlocks: every stage waits, next actions are {waiting}"
+            )
     return order
 
 
@@ -118,8 +129,11 @@ def control_edges(lists: Sequence[Sequence[Action]]) -> list[tuple[int, Action, 
     """(stage, earlier, later) for each pair of consecutive actions of a stage: the start ops of
     `later` get a control dependency on the end op of `earlier`. The one place these edges are
     derived from the lists."""
-    return [(s, actions[k], actions[k + 1])
-            for s, actions in enumerate(lists) for k in range(len(actions) - 1)]
+    return [
+        (s, actions[k], actions[k + 1])
+        for s, actions in enumerate(lists)
+        for k in range(len(actions) - 1)
+    ]
 
 
 def format_actions(actions: Sequence[Action]) -> str:
@@ -128,5 +142,7 @@ def format_actions(actions: Sequence[Action]) -> str:
 
 def _check_sizes(num_stages: int, num_micro_batches: int) -> None:
     if num_stages < 1 or num_micro_batches < 1:
-        raise ScheduleError(f"a schedule needs at least one stage and one micro-batch, got "
-                            f"{num_stages} stages and {num_micro_batches} micro-batches")
+        raise ScheduleError(
+            f"a schedule needs at least one stage and one micro-batch, got "
+            f"{num_stages} stages and {num_micro_batches} micro-batches"
+        )

@@ -26,6 +26,7 @@ Then the gradient is a sum over the stacked rows of one function per row, which 
 sum over micro-batches (up to the order of float additions). Any other gradient (sparse, reading
 the loss seed, reshaping rows, ...) keeps the per-micro-batch path with running sums.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,37 +42,95 @@ from .graphdefs import GradRef, canonical_tensor_name, split_tensor_name
 
 ROW, ROW_SUM, FREE = "row", "row sum", "free"
 
-_ELEMENTWISE = frozenset({
-    "Identity", "Neg", "Abs", "Sign", "Square", "Sqrt", "Rsqrt", "Exp", "Log", "Log1p",
-    "Reciprocal", "Relu", "Relu6", "Elu", "Selu", "Tanh", "Sigmoid", "Softplus", "Softsign", "Erf",
-    "ZerosLike", "OnesLike", "Cast", "Floor", "Ceil", "Round",
-    "ReluGrad", "Relu6Grad", "EluGrad", "SeluGrad", "TanhGrad", "SigmoidGrad", "SoftplusGrad",
-    "SoftsignGrad", "RsqrtGrad", "SqrtGrad", "ReciprocalGrad",
-    "Add", "AddV2", "AddN", "Sub", "Mul", "Div", "RealDiv", "DivNoNan", "MulNoNan", "Maximum",
-    "Minimum", "SquaredDifference", "Pow", "Greater", "GreaterEqual", "Less", "LessEqual",
-    "Equal", "NotEqual", "SelectV2"})  # not v1 Select: a rank-1 condition picks rows
+_ELEMENTWISE = frozenset(
+    {
+        "Identity",
+        "Neg",
+        "Abs",
+        "Sign",
+        "Square",
+        "Sqrt",
+        "Rsqrt",
+        "Exp",
+        "Log",
+        "Log1p",
+        "Reciprocal",
+        "Relu",
+        "Relu6",
+        "Elu",
+        "Selu",
+        "Tanh",
+        "Sigmoid",
+        "Softplus",
+        "Softsign",
+        "Erf",
+        "ZerosLike",
+        "OnesLike",
+        "Cast",
+        "Floor",
+        "Ceil",
+        "Round",
+        "ReluGrad",
+        "Relu6Grad",
+        "EluGrad",
+        "SeluGrad",
+        "TanhGrad",
+        "SigmoidGrad",
+        "SoftplusGrad",
+        "SoftsignGrad",
+        "RsqrtGrad",
+        "SqrtGrad",
+        "ReciprocalGrad",
+        "Add",
+        "AddV2",
+        "AddN",
+        "Sub",
+        "Mul",
+        "Div",
+        "RealDiv",
+        "DivNoNan",
+        "MulNoNan",
+        "Maximum",
+        "Minimum",
+        "SquaredDifference",
+        "Pow",
+        "Greater",
+        "GreaterEqual",
+        "Less",
+        "LessEqual",
+        "Equal",
+        "NotEqual",
+        "SelectV2",
+    }
+)  # not v1 Select: a rank-1 condition picks rows
 _SUMS_OF_ROW_SUMS = frozenset({"Identity", "Neg", "Add", "AddV2", "AddN", "Sub"})
-_SCALED_ROW_SUM = frozenset({"Mul", "Div", "RealDiv"})           # row sum (op) row-free
+_SCALED_ROW_SUM = frozenset({"Mul", "Div", "RealDiv"})  # row sum (op) row-free
 _RESHAPED_ROW_SUM = frozenset({"Reshape", "ExpandDims", "Squeeze", "Transpose"})
 
 
 @dataclasses.dataclass(frozen=True)
 class StackingPlan:
     """How a stage's backward splits for stacked weight gradients."""
-    variables: tuple[str, ...]               # variables whose gradient is computed stacked
-    weight_graph_def: graph_pb2.GraphDef     # the nodes computing them (once per step)
-    row_inputs: tuple[str, ...]              # tensors it reads, one per micro-batch, stacked
-    handle_inputs: tuple[str, ...]           # variable handles it reads ('<variable>:0')
-    constant_inputs: tuple[str, ...]         # step constants it reads (from any one call)
-    outputs: tuple[str, ...]                 # gradient tensor of each of `variables`
-    input_graph_def: graph_pb2.GraphDef      # the per-micro-batch backward without them
-    backward_row_outputs: tuple[str, ...]    # row inputs the per-micro-batch backward computes
+
+    variables: tuple[str, ...]  # variables whose gradient is computed stacked
+    weight_graph_def: graph_pb2.GraphDef  # the nodes computing them (once per step)
+    row_inputs: tuple[str, ...]  # tensors it reads, one per micro-batch, stacked
+    handle_inputs: tuple[str, ...]  # variable handles it reads ('<variable>:0')
+    constant_inputs: tuple[str, ...]  # step constants it reads (from any one call)
+    outputs: tuple[str, ...]  # gradient tensor of each of `variables`
+    input_graph_def: graph_pb2.GraphDef  # the per-micro-batch backward without them
+    backward_row_outputs: tuple[str, ...]  # row inputs the per-micro-batch backward computes
 
 
-def plan_stacking(backward: graph_pb2.GraphDef, input_grads: Mapping[str, str],
-                  variable_grads: Mapping[str, GradRef], rows: int,
-                  spec_of: Callable[[str], tf.TensorSpec],
-                  variable_handles: set[str], step_constants: set[str]) -> StackingPlan | None:
+def plan_stacking(
+    backward: graph_pb2.GraphDef,
+    input_grads: Mapping[str, str],
+    variable_grads: Mapping[str, GradRef],
+    rows: int,
+    spec_of: Callable[[str], tf.TensorSpec],
+    variable_handles: set[str],
+    step_constants: set[str],
+) -> StackingPlan | None:
     """Split `backward` (a stage's backward GraphDef, inputs as function arguments) so the dense
     gradients that are sums over rows are computed once from the stacked rows (module doc).
     `input_grads`: input tensor -> its gradient tensor; `rows`: the micro-batch rows of every
@@ -80,36 +139,70 @@ def plan_stacking(backward: graph_pb2.GraphDef, input_grads: Mapping[str, str],
     tensors with one value per step for every call. None if no gradient qualifies."""
     dense = {v: canonical_tensor_name(r.dense) for v, r in variable_grads.items() if r.dense}
     split = split_backward(backward, input_grads.values(), dense.values())
-    kinds = _RowKinds(backward, split.weight_part, rows, spec_of, variable_handles,
-                      {canonical_tensor_name(t) for t in step_constants})
+    kinds = _RowKinds(
+        backward,
+        split.weight_part,
+        rows,
+        spec_of,
+        variable_handles,
+        {canonical_tensor_name(t) for t in step_constants},
+    )
     stacked = {v: t for v, t in dense.items() if kinds.of(t) == ROW_SUM}
     if not stacked:
         return None
-    others = [*input_grads.values(), *(canonical_tensor_name(t) for v, r in variable_grads.items()
-                                       if v not in stacked
-                                       for t in (r.dense, r.indices, r.values, r.dense_shape) if t)]
+    others = [
+        *input_grads.values(),
+        *(
+            canonical_tensor_name(t)
+            for v, r in variable_grads.items()
+            if v not in stacked
+            for t in (r.dense, r.indices, r.values, r.dense_shape)
+            if t
+        ),
+    ]
     kept_by_others = data_ancestors(backward, others)
-    own = data_ancestors(backward, stacked.values(),
-                         within=set(split.weight_part) - kinds.row_shaped_free) \
-        - kept_by_others                                  # nodes only these gradients need
-    constants = {split_tensor_name(i)[0] for n in backward.node if n.name in own
-                 for i in n.input if split_tensor_name(i)[0] in kinds.const_by_name}
-    weight_nodes = own | constants                        # a shared constant: a copy each
+    own = (
+        data_ancestors(
+            backward, stacked.values(), within=set(split.weight_part) - kinds.row_shaped_free
+        )
+        - kept_by_others
+    )  # nodes only these gradients need
+    constants = {
+        split_tensor_name(i)[0]
+        for n in backward.node
+        if n.name in own
+        for i in n.input
+        if split_tensor_name(i)[0] in kinds.const_by_name
+    }
+    weight_nodes = own | constants  # a shared constant: a copy each
     weight_graph_def = _subgraph(backward, weight_nodes)
-    read = [canonical_tensor_name(i) for n in weight_graph_def.node for i in n.input
-            if not i.startswith("^")]
+    read = [
+        canonical_tensor_name(i)
+        for n in weight_graph_def.node
+        for i in n.input
+        if not i.startswith("^")
+    ]
     outside = list(dict.fromkeys(t for t in read if split_tensor_name(t)[0] not in weight_nodes))
     handle_inputs = tuple(t for t in outside if split_tensor_name(t)[0] in variable_handles)
-    constant_inputs = tuple(t for t in outside if t not in handle_inputs and kinds.of(t) == FREE
-                            and split_tensor_name(t)[0] not in kinds.row_shaped_free)
+    constant_inputs = tuple(
+        t
+        for t in outside
+        if t not in handle_inputs
+        and kinds.of(t) == FREE
+        and split_tensor_name(t)[0] not in kinds.row_shaped_free
+    )
     row_inputs = tuple(t for t in outside if t not in handle_inputs + constant_inputs)
     produced = {n.name for n in backward.node}
     return StackingPlan(
-        variables=tuple(stacked), weight_graph_def=weight_graph_def, row_inputs=row_inputs,
-        handle_inputs=handle_inputs, constant_inputs=constant_inputs,
+        variables=tuple(stacked),
+        weight_graph_def=weight_graph_def,
+        row_inputs=row_inputs,
+        handle_inputs=handle_inputs,
+        constant_inputs=constant_inputs,
         outputs=tuple(stacked.values()),
         input_graph_def=_subgraph(backward, produced - _with_data_descendants(backward, own)),
-        backward_row_outputs=tuple(t for t in row_inputs if split_tensor_name(t)[0] in produced))
+        backward_row_outputs=tuple(t for t in row_inputs if split_tensor_name(t)[0] in produced),
+    )
 
 
 class _RowKinds:
@@ -121,7 +214,7 @@ class _RowKinds:
         self.rows, self.spec_of, self.handles = rows, spec_of, variable_handles
         self.step_constants = step_constants
         self.memo: dict[str, str | None] = {}
-        self.row_shaped_free: set[str] = set()   # computed per call, stacked as row tensors
+        self.row_shaped_free: set[str] = set()  # computed per call, stacked as row tensors
 
     def of(self, tensor: str) -> str | None:
         op = split_tensor_name(tensor)[0]
@@ -131,7 +224,7 @@ class _RowKinds:
             shape = self.spec_of(tensor).shape
             return ROW if shape.rank and shape[0] == self.rows else None
         if op not in self.memo:
-            self.memo[op] = None        # a cycle (none in a GraphDef) stays unknown
+            self.memo[op] = None  # a cycle (none in a GraphDef) stays unknown
             self.memo[op] = self._node_kind(self.node_by_name[op])
         return self.memo[op]
 
@@ -158,16 +251,16 @@ class _RowKinds:
     def _matmul(self, node, kinds) -> str | None:
         transpose_a, transpose_b = node.attr["transpose_a"].b, node.attr["transpose_b"].b
         if kinds == [ROW, ROW] and transpose_a and not transpose_b:
-            return ROW_SUM          # contracts over the rows
+            return ROW_SUM  # contracts over the rows
         if kinds == [ROW, FREE] and not transpose_a:
-            return ROW              # row by row
+            return ROW  # row by row
         return None
 
     def _row_sum(self, node, inputs, kinds) -> str | None:
         if kinds[0] != ROW:
             return None
         if node.op == "BiasAddGrad":
-            return ROW_SUM          # sums every axis but the channels, axis 0 included
+            return ROW_SUM  # sums every axis but the channels, axis 0 included
         axes = self._constant(inputs[1])
         if axes is None:
             return None
@@ -178,11 +271,19 @@ class _RowKinds:
     def _linear_in_row_sums(node, kinds) -> str | None:
         if node.op in _SUMS_OF_ROW_SUMS and all(k == ROW_SUM for k in kinds):
             return ROW_SUM
-        if node.op in _SCALED_ROW_SUM and kinds[0] == ROW_SUM and kinds[1] == FREE \
-                or node.op == "Mul" and kinds == [FREE, ROW_SUM]:
+        if (
+            node.op in _SCALED_ROW_SUM
+            and kinds[0] == ROW_SUM
+            and kinds[1] == FREE
+            or node.op == "Mul"
+            and kinds == [FREE, ROW_SUM]
+        ):
             return ROW_SUM
-        if node.op in _RESHAPED_ROW_SUM and kinds[0] == ROW_SUM \
-                and all(k == FREE for k in kinds[1:]):
+        if (
+            node.op in _RESHAPED_ROW_SUM
+            and kinds[0] == ROW_SUM
+            and all(k == FREE for k in kinds[1:])
+        ):
             return ROW_SUM
         return None
 
@@ -200,8 +301,11 @@ class _RowKinds:
                 op = split_tensor_name(t)[0]
                 if shape.rank == rank and shape[0] == self.rows and op in self.node_by_name:
                     self.row_shaped_free.add(op)
-                elif shape.rank is None or shape.rank > rank or \
-                        (shape.rank == rank and shape[0] != 1):
+                elif (
+                    shape.rank is None
+                    or shape.rank > rank
+                    or (shape.rank == rank and shape[0] != 1)
+                ):
                     return False
         return True
 

@@ -18,6 +18,7 @@ clone. Control-flow-v2 ops (While from `tf.compat.v1.while_loop`) work because t
 built here, before export: the forward While already carries the accumulator outputs its
 gradient reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ class StageFunction:
     """A library function and how a clone calls it: `inputs` are the names the caller maps to
     tensors (placeholder tensors of the GraphDef, `<variable>:0` for variable handles), `outputs`
     the GraphDef tensors it returns, with their static specs."""
+
     function: function_pb2.FunctionDef
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -59,16 +61,16 @@ class StageFunction:
 class StageGraph:
     spec: StageSpec
     forward: graph_pb2.GraphDef
-    feature_inputs: dict[str, str]         # feature -> placeholder tensor in `forward`
-    boundary_inputs: dict[str, str]        # template tensor -> placeholder tensor in `forward`
-    forward_variables: tuple[str, ...]     # VarHandleOp names present in `forward`
-    loss: str | None                       # loss tensor in `forward` (last stage)
+    feature_inputs: dict[str, str]  # feature -> placeholder tensor in `forward`
+    boundary_inputs: dict[str, str]  # template tensor -> placeholder tensor in `forward`
+    forward_variables: tuple[str, ...]  # VarHandleOp names present in `forward`
+    loss: str | None  # loss tensor in `forward` (last stage)
     backward: graph_pb2.GraphDef
-    forward_refs: dict[str, str]           # placeholder in `backward` -> tensor of `forward`
-    backward_variables: tuple[str, ...]    # VarHandleOp names present in `backward`
-    grad_inputs: dict[str, str]            # float output tensor -> grad placeholder in `backward`
+    forward_refs: dict[str, str]  # placeholder in `backward` -> tensor of `forward`
+    backward_variables: tuple[str, ...]  # VarHandleOp names present in `backward`
+    grad_inputs: dict[str, str]  # float output tensor -> grad placeholder in `backward`
     loss_grad_input: str | None
-    input_grads: dict[str, str]            # float input tensor -> its gradient in `backward`
+    input_grads: dict[str, str]  # float input tensor -> its gradient in `backward`
     variable_grads: dict[str, GradRef]
     forward_function: StageFunction
     backward_function: StageFunction
@@ -78,8 +80,8 @@ class StageGraph:
     running_sum_inputs: dict[str, str]
     running_sum_outputs: dict[str, str]
     library: tuple[function_pb2.FunctionDef, ...]  # every function the calls need
-    gradient_twin: int | None = None       # stage whose gradient graph this one reuses, renamed
-    gradient_by_layers: bool = False       # its gradient graph was assembled layer by layer
+    gradient_twin: int | None = None  # stage whose gradient graph this one reuses, renamed
+    gradient_by_layers: bool = False  # its gradient graph was assembled layer by layer
     # stacked weight gradients (graph_rewrite/stacked_gradients.py): variable -> its gradient
     # tensor in `weight_gradient_function`, which computes them once per step from
     # `weight_gradient_inputs` (tensors of the backward call or its inputs, one per micro-batch,
@@ -88,7 +90,7 @@ class StageGraph:
     stacked_gradients: dict[str, str] = dataclasses.field(default_factory=dict)
     weight_gradient_function: StageFunction | None = None
     weight_gradient_inputs: tuple[str, ...] = ()
-    weight_gradient_constants: tuple[str, ...] = ()   # inputs with one value per step
+    weight_gradient_constants: tuple[str, ...] = ()  # inputs with one value per step
     weight_gradient_variables: tuple[str, ...] = ()
     # forward input -> the variable whose transposed value it takes, once per step
     # (graph_rewrite/transposed_weights.py)
@@ -97,8 +99,9 @@ class StageGraph:
     def backward_results(self, accumulating: bool) -> list[str]:
         """Names of the backward's results, in (input grads, variable grads) order, of
         `backward_function` or, if `accumulating`, of `backward_accumulate_function`."""
-        return _backward_outputs(self.input_grads, self.variable_grads,
-                                 self.running_sum_outputs if accumulating else {})
+        return _backward_outputs(
+            self.input_grads, self.variable_grads, self.running_sum_outputs if accumulating else {}
+        )
 
     @functools.cached_property
     def backward_only_forward_results(self) -> frozenset[int]:
@@ -106,13 +109,20 @@ class StageGraph:
         activations not sent on): their static shapes are not needed outside the calls."""
         sent = set(self.spec.outputs) | ({self.loss} if self.loss else set())
         refs = set(self.forward_refs.values())
-        return frozenset(k for k, name in enumerate(self.forward_function.outputs)
-                         if name in refs and name not in sent)
+        return frozenset(
+            k
+            for k, name in enumerate(self.forward_function.outputs)
+            if name in refs and name not in sent
+        )
 
     def functions(self) -> list[function_pb2.FunctionDef]:
         """Every function a clone's calls need: the stage's own and those they call."""
-        own = [self.forward_function, self.backward_function, self.backward_accumulate_function,
-               self.weight_gradient_function]
+        own = [
+            self.forward_function,
+            self.backward_function,
+            self.backward_accumulate_function,
+            self.weight_gradient_function,
+        ]
         return list(self.library) + [f.function for f in own if f is not None]
 
     @property
@@ -120,10 +130,15 @@ class StageGraph:
         return tuple(self.grad_inputs)
 
 
-def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage=None,
-                       stages=None, layer_cache: layer_gradients.LayerGradientCache | None = None,
-                       stack_weight_gradients: bool = False,
-                       transposed_stages: frozenset[int] = frozenset()) -> list[StageGraph | None]:
+def build_stage_graphs(
+    template: Template,
+    specs: list[StageSpec],
+    rows_of_stage=None,
+    stages=None,
+    layer_cache: layer_gradients.LayerGradientCache | None = None,
+    stack_weight_gradients: bool = False,
+    transposed_stages: frozenset[int] = frozenset(),
+) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
     `stages`: the stage indices to build (default all; a rank builds its own); the others are
@@ -155,48 +170,70 @@ def build_stage_graphs(template: Template, specs: list[StageSpec], rows_of_stage
         diff = None
         if key in differentiated:
             twin_stage, twin_part, twin = differentiated[key]
-            diff = _renamed(twin, _name_map(twin_part.graph_def, forward_part.graph_def),
-                            _input_map(twin_part, forward_part),
-                            dict(zip(specs[twin_stage].layers, spec.layers)))
+            diff = _renamed(
+                twin,
+                _name_map(twin_part.graph_def, forward_part.graph_def),
+                _input_map(twin_part, forward_part),
+                dict(zip(specs[twin_stage].layers, spec.layers)),
+            )
             if diff is not None:
                 diff.twin_of = twin_stage
         if diff is None:
-            diff = (_differentiate(template, spec, forward_part, layer_cache)
-                    or _differentiate(template, spec, forward_part))
+            diff = _differentiate(template, spec, forward_part, layer_cache) or _differentiate(
+                template, spec, forward_part
+            )
             differentiated.setdefault(key, (spec.index, forward_part, diff))
-        stage_graphs.append(_stage_graph(template, spec, forward_part, diff,
-                                         rows if stack_weight_gradients else None,
-                                         spec.index in transposed_stages))
+        stage_graphs.append(
+            _stage_graph(
+                template,
+                spec,
+                forward_part,
+                diff,
+                rows if stack_weight_gradients else None,
+                spec.index in transposed_stages,
+            )
+        )
     return stage_graphs
 
 
-def _forward_part(template: Template, spec: StageSpec, node_by_name, library,
-                  rows: int | None) -> graphdefs.Subgraph:
+def _forward_part(
+    template: Template, spec: StageSpec, node_by_name, library, rows: int | None
+) -> graphdefs.Subgraph:
     """The stage's template ops; outside inputs as Placeholders, variable handles copied in."""
     variable_nodes = {v: node_by_name[v] for v in spec.variables}
     return graphdefs.extract(
-        (node_by_name[op] for op in spec.ops), template.graph, FORWARD_INPUT_PREFIX,
-        keep_outside=variable_nodes, library=library if len(library.function) else None,
-        static_rows=rows, batch_tensors=template.batch_tensors, row_factor=template.row_factor)
+        (node_by_name[op] for op in spec.ops),
+        template.graph,
+        FORWARD_INPUT_PREFIX,
+        keep_outside=variable_nodes,
+        library=library if len(library.function) else None,
+        static_rows=rows,
+        batch_tensors=template.batch_tensors,
+        row_factor=template.row_factor,
+    )
 
 
 @dataclasses.dataclass
 class _Differentiated:
     """A stage's forward ops plus their gradient ops, and where the gradients are."""
+
     graph_def: graph_pb2.GraphDef
-    tensors: object                       # get_tensor_by_name (dtype, shape), graph_def_versions
+    tensors: object  # get_tensor_by_name (dtype, shape), graph_def_versions
     forward_names: set[str]
     grad_inputs: dict[str, str]
     loss_grad_input: str | None
     input_grads: dict[str, str]
     variable_grads: dict[str, GradRef]
-    twin_of: int | None = None            # the stage whose gradient graph this one renames
-    by_layers: bool = False               # assembled layer by layer (else one tf.gradients)
+    twin_of: int | None = None  # the stage whose gradient graph this one renames
+    by_layers: bool = False  # assembled layer by layer (else one tf.gradients)
 
 
-def _differentiate(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
-                   layer_cache: layer_gradients.LayerGradientCache | None = None
-                   ) -> _Differentiated | None:
+def _differentiate(
+    template: Template,
+    spec: StageSpec,
+    forward_part: graphdefs.Subgraph,
+    layer_cache: layer_gradients.LayerGradientCache | None = None,
+) -> _Differentiated | None:
     """The stage's gradient ops in a scratch graph holding its forward part: one
     `tf.gradients` call, or, given `layer_cache`, assembled layer by layer
     (graph_rewrite/layer_gradients.py; None if the stage cannot be)."""
@@ -220,8 +257,11 @@ def _differentiate(template: Template, spec: StageSpec, forward_part: graphdefs.
             ys.append(loss)
             grad_ys.append(seed)
             loss_grad_input = seed.name
-        float_inputs = [t for t in spec.inputs
-                        if is_differentiable(scratch.get_tensor_by_name(boundary_inputs[t]).dtype)]
+        float_inputs = [
+            t
+            for t in spec.inputs
+            if is_differentiable(scratch.get_tensor_by_name(boundary_inputs[t]).dtype)
+        ]
         xs = [scratch.get_tensor_by_name(boundary_inputs[t]) for t in float_inputs]
         handles = [scratch.get_tensor_by_name(f"{v}:0") for v in spec.variables]
         if not ys:
@@ -230,34 +270,52 @@ def _differentiate(template: Template, spec: StageSpec, forward_part: graphdefs.
             grads = tf.gradients(ys, xs + handles, grad_ys)
         else:
             layered = layer_gradients.differentiate_by_layers(
-                scratch, forward_part.graph_def, template.layer_of_op, spec.layers,
-                [(y.name, g) for y, g in zip(ys, grad_ys)], [x.name for x in xs], layer_cache)
+                scratch,
+                forward_part.graph_def,
+                template.layer_of_op,
+                spec.layers,
+                [(y.name, g) for y, g in zip(ys, grad_ys)],
+                [x.name for x in xs],
+                layer_cache,
+            )
             if layered is None:
                 return None
             input_grads_of, variable_grads_of = layered
-            grads = [input_grads_of[x.name] for x in xs] + \
-                [variable_grads_of.get(v) for v in spec.variables]
+            grads = [input_grads_of[x.name] for x in xs] + [
+                variable_grads_of.get(v) for v in spec.variables
+            ]
         input_grads = {}
-        for t, x, g in zip(float_inputs, xs, grads[:len(xs)]):
+        for t, x, g in zip(float_inputs, xs, grads[: len(xs)]):
             if g is None:
                 g = tf.zeros_like(x)
             elif isinstance(g, tf.IndexedSlices):
                 g = tf.convert_to_tensor(g)
             input_grads[t] = g.name
         variable_grads = {}
-        for v, g in zip(spec.variables, grads[len(xs):]):
+        for v, g in zip(spec.variables, grads[len(xs) :]):
             if g is None:
                 continue
             if isinstance(g, tf.IndexedSlices):
-                dense_shape = g.dense_shape if g.dense_shape is not None else \
-                    tf.constant(template.variables[v].shape, tf.int64)
-                variable_grads[v] = GradRef(indices=g.indices.name, values=g.values.name,
-                                            dense_shape=dense_shape.name)
+                dense_shape = (
+                    g.dense_shape
+                    if g.dense_shape is not None
+                    else tf.constant(template.variables[v].shape, tf.int64)
+                )
+                variable_grads[v] = GradRef(
+                    indices=g.indices.name, values=g.values.name, dense_shape=dense_shape.name
+                )
             else:
                 variable_grads[v] = GradRef(dense=g.name)
-    return _Differentiated(scratch.as_graph_def(), scratch, forward_names, grad_inputs,
-                           loss_grad_input, input_grads, variable_grads,
-                           by_layers=layer_cache is not None)
+    return _Differentiated(
+        scratch.as_graph_def(),
+        scratch,
+        forward_names,
+        grad_inputs,
+        loss_grad_input,
+        input_grads,
+        variable_grads,
+        by_layers=layer_cache is not None,
+    )
 
 
 def _boundary_inputs(template: Template, forward_part: graphdefs.Subgraph) -> dict[str, str]:
@@ -265,18 +323,21 @@ def _boundary_inputs(template: Template, forward_part: graphdefs.Subgraph) -> di
     return {t: ph for t, ph in forward_part.placeholder_of.items() if t not in features}
 
 
-def _structure_key(forward_part: graphdefs.Subgraph, spec: StageSpec,
-                   template: Template) -> bytes:
+def _structure_key(forward_part: graphdefs.Subgraph, spec: StageSpec, template: Template) -> bytes:
     """Equal for two stages iff their forward parts differ in names only (see
     graphdefs.structure_key), with the stage's outputs, loss, boundary inputs and variables at
     the same positions."""
     graph_def = forward_part.graph_def
     where = graphdefs.positions(graph_def)
-    return graphdefs.structure_key(graph_def, [
-        *(where(t) for t in spec.outputs),
-        where(template.loss) if spec.has_loss else "no loss",
-        *(where(forward_part.placeholder_of[t]) for t in spec.inputs),
-        *(where(v) for v in spec.variables)])
+    return graphdefs.structure_key(
+        graph_def,
+        [
+            *(where(t) for t in spec.outputs),
+            where(template.loss) if spec.has_loss else "no loss",
+            *(where(forward_part.placeholder_of[t]) for t in spec.inputs),
+            *(where(v) for v in spec.variables),
+        ],
+    )
 
 
 def _name_map(twin: graph_pb2.GraphDef, own: graph_pb2.GraphDef) -> dict[str, str]:
@@ -302,12 +363,17 @@ class _RenamedTensors:
         return self.tensors.get_tensor_by_name(f"{self.inverse.get(op, op)}:{index}")
 
 
-def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[str, str],
-             layer_map: dict[str, str]) -> _Differentiated | None:
+def _renamed(
+    twin: _Differentiated,
+    name_map: dict[str, str],
+    input_map: dict[str, str],
+    layer_map: dict[str, str],
+) -> _Differentiated | None:
     """The twin's forward + gradient graph for this stage: forward node names replaced by this
     stage's (`name_map`), the twin's layer names in the other node names (gradient ops) by this
     stage's (`layer_map`, so traces name the right layers), input tensors by this stage's
     (`input_map`). None if the new names are not unique."""
+
     def op_name(name: str) -> str:
         if name in name_map:
             return name_map[name]
@@ -334,8 +400,9 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
         graphdefs.strip_placement(node)  # colocation attributes name the twin's ops
 
     def ref(r: GradRef) -> GradRef:
-        return GradRef(*(tensor(x) if x else None
-                         for x in (r.dense, r.indices, r.values, r.dense_shape)))
+        return GradRef(
+            *(tensor(x) if x else None for x in (r.dense, r.indices, r.values, r.dense_shape))
+        )
 
     return _Differentiated(
         graph_def=graph_def,
@@ -345,19 +412,28 @@ def _renamed(twin: _Differentiated, name_map: dict[str, str], input_map: dict[st
         loss_grad_input=twin.loss_grad_input and tensor(twin.loss_grad_input),
         input_grads={input_map[t]: tensor(g) for t, g in twin.input_grads.items()},
         variable_grads={name_map.get(v, v): ref(r) for v, r in twin.variable_grads.items()},
-        by_layers=twin.by_layers)
+        by_layers=twin.by_layers,
+    )
 
 
-def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Subgraph,
-                 diff: _Differentiated, stack_rows: int | None = None,
-                 transpose_weights: bool = False) -> StageGraph:
+def _stage_graph(
+    template: Template,
+    spec: StageSpec,
+    forward_part: graphdefs.Subgraph,
+    diff: _Differentiated,
+    stack_rows: int | None = None,
+    transpose_weights: bool = False,
+) -> StageGraph:
     """Split the forward + gradient graph into the forward and backward GraphDefs and their
     functions; with `stack_rows` (the rows of each call), the weight gradients that are sums
     over rows apart (stacked_gradients.py); with `transpose_weights`, forward matmuls read
     their weights transposed (transposed_weights.py)."""
     feature_of_tensor = {t: name for name, t in template.features.items()}
-    feature_inputs = {feature_of_tensor[t]: ph for t, ph in forward_part.placeholder_of.items()
-                      if t in feature_of_tensor}
+    feature_inputs = {
+        feature_of_tensor[t]: ph
+        for t, ph in forward_part.placeholder_of.items()
+        if t in feature_of_tensor
+    }
     boundary_inputs = _boundary_inputs(template, forward_part)
     scratch, scratch_def = diff.tensors, diff.graph_def
     grad_inputs, loss_grad_input = diff.grad_inputs, diff.loss_grad_input
@@ -378,84 +454,142 @@ def _stage_graph(template: Template, spec: StageSpec, forward_part: graphdefs.Su
         graphdefs.strip_library_placement(forward.library)
     handle_nodes = {n.name: n for n in forward.node if n.op == "VarHandleOp"}
     backward_part = graphdefs.extract(
-        backward_nodes, scratch, FORWARD_REF_PREFIX, keep_outside=handle_nodes,
-        library=scratch_def.library if len(scratch_def.library.function) else None)
-    backward_variables = tuple(n.name for n in backward_part.graph_def.node
-                               if n.op == "VarHandleOp")
+        backward_nodes,
+        scratch,
+        FORWARD_REF_PREFIX,
+        keep_outside=handle_nodes,
+        library=scratch_def.library if len(scratch_def.library.function) else None,
+    )
+    backward_variables = tuple(
+        n.name for n in backward_part.graph_def.node if n.op == "VarHandleOp"
+    )
     # The input nodes (placeholders, variable handles) become function arguments.
     _drop_input_nodes(forward)
     _drop_input_nodes(backward_part.graph_def)
     forward_refs = {ph: t for t, ph in backward_part.placeholder_of.items()}
     spec_of = _SpecLookup(scratch, forward_refs)
-    forward_refs = {ph: _resource_source(forward, t) if spec_of(t).dtype == tf.resource else t
-                    for ph, t in forward_refs.items()}
-    transposed = (transposed_weights.transpose_weight_reads(forward, spec.variables)
-                  if transpose_weights else {})
+    forward_refs = {
+        ph: _resource_source(forward, t) if spec_of(t).dtype == tf.resource else t
+        for ph, t in forward_refs.items()
+    }
+    transposed = (
+        transposed_weights.transpose_weight_reads(forward, spec.variables)
+        if transpose_weights
+        else {}
+    )
     for t, v in transposed.items():
         spec_of.added[t] = tf.TensorSpec(list(reversed(template.variables[v].shape)), tf.float32)
-    forward_inputs = [*feature_inputs.values(), *boundary_inputs.values(),
-                      *(f"{v}:0" for v in spec.variables), *transposed]
+    forward_inputs = [
+        *feature_inputs.values(),
+        *boundary_inputs.values(),
+        *(f"{v}:0" for v in spec.variables),
+        *transposed,
+    ]
     forward_function = _stage_function(
-        forward, "forward", spec.index, forward_inputs,
+        forward,
+        "forward",
+        spec.index,
+        forward_inputs,
         [*spec.outputs, *([template.loss] if spec.has_loss else []), *forward_refs.values()],
-        spec_of)
+        spec_of,
+    )
     backward = backward_part.graph_def
-    backward_inputs = [*forward_refs, *grad_inputs.values(),
-                       *([loss_grad_input] if loss_grad_input else []),
-                       *(f"{v}:0" for v in backward_variables)]
+    backward_inputs = [
+        *forward_refs,
+        *grad_inputs.values(),
+        *([loss_grad_input] if loss_grad_input else []),
+        *(f"{v}:0" for v in backward_variables),
+    ]
     op_of = {n.name: n.op for n in forward.node}
-    variable_reads = {ph for ph, t in forward_refs.items()
-                      if op_of.get(graphdefs.split_tensor_name(t)[0]) == "ReadVariableOp"}
+    variable_reads = {
+        ph
+        for ph, t in forward_refs.items()
+        if op_of.get(graphdefs.split_tensor_name(t)[0]) == "ReadVariableOp"
+    }
     loss_seed = {loss_grad_input} if loss_grad_input else set()  # the slot's loss scale
     stacking = stack_rows and stacked_gradients.plan_stacking(
-        backward, input_grads, variable_grads, stack_rows, spec_of, set(backward_variables),
-        variable_reads | loss_seed)
+        backward,
+        input_grads,
+        variable_grads,
+        stack_rows,
+        spec_of,
+        set(backward_variables),
+        variable_reads | loss_seed,
+    )
     weight_gradient_function, weight_outputs = None, []
     if stacking:
         backward = stacking.input_graph_def
         variable_grads = {v: r for v, r in variable_grads.items() if v not in stacking.variables}
         weight_outputs = list(stacking.backward_row_outputs)
         weight_gradient_function = _stage_function(
-            stacking.weight_graph_def, "weight_gradients", spec.index,
+            stacking.weight_graph_def,
+            "weight_gradients",
+            spec.index,
             [*stacking.row_inputs, *stacking.constant_inputs, *stacking.handle_inputs],
-            list(stacking.outputs), spec_of)
+            list(stacking.outputs),
+            spec_of,
+        )
     backward_function = _stage_function(
-        backward, "backward", spec.index, backward_inputs,
-        _backward_outputs(input_grads, variable_grads, {}) + weight_outputs, spec_of)
-    running_sum_inputs = {v: f"{RUNNING_SUM_PREFIX}/{k}:0"
-                          for k, (v, ref) in enumerate(variable_grads.items()) if ref.dense}
+        backward,
+        "backward",
+        spec.index,
+        backward_inputs,
+        _backward_outputs(input_grads, variable_grads, {}) + weight_outputs,
+        spec_of,
+    )
+    running_sum_inputs = {
+        v: f"{RUNNING_SUM_PREFIX}/{k}:0"
+        for k, (v, ref) in enumerate(variable_grads.items())
+        if ref.dense
+    }
     running_sum_outputs = {}
     backward_accumulate_function = None
     if running_sum_inputs:
         accumulating, running_sum_outputs = _with_running_sums(
-            backward, variable_grads, running_sum_inputs, spec_of)
+            backward, variable_grads, running_sum_inputs, spec_of
+        )
         backward_accumulate_function = _stage_function(
-            accumulating, "backward_accumulate", spec.index,
+            accumulating,
+            "backward_accumulate",
+            spec.index,
             backward_inputs + list(running_sum_inputs.values()),
             _backward_outputs(input_grads, variable_grads, running_sum_outputs) + weight_outputs,
-            spec_of)
-    library = {f.signature.name: f for part in (forward, backward)
-               for f in part.library.function}
+            spec_of,
+        )
+    library = {f.signature.name: f for part in (forward, backward) for f in part.library.function}
     return StageGraph(
-        spec=spec, forward=forward, feature_inputs=feature_inputs,
-        boundary_inputs=boundary_inputs, forward_variables=tuple(spec.variables),
+        spec=spec,
+        forward=forward,
+        feature_inputs=feature_inputs,
+        boundary_inputs=boundary_inputs,
+        forward_variables=tuple(spec.variables),
         loss=template.loss if spec.has_loss else None,
         backward=backward,
         forward_refs=forward_refs,
-        backward_variables=backward_variables, grad_inputs=grad_inputs,
-        loss_grad_input=loss_grad_input, input_grads=input_grads, variable_grads=variable_grads,
-        forward_function=forward_function, backward_function=backward_function,
+        backward_variables=backward_variables,
+        grad_inputs=grad_inputs,
+        loss_grad_input=loss_grad_input,
+        input_grads=input_grads,
+        variable_grads=variable_grads,
+        forward_function=forward_function,
+        backward_function=backward_function,
         backward_accumulate_function=backward_accumulate_function,
-        running_sum_inputs=running_sum_inputs, running_sum_outputs=running_sum_outputs,
-        library=tuple(library.values()), gradient_twin=diff.twin_of,
+        running_sum_inputs=running_sum_inputs,
+        running_sum_outputs=running_sum_outputs,
+        library=tuple(library.values()),
+        gradient_twin=diff.twin_of,
         gradient_by_layers=diff.by_layers,
         stacked_gradients=dict(zip(stacking.variables, stacking.outputs)) if stacking else {},
         weight_gradient_function=weight_gradient_function,
         weight_gradient_inputs=stacking.row_inputs if stacking else (),
         weight_gradient_constants=stacking.constant_inputs if stacking else (),
-        weight_gradient_variables=tuple(graphdefs.split_tensor_name(t)[0]
-                                        for t in stacking.handle_inputs) if stacking else (),
-        transposed_weights=transposed)
+        weight_gradient_variables=tuple(
+            graphdefs.split_tensor_name(t)[0] for t in stacking.handle_inputs
+        )
+        if stacking
+        else (),
+        transposed_weights=transposed,
+    )
 
 
 class _SpecLookup:
@@ -476,8 +610,9 @@ class _SpecLookup:
         return tf.TensorSpec(tensor.shape, tensor.dtype)
 
 
-def _stage_function(graph_def, kind: str, stage: int, inputs, outputs,
-                    spec_of: _SpecLookup) -> StageFunction:
+def _stage_function(
+    graph_def, kind: str, stage: int, inputs, outputs, spec_of: _SpecLookup
+) -> StageFunction:
     """The function of one part of a stage. Inputs that no node reads are left out; outputs
     that are inputs are not returned (the caller has them)."""
     reads = _reads(graph_def)
@@ -488,8 +623,11 @@ def _stage_function(graph_def, kind: str, stage: int, inputs, outputs,
     outputs = [t for t in dict.fromkeys(outputs) if t not in outside]
     specs = tuple(spec_of(t) for t in outputs)
     function = functions.function_def(
-        graph_def, functions.function_name("dapple", f"stage{stage}", kind),
-        [(t, spec_of(t).dtype) for t in inputs], [(t, s.dtype) for t, s in zip(outputs, specs)])
+        graph_def,
+        functions.function_name("dapple", f"stage{stage}", kind),
+        [(t, spec_of(t).dtype) for t in inputs],
+        [(t, s.dtype) for t, s in zip(outputs, specs)],
+    )
     return StageFunction(function, tuple(inputs), tuple(outputs), specs)
 
 
@@ -506,9 +644,11 @@ def _resource_source(graph_def, tensor: str) -> str:
     while op in node_by_name:
         node = node_by_name[op]
         if node.op not in _PASS_THROUGH_OPS:
-            raise ValueError(f"the backward reads resource tensor {tensor!r}, made by "
-                             f"{node.op} {node.name!r}: only variable handles passed through "
-                             f"Identity or while loops are supported")
+            raise ValueError(
+                f"the backward reads resource tensor {tensor!r}, made by "
+                f"{node.op} {node.name!r}: only variable handles passed through "
+                f"Identity or while loops are supported"
+            )
         data_inputs = [i for i in node.input if not i.startswith("^")]
         op, index = graphdefs.split_tensor_name(data_inputs[0 if node.op == "Identity" else index])
     return f"{op}:{index}"
@@ -562,11 +702,16 @@ def _with_ancestors(names: set[str], graph_def) -> set[str]:
 
 
 def _drop_input_nodes(graph_def) -> None:
-    for k in reversed([k for k, n in enumerate(graph_def.node)
-                       if n.op in ("Placeholder", "VarHandleOp")]):
+    for k in reversed(
+        [k for k, n in enumerate(graph_def.node) if n.op in ("Placeholder", "VarHandleOp")]
+    ):
         del graph_def.node[k]
 
 
 def _reads(graph_def) -> frozenset[str]:
-    return frozenset(graphdefs.canonical_tensor_name(name) for node in graph_def.node
-                     for name in node.input if not name.startswith("^"))
+    return frozenset(
+        graphdefs.canonical_tensor_name(name)
+        for node in graph_def.node
+        for name in node.input
+        if not name.startswith("^")
+    )

@@ -15,6 +15,7 @@ layer). Feature placeholders and variable handles are inputs, not layer members.
 (dapple_tf/profiler.py) assigns forward ops with `assign_layers` too, so plans name the layers
 the rewriter finds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,9 +36,21 @@ _REF_VARIABLE_OPS = ("VariableV2", "Variable")
 # TF1 control flow (v1 while_loop / cond under tf.compat.v1.disable_control_flow_v2()): its
 # frames live in Python-side contexts that a GraphDef does not keep, so the rewriter can neither
 # differentiate an imported copy nor put it in a stage function.
-V1_CONTROL_FLOW_OPS = frozenset({"Enter", "RefEnter", "Exit", "RefExit", "Merge", "RefMerge",
-                                 "Switch", "RefSwitch", "NextIteration", "RefNextIteration",
-                                 "LoopCond"})
+V1_CONTROL_FLOW_OPS = frozenset(
+    {
+        "Enter",
+        "RefEnter",
+        "Exit",
+        "RefExit",
+        "Merge",
+        "RefMerge",
+        "Switch",
+        "RefSwitch",
+        "NextIteration",
+        "RefNextIteration",
+        "LoopCond",
+    }
+)
 
 
 class TemplateError(ValueError):
@@ -51,6 +64,7 @@ class WeightedLoss:
     each over all micro-batches and replicas and trains on their quotient, whatever M. The
     denominator must depend on the features only (not on variables): its gradient is not taken.
     A plain scalar loss is taken as a mean over the micro-batch's rows."""
+
     numerator: tf.Tensor
     denominator: tf.Tensor
 
@@ -68,8 +82,10 @@ def layer_rule(layers: LayerRule = None) -> Callable[[str], str | None]:
         return layers
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TemplateError(f"layers must be a regular expression, a list of them or a function "
-                            f"op name -> layer name; got {layers!r}")
+        raise TemplateError(
+            f"layers must be a regular expression, a list of them or a function "
+            f"op name -> layer name; got {layers!r}"
+        )
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as e:
@@ -82,6 +98,7 @@ def layer_rule(layers: LayerRule = None) -> Callable[[str], str | None]:
             if any(c.fullmatch(path) for c in compiled):
                 return path
         return None
+
     return outermost_matching_scope
 
 
@@ -92,7 +109,7 @@ def top_level_scope(op_name: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class VariableInfo:
-    name: str              # single-device variable name without ':0', e.g. 'layer_0/dense/kernel'
+    name: str  # single-device variable name without ':0', e.g. 'layer_0/dense/kernel'
     shape: tuple[int, ...]
     dtype: tf.DType
     trainable: bool
@@ -101,6 +118,7 @@ class VariableInfo:
 @dataclasses.dataclass(frozen=True)
 class Edge:
     """A tensor produced in one layer and consumed in another."""
+
     tensor: str
     producer: str
     consumer: str
@@ -109,16 +127,16 @@ class Edge:
 @dataclasses.dataclass
 class Template:
     graph: tf.Graph
-    loss: str                                  # tensor name of the scalar loss
-    features: dict[str, str]                   # feature name -> placeholder tensor name
+    loss: str  # tensor name of the scalar loss
+    features: dict[str, str]  # feature name -> placeholder tensor name
     feature_spec: dict[str, tuple[tuple[int, ...], tf.DType]]
-    layers: tuple[str, ...]                    # in order of first creation
-    layer_of_op: dict[str, str]                # every op of the loss cone (inputs excluded)
-    ops_of_layer: dict[str, tuple[str, ...]]   # in graph (topological) order
-    variables: dict[str, VariableInfo]         # handle op name -> info, creation order
+    layers: tuple[str, ...]  # in order of first creation
+    layer_of_op: dict[str, str]  # every op of the loss cone (inputs excluded)
+    ops_of_layer: dict[str, tuple[str, ...]]  # in graph (topological) order
+    variables: dict[str, VariableInfo]  # handle op name -> info, creation order
     variables_of_layer: dict[str, tuple[str, ...]]
     edges: tuple[Edge, ...]
-    batch_tensors: frozenset[str]              # tensor names that depend on a feature
+    batch_tensors: frozenset[str]  # tensor names that depend on a feature
     # crossing batch tensors whose axis 0 is provably not the batch axis: with static batches of
     # PROBE_ROWS rows, shape inference gives them a first dimension that is not k x rows (their
     # shape with 7 rows)
@@ -134,17 +152,24 @@ class Template:
         return self.graph.as_graph_def()
 
     def describe(self) -> str:
-        lines = [f"template: {len(self.layers)} layers, {len(self.layer_of_op)} ops, "
-                 f"{len(self.variables)} variables, loss {self.loss}"]
+        lines = [
+            f"template: {len(self.layers)} layers, {len(self.layer_of_op)} ops, "
+            f"{len(self.variables)} variables, loss {self.loss}"
+        ]
         for name in self.layers:
-            lines.append(f"  {name}: {len(self.ops_of_layer[name])} ops, reads "
-                         f"{list(self.variables_of_layer[name])}")
+            lines.append(
+                f"  {name}: {len(self.ops_of_layer[name])} ops, reads "
+                f"{list(self.variables_of_layer[name])}"
+            )
         return "\n".join(lines)
 
 
-def build_template(model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
-                   feature_spec: Mapping[str, tuple[tuple[int, ...], Any]],
-                   seed: int | None = None, layers: LayerRule = None) -> Template:
+def build_template(
+    model_fn: Callable[[dict[str, tf.Tensor]], tf.Tensor],
+    feature_spec: Mapping[str, tuple[tuple[int, ...], Any]],
+    seed: int | None = None,
+    layers: LayerRule = None,
+) -> Template:
     """Build `model_fn` in a fresh graph and analyse it with the layer rule `layers`."""
     graph, features, loss = build_model_graph(model_fn, feature_spec, seed)
     if RANDOM_ROWS_FEATURE in features:
@@ -177,8 +202,9 @@ def build_model_graph(model_fn, feature_spec, seed=None, graph=None):
         random = random_ops.random_ops_of(loss)
         if random:
             with tf.name_scope(FEATURE_SCOPE + "/"):
-                rows_info = v1.placeholder(RANDOM_ROWS_SPEC[1], [None, *RANDOM_ROWS_SPEC[0]],
-                                           name=RANDOM_ROWS_FEATURE)
+                rows_info = v1.placeholder(
+                    RANDOM_ROWS_SPEC[1], [None, *RANDOM_ROWS_SPEC[0]], name=RANDOM_ROWS_FEATURE
+                )
             random_ops.make_stateless(random, rows_info, list(features.values()), seed)
             features[RANDOM_ROWS_FEATURE] = rows_info
     return graph, features, returned
@@ -190,55 +216,84 @@ def _check_loss(loss, graph: tf.Graph) -> None:
     parts = [loss.numerator, loss.denominator] if isinstance(loss, WeightedLoss) else [loss]
     for part in parts:
         if not isinstance(part, tf.Tensor) or part.graph is not graph:
-            raise TemplateError(f"model_fn must return a scalar tf.Tensor of its graph or a "
-                                f"dapple_tf.WeightedLoss of two, got {loss!r}")
+            raise TemplateError(
+                f"model_fn must return a scalar tf.Tensor of its graph or a "
+                f"dapple_tf.WeightedLoss of two, got {loss!r}"
+            )
         if part.shape.rank not in (0, None):
-            raise TemplateError(f"model_fn must return a scalar loss (a mean over its rows, or "
-                                f"WeightedLoss(sum, sum)), got {part.name} of shape {part.shape}")
+            raise TemplateError(
+                f"model_fn must return a scalar loss (a mean over its rows, or "
+                f"WeightedLoss(sum, sum)), got {part.name} of shape {part.shape}"
+            )
     if isinstance(loss, WeightedLoss):
-        reads = [op.name for op in graph.get_operations()
-                 if op.name in _backward_cone(loss.denominator.op)
-                 and op.type in ("ReadVariableOp", "VarHandleOp")]
+        reads = [
+            op.name
+            for op in graph.get_operations()
+            if op.name in _backward_cone(loss.denominator.op)
+            and op.type in ("ReadVariableOp", "VarHandleOp")
+        ]
         if reads:
-            raise TemplateError(f"the WeightedLoss denominator {loss.denominator.name} reads "
-                                f"variables ({reads[:3]}); it must depend on the features only")
+            raise TemplateError(
+                f"the WeightedLoss denominator {loss.denominator.name} reads "
+                f"variables ({reads[:3]}); it must depend on the features only"
+            )
 
 
-def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
-            feature_spec, layers: LayerRule = None) -> Template:
+def analyse(
+    graph: tf.Graph,
+    features: Mapping[str, tf.Tensor],
+    loss: tf.Tensor,
+    feature_spec,
+    layers: LayerRule = None,
+) -> Template:
     _check_no_update_ops(graph)
     feature_ops = {t.op.name: name for name, t in features.items()}
     cone = _backward_cone(loss.op)
     ops = [op for op in graph.get_operations() if op.name in cone]  # creation = topological
-    variable_objects = {v.handle.op.name: v for v in graph.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)
-                        if hasattr(v, "handle")}
-    trainable = {v.handle.op.name for v in graph.get_collection(v1.GraphKeys.TRAINABLE_VARIABLES)
-                 if hasattr(v, "handle")}
+    variable_objects = {
+        v.handle.op.name: v
+        for v in graph.get_collection(v1.GraphKeys.GLOBAL_VARIABLES)
+        if hasattr(v, "handle")
+    }
+    trainable = {
+        v.handle.op.name
+        for v in graph.get_collection(v1.GraphKeys.TRAINABLE_VARIABLES)
+        if hasattr(v, "handle")
+    }
 
     members = []
     variables: dict[str, VariableInfo] = {}
     for op in ops:
         if op.type in _REF_VARIABLE_OPS:
-            raise TemplateError(f"variable '{op.name}' is a reference variable; build the model "
-                                f"with resource variables (tf.compat.v1.get_variable under "
-                                f"use_resource=True, which dapple builds model_fn under)")
+            raise TemplateError(
+                f"variable '{op.name}' is a reference variable; build the model "
+                f"with resource variables (tf.compat.v1.get_variable under "
+                f"use_resource=True, which dapple builds model_fn under)"
+            )
         if op.type in _VARIABLE_OPS:
             variables[op.name] = VariableInfo(
-                op.name, tuple(op.get_attr("shape").dim[i].size
-                               for i in range(len(op.get_attr("shape").dim))),
-                tf.as_dtype(op.get_attr("dtype")), op.name in trainable)
+                op.name,
+                tuple(
+                    op.get_attr("shape").dim[i].size for i in range(len(op.get_attr("shape").dim))
+                ),
+                tf.as_dtype(op.get_attr("dtype")),
+                op.name in trainable,
+            )
         elif op.name in feature_ops:
             pass
         elif op.type == "Placeholder":
-            raise TemplateError(f"the loss depends on placeholder '{op.name}' that is not a "
-                                f"feature; features are: {sorted(feature_ops.values())}")
+            raise TemplateError(
+                f"the loss depends on placeholder '{op.name}' that is not a "
+                f"feature; features are: {sorted(feature_ops.values())}"
+            )
         else:
             members.append(op)
     if not members:
         raise TemplateError("model_fn's loss has no ops besides its inputs")
 
-    layers, layer_of_op = assign_layers(members, loss.op, layer_rule(layers),
-                                        explicit=layers is not None)
+    layers, layer_of_op = assign_layers(
+        members, loss.op, layer_rule(layers), explicit=layers is not None
+    )
     _check_no_v1_control_flow(members, layer_of_op)
     ops_of_layer: dict[str, list[str]] = {name: [] for name in layers}
     for op in members:
@@ -251,7 +306,9 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
             producer = t.op
             if producer.name in variables:
                 variables_of_layer[layer_of_op[op.name]][producer.name] = None
-            elif producer.name in layer_of_op and layer_of_op[producer.name] != layer_of_op[op.name]:
+            elif (
+                producer.name in layer_of_op and layer_of_op[producer.name] != layer_of_op[op.name]
+            ):
                 edges[(t.name, layer_of_op[producer.name], layer_of_op[op.name])] = None
 
     batch_tensors = set(t.name for t in features.values())
@@ -259,18 +316,25 @@ def analyse(graph: tf.Graph, features: Mapping[str, tf.Tensor], loss: tf.Tensor,
         if any(t.name in batch_tensors for t in op.inputs):
             batch_tensors.update(t.name for t in op.outputs)
 
-    row_factor, not_batch_major = _probe_row_factors(graph, features, feature_spec,
-                                                     batch_tensors, {e[0] for e in edges})
+    row_factor, not_batch_major = _probe_row_factors(
+        graph, features, feature_spec, batch_tensors, {e[0] for e in edges}
+    )
     return Template(
-        not_batch_major=not_batch_major, row_factor=row_factor,
-        graph=graph, loss=loss.name, features={n: t.name for n, t in features.items()},
+        not_batch_major=not_batch_major,
+        row_factor=row_factor,
+        graph=graph,
+        loss=loss.name,
+        features={n: t.name for n, t in features.items()},
         feature_spec={n: (tuple(s), tf.as_dtype(d)) for n, (s, d) in feature_spec.items()},
-        layers=tuple(layers), layer_of_op=layer_of_op,
+        layers=tuple(layers),
+        layer_of_op=layer_of_op,
         ops_of_layer={n: tuple(o) for n, o in ops_of_layer.items()},
         variables=variables,
         variables_of_layer={n: tuple(v) for n, v in variables_of_layer.items()},
-        edges=tuple(Edge(*e) for e in edges), batch_tensors=frozenset(batch_tensors),
-        variable_objects={n: variable_objects[n] for n in variables if n in variable_objects})
+        edges=tuple(Edge(*e) for e in edges),
+        batch_tensors=frozenset(batch_tensors),
+        variable_objects={n: variable_objects[n] for n in variables if n in variable_objects},
+    )
 
 
 def _check_no_update_ops(graph: tf.Graph) -> None:
@@ -282,14 +346,16 @@ def _check_no_update_ops(graph: tf.Graph) -> None:
         raise TemplateError(
             f"the model has {len(update_ops)} UPDATE_OPS (batch norm moving statistics, e.g. "
             f"{names}); pipelined training does not update them yet (see docs/tf1-models.md). "
-            f"Use SingleDeviceTrainer, which runs them every step, or a model without them")
+            f"Use SingleDeviceTrainer, which runs them every step, or a model without them"
+        )
 
 
 def _check_no_v1_control_flow(members: Sequence[tf.Operation], layer_of_op) -> None:
     found = [op for op in members if op.type in V1_CONTROL_FLOW_OPS]
     if found:
-        examples = ", ".join(f"{op.name} ({op.type}, layer '{layer_of_op[op.name]}')"
-                             for op in found[:2])
+        examples = ", ".join(
+            f"{op.name} ({op.type}, layer '{layer_of_op[op.name]}')" for op in found[:2]
+        )
         raise TemplateError(
             f"the model uses TF1 control flow ({len(found)} ops such as {examples}): v1 "
             f"while_loop/cond frames cannot be split into pipeline stages. Build it with "
@@ -297,7 +363,8 @@ def _check_no_v1_control_flow(members: Sequence[tf.Operation], layer_of_op) -> N
             f"tf.compat.v1.disable_control_flow_v2() (or call "
             f"tf.compat.v1.enable_control_flow_v2() before building the trainer); "
             f"tf.compat.v1.while_loop and tf.compat.v1.cond then make While/If ops, which "
-            f"train exactly")
+            f"train exactly"
+        )
 
 
 def initial_values(template: Template, session_config=None, names=None) -> dict[str, np.ndarray]:
@@ -308,8 +375,10 @@ def initial_values(template: Template, session_config=None, names=None) -> dict[
     objects = [template.variable_objects[n] for n in wanted if n in template.variable_objects]
     if len(objects) != len(wanted):
         missing = sorted(set(wanted) - set(template.variable_objects))
-        raise TemplateError(f"variables {missing} have no tf.Variable object (not created with "
-                            f"tf.compat.v1.get_variable/tf.Variable?)")
+        raise TemplateError(
+            f"variables {missing} have no tf.Variable object (not created with "
+            f"tf.compat.v1.get_variable/tf.Variable?)"
+        )
     with v1.Session(graph=template.graph, config=session_config) as sess:
         sess.run([v.initializer for v in objects])
         values = sess.run([v.value() for v in objects])
@@ -349,12 +418,19 @@ def _static_shapes(graph, features, feature_spec, tensors, rows):
     copy does not build)."""
     probe = tf.Graph()
     with probe.as_default():
-        input_map = {t.name: v1.placeholder(tf.as_dtype(feature_spec[n][1]),
-                                            [rows] + list(feature_spec[n][0]))
-                     for n, t in features.items()}
+        input_map = {
+            t.name: v1.placeholder(
+                tf.as_dtype(feature_spec[n][1]), [rows] + list(feature_spec[n][0])
+            )
+            for n, t in features.items()
+        }
         try:
-            found = tf.graph_util.import_graph_def(graph.as_graph_def(), input_map=input_map,
-                                                   return_elements=list(tensors), name="probe")
+            found = tf.graph_util.import_graph_def(
+                graph.as_graph_def(),
+                input_map=input_map,
+                return_elements=list(tensors),
+                name="probe",
+            )
         except ValueError:
             return None
     return [t.shape for t in found]
@@ -378,8 +454,10 @@ def shape_only_cone(template: Template, tensor: str) -> tuple[list[str], bool]:
         if op.type in _SHAPE_OPS:
             shape_ops.append(op.name)
             continue
-        if op.type in ("Placeholder", "VarHandleOp", "ReadVariableOp") or \
-                op.type in random_ops.STATEFUL_TYPES:
+        if (
+            op.type in ("Placeholder", "VarHandleOp", "ReadVariableOp")
+            or op.type in random_ops.STATEFUL_TYPES
+        ):
             return shape_ops, False
         stack.extend(t.op for t in op.inputs)
     return shape_ops, True
@@ -394,17 +472,26 @@ def values_at_rows(template: Template, tensors: Sequence[str], rows: int) -> dic
     graph = template.graph
     probe_inputs = [graph.get_operation_by_name(op).inputs for op in shape_ops]
     names = [t.name for inputs in probe_inputs for t in inputs]
-    shapes = _static_shapes(graph, {n: graph.get_tensor_by_name(t)
-                                    for n, t in template.features.items()},
-                            template.feature_spec, names, rows) or []
+    shapes = (
+        _static_shapes(
+            graph,
+            {n: graph.get_tensor_by_name(t) for n, t in template.features.items()},
+            template.feature_spec,
+            names,
+            rows,
+        )
+        or []
+    )
     shape_of = dict(zip(names, shapes))
     constants = {}
     for op_name, inputs in zip(shape_ops, probe_inputs):
         op = graph.get_operation_by_name(op_name)
         known = [shape_of.get(t.name) for t in inputs]
         if any(s is None or not s.is_fully_defined() for s in known):
-            raise TemplateError(f"{op_name} ({op.type}) has no static value with a batch of "
-                                f"{rows} rows (input shapes {known})")
+            raise TemplateError(
+                f"{op_name} ({op.type}) has no static value with a batch of "
+                f"{rows} rows (input shapes {known})"
+            )
         dims = [s.as_list() for s in known]
         if op.type == "Rank":
             values = [len(dims[0])]
@@ -417,8 +504,11 @@ def values_at_rows(template: Template, tensors: Sequence[str], rows: int) -> dic
     evaluation = tf.Graph()
     with evaluation.as_default():
         found = tf.graph_util.import_graph_def(
-            graph.as_graph_def(), input_map={t: tf.constant(v) for t, v in constants.items()},
-            return_elements=list(tensors), name="")
+            graph.as_graph_def(),
+            input_map={t: tf.constant(v) for t, v in constants.items()},
+            return_elements=list(tensors),
+            name="",
+        )
         with v1.Session(graph=evaluation) as session:
             values = session.run(found)
     return dict(zip(tensors, values))
@@ -436,9 +526,12 @@ def _backward_cone(loss_op: tf.Operation) -> set[str]:
     return seen
 
 
-def assign_layers(members: Sequence[tf.Operation], loss_op: tf.Operation,
-                  rule: Callable[[str], str | None] = top_level_scope, explicit: bool = False
-                  ) -> tuple[tuple[str, ...], dict[str, str]]:
+def assign_layers(
+    members: Sequence[tf.Operation],
+    loss_op: tf.Operation,
+    rule: Callable[[str], str | None] = top_level_scope,
+    explicit: bool = False,
+) -> tuple[tuple[str, ...], dict[str, str]]:
     """(layers in creation order, op name -> layer) for `members` (the loss cone's ops in
     creation order, inputs excluded). Ops the rule names: that layer. The others: the earliest
     layer among their consumers (walked in reverse creation order, so consumers are decided
@@ -456,16 +549,19 @@ def assign_layers(members: Sequence[tf.Operation], loss_op: tf.Operation,
     if not first_seen:
         if explicit:
             scopes = sorted({op.name.rsplit("/", 1)[0] for op in members if "/" in op.name})
-            raise TemplateError(f"the layer rule matched no scope path of the model's ops; "
-                                f"scope paths are: {scopes[:20]}{' ...' if len(scopes) > 20 else ''}")
+            raise TemplateError(
+                f"the layer rule matched no scope path of the model's ops; "
+                f"scope paths are: {scopes[:20]}{' ...' if len(scopes) > 20 else ''}"
+            )
         only = loss_op.name
         return (only,), {op.name: only for op in members}
     last_layer = max(first_seen, key=first_seen.get)
     for op in reversed(members):
         if op.name in layer_of_op:
             continue
-        consumer_layers = [layer_of_op[c.name] for t in op.outputs for c in t.consumers()
-                           if c.name in layer_of_op]
+        consumer_layers = [
+            layer_of_op[c.name] for t in op.outputs for c in t.consumers() if c.name in layer_of_op
+        ]
         if op is loss_op or not consumer_layers:
             layer_of_op[op.name] = last_layer
         else:

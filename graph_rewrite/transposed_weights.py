@@ -14,9 +14,11 @@ the transposed copy) and the values are the same products, so training stays equ
 single-device training to float rounding. The copy costs one transpose per weight per step
 and the weight's memory again while the step's forwards run.
 """
+
 from __future__ import annotations
 
 from tensorflow.core.framework import graph_pb2, types_pb2
+
 # Private, and the only way to ask: whether this TensorFlow process runs oneDNN's kernels
 # (TF_ENABLE_ONEDNN_OPTS read at start-up, and TF's default for the CPU).
 from tensorflow.python.util import _pywrap_util_port
@@ -24,7 +26,7 @@ from tensorflow.python.util import _pywrap_util_port
 from . import graphdefs
 
 TRANSPOSED_INPUT_PREFIX = "dapple_transposed"
-SMALL_ROWS = 512   # below this many rows oneDNN's MatMul(x, W) was measured at half speed
+SMALL_ROWS = 512  # below this many rows oneDNN's MatMul(x, W) was measured at half speed
 
 
 def onednn_enabled() -> bool:
@@ -35,8 +37,7 @@ def prefers_transposed_weights(device: str, rows: int | None) -> bool:
     """True where the pass pays: a CPU stage with oneDNN's kernels on (TensorFlow's Eigen
     MatMul is slower with the transposed operand: 65 against 26 ms per 512 rows at 64 rows)
     and fewer than SMALL_ROWS rows per call."""
-    return ("CPU" in device.upper() and rows is not None and rows < SMALL_ROWS
-            and onednn_enabled())
+    return "CPU" in device.upper() and rows is not None and rows < SMALL_ROWS and onednn_enabled()
 
 
 def transpose_weight_reads(forward: graph_pb2.GraphDef, variables) -> dict[str, str]:
@@ -45,7 +46,7 @@ def transpose_weight_reads(forward: graph_pb2.GraphDef, variables) -> dict[str, 
     `MatMul(a, <TRANSPOSED_INPUT_PREFIX>/<v>:0, transpose_b=True)`. Returns that new input
     tensor name -> v, for the caller to feed with v's value transposed."""
     variables = set(variables)
-    read_of = {}   # ReadVariableOp name -> variable it reads
+    read_of = {}  # ReadVariableOp name -> variable it reads
     for node in forward.node:
         if node.op == "ReadVariableOp" and node.input:
             source = graphdefs.split_tensor_name(node.input[0])[0]

@@ -7,6 +7,7 @@ once and wrapped as resource variables from their `VariableDef` (the public way
 `import_meta_graph` rebuilds variables). Building them op by op in Python cost about 4 ms per
 variable on the project machine (577 variables: 2-3 s); this costs under 1 ms. The runtime
 loads the real initial values afterwards (`Trainer.set_weights`)."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -35,7 +36,9 @@ def create_variables(variables: Mapping[str, tuple], graph: tf.Graph) -> dict[st
         zero = _node(graph_def, f"{name}/Initializer/zeros/Const", "Const", device)
         zero.attr["dtype"].type = dtype.as_datatype_enum
         zero.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(0, dtype))
-        zeros = _node(graph_def, f"{name}/Initializer/zeros", "Fill", device, [dims.name, zero.name])
+        zeros = _node(
+            graph_def, f"{name}/Initializer/zeros", "Fill", device, [dims.name, zero.name]
+        )
         zeros.attr["T"].type = dtype.as_datatype_enum
         zeros.attr["index_type"].type = tf.int32.as_datatype_enum
         assign = _node(graph_def, f"{name}/Assign", "AssignVariableOp", device, [name, zeros.name])
@@ -48,10 +51,13 @@ def create_variables(variables: Mapping[str, tuple], graph: tf.Graph) -> dict[st
         created = {}
         for name, (shape, dtype, trainable, device) in variables.items():
             proto = variable_pb2.VariableDef(
-                variable_name=f"{name}:0", initializer_name=f"{name}/Assign",
+                variable_name=f"{name}:0",
+                initializer_name=f"{name}/Assign",
                 snapshot_name=f"{name}/Read/ReadVariableOp:0",
-                initial_value_name=f"{name}/Initializer/zeros:0", is_resource=True,
-                trainable=trainable)
+                initial_value_name=f"{name}/Initializer/zeros:0",
+                is_resource=True,
+                trainable=trainable,
+            )
             variable = tf.compat.v1.Variable(variable_def=proto, use_resource=True)
             tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES, variable)
             if trainable:

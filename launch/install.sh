@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command install of dapple-tf and its stack into ./.venv:
 #   TensorFlow 2.21 (CPU build, or GPU build with --gpu / when nvidia-smi is found),
-#   numpy, absl-py, pytest, matplotlib, the project (editable), and Horovod 0.28.1 built from its
+#   numpy, absl-py, pytest, matplotlib, ruff, the project (editable), and Horovod 0.28.1 built from its
 #   source distribution with TensorFlow + Gloo (+ MPI when an MPI compiler is installed).
 #
 # Idempotent: re-running skips finished steps; the Horovod wheel is cached in .cache/ so a new
@@ -76,7 +76,7 @@ step "create virtual environment $VENV" venv
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 # Horovod's own build needs cloudpickle/psutil/pyyaml/packaging when built without isolation.
-BASE_PACKAGES=("$TF_PACKAGE" numpy absl-py pytest pytest-timeout matplotlib
+BASE_PACKAGES=("$TF_PACKAGE" numpy absl-py pytest pytest-timeout matplotlib ruff==0.17.6
                cloudpickle psutil pyyaml packaging wheel setuptools)
 BASE_STAMP="$VENV/.dapple-base-$(echo "${BASE_PACKAGES[*]}" | cksum | cut -d' ' -f1)"
 if [ -f "$BASE_STAMP" ]; then

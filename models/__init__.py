@@ -7,6 +7,7 @@
 Each model creates its layers as top-level name scopes, listed in `spec.layer_names`. See
 models/README.md for presets, layer names, data formats and the measured training runs.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ scale and shift (layer norm over the feature map; GroupNorm with one group).
 The factorized reduction of a skipped-over input is a 2×2 average pooling with stride 2
 followed by a 1×1 convolution.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,8 @@ REDUCTION_CELL = (
 @dataclasses.dataclass(frozen=True)
 class AmoebaNetConfig:
     image_size: int = 224
-    cells_per_stack: int = 12        # normal cells per stack; AmoebaNet-36 has 3 × 12
-    filters: int = 256               # filters of the first stack (doubled at each reduction)
+    cells_per_stack: int = 12  # normal cells per stack; AmoebaNet-36 has 3 × 12
+    filters: int = 256  # filters of the first stack (doubled at each reduction)
     stem_filters: int = 32
     num_classes: int = 1000
     dropout: float = 0.0
@@ -58,10 +59,17 @@ class AmoebaNetConfig:
 
 
 PRESETS = {
-    "tiny": AmoebaNetConfig(image_size=32, cells_per_stack=1, filters=4, stem_filters=4,
-                            num_classes=10, learning_rate=0.02, global_batch_size=8),
+    "tiny": AmoebaNetConfig(
+        image_size=32,
+        cells_per_stack=1,
+        filters=4,
+        stem_filters=4,
+        num_classes=10,
+        learning_rate=0.02,
+        global_batch_size=8,
+    ),
     "amoebanet-18": AmoebaNetConfig(cells_per_stack=6),
-    "amoebanet-36": AmoebaNetConfig(),    # the DAPPLE paper's AmoebaNet-36
+    "amoebanet-36": AmoebaNetConfig(),  # the DAPPLE paper's AmoebaNet-36
 }
 
 
@@ -96,8 +104,9 @@ def _norm(x, name):
 
 def _relu_conv_norm(x, filters, kernel, name, stride=1):
     with tf.compat.v1.variable_scope(name):
-        return _norm(L.conv2d(tf.nn.relu(x), filters, kernel, "conv", stride=stride,
-                              use_bias=False), "norm")
+        return _norm(
+            L.conv2d(tf.nn.relu(x), filters, kernel, "conv", stride=stride, use_bias=False), "norm"
+        )
 
 
 def _factorized_reduction(x, filters, name):
@@ -110,12 +119,11 @@ def _operation(op, x, filters, stride, name):
     with tf.compat.v1.variable_scope(name):
         if op.startswith("separable_"):
             kernel = int(op.split("_")[1].split("x")[0])
-            for i, s in enumerate((stride, 1)):   # "_2": two stacked separable convolutions
+            for i, s in enumerate((stride, 1)):  # "_2": two stacked separable convolutions
                 x = L.separable_conv2d(tf.nn.relu(x), filters, kernel, f"sep_{i}", stride=s)
             return _norm(x, "norm")
         if op == "1x7_7x1":
-            x = L.conv2d(tf.nn.relu(x), filters, (1, 7), "conv_1x7", stride=stride,
-                         use_bias=False)
+            x = L.conv2d(tf.nn.relu(x), filters, (1, 7), "conv_1x7", stride=stride, use_bias=False)
             x = L.conv2d(x, filters, (7, 1), "conv_7x1", use_bias=False)
             return _norm(x, "norm")
         if op in ("avg_pool_3x3", "max_pool_3x3"):
@@ -161,21 +169,24 @@ def build(cfg: AmoebaNetConfig, features):
             x, prev = _cell(x, prev, filters, reduction), x
     with L.layer_scope("head"):
         x = tf.reduce_mean(tf.nn.relu(x), axis=[1, 2])
-        logits = L.dense(L.dropout(x, cfg.dropout), cfg.num_classes, "logits",
-                         initializer="glorot")
+        logits = L.dense(L.dropout(x, cfg.dropout), cfg.num_classes, "logits", initializer="glorot")
     with L.layer_scope("loss"):
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=features["label"], logits=logits)
+            labels=features["label"], logits=logits
+        )
         return tf.reduce_mean(per_example, name="mean_loss")
 
 
 def get(preset: str = "tiny", **overrides) -> ModelSpec:
     cfg = resolve_config("amoebanet", PRESETS, preset, overrides)
     return ModelSpec(
-        name="amoebanet", preset=preset, config=cfg,
+        name="amoebanet",
+        preset=preset,
+        config=cfg,
         model_fn=lambda features: build(cfg, features),
         feature_spec=feature_spec(cfg),
         layer_names=layer_names(cfg),
         **image_data(cfg.image_size, cfg.num_classes),
         default_global_batch_size=cfg.global_batch_size,
-        default_optimizer=momentum(cfg.learning_rate))
+        default_optimizer=momentum(cfg.learning_rate),
+    )

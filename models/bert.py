@@ -9,6 +9,7 @@ Per-example loss: classification cross entropy; pre-training: the weighted mean 
 masked positions of the MLM cross entropy plus the NSP cross entropy. The model loss is the mean
 over rows, so micro-batches weighted by their rows reproduce the full batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,24 +33,39 @@ class BertConfig:
     intermediate_size: int = 3072
     seq_length: int = 128
     type_vocab_size: int = 2
-    head: str = "classification"      # or "pretraining"
+    head: str = "classification"  # or "pretraining"
     num_labels: int = 2
-    max_predictions: int = 20          # masked positions per example (pretraining head)
+    max_predictions: int = 20  # masked positions per example (pretraining head)
     dropout: float = 0.0
     learning_rate: float = 1e-4
     global_batch_size: int = 32
 
 
 PRESETS = {
-    "tiny": BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=2,
-                       intermediate_size=64, seq_length=16, max_predictions=3,
-                       learning_rate=1e-3, global_batch_size=8),
+    "tiny": BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        seq_length=16,
+        max_predictions=3,
+        learning_rate=1e-3,
+        global_batch_size=8,
+    ),
     "base": BertConfig(),
     "large": BertConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
     # The DAPPLE paper's BERT-48 (profiles bert-48-pbs-2: 528-token activations; we use 512).
-    "bert-48": BertConfig(hidden_size=1024, num_layers=48, num_heads=16, intermediate_size=4096,
-                          seq_length=512, head="pretraining", max_predictions=76,
-                          global_batch_size=64),
+    "bert-48": BertConfig(
+        hidden_size=1024,
+        num_layers=48,
+        num_heads=16,
+        intermediate_size=4096,
+        seq_length=512,
+        head="pretraining",
+        max_predictions=76,
+        global_batch_size=64,
+    ),
 }
 
 
@@ -59,14 +75,23 @@ def layer_names(cfg: BertConfig) -> tuple[str, ...]:
 
 def feature_spec(cfg: BertConfig):
     t = cfg.seq_length
-    spec = {"input_ids": ((t,), tf.int32), "input_mask": ((t,), tf.int32),
-            "segment_ids": ((t,), tf.int32)}
+    spec = {
+        "input_ids": ((t,), tf.int32),
+        "input_mask": ((t,), tf.int32),
+        "segment_ids": ((t,), tf.int32),
+    }
     if cfg.head == "classification":
         spec["label"] = ((), tf.int32)
     else:
         p = cfg.max_predictions
-        spec.update({"masked_positions": ((p,), tf.int32), "masked_ids": ((p,), tf.int32),
-                     "masked_weights": ((p,), tf.float32), "next_sentence_label": ((), tf.int32)})
+        spec.update(
+            {
+                "masked_positions": ((p,), tf.int32),
+                "masked_ids": ((p,), tf.int32),
+                "masked_weights": ((p,), tf.float32),
+                "next_sentence_label": ((), tf.int32),
+            }
+        )
     return spec
 
 
@@ -91,8 +116,10 @@ def build(cfg: BertConfig, features):
         word_embeddings = L.variable("word_embeddings", [cfg.vocab_size, cfg.hidden_size])
         x = tf.gather(word_embeddings, features["input_ids"])
         x += L.variable("position_embeddings", [cfg.seq_length, cfg.hidden_size])
-        x += tf.gather(L.variable("token_type_embeddings", [cfg.type_vocab_size, cfg.hidden_size]),
-                       features["segment_ids"])
+        x += tf.gather(
+            L.variable("token_type_embeddings", [cfg.type_vocab_size, cfg.hidden_size]),
+            features["segment_ids"],
+        )
         x = L.dropout(L.layer_norm(x), cfg.dropout)
 
     for i in range(cfg.num_layers):
@@ -113,24 +140,29 @@ def build(cfg: BertConfig, features):
         if cfg.head == "classification":
             logits = L.dense(L.dropout(pooled, cfg.dropout), cfg.num_labels, "classifier")
             per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=features["label"], logits=logits)
+                labels=features["label"], logits=logits
+            )
         elif cfg.head == "pretraining":
             with tf.compat.v1.variable_scope("mlm"):
                 picked = tf.gather(x, features["masked_positions"], batch_dims=1)  # [B, P, H]
-                picked = L.layer_norm(L.dense(picked, cfg.hidden_size, "transform",
-                                              activation=L.gelu))
+                picked = L.layer_norm(
+                    L.dense(picked, cfg.hidden_size, "transform", activation=L.gelu)
+                )
                 logits = tf.tensordot(picked, word_embeddings, axes=[[2], [1]])
                 logits += L.variable("output_bias", [cfg.vocab_size], initializer="constant")
-                mlm = L.masked_token_xent(logits, features["masked_ids"],
-                                          features["masked_weights"])
+                mlm = L.masked_token_xent(
+                    logits, features["masked_ids"], features["masked_weights"]
+                )
             with tf.compat.v1.variable_scope("nsp"):
                 nsp_logits = L.dense(pooled, 2, "classifier")
                 nsp = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=features["next_sentence_label"], logits=nsp_logits)
+                    labels=features["next_sentence_label"], logits=nsp_logits
+                )
             per_example = mlm + nsp
         else:
-            raise ValueError(f"BERT head must be 'classification' or 'pretraining', got "
-                             f"'{cfg.head}'")
+            raise ValueError(
+                f"BERT head must be 'classification' or 'pretraining', got '{cfg.head}'"
+            )
         return tf.reduce_mean(per_example, name="mean_loss")
 
 
@@ -166,8 +198,9 @@ def synthetic_batch(cfg: BertConfig, batch_size: int, rng: np.random.Generator):
 GLUE_COLUMNS = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 
 
-def read_glue_pairs(tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: int,
-                    max_rows: int | None = None) -> dict[str, np.ndarray]:
+def read_glue_pairs(
+    tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: int, max_rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Encode a GLUE MRPC-style TSV (header `Quality  #1 ID  #2 ID  #1 String  #2 String`) as
     `[CLS] a [SEP] b [SEP]`, truncating the longer sentence first to fit `seq_length`."""
     lines = read_lines(tsv_path, "GLUE TSV", encoding="utf-8-sig")
@@ -176,8 +209,9 @@ def read_glue_pairs(tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: in
         expected = "\t".join(GLUE_COLUMNS)
         raise DataError(f"{tsv_path}:1: expected the header {expected!r}, found {lines[0]!r}")
     if seq_length < 3:
-        raise ValueError(f"seq_length must be at least 3 for [CLS] a [SEP] b [SEP], got "
-                         f"{seq_length}")
+        raise ValueError(
+            f"seq_length must be at least 3 for [CLS] a [SEP] b [SEP], got {seq_length}"
+        )
     cls_id, sep_id = tokenizer.id_of("[CLS]"), tokenizer.id_of("[SEP]")
     rows = {"input_ids": [], "input_mask": [], "segment_ids": [], "label": []}
     for lineno, line in enumerate(lines[1:], start=2):
@@ -185,8 +219,10 @@ def read_glue_pairs(tsv_path: str, tokenizer: WordPieceTokenizer, seq_length: in
             continue
         fields = line.split("\t")
         if len(fields) != len(GLUE_COLUMNS):
-            raise DataError(f"{tsv_path}:{lineno}: expected {len(GLUE_COLUMNS)} tab-separated "
-                            f"fields ({', '.join(GLUE_COLUMNS)}), found {len(fields)}")
+            raise DataError(
+                f"{tsv_path}:{lineno}: expected {len(GLUE_COLUMNS)} tab-separated "
+                f"fields ({', '.join(GLUE_COLUMNS)}), found {len(fields)}"
+            )
         if fields[0] not in ("0", "1"):
             raise DataError(f"{tsv_path}:{lineno}: Quality must be 0 or 1, found {fields[0]!r}")
         a, b = tokenizer.tokenize(fields[3]), tokenizer.tokenize(fields[4])
@@ -221,22 +257,32 @@ def data_config(data_dir: str, split: str = "train") -> dict[str, int]:
     for line in read_lines(tsv, "GLUE TSV", encoding="utf-8-sig")[1:]:
         fields = line.split("\t")
         if len(fields) == len(GLUE_COLUMNS):
-            longest = max(longest, len(tokenizer.tokenize(fields[3])) +
-                          len(tokenizer.tokenize(fields[4])) + 3)
+            longest = max(
+                longest, len(tokenizer.tokenize(fields[3])) + len(tokenizer.tokenize(fields[4])) + 3
+            )
     if not longest:
         raise DataError(f"{tsv} has no sentence pairs")
     return {"vocab_size": len(tokenizer.vocab), "seq_length": longest}
 
 
 def make_input_fn(cfg: BertConfig, model: str):
-    def input_fn(data_dir: str, batch_size: int, split: str = "train",
-                 vocab_file: str | None = None, max_rows: int | None = None,
-                 shuffle: bool = True, seed: int = 0, epochs: int | None = None):
+    def input_fn(
+        data_dir: str,
+        batch_size: int,
+        split: str = "train",
+        vocab_file: str | None = None,
+        max_rows: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int | None = None,
+    ):
         """Batches of a GLUE sentence-pair task: `<data_dir>/<split>.tsv`, tokenised with
         `vocab_file` (default: `<data_dir>/vocab-uncased.txt`, else `<data_dir>/vocab.txt`)."""
         if cfg.head != "classification":
-            raise ValueError(f"{model}: the GLUE reader feeds the classification head; this "
-                             f"model has head='{cfg.head}'")
+            raise ValueError(
+                f"{model}: the GLUE reader feeds the classification head; this "
+                f"model has head='{cfg.head}'"
+            )
         if vocab_file is None:
             vocab_file = vocab_file_of(data_dir)
         tokenizer = WordPieceTokenizer(vocab_file)
@@ -244,23 +290,30 @@ def make_input_fn(cfg: BertConfig, model: str):
         tsv = os.path.join(data_dir, f"{split}.tsv")
         arrays = read_glue_pairs(tsv, tokenizer, cfg.seq_length, max_rows)
         if int(arrays["label"].max()) >= cfg.num_labels:
-            raise DataError(f"{tsv} has label {int(arrays['label'].max())} but {model} has "
-                            f"num_labels={cfg.num_labels}")
+            raise DataError(
+                f"{tsv} has label {int(arrays['label'].max())} but {model} has "
+                f"num_labels={cfg.num_labels}"
+            )
         return iterate_batches(arrays, batch_size, shuffle, seed, epochs, tsv)
+
     return input_fn
 
 
 def get(preset: str = "tiny", **overrides) -> ModelSpec:
     cfg = resolve_config("bert", PRESETS, preset, overrides)
     if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"bert: hidden_size {cfg.hidden_size} does not divide into "
-                         f"{cfg.num_heads} heads")
+        raise ValueError(
+            f"bert: hidden_size {cfg.hidden_size} does not divide into {cfg.num_heads} heads"
+        )
     return ModelSpec(
-        name="bert", preset=preset, config=cfg,
+        name="bert",
+        preset=preset,
+        config=cfg,
         model_fn=lambda features: build(cfg, features),
         feature_spec=feature_spec(cfg),
         layer_names=layer_names(cfg),
         synthetic_batch=lambda batch_size, rng: synthetic_batch(cfg, batch_size, rng),
         input_fn=make_input_fn(cfg, f"bert/{preset}"),
         default_global_batch_size=cfg.global_batch_size,
-        default_optimizer=adam(cfg.learning_rate))
+        default_optimizer=adam(cfg.learning_rate),
+    )

@@ -9,6 +9,7 @@ the single-device builds therefore agree without copying weights).
 
 All functions keep the batch dimension dynamic and treat rows independently (no batch norm).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,10 @@ tf1 = tf.compat.v1
 def layer_scope(name: str):
     """Open the layer `name`: variables are named `name/...`, ops live under the top-level name
     scope `name/` even inside other scopes (the same rule as `dapple_tf.layer`)."""
-    with tf1.variable_scope(name, use_resource=True, auxiliary_name_scope=False) as scope, \
-            tf.name_scope(name + "/"):
+    with (
+        tf1.variable_scope(name, use_resource=True, auxiliary_name_scope=False) as scope,
+        tf.name_scope(name + "/"),
+    ):
         yield scope
 
 
@@ -34,9 +37,16 @@ def _seed_of(name: str, salt: int) -> int:
     return (zlib.crc32(name.encode()) ^ (salt * 0x9E3779B1)) & 0x7FFFFFFF
 
 
-def variable(name: str, shape, initializer: str = "normal", stddev: float = 0.02,
-             fan_in: int | None = None, value: float = 0.0, seed: int = 0,
-             dtype=tf.float32) -> tf.Variable:
+def variable(
+    name: str,
+    shape,
+    initializer: str = "normal",
+    stddev: float = 0.02,
+    fan_in: int | None = None,
+    value: float = 0.0,
+    seed: int = 0,
+    dtype=tf.float32,
+) -> tf.Variable:
     """A resource variable under the current variable scope, initialised deterministically.
 
     initializer: "normal" (truncated normal, `stddev`), "he" (truncated normal with stddev
@@ -50,12 +60,15 @@ def variable(name: str, shape, initializer: str = "normal", stddev: float = 0.02
     if initializer in ("he", "glorot"):
         fan = fan_in if fan_in is not None else int(np.prod(shape[:-1]))
     if initializer == "normal":
+
         def init(shape, dtype, partition_info=None):
             return stddev * tf.random.stateless_truncated_normal(shape, op_seed, dtype=dtype)
     elif initializer == "he":
+
         def init(shape, dtype, partition_info=None):
             return math.sqrt(2.0 / max(fan, 1)) * tf.random.stateless_truncated_normal(
-                shape, op_seed, dtype=dtype)
+                shape, op_seed, dtype=dtype
+            )
     elif initializer == "glorot":
         limit = math.sqrt(6.0 / max(fan + shape[-1], 1))
 
@@ -70,8 +83,16 @@ def variable(name: str, shape, initializer: str = "normal", stddev: float = 0.02
 
 # ---- dense / norm / activations ----------------------------------------------------------------
 
-def dense(x: tf.Tensor, units: int, name: str, activation=None, use_bias: bool = True,
-          initializer: str = "normal", stddev: float = 0.02) -> tf.Tensor:
+
+def dense(
+    x: tf.Tensor,
+    units: int,
+    name: str,
+    activation=None,
+    use_bias: bool = True,
+    initializer: str = "normal",
+    stddev: float = 0.02,
+) -> tf.Tensor:
     """x[..., in] @ W[in, units] + b, for any number of leading dimensions."""
     in_dim = int(x.shape[-1])
     with tf1.variable_scope(name):
@@ -89,8 +110,9 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None, use_bias: bool =
         return activation(y) if activation is not None else y
 
 
-def layer_norm(x: tf.Tensor, name: str = "layer_norm", axes=(-1,), epsilon: float = 1e-6,
-               affine: bool = True):
+def layer_norm(
+    x: tf.Tensor, name: str = "layer_norm", axes=(-1,), epsilon: float = 1e-6, affine: bool = True
+):
     """Normalise each row over `axes` (default: the last), then (if `affine`) apply a learned
     scale and shift over the last axis. Per example, so micro-batches give the same result as
     the full batch."""
@@ -119,8 +141,17 @@ def dropout(x: tf.Tensor, rate: float) -> tf.Tensor:
 
 # ---- convolutions --------------------------------------------------------------------------
 
-def conv2d(x: tf.Tensor, filters: int, kernel, name: str, stride: int = 1, use_bias: bool = True,
-           activation=None, padding: str = "SAME") -> tf.Tensor:
+
+def conv2d(
+    x: tf.Tensor,
+    filters: int,
+    kernel,
+    name: str,
+    stride: int = 1,
+    use_bias: bool = True,
+    activation=None,
+    padding: str = "SAME",
+) -> tf.Tensor:
     """NHWC convolution. `kernel` is an int or (kh, kw)."""
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     in_ch = int(x.shape[-1])
@@ -136,8 +167,9 @@ def separable_conv2d(x: tf.Tensor, filters: int, kernel: int, name: str, stride:
     """Depthwise kernel×kernel then pointwise 1×1, no bias (as in NASNet/AmoebaNet cells)."""
     in_ch = int(x.shape[-1])
     with tf1.variable_scope(name):
-        dw = variable("depthwise_kernel", [kernel, kernel, in_ch, 1], initializer="he",
-                      fan_in=kernel * kernel)
+        dw = variable(
+            "depthwise_kernel", [kernel, kernel, in_ch, 1], initializer="he", fan_in=kernel * kernel
+        )
         pw = variable("pointwise_kernel", [1, 1, in_ch, filters], initializer="he", fan_in=in_ch)
         return tf.nn.separable_conv2d(x, dw, pw, strides=[1, stride, stride, 1], padding="SAME")
 
@@ -152,8 +184,16 @@ def avg_pool(x, size=3, stride=1, padding="SAME"):
 
 # ---- recurrent -------------------------------------------------------------------------------
 
-def lstm(inputs: tf.Tensor, lengths: tf.Tensor, units: int, name: str,
-         reverse: bool = False, forget_bias: float = 1.0, unrolled: bool = False) -> tf.Tensor:
+
+def lstm(
+    inputs: tf.Tensor,
+    lengths: tf.Tensor,
+    units: int,
+    name: str,
+    reverse: bool = False,
+    forget_bias: float = 1.0,
+    unrolled: bool = False,
+) -> tf.Tensor:
     """A single-layer LSTM over `inputs` [batch, time, features] starting from zero state;
     returns the outputs [batch, time, units], zero at and beyond each row's length.
 
@@ -174,8 +214,9 @@ def lstm(inputs: tf.Tensor, lengths: tf.Tensor, units: int, name: str,
     valid = tf.sequence_mask(lengths, num_steps, dtype=inputs.dtype)[:, :, None]  # [B, T, 1]
     with tf1.variable_scope(name):
         # Gate order of the kernel's columns: input, cell candidate, forget, output (BlockLSTM's).
-        kernel = variable("kernel", [in_dim + units, 4 * units], initializer="glorot",
-                          fan_in=in_dim + units)
+        kernel = variable(
+            "kernel", [in_dim + units, 4 * units], initializer="glorot", fan_in=in_dim + units
+        )
         bias = variable("bias", [4 * units], initializer="constant")
         batch = tf.shape(inputs)[0]
         zeros = tf.zeros(tf.stack([batch, units]), dtype=inputs.dtype)
@@ -185,9 +226,19 @@ def lstm(inputs: tf.Tensor, lengths: tf.Tensor, units: int, name: str,
             no_peephole = tf.zeros([units], dtype=inputs.dtype)
             time_major = tf.transpose(inputs, [1, 0, 2])
             h = tf.raw_ops.BlockLSTM(
-                seq_len_max=tf.constant(num_steps, tf.int64), x=time_major, cs_prev=zeros,
-                h_prev=zeros, w=kernel, wci=no_peephole, wcf=no_peephole, wco=no_peephole,
-                b=bias, forget_bias=forget_bias, cell_clip=-1.0, use_peephole=False)[6]
+                seq_len_max=tf.constant(num_steps, tf.int64),
+                x=time_major,
+                cs_prev=zeros,
+                h_prev=zeros,
+                w=kernel,
+                wci=no_peephole,
+                wcf=no_peephole,
+                wco=no_peephole,
+                b=bias,
+                forget_bias=forget_bias,
+                cell_clip=-1.0,
+                use_peephole=False,
+            )[6]
             out = tf.transpose(h, [1, 0, 2])
         out = out * valid
         if reverse:
@@ -209,6 +260,7 @@ def _unrolled_lstm(inputs, kernel, bias, zeros, forget_bias):
 
 
 # ---- losses ----------------------------------------------------------------------------------
+
 
 def masked_token_xent(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
     """Per-example loss [batch]: the weighted mean over positions of the token cross entropy

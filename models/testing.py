@@ -1,5 +1,6 @@
 """Small plain-TF helpers for checking models: the layers a graph really has, and a reference
 single-device training loop (one session, the spec's default optimizer, no dapple_tf)."""
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping

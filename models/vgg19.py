@@ -5,6 +5,7 @@ Layers, one per node of the DAPPLE profile `vgg-19-pbs-32.txt` (Conv2d_1_1 … M
 FC2, Prediction, Loss): `conv1_1`, `conv1_2`, `pool1`, …, `conv5_4`, `pool5`, `fc6`, `fc7`,
 `fc8`, `loss`. No batch norm (the original VGG has none), so rows are independent.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,16 @@ class Vgg19Config:
 
 
 PRESETS = {
-    "tiny": Vgg19Config(image_size=32, widths=(4, 8, 8, 16, 16), fc_units=32, num_classes=10,
-                        learning_rate=0.01, global_batch_size=8),
+    "tiny": Vgg19Config(
+        image_size=32,
+        widths=(4, 8, 8, 16, 16),
+        fc_units=32,
+        num_classes=10,
+        learning_rate=0.01,
+        global_batch_size=8,
+    ),
     "cifar": Vgg19Config(image_size=32, num_classes=10, fc_units=512),
-    "vgg19": Vgg19Config(),        # the paper's VGG19 at 224×224, as profiled by DAPPLE
+    "vgg19": Vgg19Config(),  # the paper's VGG19 at 224×224, as profiled by DAPPLE
 }
 
 
@@ -58,16 +65,19 @@ def build(cfg: Vgg19Config, features):
             x = L.max_pool(x, 2, 2)
     with L.layer_scope("fc6"):
         x = tf.reshape(x, [-1, int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3])])
-        x = L.dropout(L.dense(x, cfg.fc_units, "dense", activation=tf.nn.relu,
-                              initializer="he"), cfg.dropout)
+        x = L.dropout(
+            L.dense(x, cfg.fc_units, "dense", activation=tf.nn.relu, initializer="he"), cfg.dropout
+        )
     with L.layer_scope("fc7"):
-        x = L.dropout(L.dense(x, cfg.fc_units, "dense", activation=tf.nn.relu,
-                              initializer="he"), cfg.dropout)
+        x = L.dropout(
+            L.dense(x, cfg.fc_units, "dense", activation=tf.nn.relu, initializer="he"), cfg.dropout
+        )
     with L.layer_scope("fc8"):
         logits = L.dense(x, cfg.num_classes, "dense", initializer="glorot")
     with L.layer_scope("loss"):
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=features["label"], logits=logits)
+            labels=features["label"], logits=logits
+        )
         return tf.reduce_mean(per_example, name="mean_loss")
 
 
@@ -76,13 +86,17 @@ def get(preset: str = "tiny", **overrides) -> ModelSpec:
     if len(cfg.widths) != len(CONVS_PER_BLOCK):
         raise ValueError(f"vgg19 needs {len(CONVS_PER_BLOCK)} block widths, got {cfg.widths}")
     if cfg.image_size % 32:
-        raise ValueError(f"vgg19 image_size must be a multiple of 32 (five 2×2 poolings), got "
-                         f"{cfg.image_size}")
+        raise ValueError(
+            f"vgg19 image_size must be a multiple of 32 (five 2×2 poolings), got {cfg.image_size}"
+        )
     return ModelSpec(
-        name="vgg19", preset=preset, config=cfg,
+        name="vgg19",
+        preset=preset,
+        config=cfg,
         model_fn=lambda features: build(cfg, features),
         feature_spec=feature_spec(cfg),
         layer_names=layer_names(cfg),
         **image_data(cfg.image_size, cfg.num_classes),
         default_global_batch_size=cfg.global_batch_size,
-        default_optimizer=momentum(cfg.learning_rate))
+        default_optimizer=momentum(cfg.learning_rate),
+    )

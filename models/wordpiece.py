@@ -5,6 +5,7 @@ accents, split on whitespace and split off every punctuation character. WordPiec
 word becomes the longest vocabulary prefix, then the longest `##`-prefixed continuation, and so
 on; a word that cannot be covered (or is longer than 100 characters) becomes `[UNK]`.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -24,9 +25,16 @@ def _is_punctuation(ch: str) -> bool:
 
 
 def _is_cjk(cp: int) -> bool:
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
 
 
 def basic_split(text: str) -> list[str]:
@@ -46,8 +54,9 @@ def basic_split(text: str) -> list[str]:
             chars.append(ch)
     words = []
     for word in "".join(chars).lower().split():
-        word = "".join(c for c in unicodedata.normalize("NFD", word)
-                       if unicodedata.category(c) != "Mn")
+        word = "".join(
+            c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn"
+        )
         current = []
         for ch in word:
             if _is_punctuation(ch):

@@ -22,6 +22,7 @@ Layers: `embedding`, `layer_0` … `layer_{L-1}`, `loss` (the DAPPLE profiles' `
 `ATTN_MASK`, `Layer_i`, `XLNET_LOSS`). Per-example loss: the mean cross entropy over the
 example's predicted tokens; the model loss is the mean over rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,18 +43,27 @@ class XlnetConfig:
     d_head: int = 64
     d_inner: int = 4096
     seq_length: int = 512
-    predict_fraction: float = 1 / 6   # of the real tokens, in synthetic batches
+    predict_fraction: float = 1 / 6  # of the real tokens, in synthetic batches
     dropout: float = 0.0
     learning_rate: float = 1e-4
     global_batch_size: int = 32
 
 
 PRESETS = {
-    "tiny": XlnetConfig(vocab_size=128, d_model=32, num_layers=2, num_heads=2, d_head=16,
-                        d_inner=64, seq_length=16, learning_rate=1e-3, global_batch_size=8),
+    "tiny": XlnetConfig(
+        vocab_size=128,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        d_head=16,
+        d_inner=64,
+        seq_length=16,
+        learning_rate=1e-3,
+        global_batch_size=8,
+    ),
     "base": XlnetConfig(d_model=768, num_layers=12, num_heads=12, d_inner=3072),
     "large": XlnetConfig(),
-    "xlnet-36": XlnetConfig(num_layers=36),     # the DAPPLE paper's XLNet-36
+    "xlnet-36": XlnetConfig(num_layers=36),  # the DAPPLE paper's XLNet-36
 }
 
 
@@ -63,9 +73,14 @@ def layer_names(cfg: XlnetConfig) -> tuple[str, ...]:
 
 def feature_spec(cfg: XlnetConfig):
     t = cfg.seq_length
-    return {"input_ids": ((t,), tf.int32), "segment_ids": ((t,), tf.int32),
-            "input_mask": ((t,), tf.int32), "perm_mask": ((t, t), tf.float32),
-            "target_ids": ((t,), tf.int32), "target_weights": ((t,), tf.float32)}
+    return {
+        "input_ids": ((t,), tf.int32),
+        "segment_ids": ((t,), tf.int32),
+        "input_mask": ((t,), tf.int32),
+        "perm_mask": ((t, t), tf.float32),
+        "target_ids": ((t,), tf.int32),
+        "target_weights": ((t,), tf.float32),
+    }
 
 
 def relative_positions(seq_length: int, d_model: int) -> np.ndarray:
@@ -98,14 +113,14 @@ def _two_stream_layer(h, g, features, cfg: XlnetConfig):
     seg_embed = L.variable("seg_embed", [2, n, dh], stddev=0.02)
 
     # Who may see whom: 1 = masked. Padding keys are masked for everyone.
-    pad = 1.0 - tf.cast(features["input_mask"], tf.float32)               # [B, T]
+    pad = 1.0 - tf.cast(features["input_mask"], tf.float32)  # [B, T]
     query_mask = tf.minimum(features["perm_mask"] + pad[:, None, :], 1.0)  # [B, T, T]
-    content_mask = query_mask * (1.0 - tf.eye(t))                           # may see itself
+    content_mask = query_mask * (1.0 - tf.eye(t))  # may see itself
     seg = features["segment_ids"]
     seg_mat = tf.one_hot(tf.cast(tf.not_equal(seg[:, :, None], seg[:, None, :]), tf.int32), 2)
 
     pos = tf.constant(relative_positions(t, d))
-    k_r = tf.einsum("jd,dnh->jnh", pos, r_w)                               # [2T, N, Dh]
+    k_r = tf.einsum("jd,dnh->jnh", pos, r_w)  # [2T, N, Dh]
     k_h = tf.einsum("bjd,dnh->bjnh", h, k_w)
     v_h = tf.einsum("bjd,dnh->bjnh", h, v_w)
 
@@ -124,8 +139,9 @@ def _two_stream_layer(h, g, features, cfg: XlnetConfig):
     # The post-attention norm and the feed-forward network are per position and shared by the
     # streams: run them once over both streams side by side along the time axis.
     both = tf.concat([h, g], axis=1)
-    both = L.layer_norm(both + tf.concat([attend(h, content_mask), attend(g, query_mask)], 1),
-                        "attention_norm")
+    both = L.layer_norm(
+        both + tf.concat([attend(h, content_mask), attend(g, query_mask)], 1), "attention_norm"
+    )
     with tf.compat.v1.variable_scope("ffn"):
         ffn = L.dense(both, cfg.d_inner, "layer_1", activation=L.gelu)
         ffn = L.dropout(L.dense(ffn, d, "layer_2"), cfg.dropout)
@@ -145,8 +161,9 @@ def build(cfg: XlnetConfig, features):
     with L.layer_scope("loss"):
         logits = tf.tensordot(L.dropout(g, cfg.dropout), word_embedding, axes=[[2], [1]])
         logits += L.variable("softmax_bias", [cfg.vocab_size], initializer="constant")
-        per_example = L.masked_token_xent(logits, features["target_ids"],
-                                          features["target_weights"])
+        per_example = L.masked_token_xent(
+            logits, features["target_ids"], features["target_weights"]
+        )
         return tf.reduce_mean(per_example, name="mean_loss")
 
 
@@ -161,16 +178,22 @@ def synthetic_batch(cfg: XlnetConfig, batch_size: int, rng: np.random.Generator)
     weights = np.zeros((batch_size, t), np.float32)
     for r in range(batch_size):
         n = int(lengths[r])
-        order = rng.permutation(n)                        # factorisation order of real tokens
+        order = rng.permutation(n)  # factorisation order of real tokens
         num_targets = max(1, int(round(n * cfg.predict_fraction)))
-        rank = np.full(t, -1)                             # -1: not predicted, seen by all
-        rank[order[n - num_targets:]] = np.arange(num_targets)
+        rank = np.full(t, -1)  # -1: not predicted, seen by all
+        rank[order[n - num_targets :]] = np.arange(num_targets)
         is_target = rank >= 0
         # i may not see target j unless j comes strictly earlier in the order.
         perm_mask[r] = (is_target[None, :] & (rank[None, :] >= rank[:, None])).astype(np.float32)
         weights[r] = is_target
-    return {"input_ids": ids, "segment_ids": segment_ids, "input_mask": input_mask,
-            "perm_mask": perm_mask, "target_ids": ids.copy(), "target_weights": weights}
+    return {
+        "input_ids": ids,
+        "segment_ids": segment_ids,
+        "input_mask": input_mask,
+        "perm_mask": perm_mask,
+        "target_ids": ids.copy(),
+        "target_weights": weights,
+    }
 
 
 def get(preset: str = "tiny", **overrides) -> ModelSpec:
@@ -178,11 +201,14 @@ def get(preset: str = "tiny", **overrides) -> ModelSpec:
     if cfg.d_model % 2:
         raise ValueError(f"xlnet d_model must be even (sinusoidal encodings), got {cfg.d_model}")
     return ModelSpec(
-        name="xlnet", preset=preset, config=cfg,
+        name="xlnet",
+        preset=preset,
+        config=cfg,
         model_fn=lambda features: build(cfg, features),
         feature_spec=feature_spec(cfg),
         layer_names=layer_names(cfg),
         synthetic_batch=lambda batch_size, rng: synthetic_batch(cfg, batch_size, rng),
         input_fn=None,
         default_global_batch_size=cfg.global_batch_size,
-        default_optimizer=adam(cfg.learning_rate))
+        default_optimizer=adam(cfg.learning_rate),
+    )

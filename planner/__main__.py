@@ -6,6 +6,7 @@
 
 Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,30 +39,50 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m planner",
-                                     description="DAPPLE hybrid pipeline/data-parallel planner")
+    parser = argparse.ArgumentParser(
+        prog="python -m planner", description="DAPPLE hybrid pipeline/data-parallel planner"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="find the best plan for a profile on a cluster")
-    p.add_argument("--profile", required=True, help="graph.txt (PipeDream/DAPPLE) or our JSON profile")
-    p.add_argument("--profile-batch-size", type=_positive_int,
-                   help="batch size the profile was taken at (required for graph.txt)")
+    p.add_argument(
+        "--profile", required=True, help="graph.txt (PipeDream/DAPPLE) or our JSON profile"
+    )
+    p.add_argument(
+        "--profile-batch-size",
+        type=_positive_int,
+        help="batch size the profile was taken at (required for graph.txt)",
+    )
     p.add_argument("--global-batch-size", type=_positive_int, required=True)
-    p.add_argument("--cluster", required=True,
-                   help="cumulative host boundaries like 8,16 (2 hosts x 8 devices), or a JSON "
-                        "file with seps, bandwidths (bytes/s) and device_memory_bytes")
-    p.add_argument("--micro-batch-size", type=_positive_int,
-                   help="rows per micro-batch (dapple-tf: of the whole micro-batch; hpgo: per "
-                        "pipeline replica, default 1); default: the planner chooses")
+    p.add_argument(
+        "--cluster",
+        required=True,
+        help="cumulative host boundaries like 8,16 (2 hosts x 8 devices), or a JSON "
+        "file with seps, bandwidths (bytes/s) and device_memory_bytes",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=_positive_int,
+        help="rows per micro-batch (dapple-tf: of the whole micro-batch; hpgo: per "
+        "pipeline replica, default 1); default: the planner chooses",
+    )
     p.add_argument("--cost-model", choices=COST_MODELS, default="dapple-tf")
     p.add_argument("--schedule", choices=SCHEDULES, help="default: the planner chooses")
-    p.add_argument("--device-memory-gb", type=_positive_float,
-                   help="per-device memory, 1 GB = 1e9 bytes (default 16, or the cluster file's)")
-    p.add_argument("--optimizer-slots", type=float, default=2.0,
-                   help="optimizer state per parameter, in parameter copies (Adam 2, momentum 1)")
+    p.add_argument(
+        "--device-memory-gb",
+        type=_positive_float,
+        help="per-device memory, 1 GB = 1e9 bytes (default 16, or the cluster file's)",
+    )
+    p.add_argument(
+        "--optimizer-slots",
+        type=float,
+        default=2.0,
+        help="optimizer state per parameter, in parameter copies (Adam 2, momentum 1)",
+    )
     p.add_argument("--intra-host-gbps", type=_positive_float, help="p2p GB/s inside a host (25)")
     p.add_argument("--inter-host-gbps", type=_positive_float, help="p2p GB/s between hosts (1)")
-    p.add_argument("--allreduce-gbps", type=_positive_float,
-                   help="allreduce GB/s between hosts (3)")
+    p.add_argument(
+        "--allreduce-gbps", type=_positive_float, help="allreduce GB/s between hosts (3)"
+    )
     p.add_argument("--out", help="write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print only the plan JSON to stdout")
     c = sub.add_parser("convert", help="convert a profile between graph.txt and JSON")
@@ -84,30 +105,45 @@ def _gb(x: float) -> str:
 def summary(result: Plan, profile: Profile) -> str:
     p = result.predicted
     desc = {l.name: (l.description or l.name) for l in profile.layers}
-    lines = [f"plan {result.notation}  ({p.get('cost_model')} cost model, schedule {result.schedule})"]
+    lines = [
+        f"plan {result.notation}  ({p.get('cost_model')} cost model, schedule {result.schedule})"
+    ]
     if p.get("cost_model") == "hpgo":
         h = p["hpgo"]
-        lines.append(f"  {h['rp']} pipeline replica(s) x {h['micro_batches_per_pipeline']} micro-batches "
-                     f"of {h['mbs']} row(s); as a runtime plan: {result.num_micro_batches} "
-                     f"micro-batches of {h['rp'] * h['mbs']} rows")
-        lines.append(f"  bottleneck {h['bottleneck_s']:.5f} s, block {h['block_s']:.5f} s, "
-                     f"latency {h['latency_s']:.5f} s, allreduce overhang {h['delta_s']:.5f} s")
+        lines.append(
+            f"  {h['rp']} pipeline replica(s) x {h['micro_batches_per_pipeline']} micro-batches "
+            f"of {h['mbs']} row(s); as a runtime plan: {result.num_micro_batches} "
+            f"micro-batches of {h['rp'] * h['mbs']} rows"
+        )
+        lines.append(
+            f"  bottleneck {h['bottleneck_s']:.5f} s, block {h['block_s']:.5f} s, "
+            f"latency {h['latency_s']:.5f} s, allreduce overhang {h['delta_s']:.5f} s"
+        )
         if h.get("states_note"):
             lines.append(f"  note: {h['states_note']}")
     else:
-        lines.append(f"  M = {result.num_micro_batches} micro-batches of "
-                     f"{p.get('micro_batch_size')} rows, bubble {p.get('bubble_fraction', 0):.1%}")
+        lines.append(
+            f"  M = {result.num_micro_batches} micro-batches of "
+            f"{p.get('micro_batch_size')} rows, bubble {p.get('bubble_fraction', 0):.1%}"
+        )
     for s, stage in enumerate(result.stages):
         first, last = desc[stage.layers[0]], desc[stage.layers[-1]]
         mem = p.get("peak_memory_bytes") or []
         mem_text = f", peak memory {_gb(mem[s])}/device" if s < len(mem) else ""
         devs = stage.devices
-        dev_text = f"{devs[0]}-{devs[-1]}" if list(devs) == list(range(devs[0], devs[-1] + 1)) \
+        dev_text = (
+            f"{devs[0]}-{devs[-1]}"
+            if list(devs) == list(range(devs[0], devs[-1] + 1))
             else ",".join(map(str, devs))
-        lines.append(f"  stage {s}: {len(stage.layers)} layers ({first} .. {last}) on "
-                     f"{len(devs)} device(s) [{dev_text}]{mem_text}")
-    lines.append(f"  predicted step time {p['step_time_s']:.5f} s, speedup {p['speedup']:.4f} "
-                 f"(data-parallel baseline {p['dp_speedup']:.4f})")
+        )
+        lines.append(
+            f"  stage {s}: {len(stage.layers)} layers ({first} .. {last}) on "
+            f"{len(devs)} device(s) [{dev_text}]{mem_text}"
+        )
+    lines.append(
+        f"  predicted step time {p['step_time_s']:.5f} s, speedup {p['speedup']:.4f} "
+        f"(data-parallel baseline {p['dp_speedup']:.4f})"
+    )
     if not p.get("executable", True):
         lines.append(f"  NOT EXECUTABLE by the runtime: {p.get('not_executable_because')}")
     lines.append(f"  planned in {p.get('time_to_plan_s', 0):.3f} s")
@@ -117,13 +153,19 @@ def summary(result: Plan, profile: Profile) -> str:
 def _run_plan(args) -> int:
     cluster = _cluster_from_arg(args.cluster)
     profile = Profile.load(args.profile, args.profile_batch_size)
-    result = plan(profile, cluster, args.global_batch_size,
-                  micro_batch_size=args.micro_batch_size, cost_model=args.cost_model,
-                  schedule=args.schedule, device_memory_gb=args.device_memory_gb,
-                  optimizer_slots=args.optimizer_slots,
-                  intra_host_bandwidth=args.intra_host_gbps and args.intra_host_gbps * GB,
-                  inter_host_bandwidth=args.inter_host_gbps and args.inter_host_gbps * GB,
-                  inter_host_allreduce_bandwidth=args.allreduce_gbps and args.allreduce_gbps * GB)
+    result = plan(
+        profile,
+        cluster,
+        args.global_batch_size,
+        micro_batch_size=args.micro_batch_size,
+        cost_model=args.cost_model,
+        schedule=args.schedule,
+        device_memory_gb=args.device_memory_gb,
+        optimizer_slots=args.optimizer_slots,
+        intra_host_bandwidth=args.intra_host_gbps and args.intra_host_gbps * GB,
+        inter_host_bandwidth=args.inter_host_gbps and args.inter_host_gbps * GB,
+        inter_host_allreduce_bandwidth=args.allreduce_gbps and args.allreduce_gbps * GB,
+    )
     text = result.to_json()
     if args.out:
         with open(args.out, "w") as f:
@@ -139,6 +181,7 @@ def _run_plan(args) -> int:
 
 def _run_convert(args) -> int:
     from planner.graph_txt import write_graph_txt
+
     profile = Profile.load(args.src, args.profile_batch_size)
     if args.dst.endswith(".json"):
         profile.save_json(args.dst)

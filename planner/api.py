@@ -1,4 +1,5 @@
 """`planner.plan(...)`: profile + cluster + global batch size -> the best Plan, explained."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,10 @@ COST_MODELS = ("dapple-tf", "hpgo", "runtime")
 def _as_profile(profile, profile_batch_size) -> Profile:
     if isinstance(profile, Profile):
         if profile_batch_size is not None and profile_batch_size != profile.batch_size:
-            raise ProfileError(f"profile batch size is {profile.batch_size} but "
-                               f"profile_batch_size={profile_batch_size} was given")
+            raise ProfileError(
+                f"profile batch size is {profile.batch_size} but "
+                f"profile_batch_size={profile_batch_size} was given"
+            )
         return profile
     if isinstance(profile, (str, os.PathLike)):
         return Profile.load(profile, profile_batch_size)
@@ -33,33 +36,46 @@ def _as_profile(profile, profile_batch_size) -> Profile:
 def _as_cluster(cluster, num_devices, device_memory_gb, bandwidths) -> Cluster:
     if cluster is None:
         if num_devices is None:
-            raise ClusterError("give a cluster (e.g. [8, 16] or Cluster.from_seps([8, 16])) or "
-                               "num_devices")
+            raise ClusterError(
+                "give a cluster (e.g. [8, 16] or Cluster.from_seps([8, 16])) or num_devices"
+            )
         cluster = Cluster.from_seps([int(num_devices)])
     elif isinstance(cluster, (str, list, tuple)):
         cluster = Cluster.from_seps(cluster)
     elif not isinstance(cluster, Cluster):
-        raise ClusterError(f"expected a Cluster, seps like [8, 16] or '8,16', got "
-                           f"{type(cluster).__name__}")
+        raise ClusterError(
+            f"expected a Cluster, seps like [8, 16] or '8,16', got {type(cluster).__name__}"
+        )
     overrides = {k: v for k, v in (bandwidths or {}).items() if v is not None}
     if device_memory_gb is not None:
         overrides["device_memory_bytes"] = float(device_memory_gb) * GB
     if overrides:
         cluster = dataclasses.replace(cluster, **overrides)
     if num_devices is not None and int(num_devices) != cluster.num_devices:
-        raise ClusterError(f"num_devices={num_devices} but the cluster {list(cluster.seps)} has "
-                           f"{cluster.num_devices} devices")
+        raise ClusterError(
+            f"num_devices={num_devices} but the cluster {list(cluster.seps)} has "
+            f"{cluster.num_devices} devices"
+        )
     return cluster
 
 
-def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] | str | None = None,
-         global_batch_size: int | None = None, *, num_devices: int | None = None,
-         profile_batch_size: int | None = None, micro_batch_size: int | None = None,
-         cost_model: str = "dapple-tf", schedule: str | None = None,
-         device_memory_gb: float | None = None, optimizer_slots: float = 2.0,
-         intra_host_bandwidth: float | None = None, inter_host_bandwidth: float | None = None,
-         inter_host_allreduce_bandwidth: float | None = None,
-         use_all_devices: bool = False) -> Plan:
+def plan(
+    profile: Profile | str | os.PathLike,
+    cluster: Cluster | Sequence[int] | str | None = None,
+    global_batch_size: int | None = None,
+    *,
+    num_devices: int | None = None,
+    profile_batch_size: int | None = None,
+    micro_batch_size: int | None = None,
+    cost_model: str = "dapple-tf",
+    schedule: str | None = None,
+    device_memory_gb: float | None = None,
+    optimizer_slots: float = 2.0,
+    intra_host_bandwidth: float | None = None,
+    inter_host_bandwidth: float | None = None,
+    inter_host_allreduce_bandwidth: float | None = None,
+    use_all_devices: bool = False,
+) -> Plan:
     """The best hybrid pipeline/data-parallel plan for `profile` on `cluster`.
 
     cost_model "dapple-tf" (default): plans the runtime can execute, memory-checked against the
@@ -77,17 +93,25 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     if cost_model not in COST_MODELS:
         raise PlanError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
     if schedule is not None and schedule not in SCHEDULES:
-        raise PlanError(f"schedule must be one of {', '.join(SCHEDULES)} (or None to choose), "
-                        f"got {schedule!r}")
-    if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool) \
-            or global_batch_size <= 0:
+        raise PlanError(
+            f"schedule must be one of {', '.join(SCHEDULES)} (or None to choose), got {schedule!r}"
+        )
+    if (
+        not isinstance(global_batch_size, int)
+        or isinstance(global_batch_size, bool)
+        or global_batch_size <= 0
+    ):
         raise PlanError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
     if micro_batch_size is not None:
         if not isinstance(micro_batch_size, int) or micro_batch_size <= 0:
-            raise PlanError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
+            raise PlanError(
+                f"micro_batch_size must be a positive integer, got {micro_batch_size!r}"
+            )
         if cost_model == "dapple-tf" and global_batch_size % micro_batch_size:
-            raise PlanError(f"micro_batch_size {micro_batch_size} does not divide the global batch "
-                            f"size {global_batch_size}")
+            raise PlanError(
+                f"micro_batch_size {micro_batch_size} does not divide the global batch "
+                f"size {global_batch_size}"
+            )
     if optimizer_slots < 0:
         raise PlanError(f"optimizer_slots must be >= 0, got {optimizer_slots}")
     prof = _as_profile(profile, profile_batch_size)
@@ -98,16 +122,29 @@ def plan(profile: Profile | str | os.PathLike, cluster: Cluster | Sequence[int] 
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})[:5]
         raise ProfileError(f"profile layer names must be unique; repeated: {dup}")
-    clu = _as_cluster(cluster, num_devices, device_memory_gb,
-                      {"intra_host_bandwidth": intra_host_bandwidth,
-                       "inter_host_bandwidth": inter_host_bandwidth,
-                       "inter_host_allreduce_bandwidth": inter_host_allreduce_bandwidth})
+    clu = _as_cluster(
+        cluster,
+        num_devices,
+        device_memory_gb,
+        {
+            "intra_host_bandwidth": intra_host_bandwidth,
+            "inter_host_bandwidth": inter_host_bandwidth,
+            "inter_host_allreduce_bandwidth": inter_host_allreduce_bandwidth,
+        },
+    )
     if cost_model == "hpgo":
         result = _plan_hpgo(prof, clu, global_batch_size, micro_batch_size or 1, optimizer_slots)
     else:
-        result = _plan_dapple(prof, clu, global_batch_size, micro_batch_size, schedule,
-                              optimizer_slots, runtime=cost_model == "runtime",
-                              use_all_devices=use_all_devices)
+        result = _plan_dapple(
+            prof,
+            clu,
+            global_batch_size,
+            micro_batch_size,
+            schedule,
+            optimizer_slots,
+            runtime=cost_model == "runtime",
+            use_all_devices=use_all_devices,
+        )
     result.predicted["time_to_plan_s"] = round(time.perf_counter() - started, 4)
     return result
 
@@ -116,23 +153,32 @@ def _describe_cuts(states, ends) -> list[str]:
     return [states.labels[e] for e in ends[:-1]]
 
 
-def _plan_dapple(prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False,
-                 use_all_devices=False) -> Plan:
+def _plan_dapple(
+    prof, clu, gbs, mbs, schedule, optimizer_slots, runtime=False, use_all_devices=False
+) -> Plan:
     model = (RuntimeModel if runtime else DappleModel)(prof, clu, gbs, optimizer_slots)
-    search = DappleSearch(model, micro_batch_size=mbs, schedule=schedule,
-                          every_micro_batch_size=runtime, use_all_devices=use_all_devices)
+    search = DappleSearch(
+        model,
+        micro_batch_size=mbs,
+        schedule=schedule,
+        every_micro_batch_size=runtime,
+        use_all_devices=use_all_devices,
+    )
     best = search.run()
     if best is None:
         need = search.smallest_memory()
         what = f"micro-batch size {mbs}" if mbs else "any micro-batch size"
         if need == float("inf"):
-            raise PlanError(f"no executable plan for global batch {gbs} on {clu.num_devices} devices "
-                            f"with {what}")
+            raise PlanError(
+                f"no executable plan for global batch {gbs} on {clu.num_devices} devices "
+                f"with {what}"
+            )
         raise PlanError(
             f"no plan fits in {clu.device_memory_bytes / GB:g} GB per device (global batch {gbs}, "
             f"{what}, optimizer slots {optimizer_slots:g}); the smallest plan needs "
             f"{need / GB:.3f} GB per device: raise --device-memory-gb to at least "
-            f"{need / GB:.3f}, or lower the global/micro batch size")
+            f"{need / GB:.3f}, or lower the global/micro batch size"
+        )
     ev = best.eval
     layers = model.states.stage_layers(prof, list(best.ends))
     stages = tuple(Stage(tuple(l), d) for l, d in zip(layers, best.devices))
@@ -177,8 +223,10 @@ def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:
     executable = not problems and gbs % M == 0
     # memory under our model (1f1b), for information: the published model applies no limit
     dm = DappleModel(prof, clu, gbs, optimizer_slots, states=states)
-    peak = [dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
-            for s, (b, e, d) in enumerate(zip(hp.begins, hp.ends, hp.devices))]
+    peak = [
+        dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
+        for s, (b, e, d) in enumerate(zip(hp.begins, hp.ends, hp.devices))
+    ]
     predicted = {
         "cost_model": "hpgo",
         "step_time_s": score.step_time_s,
@@ -186,20 +234,28 @@ def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:
         "dp_speedup": model.dp_speedup(),
         "peak_memory_bytes": [float(x) for x in peak],
         "single_device_step_s": score.total_s,
-        "hpgo": {"rp": hp.rp, "slots": list(hp.slots), "mbs": mbs,
-                 "micro_batches_per_pipeline": score.num_micro_batches,
-                 "bottleneck_s": score.bottleneck_s, "block_s": score.block_s,
-                 "latency_s": score.latency_s, "delta_s": score.delta_s,
-                 "stage_times_s": list(score.stage_times_s),
-                 "input_transfers_s": list(score.input_transfers_s),
-                 "two_stage_split_formula": hp.two_stage_split,
-                 "states": states.kind, "states_note": states.note,
-                 "search_notes": search.stats.notes,
-                 "candidates_scored": search.stats.candidates_scored},
+        "hpgo": {
+            "rp": hp.rp,
+            "slots": list(hp.slots),
+            "mbs": mbs,
+            "micro_batches_per_pipeline": score.num_micro_batches,
+            "bottleneck_s": score.bottleneck_s,
+            "block_s": score.block_s,
+            "latency_s": score.latency_s,
+            "delta_s": score.delta_s,
+            "stage_times_s": list(score.stage_times_s),
+            "input_transfers_s": list(score.input_transfers_s),
+            "two_stage_split_formula": hp.two_stage_split,
+            "states": states.kind,
+            "states_note": states.note,
+            "search_notes": search.stats.notes,
+            "candidates_scored": search.stats.candidates_scored,
+        },
         "cuts_after": _describe_cuts(states, hp.ends),
         "executable": executable,
     }
     if not executable:
-        predicted["not_executable_because"] = "; ".join(problems) or \
-            f"global batch {gbs} does not divide into {M} micro-batches"
+        predicted["not_executable_because"] = (
+            "; ".join(problems) or f"global batch {gbs} does not divide into {M} micro-batches"
+        )
     return Plan(gbs, M, "1f1b", stages, predicted, executable=executable)

@@ -5,6 +5,7 @@ Defaults are the DAPPLE paper's (ARCHITECTURE.md, "Cluster"): 25 GB/s NVLink p2p
 with 1 GB = 1e9 bytes. Hosts are given in DAPPLE's `seps` notation: cumulative host boundaries,
 `[8, 16]` = host 0 holds devices 0-7 and host 1 devices 8-15.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -23,14 +24,16 @@ class ClusterError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Cluster:
     seps: tuple[int, ...]
-    intra_host_bandwidth: float = 25 * GB       # bytes/s, p2p inside a host (NVLink)
-    inter_host_bandwidth: float = 1 * GB        # bytes/s, p2p between hosts (Ethernet)
-    inter_host_allreduce_bandwidth: float = 3 * GB  # bytes/s, NCCL allreduce bus bandwidth across hosts
+    intra_host_bandwidth: float = 25 * GB  # bytes/s, p2p inside a host (NVLink)
+    inter_host_bandwidth: float = 1 * GB  # bytes/s, p2p between hosts (Ethernet)
+    inter_host_allreduce_bandwidth: float = (
+        3 * GB
+    )  # bytes/s, NCCL allreduce bus bandwidth across hosts
     device_memory_bytes: float = 16 * GB
     # Used by the "runtime" cost model only (planner/runtime_cost.py); measured by
     # dapple_tf.auto_plan.runtime_cluster for this machine.
-    transfer_latency_s: float = 0.0             # fixed cost of one boundary transfer
-    accumulate_bandwidth: float = 100 * GB      # bytes/s of summing gradients on one device
+    transfer_latency_s: float = 0.0  # fixed cost of one boundary transfer
+    accumulate_bandwidth: float = 100 * GB  # bytes/s of summing gradients on one device
     # Consecutive device ids that share one processor's cores (logical CPU devices of one
     # process: all of them). Work on such devices does not run in parallel for free.
     devices_per_processor: int = 1
@@ -40,17 +43,25 @@ class Cluster:
         object.__setattr__(self, "seps", seps)
         object.__setattr__(self, "devices_per_processor", int(self.devices_per_processor))
         if self.devices_per_processor < 1:
-            raise ClusterError(f"cluster devices_per_processor must be >= 1, got "
-                               f"{self.devices_per_processor}")
+            raise ClusterError(
+                f"cluster devices_per_processor must be >= 1, got {self.devices_per_processor}"
+            )
         if not self.transfer_latency_s >= 0:
-            raise ClusterError(f"cluster transfer_latency_s must be >= 0, got "
-                               f"{self.transfer_latency_s}")
+            raise ClusterError(
+                f"cluster transfer_latency_s must be >= 0, got {self.transfer_latency_s}"
+            )
         if not seps or seps[0] <= 0 or any(b <= a for a, b in zip(seps, seps[1:])):
-            raise ClusterError(f"cluster seps must be increasing positive device counts like [8, 16] "
-                               f"(cumulative host boundaries), got {list(seps)}")
-        for name in ("intra_host_bandwidth", "inter_host_bandwidth",
-                     "inter_host_allreduce_bandwidth", "device_memory_bytes",
-                     "accumulate_bandwidth"):
+            raise ClusterError(
+                f"cluster seps must be increasing positive device counts like [8, 16] "
+                f"(cumulative host boundaries), got {list(seps)}"
+            )
+        for name in (
+            "intra_host_bandwidth",
+            "inter_host_bandwidth",
+            "inter_host_allreduce_bandwidth",
+            "device_memory_bytes",
+            "accumulate_bandwidth",
+        ):
             if not getattr(self, name) > 0:
                 raise ClusterError(f"cluster {name} must be positive, got {getattr(self, name)}")
 
@@ -60,10 +71,14 @@ class Cluster:
         """`Cluster.from_seps([8, 16])` or from the command-line text '8,16'."""
         if isinstance(seps, str):
             try:
-                seps = [int(x) for x in seps.replace("[", "").replace("]", "").split(",") if x.strip()]
+                seps = [
+                    int(x) for x in seps.replace("[", "").replace("]", "").split(",") if x.strip()
+                ]
             except ValueError:
-                raise ClusterError(f"--cluster expects comma-separated cumulative host boundaries "
-                                   f"like 8,16, got {seps!r}") from None
+                raise ClusterError(
+                    f"--cluster expects comma-separated cumulative host boundaries "
+                    f"like 8,16, got {seps!r}"
+                ) from None
         return cls(tuple(seps), **overrides)
 
     @classmethod
@@ -73,8 +88,10 @@ class Cluster:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<cluster>") -> "Cluster":
         if not isinstance(data, dict) or "seps" not in data:
-            raise ClusterError(f"{source}: expected a JSON object with 'seps' (e.g. [8, 16]) and "
-                               f"optional bandwidths in bytes/s and device_memory_bytes")
+            raise ClusterError(
+                f"{source}: expected a JSON object with 'seps' (e.g. [8, 16]) and "
+                f"optional bandwidths in bytes/s and device_memory_bytes"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -18,6 +18,7 @@ Memory per device of stage s:
         (1f1b: min(S - s, M); gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,12 +43,18 @@ class DappleEval:
     peak_memory_bytes: tuple[float, ...]
     fits: bool
     bubble_fraction: float
-    simulated: bool = True     # False: skipped (does not fit, or cannot beat `skip_above`)
+    simulated: bool = True  # False: skipped (does not fit, or cannot beat `skip_above`)
 
 
 class DappleModel:
-    def __init__(self, profile: Profile, cluster: Cluster, global_batch_size: int,
-                 optimizer_slots: float = 2.0, states: States | None = None):
+    def __init__(
+        self,
+        profile: Profile,
+        cluster: Cluster,
+        global_batch_size: int,
+        optimizer_slots: float = 2.0,
+        states: States | None = None,
+    ):
         self.profile = profile
         self.cluster = cluster
         self.gbs = global_batch_size
@@ -70,25 +77,37 @@ class DappleModel:
 
     def link_bandwidth(self, a: Sequence[int], b: Sequence[int]) -> float:
         c = self.cluster
-        return c.intra_host_bandwidth if c.within_one_host(list(a) + list(b)) else c.inter_host_bandwidth
+        return (
+            c.intra_host_bandwidth
+            if c.within_one_host(list(a) + list(b))
+            else c.inter_host_bandwidth
+        )
 
     def allreduce_s(self, devices: Sequence[int], nbytes: float) -> float:
         n = len(devices)
         if n <= 1:
             return 0.0
         c = self.cluster
-        bw = c.intra_host_bandwidth if c.within_one_host(devices) else c.inter_host_allreduce_bandwidth
+        bw = (
+            c.intra_host_bandwidth
+            if c.within_one_host(devices)
+            else c.inter_host_allreduce_bandwidth
+        )
         return 2.0 * (n - 1) / n * nbytes / bw
 
-    def stage_memory(self, b_state: int, e_state: int, replicas: int, micro_batch_size: int,
-                     in_flight: int) -> float:
+    def stage_memory(
+        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+    ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
         act = self.rng(self.cum_act, b_state, e_state)
         boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
-        return (params * (2.0 + self.optimizer_slots) + in_flight * act * rows
-                + 2.0 * max(boundary_in, boundary_out) * rows)
+        return (
+            params * (2.0 + self.optimizer_slots)
+            + in_flight * act * rows
+            + 2.0 * max(boundary_in, boundary_out) * rows
+        )
 
     def dp_speedup(self, num_devices: int) -> float:
         """Plain data parallelism on the largest device count <= num_devices dividing GBS."""
@@ -97,9 +116,15 @@ class DappleModel:
         return self.single_device_s / (self.single_device_s / n + ar)
 
     # ---- a whole candidate ------------------------------------------------------------------------
-    def evaluate(self, ends: Sequence[int], devices: Sequence[Sequence[int]], micro_batch_size: int,
-                 schedule: str, device_memory: float | None = None,
-                 skip_above: float | None = None) -> DappleEval:
+    def evaluate(
+        self,
+        ends: Sequence[int],
+        devices: Sequence[Sequence[int]],
+        micro_batch_size: int,
+        schedule: str,
+        device_memory: float | None = None,
+        skip_above: float | None = None,
+    ) -> DappleEval:
         """Simulated step time, speedup and per-stage peak memory of one candidate. With
         `skip_above`, a candidate that does not fit, or whose lower bound (each stage's own work
         plus the fill and drain through the stages before it) is above it, is not simulated:
@@ -125,16 +150,35 @@ class DappleModel:
         fits = max(mem) <= limit
         if skip_above is not None:
             bound = 0.0
-            through = 0.0     # fill + drain through the stages before s
+            through = 0.0  # fill + drain through the stages before s
             for s in range(S):
-                bound = max(bound, through + M * (fwd[s] + bwd[s]), M * transfer[s - 1] if s else 0.0)
+                bound = max(
+                    bound, through + M * (fwd[s] + bwd[s]), M * transfer[s - 1] if s else 0.0
+                )
                 through += fwd[s] + bwd[s] + 2 * (transfer[s] if s < S - 1 else 0.0)
             if not fits or bound > skip_above:
                 step = bound if fits else float("inf")
-                return DappleEval(step, self.single_device_s / step if step else 0.0, tuple(fwd),
-                                  tuple(bwd), tuple(transfer), tuple(ar), tuple(mem), fits, 0.0,
-                                  simulated=False)
+                return DappleEval(
+                    step,
+                    self.single_device_s / step if step else 0.0,
+                    tuple(fwd),
+                    tuple(bwd),
+                    tuple(transfer),
+                    tuple(ar),
+                    tuple(mem),
+                    fits,
+                    0.0,
+                    simulated=False,
+                )
         sim = simulate(schedule, fwd, bwd, transfer, ar, M)
-        return DappleEval(sim.step_time_s, self.single_device_s / sim.step_time_s, tuple(fwd),
-                          tuple(bwd), tuple(transfer), tuple(ar), tuple(mem),
-                          fits, sim.bubble_fraction)
+        return DappleEval(
+            sim.step_time_s,
+            self.single_device_s / sim.step_time_s,
+            tuple(fwd),
+            tuple(bwd),
+            tuple(transfer),
+            tuple(ar),
+            tuple(mem),
+            fits,
+            sim.bubble_fraction,
+        )

@@ -11,6 +11,7 @@ schedule, and the fastest that fits wins. Small problems are enumerated exhausti
 
 Beyond 128 devices the DP allocates devices in whole hosts (or N/128 blocks) to stay fast.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ class DappleCandidate:
 class DappleSearchStats:
     simulated: int = 0
     exhaustive: bool = False
-    smallest_peak_memory: float = INF   # over every candidate looked at
+    smallest_peak_memory: float = INF  # over every candidate looked at
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -64,7 +65,13 @@ def useful_cuts(model: DappleModel) -> list[int]:
     act = np.diff(np.concatenate([[0.0], model.cum_act]))
     keep = []
     for j in range(len(st) - 1):
-        if keep and comp[j] == 0 and par[j] == 0 and act[j] == 0 and model.out[j] >= model.out[keep[-1]]:
+        if (
+            keep
+            and comp[j] == 0
+            and par[j] == 0
+            and act[j] == 0
+            and model.out[j] >= model.out[keep[-1]]
+        ):
             continue
         keep.append(j)
     keep.append(len(st) - 1)
@@ -72,10 +79,18 @@ def useful_cuts(model: DappleModel) -> list[int]:
 
 
 class DappleSearch:
-    def __init__(self, model: DappleModel, micro_batch_size: int | None = None,
-                 schedule: str | None = None, keep: int = 3, finalists: int = 8,
-                 exhaustive_limit: int = 4000, max_cuts: int = 96,
-                 every_micro_batch_size: bool = False, use_all_devices: bool = False):
+    def __init__(
+        self,
+        model: DappleModel,
+        micro_batch_size: int | None = None,
+        schedule: str | None = None,
+        keep: int = 3,
+        finalists: int = 8,
+        exhaustive_limit: int = 4000,
+        max_cuts: int = 96,
+        every_micro_batch_size: bool = False,
+        use_all_devices: bool = False,
+    ):
         self.m = model
         # Under Horovod every rank must hold a slot: then only plans using all devices count.
         self.use_all_devices = use_all_devices
@@ -97,7 +112,9 @@ class DappleSearch:
         self.cuts = useful_cuts(model)
         if len(self.cuts) > max_cuts:
             self.cuts = coarsen_cuts(self.cuts, model.cum_fwd + model.cum_bwd, model.out, max_cuts)
-            self.stats.notes.append(f"searched {len(self.cuts)} of {model.L} cut points (coarsened)")
+            self.stats.notes.append(
+                f"searched {len(self.cuts)} of {model.L} cut points (coarsened)"
+            )
         self.objective = "time"
         self.j_cap = 4
 
@@ -124,8 +141,9 @@ class DappleSearch:
             skip = self.best.eval.step_time_s * 1.02 if self.best is not None else float("inf")
             ev = self.m.evaluate(ends, devices, b, schedule, self.limit, skip_above=skip)
             self.stats.simulated += ev.simulated
-            self.stats.smallest_peak_memory = min(self.stats.smallest_peak_memory,
-                                                  max(ev.peak_memory_bytes))
+            self.stats.smallest_peak_memory = min(
+                self.stats.smallest_peak_memory, max(ev.peak_memory_bytes)
+            )
             if not ev.fits or not ev.simulated:
                 continue
             cand = DappleCandidate(tuple(ends), tuple(tuple(d) for d in devices), b, schedule, ev)
@@ -150,11 +168,11 @@ class DappleSearch:
             self._exhaustive()
         else:
             sizes = self.micro_batch_sizes()
-            for b in sizes:   # quick plans first: a bound for the DP's pruning
+            for b in sizes:  # quick plans first: a bound for the DP's pruning
                 self._seed(b)
             for b in sorted(sizes, key=lambda b: -len(_divisors(b))):
                 self._dp(b)
-            if self.best is None:   # memory-tight: track every suffix length exactly
+            if self.best is None:  # memory-tight: track every suffix length exactly
                 self.j_cap = 32 if self.N <= 128 else 16
                 for b in sizes:
                     self._dp(b)
@@ -233,7 +251,7 @@ class DappleSearch:
         reps = [r for r in _divisors(b) if r <= N and (unit == 1 or r % unit == 0)]
         if not reps:
             return
-        bounds = [-1] + self.cuts                   # stage from boundary i to k covers bounds[i]+1..bounds[k]
+        bounds = [-1] + self.cuts  # stage from boundary i to k covers bounds[i]+1..bounds[k]
         nb = len(bounds)
         D = N // unit
         # suffix stage counts are tracked up to J; "J" then means "J or more" (memory is checked
@@ -253,10 +271,10 @@ class DappleSearch:
         # cells, laid out (devices from the end, suffix stages, first boundary, rank)
         best = np.full((D + 1, J + 1, nb, K), INF)
         first_r = np.zeros((D + 1, J + 1, nb, K), dtype=int)
-        back = np.full((D + 1, J + 1, nb, K, 4), -1, dtype=int)   # (k, r, rank, suffix j)
+        back = np.full((D + 1, J + 1, nb, K, 4), -1, dtype=int)  # (k, r, rank, suffix j)
         best[0, 0, nb - 1, 0] = 0.0
         j_prev = np.arange(J + 1)
-        jn = np.minimum(j_prev + 1, J)[None, :, None, None]             # new suffix length
+        jn = np.minimum(j_prev + 1, J)[None, :, None, None]  # new suffix length
         for i in range(nb - 2, -1, -1):
             width = len(reps) * K
             candP = np.full((D + 1, J + 1, 2 * width), INF)
@@ -270,30 +288,39 @@ class DappleSearch:
                     continue
                 k_hi = nb - 1
                 if ub < INF:
-                    k_hi = min(k_hi, int(np.searchsorted(cum_c, cum_c[i] + ub * r, side="right")) - 1)
+                    k_hi = min(
+                        k_hi, int(np.searchsorted(cum_c, cum_c[i] + ub * r, side="right")) - 1
+                    )
                 if k_hi <= i:
                     continue
                 ks = np.arange(i + 1, k_hi + 1)
                 comp_total = cum_c[ks] - cum_c[i]
                 boundary = np.maximum(out_at[i] if i > 0 else 0.0, out_at[ks])
-                Dp = D - ru + 1                                          # dd' = 0..D-ru
-                prevP = best[:Dp, :, i + 1:k_hi + 1, :]                  # (Dp, J+1, Kk, K) over j'
-                rY = np.maximum(first_r[:Dp, :, i + 1:k_hi + 1, :], 1)
+                Dp = D - ru + 1  # dd' = 0..D-ru
+                prevP = best[:Dp, :, i + 1 : k_hi + 1, :]  # (Dp, J+1, Kk, K) over j'
+                rY = np.maximum(first_r[:Dp, :, i + 1 : k_hi + 1, :], 1)
                 dd_prev = np.arange(Dp)[:, None, None, None]
-                lo = N - (dd_prev + ru) * unit                            # first device of this stage
-                hi = N - dd_prev * unit + rY - 1                          # last device of the next stage
-                bw = np.where(host_of[lo] == host_of[np.minimum(hi, N - 1)],
-                              c.intra_host_bandwidth, c.inter_host_bandwidth)
+                lo = N - (dd_prev + ru) * unit  # first device of this stage
+                hi = N - dd_prev * unit + rY - 1  # last device of the next stage
+                bw = np.where(
+                    host_of[lo] == host_of[np.minimum(hi, N - 1)],
+                    c.intra_host_bandwidth,
+                    c.inter_host_bandwidth,
+                )
                 # each direction of a boundary link carries M transfers per step (full duplex)
                 traffic = scale * out_at[ks][None, None, :, None] / np.minimum(r, rY) / bw
                 rows = b / r / pbs
-                mem = ((cum_p[ks] - cum_p[i]) * (2.0 + m.optimizer_slots))[None, None, :, None] \
-                    + np.minimum(jn, M) * ((cum_a[ks] - cum_a[i]) * rows)[None, None, :, None] \
+                mem = (
+                    ((cum_p[ks] - cum_p[i]) * (2.0 + m.optimizer_slots))[None, None, :, None]
+                    + np.minimum(jn, M) * ((cum_a[ks] - cum_a[i]) * rows)[None, None, :, None]
                     + (2.0 * boundary * rows)[None, None, :, None]
+                )
                 if self.objective == "memory":
                     P = np.maximum(prevP, mem)
                 else:
-                    P = np.maximum(np.maximum(prevP, (comp_total / r)[None, None, :, None]), traffic)
+                    P = np.maximum(
+                        np.maximum(prevP, (comp_total / r)[None, None, :, None]), traffic
+                    )
                     P[(mem > self.limit) | (P > ub)] = INF
                 # top-K over (k, rank) for every (dd', j')
                 flat = P.reshape(Dp, J + 1, -1)
@@ -322,15 +349,20 @@ class DappleSearch:
             back[:, :, i, :, 2] = np.take_along_axis(cand_rank, order, axis=2)
             back[:, :, i, :, 3] = np.take_along_axis(cand_j, order, axis=2)
         if self.objective == "memory":
-            self.stats.smallest_peak_memory = min(self.stats.smallest_peak_memory,
-                                                  float(best[1:, 1:, 0, :].min()))
+            self.stats.smallest_peak_memory = min(
+                self.stats.smallest_peak_memory, float(best[1:, 1:, 0, :].min())
+            )
             return
         # finalists: least (P/M)(M - 1 + S), an estimate of the simulated step
-        cells = [(best[dd, j, 0, r] / M * (M - 1 + j + (j == J)), dd, j, r)
-                 for dd in range(1, D + 1) for j in range(1, J + 1) for r in range(K)
-                 if best[dd, j, 0, r] < INF]
+        cells = [
+            (best[dd, j, 0, r] / M * (M - 1 + j + (j == J)), dd, j, r)
+            for dd in range(1, D + 1)
+            for j in range(1, J + 1)
+            for r in range(K)
+            if best[dd, j, 0, r] < INF
+        ]
         cells.sort()
-        for _, dd, j, r in cells[:self.finalists]:
+        for _, dd, j, r in cells[: self.finalists]:
             ends, reps_chosen = self._reconstruct(back, bounds, dd, j, r)
             for layout in self._layouts(reps_chosen):
                 self._offer(ends, layout, b)

@@ -16,6 +16,7 @@ apply_time=<ms>`,
 each optional), so a
 graph.txt keeps everything a JSON profile does.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,20 @@ from planner.profile import LayerCost, Profile, ProfileError
 
 _METRICS = ("forward_compute_time", "backward_compute_time", "activation_size", "parameter_size")
 # Optional metrics after the four above: graph.txt key -> LayerCost field.
-_EXTRA_METRICS = {"forward_fixed_time": "forward_fixed_ms",
-                  "forward_per_row_time": "forward_per_row_ms",
-                  "backward_fixed_time": "backward_fixed_ms",
-                  "backward_per_row_time": "backward_per_row_ms", "saved_size": "saved_bytes",
-                  "workspace_size": "workspace_bytes",
-                  "optimizer_slot_size": "optimizer_slot_bytes", "apply_time": "apply_ms"}
-_NODE_FORMAT = ("<id> -- <description> -- forward_compute_time=<ms>, backward_compute_time=<ms>, "
-                "activation_size=<bytes or [a; b]>, parameter_size=<bytes>")
+_EXTRA_METRICS = {
+    "forward_fixed_time": "forward_fixed_ms",
+    "forward_per_row_time": "forward_per_row_ms",
+    "backward_fixed_time": "backward_fixed_ms",
+    "backward_per_row_time": "backward_per_row_ms",
+    "saved_size": "saved_bytes",
+    "workspace_size": "workspace_bytes",
+    "optimizer_slot_size": "optimizer_slot_bytes",
+    "apply_time": "apply_ms",
+}
+_NODE_FORMAT = (
+    "<id> -- <description> -- forward_compute_time=<ms>, backward_compute_time=<ms>, "
+    "activation_size=<bytes or [a; b]>, parameter_size=<bytes>"
+)
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -58,15 +65,19 @@ def _parse_metrics(text: str, where: str) -> tuple[list[float], dict[str, float]
             current += ch
     parts.append(current)
     if len(parts) < len(_METRICS):
-        raise ProfileError(f"{where}: expected {len(_METRICS)} metrics "
-                           f"({', '.join(m + '=...' for m in _METRICS)}), found {text.strip()!r}")
+        raise ProfileError(
+            f"{where}: expected {len(_METRICS)} metrics "
+            f"({', '.join(m + '=...' for m in _METRICS)}), found {text.strip()!r}"
+        )
     extras = {}
-    for part in parts[len(_METRICS):]:
+    for part in parts[len(_METRICS) :]:
         name, eq, value = part.strip().partition("=")
         if not eq or name.strip() not in _EXTRA_METRICS or _EXTRA_METRICS[name.strip()] in extras:
-            raise ProfileError(f"{where}: after the four metrics expected optional ones "
-                               f"({', '.join(k + '=<number>' for k in _EXTRA_METRICS)}), each "
-                               f"once, found {part.strip()!r}")
+            raise ProfileError(
+                f"{where}: after the four metrics expected optional ones "
+                f"({', '.join(k + '=<number>' for k in _EXTRA_METRICS)}), each "
+                f"once, found {part.strip()!r}"
+            )
         extras[_EXTRA_METRICS[name.strip()]] = _number(value, where, name.strip())
     values = []
     for part, key in zip(parts, _METRICS):
@@ -76,8 +87,9 @@ def _parse_metrics(text: str, where: str) -> tuple[list[float], dict[str, float]
         value = value.strip()
         if key == "activation_size" and value.startswith("["):
             if not value.endswith("]"):
-                raise ProfileError(f"{where}: expected a list like [a; b] for activation_size, "
-                                   f"found {value!r}")
+                raise ProfileError(
+                    f"{where}: expected a list like [a; b] for activation_size, found {value!r}"
+                )
             items = [v for v in re.split(r"[;,]", value[1:-1]) if v.strip()]
             values.append(sum(_number(v, where, key) for v in items))
         else:
@@ -85,12 +97,15 @@ def _parse_metrics(text: str, where: str) -> tuple[list[float], dict[str, float]
     return values, extras
 
 
-def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
-                    device: str = "unknown") -> Profile:
+def parse_graph_txt(
+    text: str, batch_size: int, source: str = "<graph.txt>", device: str = "unknown"
+) -> Profile:
     """Parse graph.txt `text`; errors name `source`, the line number and what was expected."""
     if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ProfileError(f"{source}: a graph.txt profile needs a positive profile batch size "
-                           f"(--profile-batch-size), got {batch_size!r}")
+        raise ProfileError(
+            f"{source}: a graph.txt profile needs a positive profile batch size "
+            f"(--profile-batch-size), got {batch_size!r}"
+        )
     layers: list[LayerCost] = []
     index: dict[str, int] = {}
     raw_edges: list[tuple[str, str, int]] = []
@@ -101,14 +116,18 @@ def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
         if line[0] in " \t":
             parts = line.strip().split(" -- ")
             if len(parts) != 2 or not all(p.strip() for p in parts):
-                raise ProfileError(f"{where}: expected an edge line '<indent><src id> -- <dst id>', "
-                                   f"found {line.strip()!r}")
+                raise ProfileError(
+                    f"{where}: expected an edge line '<indent><src id> -- <dst id>', "
+                    f"found {line.strip()!r}"
+                )
             raw_edges.append((parts[0].strip(), parts[1].strip(), lineno))
             continue
         parts = line.strip().split(" -- ")
         if len(parts) < 3:
-            raise ProfileError(f"{where}: expected a node line '{_NODE_FORMAT}', found {line.strip()!r}"
-                               f" (edge lines must be indented)")
+            raise ProfileError(
+                f"{where}: expected a node line '{_NODE_FORMAT}', found {line.strip()!r}"
+                f" (edge lines must be indented)"
+            )
         node_id, desc, metrics = parts[0].strip(), " -- ".join(parts[1:-1]), parts[-1]
         if len(parts) > 3 and parts[-1].strip().startswith("stage_id="):
             # PipeDream writes an optional trailing "-- stage_id=<k>"; it is not ours to keep.
@@ -126,8 +145,9 @@ def parse_graph_txt(text: str, batch_size: int, source: str = "<graph.txt>",
     for src, dst, lineno in raw_edges:
         for node in (src, dst):
             if node not in index:
-                raise ProfileError(f"{source}:{lineno}: edge names node {node!r}, which no node line "
-                                   f"defines")
+                raise ProfileError(
+                    f"{source}:{lineno}: edge names node {node!r}, which no node line defines"
+                )
         edges.append((index[src], index[dst]))
     profile = Profile(tuple(layers), tuple(edges), batch_size, device)
     profile.validate(source)
@@ -143,16 +163,22 @@ def format_graph_txt(profile: Profile) -> str:
     lines = []
     for layer in profile.layers:
         if " " in layer.name or " -- " in (layer.description or ""):
-            raise ProfileError(f"layer {layer.name!r} cannot be written to graph.txt: ids have no "
-                               f"spaces and descriptions no ' -- '")
-        lines.append(f"{layer.name} -- {layer.description or layer.name} -- "
-                     f"forward_compute_time={_fmt(layer.forward_ms)}, "
-                     f"backward_compute_time={_fmt(layer.backward_ms)}, "
-                     f"activation_size={_fmt(layer.activation_bytes)}, "
-                     f"parameter_size={_fmt(layer.parameter_bytes)}"
-                     + "".join(f", {key}={_fmt(getattr(layer, field))}"
-                               for key, field in _EXTRA_METRICS.items()
-                               if getattr(layer, field) is not None))
+            raise ProfileError(
+                f"layer {layer.name!r} cannot be written to graph.txt: ids have no "
+                f"spaces and descriptions no ' -- '"
+            )
+        lines.append(
+            f"{layer.name} -- {layer.description or layer.name} -- "
+            f"forward_compute_time={_fmt(layer.forward_ms)}, "
+            f"backward_compute_time={_fmt(layer.backward_ms)}, "
+            f"activation_size={_fmt(layer.activation_bytes)}, "
+            f"parameter_size={_fmt(layer.parameter_bytes)}"
+            + "".join(
+                f", {key}={_fmt(getattr(layer, field))}"
+                for key, field in _EXTRA_METRICS.items()
+                if getattr(layer, field) is not None
+            )
+        )
     for a, b in profile.edges:
         lines.append(f"\t{profile.layers[a].name} -- {profile.layers[b].name}")
     return "\n".join(lines) + "\n"
@@ -175,10 +201,14 @@ def load_profile(path: str | os.PathLike, batch_size: int | None = None) -> Prof
     if text.lstrip().startswith("{"):
         profile = Profile.from_json(text, source=str(path))
         if batch_size is not None and batch_size != profile.batch_size:
-            raise ProfileError(f"{path}: profile batch size is {profile.batch_size} in the file but "
-                               f"{batch_size} was given; drop --profile-batch-size or make them agree")
+            raise ProfileError(
+                f"{path}: profile batch size is {profile.batch_size} in the file but "
+                f"{batch_size} was given; drop --profile-batch-size or make them agree"
+            )
         return profile
     if batch_size is None:
-        raise ProfileError(f"{path}: a graph.txt profile does not record its batch size; give it "
-                           f"(--profile-batch-size / batch_size=)")
+        raise ProfileError(
+            f"{path}: a graph.txt profile does not record its batch size; give it "
+            f"(--profile-batch-size / batch_size=)"
+        )
     return parse_graph_txt(text, batch_size, source=str(path))

@@ -5,6 +5,7 @@ GPU (profile ms / 1000 x GBS/PBS), activation bytes scale by GBS/PBS, parameter 
 A plan here is `HpgoPlan`: contiguous state ranges, `slots` per stage, the pipeline replicated
 `rp` times (a stage has slots*rp devices), micro-batches of `mbs` rows per pipeline replica.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ def transfer_time(cluster: Cluster, src: Sequence[int], dst: Sequence[int], nbyt
 
 def _count_on_host(cluster: Cluster, devices: Sequence[int], host: int) -> int:
     first, last = devices[0], devices[-1]
-    if last - first + 1 == len(devices):          # a contiguous range: count by arithmetic
+    if last - first + 1 == len(devices):  # a contiguous range: count by arithmetic
         lo, hi = cluster.host_start(host), cluster.seps[host]
         return max(0, min(last + 1, hi) - max(first, lo))
     return sum(1 for d in devices if cluster.host_of(d) == host)
@@ -46,11 +47,11 @@ def _count_on_host(cluster: Cluster, devices: Sequence[int], host: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class HpgoPlan:
-    ends: tuple[int, ...]                 # last state of each stage
+    ends: tuple[int, ...]  # last state of each stage
     devices: tuple[tuple[int, ...], ...]  # device set of each stage (slots * rp devices)
-    rp: int                               # pipeline replicas
-    mbs: int = 1                          # rows per micro-batch per pipeline replica
-    two_stage_split: bool = False         # scored as the exhaustive 2-stage split (no factor 2)
+    rp: int  # pipeline replicas
+    mbs: int = 1  # rows per micro-batch per pipeline replica
+    two_stage_split: bool = False  # scored as the exhaustive 2-stage split (no factor 2)
 
     @property
     def begins(self) -> tuple[int, ...]:
@@ -64,14 +65,14 @@ class HpgoPlan:
 @dataclasses.dataclass(frozen=True)
 class HpgoScore:
     speedup: float
-    total_s: float            # T: whole global batch on one GPU
-    bottleneck_s: float       # P
-    num_micro_batches: int    # M per pipeline replica
+    total_s: float  # T: whole global batch on one GPU
+    bottleneck_s: float  # P
+    num_micro_batches: int  # M per pipeline replica
     block_s: float
-    latency_s: float          # Lat
-    delta_s: float            # allreduce not hidden by the pipeline drain
+    latency_s: float  # Lat
+    delta_s: float  # allreduce not hidden by the pipeline drain
     stage_times_s: tuple[float, ...]
-    input_transfers_s: tuple[float, ...]   # into stage s (0 for stage 0)
+    input_transfers_s: tuple[float, ...]  # into stage s (0 for stage 0)
     boundary_transfers_s: tuple[float, ...]  # per micro-batch, after stage s < S-1
     allreduce_s: tuple[float, ...]
 
@@ -83,8 +84,9 @@ class HpgoScore:
 class HpgoModel:
     """The scaled cost tables of one (profile states, PBS, GBS) and the cluster."""
 
-    def __init__(self, states: States, cluster: Cluster, profile_batch_size: int,
-                 global_batch_size: int):
+    def __init__(
+        self, states: States, cluster: Cluster, profile_batch_size: int, global_batch_size: int
+    ):
         scale = global_batch_size / profile_batch_size
         self.states = states
         self.cluster = cluster
@@ -111,24 +113,51 @@ class HpgoModel:
         S, rp, G = len(plan.ends), plan.rp, plan.devices
         M = self.gbs // rp // plan.mbs
         begins = plan.begins
-        stage_times = tuple(self.compute(b, e) / len(G[s])
-                            for s, (b, e) in enumerate(zip(begins, plan.ends)))
+        stage_times = tuple(
+            self.compute(b, e) / len(G[s]) for s, (b, e) in enumerate(zip(begins, plan.ends))
+        )
         factor = 1.0 if plan.two_stage_split else 2.0
-        inputs = (0.0,) + tuple(transfer_time(c, G[s - 1], G[s], factor * self.out[plan.ends[s - 1]])
-                                for s in range(1, S))
+        inputs = (0.0,) + tuple(
+            transfer_time(c, G[s - 1], G[s], factor * self.out[plan.ends[s - 1]])
+            for s in range(1, S)
+        )
         P = max(max(stage_times), max(inputs))
         allreduces = tuple(
             allreduce_time(c, G[s], self.params(b, min(e + 1, L - 1) if s < S - 1 else L - 1))
-            for s, (b, e) in enumerate(zip(begins, plan.ends)))
+            for s, (b, e) in enumerate(zip(begins, plan.ends))
+        )
         if M <= 0:
-            return HpgoScore(0.0, self.T, P, 0, float("inf"), float("inf"), 0.0, stage_times,
-                             inputs, (), allreduces)
+            return HpgoScore(
+                0.0,
+                self.T,
+                P,
+                0,
+                float("inf"),
+                float("inf"),
+                0.0,
+                stage_times,
+                inputs,
+                (),
+                allreduces,
+            )
         block = P / M
-        boundary = tuple(transfer_time(c, G[s], G[s + 1], self.out[plan.ends[s]] / (rp * M))
-                         for s in range(S - 1))
+        boundary = tuple(
+            transfer_time(c, G[s], G[s + 1], self.out[plan.ends[s]] / (rp * M))
+            for s in range(S - 1)
+        )
         lat = block * (M - 1) + self.T / (rp * M) + sum(boundary)
         delta = max(0.0, max(ar - s * block for s, ar in enumerate(allreduces)))
         f = float
-        return HpgoScore(f(self.T / (lat + delta)), f(self.T), f(P), M, f(block), f(lat), f(delta),
-                         tuple(map(f, stage_times)), tuple(map(f, inputs)), tuple(map(f, boundary)),
-                         tuple(map(f, allreduces)))
+        return HpgoScore(
+            f(self.T / (lat + delta)),
+            f(self.T),
+            f(P),
+            M,
+            f(block),
+            f(lat),
+            f(delta),
+            tuple(map(f, stage_times)),
+            tuple(map(f, inputs)),
+            tuple(map(f, boundary)),
+            tuple(map(f, allreduces)),
+        )

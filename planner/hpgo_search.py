@@ -31,6 +31,7 @@ On clusters of more than 64 devices, rp is limited to the published planner's ow
 (N div i) with at most 16 slots per pipeline, and one-stage plans use rp = k (the best rp for
 one stage: its latency is then exactly T/k).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,7 +73,9 @@ def _range(a: int, b: int) -> tuple[int, ...]:
     return tuple(range(a, b))
 
 
-def _transfer_coef_grid(cluster: Cluster, p: np.ndarray, d: np.ndarray, q: np.ndarray) -> np.ndarray:
+def _transfer_coef_grid(
+    cluster: Cluster, p: np.ndarray, d: np.ndarray, q: np.ndarray
+) -> np.ndarray:
     """Seconds per byte of Transfer([p,d) -> [d,q)) for packed ranges (broadcast arrays)."""
     seps = np.asarray(cluster.seps)
     host_d = np.searchsorted(seps, d, side="right")
@@ -81,8 +84,11 @@ def _transfer_coef_grid(cluster: Cluster, p: np.ndarray, d: np.ndarray, q: np.nd
     outside = np.maximum(0, np.minimum(d, starts) - p)
     within = host_d == host_last
     size = np.maximum(d - p, 1)
-    coef = np.where(outside > 0, outside / size / cluster.inter_host_bandwidth,
-                    1.0 / cluster.intra_host_bandwidth)
+    coef = np.where(
+        outside > 0,
+        outside / size / cluster.inter_host_bandwidth,
+        1.0 / cluster.intra_host_bandwidth,
+    )
     return np.where(within, coef, 1.0 / cluster.inter_host_allreduce_bandwidth)
 
 
@@ -122,9 +128,16 @@ def _useful_states(model: HpgoModel) -> list[int]:
 
 
 class HpgoSearch:
-    def __init__(self, model: HpgoModel, mbs: int = 1, max_dp_slots: int = 64, keep: int = 2,
-                 max_dp_states: int = 300, exhaustive_limit: int = 20000,
-                 max_dp_cuts: int = 96):
+    def __init__(
+        self,
+        model: HpgoModel,
+        mbs: int = 1,
+        max_dp_slots: int = 64,
+        keep: int = 2,
+        max_dp_states: int = 300,
+        exhaustive_limit: int = 20000,
+        max_dp_cuts: int = 96,
+    ):
         if model.cluster.num_devices > 64:
             max_dp_slots = min(max_dp_slots, 16)
         self.m = model
@@ -184,10 +197,13 @@ class HpgoSearch:
         slots = min(self.N // rp, self.max_dp_slots)
         largest_host = max(b - a for a, b in zip((0,) + c.seps[:-1], c.seps))
         if rp > largest_host:
-            coef = 1.0 / c.inter_host_allreduce_bandwidth      # every stage spans hosts
+            coef = 1.0 / c.inter_host_allreduce_bandwidth  # every stage spans hosts
         else:
-            coef = min(1.0 / c.intra_host_bandwidth, 1.0 / c.inter_host_allreduce_bandwidth,
-                       1.0 / (self.N * c.inter_host_bandwidth))
+            coef = min(
+                1.0 / c.intra_host_bandwidth,
+                1.0 / c.inter_host_allreduce_bandwidth,
+                1.0 / (self.N * c.inter_host_bandwidth),
+            )
         P = max(m.T / (slots * rp), 2.0 * float(np.min(m.out[:-1])) * coef)
         bound = (M - 1) / M * P + m.T / (rp * M)
         best_step = self.best[0].step_time_s
@@ -201,8 +217,10 @@ class HpgoSearch:
             return list(range(1, N // 2 + 1))
         values = {N // i for i in range(2, min(N, self.max_dp_slots) + 1)}
         if self.max_dp_slots < N:
-            self.stats.notes.append(f"multi-stage DP for pipelines of at most {self.max_dp_slots} "
-                                    f"slots (rp >= {N // self.max_dp_slots})")
+            self.stats.notes.append(
+                f"multi-stage DP for pipelines of at most {self.max_dp_slots} "
+                f"slots (rp >= {N // self.max_dp_slots})"
+            )
         return sorted(values)
 
     # ---- 1. data parallel ------------------------------------------------------------------------
@@ -224,6 +242,7 @@ class HpgoSearch:
         par = m.cum_params
         T = m.T
         from planner.hpgo import allreduce_time, transfer_time
+
         for g in range(1, N):
             G0, G1 = _range(0, g), _range(g, N)
             tr = transfer_time(c, G0, G1, 1.0)
@@ -269,7 +288,6 @@ class HpgoSearch:
             self.stats.notes.append(note)
         n_idx = len(idx)
         self.stats.dp_runs += 1
-        M = m.gbs // rp // self.mbs
         K = self.keep
         cum = m.cum_compute[idx]
         out = m.out[idx]
@@ -285,30 +303,33 @@ class HpgoSearch:
         INF = float("inf")
         best = np.full((n_idx, slots + 1, K), INF)
         last_n = np.zeros((n_idx, slots + 1, K), dtype=int)
-        back = np.full((n_idx, slots + 1, K, 3), -1, dtype=int)   # (b, n, parent rank)
+        back = np.full((n_idx, slots + 1, K, 3), -1, dtype=int)  # (b, n, parent rank)
         us = np.arange(1, slots + 1)
         # a stage of n slots ending at state e after `up` slots: grids over (u, b, n), u leading
         n_max = 1 if straight else slots - 1
-        n_grid = np.arange(1, n_max + 1)[None, None, :]                 # (1,1,N)
-        up_grid = us[:, None, None] - n_grid                            # (U,1,N)
+        n_grid = np.arange(1, n_max + 1)[None, None, :]  # (1,1,N)
+        up_grid = us[:, None, None] - n_grid  # (U,1,N)
         allowed = up_grid >= 1
         up_safe = np.where(allowed, up_grid, 0)
         # seconds/byte into a stage of n slots after `up` slots whose last stage had prev_n slots
-        g_up, g_n, g_prev = np.meshgrid(np.arange(slots + 1), np.arange(slots + 1),
-                                        np.arange(slots + 1), indexing="ij")
-        tc = _transfer_coef_grid(self.c, (g_up - g_prev) * rp, g_up * rp,
-                                 np.maximum(g_up + g_n, g_up + 1) * rp)
+        g_up, g_n, g_prev = np.meshgrid(
+            np.arange(slots + 1), np.arange(slots + 1), np.arange(slots + 1), indexing="ij"
+        )
+        tc = _transfer_coef_grid(
+            self.c, (g_up - g_prev) * rp, g_up * rp, np.maximum(g_up + g_n, g_up + 1) * rp
+        )
         rows = np.arange(slots)[:, None]
         from planner.hpgo import allreduce_time
+
         # seconds/byte of an allreduce over devices [up*rp, (up+n)*rp)
         ar = np.zeros((slots + 1, slots + 1))
         if allreduce_weight:
             for a in range(slots + 1):
                 for n in range(1, slots + 1 - a):
                     ar[a, n] = allreduce_time(self.c, range(a * rp, (a + n) * rp), 1.0)
-        first_P = cum / rp   # one stage on u slots: cum[e] / (u*rp)
+        first_P = cum / rp  # one stage on u slots: cum[e] / (u*rp)
         for e in range(n_idx):
-            own = (par[-1] if e == n_idx - 1 else par_next[e])
+            own = par[-1] if e == n_idx - 1 else par_next[e]
             first = first_P[e] / us
             if allreduce_weight:
                 first = np.maximum(first, allreduce_weight * ar[0, us] * own)
@@ -317,8 +338,8 @@ class HpgoSearch:
             cand_n = [us.copy()]
             cand_r = [np.full(slots, -1)]
             if e >= 1:
-                b = np.arange(1, e + 1)[None, :, None]                   # (1,B,1)
-                prevP = best[b - 1, up_safe, :]                           # (U,B,N,K)
+                b = np.arange(1, e + 1)[None, :, None]  # (1,B,1)
+                prevP = best[b - 1, up_safe, :]  # (U,B,N,K)
                 prev_n = last_n[b - 1, up_safe, :]
                 coef = tc[up_safe[..., None], n_grid[..., None], prev_n]
                 inp = coef * (2.0 * out[b - 1])[..., None]
@@ -326,14 +347,18 @@ class HpgoSearch:
                 P = np.maximum(np.maximum(prevP, comp), inp)
                 if allreduce_weight:
                     own_b = (par[-1] if e == n_idx - 1 else par_next[e]) - par[b - 1]
-                    P = np.maximum(P, allreduce_weight * ar[up_safe, n_grid][..., None]
-                                   * own_b[..., None])
+                    P = np.maximum(
+                        P, allreduce_weight * ar[up_safe, n_grid][..., None] * own_b[..., None]
+                    )
                 P = np.where((allowed & valid[b - 1, e])[..., None], P, INF)
                 B = P.shape[1]
-                flat = P.reshape(slots, -1)                                # (U, B*N*K)
+                flat = P.reshape(slots, -1)  # (U, B*N*K)
                 k = min(K, flat.shape[1])
-                top = np.argpartition(flat, k - 1, axis=1)[:, :k] if flat.shape[1] > k \
+                top = (
+                    np.argpartition(flat, k - 1, axis=1)[:, :k]
+                    if flat.shape[1] > k
                     else np.tile(np.arange(flat.shape[1]), (slots, 1))
+                )
                 for j in range(top.shape[1]):
                     f = top[:, j]
                     bi, ni, r = np.unravel_index(f, (B, n_max, K))
@@ -341,7 +366,7 @@ class HpgoSearch:
                     cand_b.append(bi + 1)
                     cand_n.append(ni + 1)
                     cand_r.append(r)
-            allP = np.stack(cand_P, axis=1)                               # (U, C)
+            allP = np.stack(cand_P, axis=1)  # (U, C)
             order = np.argsort(allP, axis=1, kind="stable")[:, :K]
             kk = order.shape[1]
             chosenP = allP[rows, order]
@@ -391,8 +416,7 @@ class HpgoSearch:
                 ends = tuple(cuts) + (L - 1,)
                 if self.m.states.kind == "antichain":
                     chain = (-1,) + ends
-                    if not all(_nested(self.m.states, chain[i], chain[i + 1])
-                               for i in range(1, S)):
+                    if not all(_nested(self.m.states, chain[i], chain[i + 1]) for i in range(1, S)):
                         continue
                 for rp in range(1, N // S + 1):
                     if self.m.gbs // rp // self.mbs < 1:

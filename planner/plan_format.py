@@ -3,6 +3,7 @@
 A plan is plain data shared by the planner (which writes it), the graph rewriter and the runtime
 (which execute it). See ARCHITECTURE.md, "Plan (contract)".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,11 +41,19 @@ class Plan:
     executable: bool = dataclasses.field(default=True, compare=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple(
-            s if isinstance(s, Stage) else Stage(tuple(s["layers"]), tuple(s["devices"]))
-            for s in self.stages))
-        object.__setattr__(self, "stages", tuple(
-            Stage(tuple(s.layers), tuple(int(d) for d in s.devices)) for s in self.stages))
+        object.__setattr__(
+            self,
+            "stages",
+            tuple(
+                s if isinstance(s, Stage) else Stage(tuple(s["layers"]), tuple(s["devices"]))
+                for s in self.stages
+            ),
+        )
+        object.__setattr__(
+            self,
+            "stages",
+            tuple(Stage(tuple(s.layers), tuple(int(d) for d in s.devices)) for s in self.stages),
+        )
         self._check_shape()
 
     # ---- derived facts -------------------------------------------------------------------
@@ -92,11 +101,15 @@ class Plan:
         if self.schedule not in SCHEDULES:
             raise PlanError(f"plan schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
         if self.global_batch_size <= 0 or self.num_micro_batches <= 0:
-            raise PlanError(f"plan needs positive global_batch_size and num_micro_batches, got "
-                            f"{self.global_batch_size} and {self.num_micro_batches}")
+            raise PlanError(
+                f"plan needs positive global_batch_size and num_micro_batches, got "
+                f"{self.global_batch_size} and {self.num_micro_batches}"
+            )
         if self.global_batch_size % self.num_micro_batches and self.executable:
-            raise PlanError(f"global_batch_size {self.global_batch_size} does not divide into "
-                            f"{self.num_micro_batches} micro-batches")
+            raise PlanError(
+                f"global_batch_size {self.global_batch_size} does not divide into "
+                f"{self.num_micro_batches} micro-batches"
+            )
         b = self.micro_batch_size
         for i, s in enumerate(self.stages):
             if not s.layers:
@@ -108,29 +121,34 @@ class Plan:
                     f"micro-batch size {b} (= {self.global_batch_size} / {self.num_micro_batches}) "
                     f"does not divide by stage {i}'s {s.num_replicas} replicas; choose a global "
                     f"batch or micro-batch count so that every stage's replica count divides the "
-                    f"micro-batch size")
+                    f"micro-batch size"
+                )
         seen_devices: dict[int, int] = {}
         for i, s in enumerate(self.stages):
             for d in s.devices:
                 if d < 0:
                     raise PlanError(f"stage {i} names negative device id {d}")
                 if d in seen_devices:
-                    raise PlanError(f"device {d} is used by stage {seen_devices[d]} and stage {i}; "
-                                    f"a device holds exactly one stage replica")
+                    raise PlanError(
+                        f"device {d} is used by stage {seen_devices[d]} and stage {i}; "
+                        f"a device holds exactly one stage replica"
+                    )
                 seen_devices[d] = i
         seen_layers: dict[str, int] = {}
         for i, s in enumerate(self.stages):
             for name in s.layers:
                 if name in seen_layers:
-                    raise PlanError(f"layer '{name}' appears in stage {seen_layers[name]} and "
-                                    f"stage {i}")
+                    raise PlanError(
+                        f"layer '{name}' appears in stage {seen_layers[name]} and stage {i}"
+                    )
                 seen_layers[name] = i
 
     @property
     def rows_divide(self) -> bool:
         """True iff every stage's replica count divides the micro-batch size."""
         return self.global_batch_size % self.num_micro_batches == 0 and all(
-            self.micro_batch_size % s.num_replicas == 0 for s in self.stages)
+            self.micro_batch_size % s.num_replicas == 0 for s in self.stages
+        )
 
     def check_layers(self, model_layers: Sequence[str]) -> None:
         """Raise PlanError unless the plan covers exactly `model_layers`, in order."""
@@ -146,14 +164,17 @@ class Plan:
             problem = f"skips layers {missing}"
         else:
             problem = "lists the layers out of model order"
-        raise PlanError(f"plan {problem}; the model's layers, in order, are: "
-                        f"{', '.join(model_layers)}")
+        raise PlanError(
+            f"plan {problem}; the model's layers, in order, are: {', '.join(model_layers)}"
+        )
 
     def check_devices(self, num_available: int, what: str = "local devices") -> None:
         needed = max(self.devices) + 1
         if needed > num_available:
-            raise PlanError(f"plan {self.notation} uses device ids up to {needed - 1} and needs "
-                            f"{needed} devices, but only {num_available} {what} are available")
+            raise PlanError(
+                f"plan {self.notation} uses device ids up to {needed - 1} and needs "
+                f"{needed} devices, but only {num_available} {what} are available"
+            )
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +197,7 @@ class Plan:
             raise PlanError(f"{source}: a plan is a JSON object, got {type(data).__name__}")
         fmt = data.get("format")
         if fmt != PLAN_FORMAT:
-            raise PlanError(f"{source}: expected \"format\": \"{PLAN_FORMAT}\", found {fmt!r}")
+            raise PlanError(f'{source}: expected "format": "{PLAN_FORMAT}", found {fmt!r}')
         for key in ("global_batch_size", "num_micro_batches", "schedule", "stages"):
             if key not in data:
                 raise PlanError(f"{source}: missing key '{key}'")
@@ -184,16 +205,22 @@ class Plan:
         if not isinstance(stages, list):
             raise PlanError(f"{source}: 'stages' must be a list")
         for i, s in enumerate(stages):
-            if not isinstance(s, dict) or not isinstance(s.get("layers"), list) \
-                    or not isinstance(s.get("devices"), list):
-                raise PlanError(f"{source}: stage {i} must be an object with lists 'layers' and "
-                                f"'devices'")
+            if (
+                not isinstance(s, dict)
+                or not isinstance(s.get("layers"), list)
+                or not isinstance(s.get("devices"), list)
+            ):
+                raise PlanError(
+                    f"{source}: stage {i} must be an object with lists 'layers' and 'devices'"
+                )
         try:
-            return cls(global_batch_size=int(data["global_batch_size"]),
-                       num_micro_batches=int(data["num_micro_batches"]),
-                       schedule=str(data["schedule"]),
-                       stages=tuple(stages),
-                       predicted=dict(data.get("predicted") or {}))
+            return cls(
+                global_batch_size=int(data["global_batch_size"]),
+                num_micro_batches=int(data["num_micro_batches"]),
+                schedule=str(data["schedule"]),
+                stages=tuple(stages),
+                predicted=dict(data.get("predicted") or {}),
+            )
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from None
 
@@ -222,8 +249,13 @@ class Plan:
         os.replace(tmp, path)
 
 
-def even_plan(layers: Sequence[str], replicas_per_stage: Sequence[int], global_batch_size: int,
-              num_micro_batches: int, schedule: str = "1f1b") -> Plan:
+def even_plan(
+    layers: Sequence[str],
+    replicas_per_stage: Sequence[int],
+    global_batch_size: int,
+    num_micro_batches: int,
+    schedule: str = "1f1b",
+) -> Plan:
     """A plan that splits `layers` into len(replicas_per_stage) contiguous stages of near-equal
     layer count, stage i on the next replicas_per_stage[i] device ids. Handy for tests and for
     DAPPLE notation given on the command line (e.g. '3:1')."""

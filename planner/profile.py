@@ -5,6 +5,7 @@ activation bytes (tensors leaving the layer) and parameter bytes, the layer DAG 
 profile batch size and the device it was measured on. On disk: our JSON (this module) and the
 PipeDream/DAPPLE `graph.txt` text format (`planner.graph_txt`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,12 @@ class LayerCost:
 
     @property
     def has_fit(self) -> bool:
-        return None not in (self.forward_fixed_ms, self.forward_per_row_ms,
-                            self.backward_fixed_ms, self.backward_per_row_ms)
+        return None not in (
+            self.forward_fixed_ms,
+            self.forward_per_row_ms,
+            self.backward_fixed_ms,
+            self.backward_per_row_ms,
+        )
 
     def forward_ms_at(self, rows: float, batch_size: int) -> float:
         """Forward ms for `rows` rows: the fit where measured, else linear in rows."""
@@ -63,10 +68,20 @@ class LayerCost:
 
 
 # Fields of a layer that must be finite and >= 0 (None allowed for the optional ones).
-MEASURED_FIELDS = ("forward_ms", "backward_ms", "activation_bytes", "parameter_bytes",
-                   "forward_fixed_ms", "forward_per_row_ms", "backward_fixed_ms",
-                   "backward_per_row_ms", "saved_bytes", "workspace_bytes", "optimizer_slot_bytes",
-                   "apply_ms")
+MEASURED_FIELDS = (
+    "forward_ms",
+    "backward_ms",
+    "activation_bytes",
+    "parameter_bytes",
+    "forward_fixed_ms",
+    "forward_per_row_ms",
+    "backward_fixed_ms",
+    "backward_per_row_ms",
+    "saved_bytes",
+    "workspace_bytes",
+    "optimizer_slot_bytes",
+    "apply_ms",
+)
 OPTIONAL_FIELDS = MEASURED_FIELDS[4:]
 
 
@@ -89,20 +104,25 @@ class Profile:
         """Raise ProfileError unless every time and size is finite and >= 0 and some layer has
         compute; the message names the layer and the field."""
         if self.batch_size <= 0:
-            raise ProfileError(f"{source}: batch_size must be a positive row count, found "
-                               f"{self.batch_size}")
+            raise ProfileError(
+                f"{source}: batch_size must be a positive row count, found {self.batch_size}"
+            )
         for layer in self.layers:
             for name in MEASURED_FIELDS:
                 value = getattr(layer, name)
                 if value is None:
                     continue
                 if not math.isfinite(value) or value < 0:
-                    raise ProfileError(f"{source}: layer {layer.name!r} field {name} must be a "
-                                       f"finite number >= 0, found {value!r}")
+                    raise ProfileError(
+                        f"{source}: layer {layer.name!r} field {name} must be a "
+                        f"finite number >= 0, found {value!r}"
+                    )
         if not any(l.forward_ms > 0 or l.backward_ms > 0 for l in self.layers):
-            raise ProfileError(f"{source}: every layer has forward_ms = backward_ms = 0; expected "
-                               f"measured compute on at least one layer of "
-                               f"{len(self.layers)}")
+            raise ProfileError(
+                f"{source}: every layer has forward_ms = backward_ms = 0; expected "
+                f"measured compute on at least one layer of "
+                f"{len(self.layers)}"
+            )
 
     def check_layers(self, model_layers: Sequence[str], source: str = "profile") -> None:
         """Raise ProfileError unless the profile's layers are exactly `model_layers`, in order."""
@@ -111,12 +131,18 @@ class Profile:
             return
         extra = [n for n in mine if n not in model_layers]
         missing = [n for n in model_layers if n not in mine]
-        what = (f"has layers the model lacks {extra[:5]}" if extra else
-                f"lacks the model's layers {missing[:5]}" if missing else
-                "lists the layers in another order than the model")
-        raise ProfileError(f"{source} {what}; the model's layers are {model_layers[:8]}"
-                           f"{' ...' if len(model_layers) > 8 else ''}, the profile's {mine[:8]}"
-                           f"{' ...' if len(mine) > 8 else ''}")
+        what = (
+            f"has layers the model lacks {extra[:5]}"
+            if extra
+            else f"lacks the model's layers {missing[:5]}"
+            if missing
+            else "lists the layers in another order than the model"
+        )
+        raise ProfileError(
+            f"{source} {what}; the model's layers are {model_layers[:8]}"
+            f"{' ...' if len(model_layers) > 8 else ''}, the profile's {mine[:8]}"
+            f"{' ...' if len(mine) > 8 else ''}"
+        )
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -133,8 +159,14 @@ class Profile:
             "format": PROFILE_FORMAT,
             "batch_size": self.batch_size,
             "device": self.device,
-            "layers": [{k: v for k, v in dataclasses.asdict(layer).items()
-                        if not (k in OPTIONAL_FIELDS and v is None)} for layer in self.layers],
+            "layers": [
+                {
+                    k: v
+                    for k, v in dataclasses.asdict(layer).items()
+                    if not (k in OPTIONAL_FIELDS and v is None)
+                }
+                for layer in self.layers
+            ],
             "edges": [list(e) for e in self.edges],
         }
 
@@ -145,22 +177,34 @@ class Profile:
     def from_dict(cls, data: dict[str, Any], source: str = "<profile>") -> "Profile":
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ProfileError(f"{source}: expected \"format\": \"{PROFILE_FORMAT}\", found {found!r}")
+            raise ProfileError(f'{source}: expected "format": "{PROFILE_FORMAT}", found {found!r}')
         try:
-            layers = tuple(LayerCost(str(l["name"]), float(l["forward_ms"]), float(l["backward_ms"]),
-                                     float(l["activation_bytes"]), float(l["parameter_bytes"]),
-                                     str(l.get("description", "")),
-                                     **{k: float(l[k]) for k in OPTIONAL_FIELDS
-                                        if l.get(k) is not None})
-                           for l in data["layers"])
-            profile = cls(layers, tuple(tuple(e) for e in data.get("edges", [])),
-                          int(data["batch_size"]), str(data.get("device", "unknown")))
+            layers = tuple(
+                LayerCost(
+                    str(l["name"]),
+                    float(l["forward_ms"]),
+                    float(l["backward_ms"]),
+                    float(l["activation_bytes"]),
+                    float(l["parameter_bytes"]),
+                    str(l.get("description", "")),
+                    **{k: float(l[k]) for k in OPTIONAL_FIELDS if l.get(k) is not None},
+                )
+                for l in data["layers"]
+            )
+            profile = cls(
+                layers,
+                tuple(tuple(e) for e in data.get("edges", [])),
+                int(data["batch_size"]),
+                str(data.get("device", "unknown")),
+            )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ProfileError):
                 raise ProfileError(f"{source}: {e}") from None
-            raise ProfileError(f"{source}: malformed profile ({type(e).__name__}: {e}); expected "
-                               f"layers with name, forward_ms, backward_ms, activation_bytes, "
-                               f"parameter_bytes, and batch_size") from None
+            raise ProfileError(
+                f"{source}: malformed profile ({type(e).__name__}: {e}); expected "
+                f"layers with name, forward_ms, backward_ms, activation_bytes, "
+                f"parameter_bytes, and batch_size"
+            ) from None
         profile.validate(source)
         return profile
 
@@ -177,6 +221,7 @@ class Profile:
         """Read our JSON or a PipeDream/DAPPLE graph.txt (told apart by content). graph.txt has no
         batch size, so `batch_size` is required for it; for JSON it must agree if given."""
         from planner.graph_txt import load_profile
+
         return load_profile(path, batch_size)
 
     def save_json(self, path: str | os.PathLike) -> None:

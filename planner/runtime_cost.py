@@ -28,6 +28,7 @@ backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches
 largest `workspace_bytes` of the stage's layers (temporaries of its two ops with the most: a
 convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,15 +57,24 @@ def _per_state(profile: Profile, states: States, values: Sequence[float]) -> np.
 class RuntimeModel(DappleModel):
     """Same interface as DappleModel (the search uses either); `evaluate` prices this runtime."""
 
-    def __init__(self, profile: Profile, cluster: Cluster, global_batch_size: int,
-                 optimizer_slots: float = 2.0, states: States | None = None):
+    def __init__(
+        self,
+        profile: Profile,
+        cluster: Cluster,
+        global_batch_size: int,
+        optimizer_slots: float = 2.0,
+        states: States | None = None,
+    ):
         super().__init__(profile, cluster, global_batch_size, optimizer_slots, states)
         pbs, layers = profile.batch_size, profile.layers
 
         def fit(layer, which):
             if layer.has_fit:
-                return ((layer.forward_fixed_ms, layer.forward_per_row_ms) if which == "f"
-                        else (layer.backward_fixed_ms, layer.backward_per_row_ms))
+                return (
+                    (layer.forward_fixed_ms, layer.forward_per_row_ms)
+                    if which == "f"
+                    else (layer.backward_fixed_ms, layer.backward_per_row_ms)
+                )
             total = layer.forward_ms if which == "f" else layer.backward_ms
             return 0.0, total / pbs
 
@@ -74,19 +84,31 @@ class RuntimeModel(DappleModel):
         self.cum_bwd_fixed = _per_state(profile, st, [fit(l, "b")[0] / 1e3 for l in layers])
         self.cum_bwd_row = _per_state(profile, st, [fit(l, "b")[1] / 1e3 for l in layers])
         self.cum_apply = _per_state(profile, st, [(l.apply_ms or 0.0) / 1e3 for l in layers])
-        self.cum_slots = _per_state(profile, st, [
-            l.optimizer_slot_bytes if l.optimizer_slot_bytes is not None
-            else optimizer_slots * l.parameter_bytes for l in layers])
+        self.cum_slots = _per_state(
+            profile,
+            st,
+            [
+                l.optimizer_slot_bytes
+                if l.optimizer_slot_bytes is not None
+                else optimizer_slots * l.parameter_bytes
+                for l in layers
+            ],
+        )
         # What a micro-batch keeps for its backward; the search's memory check reads cum_act.
-        self.cum_act = _per_state(profile, st, [
-            l.saved_bytes if l.saved_bytes is not None else l.activation_bytes for l in layers])
+        self.cum_act = _per_state(
+            profile,
+            st,
+            [l.saved_bytes if l.saved_bytes is not None else l.activation_bytes for l in layers],
+        )
         # The largest workspace of each state's own layers
         self.workspace = np.zeros(len(st))
         seen = 0
         for k, mask in enumerate(st.covered):
             new = mask & ~seen
-            self.workspace[k] = max([layers[i].workspace_bytes or 0.0
-                                     for i in range(len(layers)) if new >> i & 1], default=0.0)
+            self.workspace[k] = max(
+                [layers[i].workspace_bytes or 0.0 for i in range(len(layers)) if new >> i & 1],
+                default=0.0,
+            )
             seen |= mask
         self.single_device_s = self.one_device_step_s()
 
@@ -116,25 +138,38 @@ class RuntimeModel(DappleModel):
         """Plain data parallelism, one micro-batch, on the largest device count <= num_devices
         dividing GBS."""
         n = max(d for d in range(1, num_devices + 1) if self.gbs % d == 0)
-        return self.evaluate([self.L - 1], [tuple(range(n))], self.gbs, "1f1b",
-                             device_memory=float("inf")).speedup
+        return self.evaluate(
+            [self.L - 1], [tuple(range(n))], self.gbs, "1f1b", device_memory=float("inf")
+        ).speedup
 
-    def stage_memory(self, b_state: int, e_state: int, replicas: int, micro_batch_size: int,
-                     in_flight: int) -> float:
+    def stage_memory(
+        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+    ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
         slots = self.rng(self.cum_slots, b_state, e_state)
         kept = self.rng(self.cum_act, b_state, e_state)
         boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
-        workspace = float(self.workspace[b_state:e_state + 1].max())
-        return (2.0 * params + slots + in_flight * kept * rows
-                + 2.0 * max(boundary_in, boundary_out) * rows + workspace * rows)
+        workspace = float(self.workspace[b_state : e_state + 1].max())
+        return (
+            2.0 * params
+            + slots
+            + in_flight * kept * rows
+            + 2.0 * max(boundary_in, boundary_out) * rows
+            + workspace * rows
+        )
 
     # ---- a whole candidate -------------------------------------------------------------------
-    def evaluate(self, ends: Sequence[int], devices: Sequence[Sequence[int]], micro_batch_size: int,
-                 schedule: str, device_memory: float | None = None,
-                 skip_above: float | None = None) -> DappleEval:
+    def evaluate(
+        self,
+        ends: Sequence[int],
+        devices: Sequence[Sequence[int]],
+        micro_batch_size: int,
+        schedule: str,
+        device_memory: float | None = None,
+        skip_above: float | None = None,
+    ) -> DappleEval:
         c = self.cluster
         S = len(ends)
         M = self.gbs // micro_batch_size
@@ -154,22 +189,40 @@ class RuntimeModel(DappleModel):
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
             busiest = nbytes / min(len(devices[s]), len(devices[s + 1]))
-            transfer.append(c.transfer_latency_s
-                            + busiest / self.link_bandwidth(devices[s], devices[s + 1]))
+            transfer.append(
+                c.transfer_latency_s + busiest / self.link_bandwidth(devices[s], devices[s + 1])
+            )
         limit = device_memory if device_memory is not None else c.device_memory_bytes
         fits = max(mem) <= limit
         shared = self.shared_processor_s(devices, fwd, bwd, transfer, tail, M)
         if not fits or (skip_above is not None and shared > skip_above):
             step = shared if fits else float("inf")
-            return DappleEval(step, self.single_device_s / step if step else 0.0, tuple(fwd),
-                              tuple(bwd), tuple(transfer), tuple(tail), tuple(mem), fits, 0.0,
-                              simulated=False)
+            return DappleEval(
+                step,
+                self.single_device_s / step if step else 0.0,
+                tuple(fwd),
+                tuple(bwd),
+                tuple(transfer),
+                tuple(tail),
+                tuple(mem),
+                fits,
+                0.0,
+                simulated=False,
+            )
         sim = simulate(schedule, fwd, bwd, transfer, tail, M)
         step = max(sim.step_time_s, shared)
         busy = sum(M * (f + b) for f, b in zip(fwd, bwd)) / max(1, S)
-        return DappleEval(step, self.single_device_s / step, tuple(fwd), tuple(bwd),
-                          tuple(transfer), tuple(tail), tuple(mem), fits,
-                          max(0.0, 1.0 - busy / step) if step else 0.0)
+        return DappleEval(
+            step,
+            self.single_device_s / step,
+            tuple(fwd),
+            tuple(bwd),
+            tuple(transfer),
+            tuple(tail),
+            tuple(mem),
+            fits,
+            max(0.0, 1.0 - busy / step) if step else 0.0,
+        )
 
     def shared_processor_s(self, devices, fwd, bwd, transfer, tail, M) -> float:
         """The busiest processor's total work in a step: what its devices do one after another
@@ -180,8 +233,9 @@ class RuntimeModel(DappleModel):
         work: dict[int, float] = {}
         for s, stage_devices in enumerate(devices):
             # activations forward and gradients back over each of the stage's boundaries
-            moved = 2.0 * ((transfer[s - 1] if s > 0 else 0.0)
-                           + (transfer[s] if s < len(devices) - 1 else 0.0))
+            moved = 2.0 * (
+                (transfer[s - 1] if s > 0 else 0.0) + (transfer[s] if s < len(devices) - 1 else 0.0)
+            )
             for d in stage_devices:
                 p = c.processor_of(d)
                 work[p] = work.get(p, 0.0) + M * (fwd[s] + bwd[s] + moved)

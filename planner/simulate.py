@@ -8,6 +8,7 @@ boundary link, not the stages (send/recv run beside compute); each direction of 
 one micro-batch at a time, in order (full duplex). After its last backward a stage allreduces its
 gradients across its replicas, overlapping the other stages' drain.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,14 @@ from typing import Sequence
 
 @functools.lru_cache(maxsize=64)
 def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int):
-    return tuple(tuple(stage) for stage in schedule_actions(schedule, num_stages, num_micro_batches))
+    return tuple(
+        tuple(stage) for stage in schedule_actions(schedule, num_stages, num_micro_batches)
+    )
 
 
-def schedule_actions(schedule: str, num_stages: int, num_micro_batches: int) -> list[list[tuple[str, int]]]:
+def schedule_actions(
+    schedule: str, num_stages: int, num_micro_batches: int
+) -> list[list[tuple[str, int]]]:
     """Per-stage action lists. "gpipe": all forwards, then all backwards. "1f1b" (DAPPLE early
     backward): stage s runs min(S-s, M) warm-up forwards, then alternates one backward and one
     forward while forwards remain, then drains the backwards."""
@@ -47,8 +52,8 @@ def schedule_actions(schedule: str, num_stages: int, num_micro_batches: int) -> 
 @dataclasses.dataclass(frozen=True)
 class SimResult:
     step_time_s: float
-    compute_end_s: tuple[float, ...]   # per stage: end of its last backward
-    busy_s: tuple[float, ...]          # per stage: compute time per step
+    compute_end_s: tuple[float, ...]  # per stage: end of its last backward
+    busy_s: tuple[float, ...]  # per stage: compute time per step
 
     @property
     def bubble_fraction(self) -> float:
@@ -59,9 +64,14 @@ class SimResult:
 EXTRAPOLATE_ABOVE = 256
 
 
-def simulate(schedule: str, forward_s: Sequence[float], backward_s: Sequence[float],
-             transfer_s: Sequence[float], allreduce_s: Sequence[float],
-             num_micro_batches: int) -> SimResult:
+def simulate(
+    schedule: str,
+    forward_s: Sequence[float],
+    backward_s: Sequence[float],
+    transfer_s: Sequence[float],
+    allreduce_s: Sequence[float],
+    num_micro_batches: int,
+) -> SimResult:
     """forward_s/backward_s: per stage, one micro-batch on one replica; transfer_s: per boundary
     (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage.
 
@@ -74,8 +84,10 @@ def simulate(schedule: str, forward_s: Sequence[float], backward_s: Sequence[flo
         lo, hi = EXTRAPOLATE_ABOVE // 2, EXTRAPOLATE_ABOVE
         a = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, lo)
         b = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, hi)
-        ends = tuple(eb + (eb - ea) * (M - hi) / (hi - lo)
-                     for ea, eb in zip(a.compute_end_s, b.compute_end_s))
+        ends = tuple(
+            eb + (eb - ea) * (M - hi) / (hi - lo)
+            for ea, eb in zip(a.compute_end_s, b.compute_end_s)
+        )
         step = max(e + r for e, r in zip(ends, allreduce_s))
         busy = tuple(M * (f + bw) for f, bw in zip(forward_s, backward_s))
         return SimResult(step, ends, busy)
@@ -86,11 +98,11 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
     S, M = len(forward_s), num_micro_batches
     actions = _cached_actions(schedule, S, M)
     unset = -1.0
-    f_arrive = [[unset] * M for _ in range(S)]   # F(i) output available at stage s+1
-    b_arrive = [[unset] * M for _ in range(S)]   # B(i) gradient available at stage s-1
+    f_arrive = [[unset] * M for _ in range(S)]  # F(i) output available at stage s+1
+    b_arrive = [[unset] * M for _ in range(S)]  # B(i) gradient available at stage s-1
     f_own = [[unset] * M for _ in range(S)]
-    link_f = [0.0] * S                          # forward link s -> s+1 free at
-    link_b = [0.0] * S                          # backward link s -> s-1 free at
+    link_f = [0.0] * S  # forward link s -> s+1 free at
+    link_b = [0.0] * S  # backward link s -> s-1 free at
     pos = [0] * S
     free_at = [0.0] * S
     remaining = S * 2 * M
@@ -98,7 +110,7 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
     while remaining:
         progressed = False
         # sweep up the pipeline for forwards, down for backwards, alternately
-        for s in (range(S - 1, -1, -1) if descending else range(S)):
+        for s in range(S - 1, -1, -1) if descending else range(S):
             acts, p, t = actions[s], pos[s], free_at[s]
             prev_f = f_arrive[s - 1] if s > 0 else None
             next_b = b_arrive[s + 1] if s < S - 1 else None
@@ -132,7 +144,9 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
                 progressed = True
         descending = not descending
         if not progressed and not descending:
-            raise RuntimeError(f"schedule {schedule} deadlocks with {S} stages and {M} micro-batches")
+            raise RuntimeError(
+                f"schedule {schedule} deadlocks with {S} stages and {M} micro-batches"
+            )
     ends = tuple(free_at)
     step = max(e + a for e, a in zip(ends, allreduce_s))
     busy = tuple(M * (f + b) for f, b in zip(forward_s, backward_s))

@@ -14,6 +14,7 @@ A stage is a contiguous run of states `b..e`; its cost is a difference of cumula
 Either way `Input*` source layers cost nothing and `__getitem__*` sinks are dropped (zero cost,
 placed with their producer), as the published planner does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,14 +26,14 @@ from planner.profile import Profile, ProfileError
 
 @dataclasses.dataclass(frozen=True)
 class States:
-    labels: tuple[str, ...]      # for people: description of each state's last layer
-    covered: tuple[int, ...]     # bitmask of profile layers at or before each state
-    forward_s: np.ndarray        # cumulative forward seconds at the profile batch
-    backward_s: np.ndarray       # cumulative backward seconds
-    params: np.ndarray           # cumulative parameter bytes
-    activations: np.ndarray      # cumulative activation bytes (all layers covered) at the profile batch
-    out_bytes: np.ndarray        # bytes crossing a cut right after each state, at the profile batch
-    kind: str                    # "antichain" or "topological"
+    labels: tuple[str, ...]  # for people: description of each state's last layer
+    covered: tuple[int, ...]  # bitmask of profile layers at or before each state
+    forward_s: np.ndarray  # cumulative forward seconds at the profile batch
+    backward_s: np.ndarray  # cumulative backward seconds
+    params: np.ndarray  # cumulative parameter bytes
+    activations: np.ndarray  # cumulative activation bytes (all layers covered) at the profile batch
+    out_bytes: np.ndarray  # bytes crossing a cut right after each state, at the profile batch
+    kind: str  # "antichain" or "topological"
     note: str = ""
 
     def __len__(self) -> int:
@@ -73,12 +74,15 @@ class States:
 
 
 def _is_input(profile: Profile, i: int, has_in: list[bool]) -> bool:
-    return not has_in[i] and (profile.layers[i].description or profile.layers[i].name).startswith("Input")
+    return not has_in[i] and (profile.layers[i].description or profile.layers[i].name).startswith(
+        "Input"
+    )
 
 
 def _topological_order(profile: Profile) -> list[int]:
     """Kahn's algorithm, always taking the earliest layer in profile order that is ready."""
     import heapq
+
     n = len(profile.layers)
     indeg = [0] * n
     outs = [[] for _ in range(n)]
@@ -97,7 +101,9 @@ def _topological_order(profile: Profile) -> list[int]:
                 heapq.heappush(ready, j)
     if len(order) != n:
         stuck = [profile.layers[i].name for i in range(n) if indeg[i] > 0][:5]
-        raise ProfileError(f"profile layer graph has a cycle (through layers {stuck}); expected a DAG")
+        raise ProfileError(
+            f"profile layer graph has a cycle (through layers {stuck}); expected a DAG"
+        )
     return order
 
 
@@ -158,9 +164,14 @@ def topological_states(profile: Profile, note: str = "") -> States:
     return States(
         labels=tuple(profile.layers[i].description or profile.layers[i].name for i in order),
         covered=tuple(covered),
-        forward_s=np.cumsum(fwd[idx]), backward_s=np.cumsum(bwd[idx]),
-        params=np.cumsum(par[idx]), activations=np.cumsum(act[idx]),
-        out_bytes=out, kind="topological", note=note)
+        forward_s=np.cumsum(fwd[idx]),
+        backward_s=np.cumsum(bwd[idx]),
+        params=np.cumsum(par[idx]),
+        activations=np.cumsum(act[idx]),
+        out_bytes=out,
+        kind="topological",
+        note=note,
+    )
 
 
 class TooManyAntichains(Exception):
@@ -184,7 +195,7 @@ def antichain_states(profile: Profile, max_antichains: int = 2000) -> States:
             outs[a].append(b)
             ins[b].append(a)
     order = _topological_order(profile)
-    pred = {i: 0 for i in nodes}   # transitive predecessors, bitmask
+    pred = {i: 0 for i in nodes}  # transitive predecessors, bitmask
     for i in order:
         if i in alive:
             for p in ins[i]:
@@ -246,7 +257,7 @@ def antichain_states(profile: Profile, max_antichains: int = 2000) -> States:
     desc_of = lambda i: profile.layers[i].description or profile.layers[i].name  # noqa: E731
     descs = [desc_of(start[0])]
     dag_edges: dict[int, list[int]] = {}
-    dag_node_order: list[int] = []   # insertion order of the DAG's node dict (via add_edge)
+    dag_node_order: list[int] = []  # insertion order of the DAG's node dict (via add_edge)
     seen_in_dag = set()
     expanded = set()
     queue = [start]
@@ -309,7 +320,7 @@ def antichain_states(profile: Profile, max_antichains: int = 2000) -> States:
         if node not in marked:
             visit(node)
     states = list(reversed(sorted_ids))
-    covered, out, cum = [], [], []
+    covered, out = [], []
     for sid in states:
         aug = augmented[sid]
         mask = 0
@@ -325,9 +336,13 @@ def antichain_states(profile: Profile, max_antichains: int = 2000) -> States:
     return States(
         labels=tuple(desc_of(augmented[s][-1]) for s in states),
         covered=tuple(covered),
-        forward_s=cumulative(fwd), backward_s=cumulative(bwd),
-        params=cumulative(par), activations=cumulative(act),
-        out_bytes=np.array(out, dtype=float), kind="antichain")
+        forward_s=cumulative(fwd),
+        backward_s=cumulative(bwd),
+        params=cumulative(par),
+        activations=cumulative(act),
+        out_bytes=np.array(out, dtype=float),
+        kind="antichain",
+    )
 
 
 def hpgo_states(profile: Profile, max_antichains: int = 2000) -> States:
@@ -336,12 +351,15 @@ def hpgo_states(profile: Profile, max_antichains: int = 2000) -> States:
         return antichain_states(profile, max_antichains)
     except TooManyAntichains as e:
         return topological_states(
-            profile, note=f"antichain DAG has more than {e.args[0]} states (the published planner "
-                          f"cannot prepare this profile); using cuts in a topological order")
+            profile,
+            note=f"antichain DAG has more than {e.args[0]} states (the published planner "
+            f"cannot prepare this profile); using cuts in a topological order",
+        )
 
 
-def coarsen_cuts(candidates: list[int], cum_compute: np.ndarray, out_bytes: np.ndarray,
-                 limit: int) -> list[int]:
+def coarsen_cuts(
+    candidates: list[int], cum_compute: np.ndarray, out_bytes: np.ndarray, limit: int
+) -> list[int]:
     """At most `limit` of the cut states `candidates` (the last one always kept), for searches
     on very long profiles: the compute range is split into limit/2 equal buckets and each keeps
     its two cuts with the fewest bytes crossing. A heuristic: cuts it drops are never tried."""
@@ -358,4 +376,4 @@ def coarsen_cuts(candidates: list[int], cum_compute: np.ndarray, out_bytes: np.n
     keep = []
     for group in chosen.values():
         keep.extend(sorted(group, key=lambda j: (out_bytes[j], j))[:2])
-    return sorted(keep)[:limit - 1] + [last]
+    return sorted(keep)[: limit - 1] + [last]

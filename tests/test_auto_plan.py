@@ -1,4 +1,5 @@
 """auto_plan: profile the template, then plan it; local_cluster: this machine as a Cluster."""
+
 import pytest
 import tensorflow as tf
 
@@ -55,10 +56,15 @@ def test_local_cluster_measures_a_positive_p2p_bandwidth():
 def test_predicted_step_of_a_given_plan_matches_the_planners_own_prediction():
     from dapple_tf import profiler
     from planner.plan_format import even_plan
+
     profile = profiler.profile_model(chain_model, SPEC, 8, warmup_steps=1, measured_steps=2)
     cluster = Cluster.from_seps([2])
     chosen = ap.plan_from_profile(profile, 16, 2, cluster=cluster)
-    assert ap.predict_step_s(chosen, profile, cluster) == pytest.approx(chosen.predicted["step_time_s"])
+    assert ap.predict_step_s(chosen, profile, cluster) == pytest.approx(
+        chosen.predicted["step_time_s"]
+    )
     pipeline = even_plan(LAYERS, [1, 1], 16, 4, "1f1b")
     # the planner chose its plan because no other scores better, this pipeline included
-    assert ap.predict_step_s(pipeline, profile, cluster) >= chosen.predicted["step_time_s"] * (1 - 1e-9)
+    assert ap.predict_step_s(pipeline, profile, cluster) >= chosen.predicted["step_time_s"] * (
+        1 - 1e-9
+    )

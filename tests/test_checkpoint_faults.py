@@ -1,5 +1,6 @@
 """Checkpoint faults of train.py runs: a truncated newest checkpoint, SIGTERM during training,
 pruning, and summaries after a resume (dapple_tf.runner on GNMT-tiny, plan 1:1)."""
+
 import json
 import logging
 import os
@@ -19,8 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def config(model_dir, **overrides):
-    values = {"model": "gnmt", "preset": "tiny", "dapple_plan": "1:1", "num_devices": 2,
-              "model_dir": str(model_dir), "seed": 3}
+    values = {
+        "model": "gnmt",
+        "preset": "tiny",
+        "dapple_plan": "1:1",
+        "num_devices": 2,
+        "model_dir": str(model_dir),
+        "seed": 3,
+    }
     values.update(overrides)
     return runner.TrainingConfig(**values)
 
@@ -38,8 +45,10 @@ def scalar_steps(model_dir, tag="loss"):
     points = []
     for path in sorted(Path(model_dir).glob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
-            if event.HasField("session_log") and \
-                    event.session_log.status == tf.compat.v1.SessionLog.START:
+            if (
+                event.HasField("session_log")
+                and event.session_log.status == tf.compat.v1.SessionLog.START
+            ):
                 points = [(step, value) for step, value in points if step < event.step]
             for value in event.summary.value:
                 if value.tag == tag:
@@ -66,9 +75,15 @@ def truncated_then_resumed(tmp_path_factory):
         absl_logger.removeHandler(handler)
         absl_logger.setLevel(level)
     _, reference_weights = train(tmp_path_factory.mktemp("faults") / "reference", steps=5)
-    return {"model_dir": model_dir, "first": first, "files_after_first": files_after_first,
-            "resumed": resumed, "log": handler.lines, "resumed_weights": resumed_weights,
-            "reference_weights": reference_weights}
+    return {
+        "model_dir": model_dir,
+        "first": first,
+        "files_after_first": files_after_first,
+        "resumed": resumed,
+        "log": handler.lines,
+        "resumed_weights": resumed_weights,
+        "reference_weights": reference_weights,
+    }
 
 
 class _Capture(logging.Handler):
@@ -83,25 +98,30 @@ class _Capture(logging.Handler):
 def test_pruning_keeps_the_newest_checkpoints(truncated_then_resumed):
     files = truncated_then_resumed["files_after_first"]
     assert sorted(f for f in files if f.startswith("ckpt-")) == [
-        "ckpt-3.data-00000-of-00001", "ckpt-3.index", "ckpt-4.data-00000-of-00001", "ckpt-4.index"]
+        "ckpt-3.data-00000-of-00001",
+        "ckpt-3.index",
+        "ckpt-4.data-00000-of-00001",
+        "ckpt-4.index",
+    ]
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one_with_a_warning(
-        truncated_then_resumed):
+    truncated_then_resumed,
+):
     run = truncated_then_resumed
     warnings = [m for level, m in run["log"] if level == "WARNING"]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"checkpoint {run['model_dir'] / 'ckpt-4'} cannot be read (")
-    assert (("INFO", f"resumed from {run['model_dir'] / 'ckpt-3'} at step 3")
-            in run["log"])
+    assert ("INFO", f"resumed from {run['model_dir'] / 'ckpt-3'} at step 3") in run["log"]
     assert run["resumed"]["steps_run"] == 2 and run["resumed"]["global_step"] == 5
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(truncated_then_resumed):
     run = truncated_then_resumed
     for name, value in run["reference_weights"].items():
-        np.testing.assert_allclose(run["resumed_weights"][name], value, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            run["resumed_weights"][name], value, rtol=1e-6, atol=1e-7, err_msg=name
+        )
 
 
 def test_summaries_show_each_step_once_after_a_resume(truncated_then_resumed):
@@ -119,11 +139,20 @@ def test_a_run_already_at_its_last_step_says_so(truncated_then_resumed, caplog):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_resumed_run_is_exact(tmp_path):
     model_dir = tmp_path / "run"
-    command = [sys.executable, str(REPO / "train.py"), "--model=gnmt", "--dapple_plan=1:1",
-               "--num_devices=2", "--seed=3", "--steps=100000", "--save_every=100000",
-               f"--model_dir={model_dir}"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, cwd=REPO)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--model=gnmt",
+        "--dapple_plan=1:1",
+        "--num_devices=2",
+        "--seed=3",
+        "--steps=100000",
+        "--save_every=100000",
+        f"--model_dir={model_dir}",
+    ]
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO
+    )
     lines = []
     deadline = time.monotonic() + 300
     for line in process.stderr:
@@ -140,29 +169,43 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_the_resumed_run_is_
     assert len(stopped) == 1, log[-3000:]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert step >= 3
-    assert tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}")).get_tensor(
-        "global_step") == step
+    assert (
+        tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}")).get_tensor("global_step") == step
+    )
 
     resumed, resumed_weights = train(model_dir, steps=step + 2)
     assert resumed["steps_run"] == 2
     _, reference_weights = train(tmp_path / "reference", steps=step + 2)
     for name, value in reference_weights.items():
-        np.testing.assert_allclose(resumed_weights[name], value, rtol=1e-6, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(resumed_weights[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.slow
 def test_sigterm_to_horovodrun_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path):
     from tests.multirank.runner import horovod_missing_reason, horovodrun_path
+
     if horovod_missing_reason():
         pytest.skip(horovod_missing_reason())
     model_dir = tmp_path / "run"
-    command = [horovodrun_path(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable,
-               str(REPO / "train.py"), "--model=gnmt", "--dapple_plan=1:1", "--steps=100000",
-               "--save_every=100000", f"--model_dir={model_dir}"]
+    command = [
+        horovodrun_path(),
+        "--gloo",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        sys.executable,
+        str(REPO / "train.py"),
+        "--model=gnmt",
+        "--dapple_plan=1:1",
+        "--steps=100000",
+        "--save_every=100000",
+        f"--model_dir={model_dir}",
+    ]
     env = dict(os.environ, HOROVOD_DYNAMIC_PROCESS_SETS="1", PYTHONPATH=str(REPO))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=REPO, env=env)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+    )
     lines = []
     deadline = time.monotonic() + 400
     for line in process.stdout:
@@ -179,5 +222,6 @@ def test_sigterm_to_horovodrun_stops_every_rank_after_the_same_step_with_one_che
     # the checkpoint is merged from both ranks' shards: both stopped after `step` and saved
     assert json.loads((model_dir / "checkpoint.json").read_text())["step"] == step
     assert len(list(model_dir.glob(f"ckpt-{step}.data-*"))) == 2
-    assert tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}")).get_tensor(
-        "global_step") == step
+    assert (
+        tf.train.load_checkpoint(str(model_dir / f"ckpt-{step}")).get_tensor("global_step") == step
+    )

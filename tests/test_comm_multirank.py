@@ -3,6 +3,7 @@
 The multi-rank tests launch `horovodrun --gloo -np 4 -H localhost:4` on
 tests/multirank/comm_checks.py; one launch checks all exchange facts, one launch per failure.
 """
+
 import numpy as np
 import pytest
 
@@ -24,23 +25,29 @@ def plan_of(replicas, rows=ROWS, micro_batches=MICRO_BATCHES):
 # ---- pure bookkeeping --------------------------------------------------------------------------
 def test_three_to_one_boundary_is_three_transfers_that_tile_the_receiver():
     t = comm.boundary_transfers(plan_of([3, 1]), 0, 1)
-    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
-        (0, 3, 0, 2, 0, 0), (1, 3, 2, 4, 0, 2), (2, 3, 4, 6, 0, 4)]
+    assert [
+        (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
+    ] == [(0, 3, 0, 2, 0, 0), (1, 3, 2, 4, 0, 2), (2, 3, 4, 6, 0, 4)]
 
 
 def test_one_to_three_boundary_sends_each_receiver_its_slice_of_the_sender():
     t = comm.boundary_transfers(plan_of([1, 3]), 0, 1)
-    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
-        (0, 1, 0, 2, 0, 0), (0, 2, 2, 4, 2, 0), (0, 3, 4, 6, 4, 0)]
+    assert [
+        (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
+    ] == [(0, 1, 0, 2, 0, 0), (0, 2, 2, 4, 2, 0), (0, 3, 4, 6, 4, 0)]
 
 
 def test_two_to_three_boundary_splits_rows_at_every_overlap():
     t = comm.boundary_transfers(plan_of([2, 3]), 0, 1)
     assert [(x.sender_rank, x.receiver_rank, x.begin, x.end) for x in t] == [
-        (0, 2, 0, 2), (0, 3, 2, 3), (1, 3, 3, 4), (1, 4, 4, 6)]
+        (0, 2, 0, 2),
+        (0, 3, 2, 3),
+        (1, 3, 3, 4),
+        (1, 4, 4, 6),
+    ]
     covered = np.zeros(ROWS, int)
     for x in t:
-        covered[x.begin:x.end] += 1
+        covered[x.begin : x.end] += 1
     assert covered.tolist() == [1] * ROWS
 
 
@@ -55,17 +62,29 @@ def test_process_set_order_is_gradient_groups_then_boundary_pairs_without_duplic
 def test_boundary_pairs_include_non_adjacent_stages_that_exchange_tensors():
     plan = plan_of([1, 1, 1, 1])
     # a skip from stage 0 to stage 2 (and consecutive boundaries), in the order given
-    assert comm.pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [(0, 1), (0, 2), (1, 2), (2, 3)]
+    assert comm.pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [
+        (0, 1),
+        (0, 2),
+        (1, 2),
+        (2, 3),
+    ]
     assert comm.pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
 
 
-LAUNCHER_VARIABLES = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_LOCAL_RANK",
-                      "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+LAUNCHER_VARIABLES = (
+    "HOROVOD_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "HOROVOD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+)
 
 
 def test_session_config_of_a_launched_rank_shows_only_its_local_gpu(monkeypatch):
     import tensorflow as tf
     from dapple_tf import devices
+
     for key in LAUNCHER_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
@@ -80,6 +99,7 @@ def test_session_config_of_a_launched_rank_shows_only_its_local_gpu(monkeypatch)
 def test_session_config_of_a_single_process_is_left_as_given(monkeypatch):
     import tensorflow as tf
     from dapple_tf import devices
+
     for key in LAUNCHER_VARIABLES:
         monkeypatch.delenv(key, raising=False)
     given = tf.compat.v1.ConfigProto(allow_soft_placement=True)
@@ -92,8 +112,9 @@ def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))
     log.add("dapple/step_end", (0, 1, 2))
     exits = []
-    me = comm.Watchdog(0, 3, str(tmp_path), log, peer_timeout_s=5, step_timeout_s=100,
-                       exit_fn=exits.append)
+    me = comm.Watchdog(
+        0, 3, str(tmp_path), log, peer_timeout_s=5, step_timeout_s=100, exit_fn=exits.append
+    )
     peer = comm.Watchdog(1, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
     other = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
     for w in (me, peer, other):
@@ -101,18 +122,23 @@ def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
     assert me.check(now=_time() + 1) is None
     other._beat()
     import json
+
     path = tmp_path / "rank1.json"
     state = json.loads(path.read_text())
     state["time"] -= 30  # rank 1 stopped beating 30 s ago
     path.write_text(json.dumps(state))
     report = me.check(now=_time())
     assert "missing rank 1: no heartbeat for" in report
-    assert "dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3" in report and "missing rank 2" not in report
+    assert (
+        "dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3" in report
+        and "missing rank 2" not in report
+    )
 
 
 def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_process_is_gone(tmp_path):
     import subprocess
     import sys
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     me = comm.Watchdog(0, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
@@ -120,6 +146,7 @@ def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_proces
     gone = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
     gone._beat()
     import json
+
     state = json.loads((tmp_path / "rank2.json").read_text())
     state["pid"] = dead.pid
     (tmp_path / "rank2.json").write_text(json.dumps(state))
@@ -140,11 +167,17 @@ def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_proces
 
 def _exit_monitor_setup(tmp_path, rank, size):
     from dapple_tf import exit_monitor
+
     for k in range(size):
         w = comm.Watchdog(k, size, str(tmp_path), comm.CollectiveLog())
         w.step_begin(5)
-    return exit_monitor, {"rank": rank, "size": size, "directory": str(tmp_path), "pid": 1,
-                          "shared": {"1": "dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0"}}
+    return exit_monitor, {
+        "rank": rank,
+        "size": size,
+        "directory": str(tmp_path),
+        "pid": 1,
+        "shared": {"1": "dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0"},
+    }
 
 
 def test_exit_monitor_names_the_rank_that_ended_first_and_what_this_rank_waited_for(tmp_path):
@@ -154,8 +187,10 @@ def test_exit_monitor_names_the_rank_that_ended_first_and_what_this_rank_waited_
     monitor.record_end(str(tmp_path), 0, 100, monitor.ABRUPT, 100.3)
     text = monitor.report(setup, 101.0, "this rank's process ended abruptly")
     assert "dapple: rank 0: rank 1 died first:" in text and "ended 1.0 s ago" in text
-    assert ("dapple: rank 0: rank 0 was waiting on rank 1 in step 5: the collectives it shares "
-            "with rank 1: dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0") in text
+    assert (
+        "dapple: rank 0: rank 0 was waiting on rank 1 in step 5: the collectives it shares "
+        "with rank 1: dapple/mb0/s0_to_s1/k0_j0/rank0_to_rank1/p0"
+    ) in text
     assert "also ended after it: ranks [0, 2]" not in text and "ranks [2]" in text
 
 
@@ -170,14 +205,20 @@ def test_exit_monitor_blames_no_rank_when_a_watchdog_stopped_the_job_first(tmp_p
 
 def test_checkpoint_owner_of_a_variable_is_the_first_replica_of_the_first_stage_holding_it():
     from dapple_tf.checkpoint_sharded import owners
-    by_rank = [["global_step", "emb"], ["global_step", "emb"], ["global_step", "w", "emb"],
-               ["global_step", "w"]]
+
+    by_rank = [
+        ["global_step", "emb"],
+        ["global_step", "emb"],
+        ["global_step", "w", "emb"],
+        ["global_step", "w"],
+    ]
     # plan devices in stage order: stage 0 on [1, 0], stage 1 on [2, 3]
     assert owners(by_rank, [1, 0, 2, 3]) == {"global_step": 1, "emb": 1, "w": 2}
 
 
 def _time():
     import time
+
     return time.time()
 
 
@@ -193,7 +234,9 @@ def exchange():
     _skip_without_horovod()
     result = runner.run("comm_checks.py", 4, ["exchange"], timeout_s=240)
     assert result.returncode == 0, result.output[-5000:]
-    return {(rec["plan"], rank): rec for rank, recs in result.records("COMM").items() for rec in recs}
+    return {
+        (rec["plan"], rank): rec for rank, recs in result.records("COMM").items() for rec in recs
+    }
 
 
 def activation(mb, boundary):
@@ -230,7 +273,9 @@ def test_activation_gradients_travel_back_to_the_replica_that_sent_the_rows(exch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", PLANS, ids=lambda r: ":".join(map(str, r)))
-def test_gradients_sum_over_the_stage_replicas_and_over_all_users_of_a_tied_variable(exchange, replicas):
+def test_gradients_sum_over_the_stage_replicas_and_over_all_users_of_a_tied_variable(
+    exchange, replicas
+):
     plan = plan_of(replicas)
     tied_ranks = set(plan.stages[0].devices) | set(plan.stages[-1].devices)
     for s, stage in enumerate(plan.stages):
@@ -263,8 +308,13 @@ def test_collectives_are_named_after_boundary_micro_batch_ranks_and_rows(exchang
 # ---- failures: every other rank exits non-zero, in bounded time, naming the missing rank --------
 def _failure_run(how, victim):
     _skip_without_horovod()
-    return runner.run("comm_checks.py", 4, ["fail", how, victim, 3], timeout_s=200,
-                      env={"DAPPLE_PEER_TIMEOUT_S": "10"})
+    return runner.run(
+        "comm_checks.py",
+        4,
+        ["fail", how, victim, 3],
+        timeout_s=200,
+        env={"DAPPLE_PEER_TIMEOUT_S": "10"},
+    )
 
 
 @pytest.mark.slow
@@ -276,7 +326,9 @@ def test_a_rank_that_hangs_makes_the_others_exit_naming_it_and_the_collectives()
     assert result.end_time - failed_at < 60, (result.end_time - failed_at, result.output[-5000:])
     for rank in (0, 1, 3):
         text = "\n".join(result.lines_of(rank))
-        assert f"dapple: rank {rank}: missing rank 2: alive but has not entered step 3" in text, text
+        assert f"dapple: rank {rank}: missing rank 2: alive but has not entered step 3" in text, (
+            text
+        )
         assert f"exiting with status {comm.EXIT_PEER_LOST}" in text
         # 75 from the watchdog, or the launcher's SIGTERM once the first rank exited
         assert f"Process {rank} exit with status code 0" not in result.output

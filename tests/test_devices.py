@@ -1,4 +1,5 @@
 """Logical CPU devices: a run asking for fewer devices keeps a larger configuration."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ print(len(tf.config.list_logical_devices("CPU")))
 
 
 def test_asking_for_fewer_logical_cpus_keeps_the_configured_ones():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True,
-                            text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.stdout.strip() == "8", result.stderr[-2000:]

@@ -1,4 +1,5 @@
 """Issue 2: Horovod (Gloo) runs graph-mode collectives on the global set and on a process set."""
+
 import pytest
 
 from multirank import runner

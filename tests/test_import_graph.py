@@ -1,6 +1,7 @@
 """The project's packages import without cycles: module-level imports between dapple_tf,
 graph_rewrite, planner and models form an acyclic graph (imports inside functions, used on
 purpose to load TensorFlow-heavy parts on demand, are not edges)."""
+
 import ast
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -75,6 +76,12 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_every_module_imports():
     code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
-    result = subprocess.run([sys.executable, "-c", code, *module_names()], cwd=REPO,
-                            check=False, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *module_names()],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]

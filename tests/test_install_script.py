@@ -1,4 +1,5 @@
 """launch/install.sh stops at a broken step with a message naming that step (no deep traceback)."""
+
 import os
 import shutil
 import stat
@@ -15,8 +16,13 @@ def _copy_script(tmp_path):
 
 
 def _run(script, *args):
-    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHON": "python3.11"})
+    return subprocess.run(
+        ["bash", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": "python3.11"},
+    )
 
 
 def test_missing_python_names_the_step(tmp_path):

@@ -1,6 +1,7 @@
 """TF1 code using `tf.compat.v1.layers.*` needs Keras 2 under TF 2.21: the `keras2` extra
 (`pip install dapple-tf[keras2]`, i.e. tf-keras) with TF_USE_LEGACY_KERAS=1. Skipped where
 tf-keras is not installed (the default install)."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -34,19 +35,27 @@ def keras2_model(features):
 def test_a_model_of_keras2_tf_layers_trains_pipelined_as_on_one_device():
     def optimizer():
         return v1.train.AdamOptimizer(0.01)
+
     rng = np.random.default_rng(0)
-    batches = [{"x": rng.standard_normal((8, 4)).astype(np.float32),
-                "y": rng.standard_normal((8, 3)).astype(np.float32)} for _ in range(3)]
-    reference = SingleDeviceTrainer(keras2_model, SPEC, optimizer, 8, seed=2, layers=RULE,
-                                    optimize_graph=False)
+    batches = [
+        {
+            "x": rng.standard_normal((8, 4)).astype(np.float32),
+            "y": rng.standard_normal((8, 3)).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+    reference = SingleDeviceTrainer(
+        keras2_model, SPEC, optimizer, 8, seed=2, layers=RULE, optimize_graph=False
+    )
     # Keras 2 initializers without a seed draw a new one per build: start from the same weights
     initial = reference.get_weights()
     expected = [reference.train_step(b) for b in batches]
     expected_weights = reference.get_weights()
     reference.close()
     plan = even_plan(("net/block_0", "net/block_1", "loss"), [1, 1], 8, 4, "1f1b")
-    trainer = Trainer(keras2_model, SPEC, optimizer, plan, 8, seed=2, layers=RULE,
-                      optimize_graph=False)
+    trainer = Trainer(
+        keras2_model, SPEC, optimizer, plan, 8, seed=2, layers=RULE, optimize_graph=False
+    )
     try:
         trainer.set_weights(initial)
         assert [trainer.train_step(b) for b in batches] == pytest.approx(expected, rel=1e-5)

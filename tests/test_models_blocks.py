@@ -1,5 +1,6 @@
 """The building blocks compute what they claim: the fused LSTM is the textbook cell and ignores
 padding, XLNet's relative shift and two-stream masking, and padding never changes a loss."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -33,8 +34,12 @@ def test_fused_lstm_equals_the_unrolled_cell_in_values_and_gradients(reverse):
         with tf1.variable_scope("a", reuse=True):
             unrolled = L.lstm(xs, lengths, 5, "lstm", reverse=reverse, unrolled=True)
         w = tf1.trainable_variables()
-        fetch = [fused, unrolled, tf.gradients(tf.reduce_sum(fused ** 2), w + [xs]),
-                 tf.gradients(tf.reduce_sum(unrolled ** 2), w + [xs])]
+        fetch = [
+            fused,
+            unrolled,
+            tf.gradients(tf.reduce_sum(fused**2), w + [xs]),
+            tf.gradients(tf.reduce_sum(unrolled**2), w + [xs]),
+        ]
     f, u, gf, gu = _run(g, fetch)
     # The unrolled cell runs over padding too; only valid positions are compared, and the
     # fused op's outputs must be zero beyond each length.
@@ -68,7 +73,7 @@ def test_lstm_outputs_at_valid_positions_ignore_what_the_padding_holds():
 def test_rel_shift_picks_the_score_of_distance_i_minus_j():
     t = 5
     rng = np.random.default_rng(2)
-    scores = rng.standard_normal((2, 3, t, 2 * t)).astype(np.float32)   # against T … −T+1
+    scores = rng.standard_normal((2, 3, t, 2 * t)).astype(np.float32)  # against T … −T+1
     g = tf.Graph()
     with g.as_default():
         out = rel_shift(tf.constant(scores), t)
@@ -77,8 +82,9 @@ def test_rel_shift_picks_the_score_of_distance_i_minus_j():
     distances = list(range(t, -t, -1))
     for i in range(t):
         for j in range(t):
-            np.testing.assert_array_equal(shifted[:, :, i, j],
-                                          scores[:, :, i, distances.index(i - j)])
+            np.testing.assert_array_equal(
+                shifted[:, :, i, j], scores[:, :, i, distances.index(i - j)]
+            )
 
 
 class _Model:
@@ -108,8 +114,9 @@ def test_xlnet_query_stream_predicts_a_token_without_seeing_it():
     changed_self["input_ids"][0, p] = (changed_self["input_ids"][0, p] + 7) % 128
     assert m.loss_of(changed_self) == pytest.approx(base, rel=1e-6, abs=1e-7)
     # ...but it does see a token its factorisation order puts before it.
-    visible = np.flatnonzero((only_p["perm_mask"][0, p] == 0) & (only_p["input_mask"][0] == 1)
-                             & (np.arange(16) != p))
+    visible = np.flatnonzero(
+        (only_p["perm_mask"][0, p] == 0) & (only_p["input_mask"][0] == 1) & (np.arange(16) != p)
+    )
     changed_other = dict(only_p, input_ids=only_p["input_ids"].copy())
     seen = visible[0]
     changed_other["input_ids"][0, seen] = (changed_other["input_ids"][0, seen] + 7) % 128

@@ -2,6 +2,7 @@
 layers are the top-level name scopes in order, all variables belong to a layer, rows are
 independent and the loss is their mean, the batch dimension is dynamic, initial weights do not
 depend on the graph, and the tiny presets are cheap."""
+
 import time
 
 import numpy as np
@@ -95,7 +96,7 @@ def test_full_batch_loss_is_the_row_weighted_mean_of_its_parts(built):
     first = built.run_loss({k: v[:2] for k, v in batch.items()})
     rest = built.run_loss({k: v[2:] for k, v in batch.items()})
     np.testing.assert_allclose(full, (2 * first + 6 * rest) / 8, rtol=2e-5, atol=1e-6)
-    one_row = [built.run_loss({k: v[i:i + 1] for k, v in batch.items()}) for i in range(8)]
+    one_row = [built.run_loss({k: v[i : i + 1] for k, v in batch.items()}) for i in range(8)]
     np.testing.assert_allclose(full, np.mean(one_row), rtol=2e-5, atol=1e-6)
 
 
@@ -103,7 +104,7 @@ def test_initial_weights_do_not_depend_on_what_else_the_graph_holds(built):
     other = tf.Graph()
     with other.as_default():
         tf1.set_random_seed(1234)
-        tf1.get_variable("unrelated", [7, 3], use_resource=True)   # shifts op ids and seeds
+        tf1.get_variable("unrelated", [7, 3], use_resource=True)  # shifts op ids and seeds
         built.spec.model_fn(built.spec.placeholders())
         variables = tf1.global_variables()
         init = tf1.global_variables_initializer()
@@ -119,7 +120,7 @@ def test_initial_weights_do_not_depend_on_what_else_the_graph_holds(built):
 def test_tiny_forward_backward_on_16_rows_takes_well_under_a_second(built):
     batch = built.spec.synthetic_batch(16, np.random.default_rng(3))
     feed = {built.features[k]: v for k, v in batch.items()}
-    built.session.run(built.train_op, feed)          # warm-up (graph optimisation)
+    built.session.run(built.train_op, feed)  # warm-up (graph optimisation)
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -145,6 +146,7 @@ def test_check_batch_names_a_feature_with_the_wrong_shape():
     spec = models.get_model("bert", "tiny")
     batch = spec.synthetic_batch(4, np.random.default_rng(0))
     batch["input_ids"] = batch["input_ids"][:, :5]
-    with pytest.raises(ValueError,
-                       match=r"'input_ids' has per-example shape \(5,\).*expects \(16,\)"):
+    with pytest.raises(
+        ValueError, match=r"'input_ids' has per-example shape \(5,\).*expects \(16,\)"
+    ):
         spec.check_batch(batch)

@@ -1,5 +1,6 @@
 """File readers: WordPiece + GLUE MRPC for BERT, TF-NMT parallel text for GNMT, image folders and
 TFRecords for the CNNs; bad data fails with an error that names the file."""
+
 import os
 import shutil
 
@@ -20,19 +21,37 @@ VOCAB_PREFIX = os.path.join(IWSLT, "iwslt15.vocab.100")
 
 # ---- WordPiece / MRPC ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return WordPieceTokenizer(os.path.join(MRPC, "vocab-uncased.txt"))
 
 
 def test_basic_split_lowercases_strips_accents_and_splits_punctuation():
-    assert basic_split("Héllo, WORLD!\tit's $2.5") == \
-        ["hello", ",", "world", "!", "it", "'", "s", "$", "2", ".", "5"]
+    assert basic_split("Héllo, WORLD!\tit's $2.5") == [
+        "hello",
+        ",",
+        "world",
+        "!",
+        "it",
+        "'",
+        "s",
+        "$",
+        "2",
+        ".",
+        "5",
+    ]
 
 
 def test_wordpiece_uses_longest_vocabulary_prefixes_and_unk(tokenizer):
-    assert tokenizer.tokenize("Amrozi accused his brother") == \
-        ["am", "##ro", "##zi", "accused", "his", "brother"]
+    assert tokenizer.tokenize("Amrozi accused his brother") == [
+        "am",
+        "##ro",
+        "##zi",
+        "accused",
+        "his",
+        "brother",
+    ]
     assert tokenizer.tokenize("\u2603\u2603\u2603") == ["[UNK]"]
     ids = tokenizer.ids(["[CLS]", "the", "[SEP]"])
     assert ids == [101, 1996, 102]
@@ -42,16 +61,21 @@ def test_mrpc_reader_builds_cls_a_sep_b_sep_with_segments_and_labels(tokenizer):
     spec = models.get_model("bert", "tiny", vocab_size=30522, seq_length=64)
     batch = next(spec.input_fn(MRPC, batch_size=4, shuffle=False))
     assert spec.check_batch(batch) == 4
-    assert list(batch["label"]) == [1, 0, 1, 0]           # first rows of train.tsv
+    assert list(batch["label"]) == [1, 0, 1, 0]  # first rows of train.tsv
     row = batch["input_ids"][0]
     n = batch["input_mask"][0].sum()
-    expected = (["[CLS]"] + tokenizer.tokenize(
-        'Amrozi accused his brother, whom he called "the witness", of deliberately distorting '
-        'his evidence.') + ["[SEP]"])
-    assert list(row[:len(expected)]) == tokenizer.ids(expected)
+    expected = (
+        ["[CLS]"]
+        + tokenizer.tokenize(
+            'Amrozi accused his brother, whom he called "the witness", of deliberately distorting '
+            "his evidence."
+        )
+        + ["[SEP]"]
+    )
+    assert list(row[: len(expected)]) == tokenizer.ids(expected)
     assert row[n - 1] == 102 and (row[n:] == 0).all()
     segments = batch["segment_ids"][0]
-    assert (segments[:len(expected)] == 0).all() and (segments[len(expected):n] == 1).all()
+    assert (segments[: len(expected)] == 0).all() and (segments[len(expected) : n] == 1).all()
 
 
 def test_mrpc_reader_truncates_long_pairs_to_seq_length():
@@ -59,13 +83,16 @@ def test_mrpc_reader_truncates_long_pairs_to_seq_length():
     batch = next(spec.input_fn(MRPC, batch_size=8, shuffle=False))
     assert batch["input_ids"].shape == (8, 16)
     assert (batch["input_mask"].sum(1) == 16).all()
-    assert ((batch["input_ids"] == 102).sum(1) == 2).all()   # both [SEP]s survive
+    assert ((batch["input_ids"] == 102).sum(1) == 2).all()  # both [SEP]s survive
 
 
 def test_bert_reader_rejects_a_vocabulary_larger_than_the_model():
-    spec = models.get_model("bert", "tiny")      # vocab_size 128
-    with pytest.raises(DataError, match=r"vocab-uncased.txt has 30522 tokens but bert/tiny has "
-                                        r"vocab_size 128.*vocab_size=30522"):
+    spec = models.get_model("bert", "tiny")  # vocab_size 128
+    with pytest.raises(
+        DataError,
+        match=r"vocab-uncased.txt has 30522 tokens but bert/tiny has "
+        r"vocab_size 128.*vocab_size=30522",
+    ):
         spec.input_fn(MRPC, batch_size=4)
 
 
@@ -110,6 +137,7 @@ def test_reader_with_fewer_examples_than_a_batch_says_so():
 
 # ---- GNMT / IWSLT ------------------------------------------------------------------------------
 
+
 def _gnmt(**overrides):
     return models.get_model("gnmt", "tiny", src_vocab_size=100, tgt_vocab_size=100, **overrides)
 
@@ -133,9 +161,12 @@ def test_iwslt_reader_maps_tokens_to_ids_with_sos_eos_and_lengths():
 
 
 def test_gnmt_reader_rejects_a_vocabulary_larger_than_the_model():
-    spec = models.get_model("gnmt", "tiny")        # vocab 64
-    with pytest.raises(DataError, match=r"iwslt15.vocab.100.en has 100 tokens but gnmt/tiny has "
-                                        r"vocab_size 64"):
+    spec = models.get_model("gnmt", "tiny")  # vocab 64
+    with pytest.raises(
+        DataError,
+        match=r"iwslt15.vocab.100.en has 100 tokens but gnmt/tiny has "
+        r"vocab_size 64",
+    ):
         spec.input_fn(TRAIN_PREFIX, VOCAB_PREFIX, batch_size=2)
 
 
@@ -164,9 +195,11 @@ def test_gnmt_reader_names_a_missing_and_an_empty_text_file(tmp_path):
 
 # ---- images --------------------------------------------------------------------------------------
 
+
 def _png_bytes(color, size=(20, 12)):
     import io
     from PIL import Image
+
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
@@ -183,18 +216,25 @@ def test_image_folder_reader_labels_subfolders_in_sorted_order(tmp_path):
     assert list(batch["label"]) == [0, 0, 1, 1]
     red = batch["image"][0]
     assert red.shape == (32, 32, 3)
-    assert red[..., 0].mean() > 2 and red[..., 2].mean() < -1    # normalised red vs blue
+    assert red[..., 0].mean() > 2 and red[..., 2].mean() < -1  # normalised red vs blue
 
 
 def test_tfrecord_reader_decodes_examples_and_applies_the_label_offset(tmp_path):
     path = str(tmp_path / "train-00000")
     with tf.io.TFRecordWriter(path) as w:
         for label in (1, 2, 3):
-            ex = tf.train.Example(features=tf.train.Features(feature={
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
-                    value=[_png_bytes((label * 50, 0, 0))])),
-                "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
-                    value=[label]))}))
+            ex = tf.train.Example(
+                features=tf.train.Features(
+                    feature={
+                        "image/encoded": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[_png_bytes((label * 50, 0, 0))])
+                        ),
+                        "image/class/label": tf.train.Feature(
+                            int64_list=tf.train.Int64List(value=[label])
+                        ),
+                    }
+                )
+            )
             w.write(ex.SerializeToString())
     spec = models.get_model("amoebanet", "tiny")
     batch = next(spec.input_fn(path, batch_size=3, shuffle=False, label_offset=1))
@@ -205,11 +245,19 @@ def test_tfrecord_reader_decodes_examples_and_applies_the_label_offset(tmp_path)
 def test_tfrecord_reader_names_the_record_missing_a_feature(tmp_path):
     path = str(tmp_path / "bad.tfrecord")
     with tf.io.TFRecordWriter(path) as w:
-        ex = tf.train.Example(features=tf.train.Features(feature={
-            "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}))
+        ex = tf.train.Example(
+            features=tf.train.Features(
+                feature={
+                    "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))
+                }
+            )
+        )
         w.write(ex.SerializeToString())
-    with pytest.raises(DataError, match=r"bad.tfrecord record 0: expected features "
-                                        r"'image/encoded' and 'image/class/label'"):
+    with pytest.raises(
+        DataError,
+        match=r"bad.tfrecord record 0: expected features "
+        r"'image/encoded' and 'image/class/label'",
+    ):
         models.get_model("vgg19", "tiny").input_fn(path, batch_size=1)
 
 
@@ -233,8 +281,11 @@ def test_synthetic_images_have_the_feature_spec_shape():
 
 def test_wordpiece_vocabulary_without_bert_special_tokens_is_rejected_by_name(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\n")
-    with pytest.raises(DataError, match=r"vocab.txt lacks the special tokens \['\[CLS\]', "
-                                        r"'\[SEP\]', '\[MASK\]'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"vocab.txt lacks the special tokens \['\[CLS\]', "
+        r"'\[SEP\]', '\[MASK\]'\]",
+    ):
         WordPieceTokenizer(str(tmp_path / "vocab.txt"))
 
 

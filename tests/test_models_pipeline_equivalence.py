@@ -8,6 +8,7 @@ the learning rate in a direction set by float rounding, and the two builds (whic
 numbers in different groupings) can disagree far beyond rounding there. Momentum passes
 gradient differences through linearly, so equal gradients show as equal weights.
 """
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -46,36 +47,40 @@ def optimizer():
 
 
 def _case_id(name, replicas, micro_batches, overrides):
-    return "-".join([name, ":".join(map(str, replicas)), f"M{micro_batches}",
-                     *map(str, overrides.values())])
+    return "-".join(
+        [name, ":".join(map(str, replicas)), f"M{micro_batches}", *map(str, overrides.values())]
+    )
 
 
-@pytest.mark.parametrize("name,replicas,micro_batches,overrides", CASES,
-                         ids=[_case_id(*case) for case in CASES])
-def test_pipelined_training_equals_single_device_training(name, replicas, micro_batches,
-                                                          overrides):
+@pytest.mark.parametrize(
+    "name,replicas,micro_batches,overrides", CASES, ids=[_case_id(*case) for case in CASES]
+)
+def test_pipelined_training_equals_single_device_training(name, replicas, micro_batches, overrides):
     spec = models.get_model(name, "tiny", **overrides)
     rtol, atol = TOLERANCE.get(name, (RTOL, ATOL))
     plan = even_plan(spec.layer_names, replicas, GLOBAL_BATCH, micro_batches)
     rng = np.random.default_rng(7)
     batches = [spec.synthetic_batch(GLOBAL_BATCH, rng) for _ in range(STEPS)]
-    pipelined = trainer_module.Trainer(spec.model_fn, spec.feature_spec, optimizer,
-                                       plan, GLOBAL_BATCH, optimize_graph=False)
-    single = trainer_module.SingleDeviceTrainer(spec.model_fn, spec.feature_spec,
-                                                optimizer, GLOBAL_BATCH,
-                                                optimize_graph=False)
+    pipelined = trainer_module.Trainer(
+        spec.model_fn, spec.feature_spec, optimizer, plan, GLOBAL_BATCH, optimize_graph=False
+    )
+    single = trainer_module.SingleDeviceTrainer(
+        spec.model_fn, spec.feature_spec, optimizer, GLOBAL_BATCH, optimize_graph=False
+    )
     try:
         initial = single.get_weights()
         for step, batch in enumerate(batches):
             got, want = pipelined.train_step(batch), single.train_step(batch)
-            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol,
-                                       err_msg=f"{name}: loss of step {step}")
+            np.testing.assert_allclose(
+                got, want, rtol=rtol, atol=atol, err_msg=f"{name}: loss of step {step}"
+            )
         got_w, want_w = pipelined.get_weights(), single.get_weights()
         assert sorted(got_w) == sorted(want_w)
         assert any(not np.allclose(initial[v], want_w[v]) for v in initial), "nothing trained"
         for var in want_w:
-            np.testing.assert_allclose(got_w[var], want_w[var], rtol=rtol, atol=atol,
-                                       err_msg=f"{name}: variable {var}")
+            np.testing.assert_allclose(
+                got_w[var], want_w[var], rtol=rtol, atol=atol, err_msg=f"{name}: variable {var}"
+            )
     finally:
         pipelined.close()
         single.close()

@@ -1,4 +1,5 @@
 """The "dapple-tf" cost model: schedules as data, the event simulation, the memory model."""
+
 import pytest
 
 import planner
@@ -13,9 +14,7 @@ from planner.simulate import schedule_actions, simulate
 def test_1f1b_stage_runs_S_minus_s_warmup_forwards_then_alternates():
     actions = schedule_actions("1f1b", 3, 4)
     fmt = [" ".join(f"{k}{i}" for k, i in stage) for stage in actions]
-    assert fmt == ["F0 F1 F2 B0 F3 B1 B2 B3",
-                   "F0 F1 B0 F2 B1 F3 B2 B3",
-                   "F0 B0 F1 B1 F2 B2 F3 B3"]
+    assert fmt == ["F0 F1 F2 B0 F3 B1 B2 B3", "F0 F1 B0 F2 B1 F3 B2 B3", "F0 B0 F1 B1 F2 B2 F3 B3"]
 
 
 def test_gpipe_runs_all_forwards_then_all_backwards():
@@ -39,7 +38,9 @@ def test_allreduce_starts_after_the_stages_last_backward_and_overlaps_the_drain(
     # stage 0 finishes last, so stage 1's allreduce hides behind stage 0's drain
     base = simulate("1f1b", [1, 1], [1, 1], [0.0], [0.0, 0.0], 4).step_time_s
     assert simulate("1f1b", [1, 1], [1, 1], [0.0], [0.0, 1.0], 4).step_time_s == pytest.approx(base)
-    assert simulate("1f1b", [1, 1], [1, 1], [0.0], [0.5, 0.0], 4).step_time_s == pytest.approx(base + 0.5)
+    assert simulate("1f1b", [1, 1], [1, 1], [0.0], [0.5, 0.0], 4).step_time_s == pytest.approx(
+        base + 0.5
+    )
 
 
 def test_a_slow_link_becomes_the_bottleneck():
@@ -59,7 +60,9 @@ def test_memory_of_a_stage_by_hand():
     # 2 stages, 1 replica each, micro-batch 8 rows (M = 2), 1f1b: stage 0 holds min(2, 2) = 2
     ev = model.evaluate([0, 1], [(0,), (1,)], 8, "1f1b", device_memory=1e12)
     rows = 8 / 4
-    stage0 = 1e9 * (1 + 1 + 2) + 2 * 1e8 * rows + 2 * 1e8 * rows   # boundary out = 1e8 bytes/row-batch
+    stage0 = (
+        1e9 * (1 + 1 + 2) + 2 * 1e8 * rows + 2 * 1e8 * rows
+    )  # boundary out = 1e8 bytes/row-batch
     stage1 = 5e8 * 4 + 1 * 4e7 * rows + 2 * 1e8 * rows
     assert ev.peak_memory_bytes == pytest.approx((stage0, stage1))
     # gpipe holds all M = 2 micro-batches everywhere
@@ -92,7 +95,10 @@ def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would():
         planner.plan(Profile.chain(layers, 8), [2], 16, device_memory_gb=1)
     assert "--device-memory-gb" in str(err.value)
     need = float(str(err.value).split("needs ")[1].split(" GB")[0])
-    assert planner.plan(Profile.chain(layers, 8), [2], 16, device_memory_gb=need + 1e-3).num_stages == 2
+    assert (
+        planner.plan(Profile.chain(layers, 8), [2], 16, device_memory_gb=need + 1e-3).num_stages
+        == 2
+    )
 
 
 def test_optimizer_slots_are_configurable():
@@ -104,6 +110,7 @@ def test_optimizer_slots_are_configurable():
 def test_long_pipelines_are_extrapolated_within_a_tenth_of_a_percent():
     import random
     from planner import simulate as sim
+
     rng = random.Random(0)
     for _ in range(10):
         S = rng.randint(1, 5)
@@ -113,4 +120,6 @@ def test_long_pipelines_are_extrapolated_within_a_tenth_of_a_percent():
         ar = [rng.uniform(0, 5) for _ in range(S)]
         for schedule in ("1f1b", "gpipe"):
             direct = sim._simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s
-            assert sim.simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s == pytest.approx(direct, rel=1e-3)
+            assert sim.simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s == pytest.approx(
+                direct, rel=1e-3
+            )

@@ -1,4 +1,5 @@
 """The "hpgo" cost model: the published planner's formulas and worked examples, number for number."""
+
 import os
 
 import pytest
@@ -31,8 +32,8 @@ def test_allreduce_across_hosts_uses_ethernet_allreduce_bandwidth():
 
 
 def test_transfer_into_one_host_counts_the_senders_outside_it():
-    assert transfer_time(C816, range(8), range(8, 16), 1e9) == pytest.approx(1.0)        # all outside
-    assert transfer_time(C816, range(4, 12), [12], 1e9) == pytest.approx(0.5)            # 4 of 8 outside
+    assert transfer_time(C816, range(8), range(8, 16), 1e9) == pytest.approx(1.0)  # all outside
+    assert transfer_time(C816, range(4, 12), [12], 1e9) == pytest.approx(0.5)  # 4 of 8 outside
     assert transfer_time(C816, range(0, 4), range(4, 8), 1e9) == pytest.approx(1 / 25)  # same host
 
 
@@ -117,6 +118,6 @@ def test_branchy_gnmt32_plans_under_hpgo():
 
 
 def test_every_profile_layer_lands_in_exactly_one_stage():
-    profile = _profile("gnmt-32-pbs-64-simplified.txt", 64)   # inputs, getitem sinks, branches
+    profile = _profile("gnmt-32-pbs-64-simplified.txt", 64)  # inputs, getitem sinks, branches
     plan = planner.plan(profile, [4, 8], 512, cost_model="hpgo")
     assert sorted(plan.layers) == sorted(profile.layer_names)

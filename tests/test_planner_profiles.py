@@ -1,4 +1,5 @@
 """Profiles: graph.txt and JSON I/O, the published DAPPLE profiles, and every bad-input path."""
+
 import os
 
 import numpy as np
@@ -50,23 +51,29 @@ def test_activation_lists_are_summed_and_descriptions_kept():
 
 
 def test_edge_lines_may_be_indented_with_spaces_or_tabs():
-    text = ("a -- A -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
-            "b -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
-            "c -- C -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
-            "\ta -- b\n    b -- c\n")
+    text = (
+        "a -- A -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
+        "b -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
+        "c -- C -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
+        "\ta -- b\n    b -- c\n"
+    )
     profile = parse_graph_txt(text, 2)
     assert profile.edges == ((0, 1), (1, 2))
 
 
 def test_descriptions_may_contain_anything_but_the_separator():
-    text = ("n1 -- EmuBidirLSTM(  (bidir): LSTM(1024, 1024, bidirectional=True)) -- forward_compute_time=1.5, "
-            "backward_compute_time=2, activation_size=[1; 2.5], parameter_size=4\n")
+    text = (
+        "n1 -- EmuBidirLSTM(  (bidir): LSTM(1024, 1024, bidirectional=True)) -- forward_compute_time=1.5, "
+        "backward_compute_time=2, activation_size=[1; 2.5], parameter_size=4\n"
+    )
     layer = parse_graph_txt(text, 1).layers[0]
     assert layer.description == "EmuBidirLSTM(  (bidir): LSTM(1024, 1024, bidirectional=True))"
     assert layer.activation_bytes == 3.5
 
 
-@pytest.mark.parametrize("name", ["xlnet-36-pbs-1.txt", "gnmt-32-pbs-64.txt", "amoeba-36-pbs-1.txt"])
+@pytest.mark.parametrize(
+    "name", ["xlnet-36-pbs-1.txt", "gnmt-32-pbs-64.txt", "amoeba-36-pbs-1.txt"]
+)
 def test_graph_txt_round_trip_gives_an_equal_profile(name, tmp_path):
     profile = load_profile(os.path.join(DATA, name), batch_size=4)
     out = tmp_path / "g.txt"
@@ -85,7 +92,10 @@ def test_json_round_trip_keeps_descriptions(tmp_path):
 
 
 def test_profiles_from_our_profiler_write_to_graph_txt_and_back():
-    layers = [LayerCost("embedding", 1.0, 2.0, 100.0, 10.0), LayerCost("layer_0", 1.25, 2.5, 50.0, 0.0)]
+    layers = [
+        LayerCost("embedding", 1.0, 2.0, 100.0, 10.0),
+        LayerCost("layer_0", 1.25, 2.5, 50.0, 0.0),
+    ]
     profile = Profile.chain(layers, batch_size=4)
     text = format_graph_txt(profile)
     assert text.splitlines()[0].startswith("embedding -- embedding -- forward_compute_time=1.000")
@@ -97,14 +107,16 @@ def test_profiles_from_our_profiler_write_to_graph_txt_and_back():
 
 # ---- inputs, getitem sinks and states --------------------------------------------------------------
 def test_inputs_cost_nothing_and_getitem_sinks_are_dropped_from_states():
-    text = ("n1 -- Input0 -- forward_compute_time=50, backward_compute_time=0, activation_size=10, parameter_size=0\n"
-            "n2 -- Lstm -- forward_compute_time=1, backward_compute_time=2, activation_size=100, parameter_size=7\n"
-            "n3 -- __getitem__(1) -- forward_compute_time=9, backward_compute_time=9, activation_size=5, parameter_size=0\n"
-            "n4 -- Head -- forward_compute_time=3, backward_compute_time=4, activation_size=1, parameter_size=1\n"
-            "\tn1 -- n2\n\tn2 -- n3\n\tn2 -- n4\n")
+    text = (
+        "n1 -- Input0 -- forward_compute_time=50, backward_compute_time=0, activation_size=10, parameter_size=0\n"
+        "n2 -- Lstm -- forward_compute_time=1, backward_compute_time=2, activation_size=100, parameter_size=7\n"
+        "n3 -- __getitem__(1) -- forward_compute_time=9, backward_compute_time=9, activation_size=5, parameter_size=0\n"
+        "n4 -- Head -- forward_compute_time=3, backward_compute_time=4, activation_size=1, parameter_size=1\n"
+        "\tn1 -- n2\n\tn2 -- n3\n\tn2 -- n4\n"
+    )
     profile = parse_graph_txt(text, 1)
     states = antichain_states(profile)
-    assert len(states) == 2                       # Lstm, Head
+    assert len(states) == 2  # Lstm, Head
     assert states.compute_s[-1] == pytest.approx((1 + 2 + 3 + 4) / 1000)
     assert states.out_bytes[0] == 100
     # the dropped and zeroed layers still land in a stage
@@ -141,20 +153,39 @@ def _write(tmp_path, text, name="bad.txt"):
 GOOD = "n1 -- A -- forward_compute_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n"
 
 
-@pytest.mark.parametrize("text, line, expected", [
-    (GOOD + "n2 -- B\n", 2, "expected a node line"),
-    (GOOD + "n2 -- B -- forward_compute_time=x, backward_compute_time=2, activation_size=3, parameter_size=4\n",
-     2, "expected a number for forward_compute_time"),
-    (GOOD + "n2 -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=3\n",
-     2, "expected 4 metrics"),
-    (GOOD + "n2 -- B -- forward_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n",
-     2, "expected 'forward_compute_time=<number>'"),
-    (GOOD + "n2 -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=[3; 4, parameter_size=4\n",
-     2, "expected"),
-    (GOOD + "\tn1 -- n9\n", 2, "names node 'n9'"),
-    (GOOD + "\tn1 n9\n", 2, "expected an edge line"),
-    (GOOD + GOOD, 2, "defined twice"),
-])
+@pytest.mark.parametrize(
+    "text, line, expected",
+    [
+        (GOOD + "n2 -- B\n", 2, "expected a node line"),
+        (
+            GOOD
+            + "n2 -- B -- forward_compute_time=x, backward_compute_time=2, activation_size=3, parameter_size=4\n",
+            2,
+            "expected a number for forward_compute_time",
+        ),
+        (
+            GOOD
+            + "n2 -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=3\n",
+            2,
+            "expected 4 metrics",
+        ),
+        (
+            GOOD
+            + "n2 -- B -- forward_time=1, backward_compute_time=2, activation_size=3, parameter_size=4\n",
+            2,
+            "expected 'forward_compute_time=<number>'",
+        ),
+        (
+            GOOD
+            + "n2 -- B -- forward_compute_time=1, backward_compute_time=2, activation_size=[3; 4, parameter_size=4\n",
+            2,
+            "expected",
+        ),
+        (GOOD + "\tn1 -- n9\n", 2, "names node 'n9'"),
+        (GOOD + "\tn1 n9\n", 2, "expected an edge line"),
+        (GOOD + GOOD, 2, "defined twice"),
+    ],
+)
 def test_malformed_graph_txt_names_file_line_and_expectation(tmp_path, text, line, expected):
     path = _write(tmp_path, text)
     with pytest.raises(ProfileError) as err:

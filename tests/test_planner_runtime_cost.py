@@ -1,5 +1,6 @@
 """Cost model "runtime" (issue #14): fixed + per-row costs, the shared-cores rule, fewer devices,
 bad profiles refused, and the published planner's model left as it was."""
+
 import math
 import os
 
@@ -18,12 +19,19 @@ DATA = os.path.join(os.path.dirname(__file__), "data", "profiles", "dapple")
 
 def fitted_layer(name, fixed_ms=1.0, per_row_ms=0.05, **extra):
     """A layer whose forward costs fixed + per_row x rows ms and whose backward costs twice that."""
-    fields = dict(forward_fixed_ms=fixed_ms, forward_per_row_ms=per_row_ms,
-                  backward_fixed_ms=2 * fixed_ms, backward_per_row_ms=2 * per_row_ms,
-                  saved_bytes=4e4, optimizer_slot_bytes=2e5, apply_ms=0.01)
+    fields = dict(
+        forward_fixed_ms=fixed_ms,
+        forward_per_row_ms=per_row_ms,
+        backward_fixed_ms=2 * fixed_ms,
+        backward_per_row_ms=2 * per_row_ms,
+        saved_bytes=4e4,
+        optimizer_slot_bytes=2e5,
+        apply_ms=0.01,
+    )
     fields.update(extra)
-    return LayerCost(name, fixed_ms + 16 * per_row_ms, 2 * (fixed_ms + 16 * per_row_ms), 1e4, 1e5,
-                     **fields)
+    return LayerCost(
+        name, fixed_ms + 16 * per_row_ms, 2 * (fixed_ms + 16 * per_row_ms), 1e4, 1e5, **fields
+    )
 
 
 def chain(n=6, **kw):
@@ -32,13 +40,23 @@ def chain(n=6, **kw):
 
 def one_device_s(profile, gbs):
     """One device, one micro-batch of all rows, by hand: compute + the optimizer's update."""
-    return sum(l.forward_fixed_ms + l.forward_per_row_ms * gbs + l.backward_fixed_ms
-               + l.backward_per_row_ms * gbs + (l.apply_ms or 0.0) for l in profile.layers) / 1e3
+    return (
+        sum(
+            l.forward_fixed_ms
+            + l.forward_per_row_ms * gbs
+            + l.backward_fixed_ms
+            + l.backward_per_row_ms * gbs
+            + (l.apply_ms or 0.0)
+            for l in profile.layers
+        )
+        / 1e3
+    )
 
 
 # ---- the fit ---------------------------------------------------------------------------------
 def test_fit_recovers_the_fixed_and_per_row_cost_of_a_synthetic_layer():
     from dapple_tf.profiler import fit_fixed_and_per_row
+
     rows = [1, 2, 4, 8, 16]
     fixed, per_row = fit_fixed_and_per_row(rows, [0.75 + 0.125 * r for r in rows])
     assert fixed == pytest.approx(0.75)
@@ -47,9 +65,10 @@ def test_fit_recovers_the_fixed_and_per_row_cost_of_a_synthetic_layer():
 
 def test_fit_never_returns_a_negative_cost():
     from dapple_tf.profiler import fit_fixed_and_per_row
-    fixed, per_row = fit_fixed_and_per_row([2, 16], [0.1, 3.3])        # intercept would be < 0
+
+    fixed, per_row = fit_fixed_and_per_row([2, 16], [0.1, 3.3])  # intercept would be < 0
     assert fixed == 0.0 and per_row == pytest.approx((2 * 0.1 + 16 * 3.3) / (4 + 256))
-    fixed, per_row = fit_fixed_and_per_row([2, 16], [1.0, 0.9])        # slope would be < 0
+    fixed, per_row = fit_fixed_and_per_row([2, 16], [1.0, 0.9])  # slope would be < 0
     assert (fixed, per_row) == (pytest.approx(0.95), 0.0)
     with pytest.raises(ProfileError, match="two or more distinct batch sizes"):
         fit_fixed_and_per_row([8, 8], [1.0, 1.1])
@@ -67,8 +86,9 @@ def test_small_micro_batches_pay_the_fixed_cost_once_each():
 
 def test_the_one_device_step_is_the_fit_at_the_whole_batch_plus_the_update():
     profile = chain()
-    assert RuntimeModel(profile, Cluster.from_seps([4]), 32).single_device_s == \
-        pytest.approx(one_device_s(profile, 32))
+    assert RuntimeModel(profile, Cluster.from_seps([4]), 32).single_device_s == pytest.approx(
+        one_device_s(profile, 32)
+    )
 
 
 # ---- the shared-cores rule -------------------------------------------------------------------
@@ -88,8 +108,9 @@ def test_logical_devices_on_one_cpu_are_not_independent():
 
 def test_on_one_shared_processor_the_planner_uses_one_device_and_one_micro_batch():
     profile = chain(fixed_ms=0.2, per_row_ms=0.2)
-    plan = planner.plan(profile, Cluster.from_seps([4], devices_per_processor=4), 16,
-                        cost_model="runtime")
+    plan = planner.plan(
+        profile, Cluster.from_seps([4], devices_per_processor=4), 16, cost_model="runtime"
+    )
     assert (plan.notation, plan.num_micro_batches) == ("DP1", 1)
     assert plan.predicted["step_time_s"] == pytest.approx(one_device_s(profile, 16))
 
@@ -111,14 +132,22 @@ def test_large_fixed_costs_make_the_planner_choose_one_micro_batch():
 @pytest.mark.parametrize("devices, shared", [(4, True), (4, False), (16, False), (16, True)])
 def test_auto_never_picks_a_plan_predicted_slower_than_one_device(seed, devices, shared):
     rng = np.random.default_rng(seed)
-    layers = [fitted_layer(f"l{i}", fixed_ms=float(rng.uniform(0, 3)),
-                           per_row_ms=float(rng.uniform(0, 0.3)),
-                           saved_bytes=float(rng.uniform(0, 1e6)))
-              for i in range(int(rng.integers(3, 40)))]
+    layers = [
+        fitted_layer(
+            f"l{i}",
+            fixed_ms=float(rng.uniform(0, 3)),
+            per_row_ms=float(rng.uniform(0, 0.3)),
+            saved_bytes=float(rng.uniform(0, 1e6)),
+        )
+        for i in range(int(rng.integers(3, 40)))
+    ]
     profile = Profile.chain(layers, batch_size=16)
-    cluster = Cluster.from_seps([devices], devices_per_processor=devices if shared else 1,
-                                transfer_latency_s=float(rng.uniform(0, 1e-3)),
-                                intra_host_bandwidth=float(rng.uniform(1e6, 1e10)))
+    cluster = Cluster.from_seps(
+        [devices],
+        devices_per_processor=devices if shared else 1,
+        transfer_latency_s=float(rng.uniform(0, 1e-3)),
+        intra_host_bandwidth=float(rng.uniform(1e6, 1e10)),
+    )
     plan = planner.plan(profile, cluster, 32, cost_model="runtime")
     one = RuntimeModel(profile, cluster, 32).single_device_s
     assert plan.predicted["step_time_s"] <= one * (1 + 1e-9)
@@ -147,10 +176,12 @@ def test_a_bad_value_is_refused_naming_the_layer_and_the_field(field, value):
 
 
 def test_a_negative_time_in_graph_txt_is_refused_naming_the_layer():
-    text = ("1 -- Input -- forward_compute_time=0.0, backward_compute_time=0.0, "
-            "activation_size=4.0, parameter_size=0.0\n"
-            "2 -- Linear -- forward_compute_time=-1.5, backward_compute_time=2.0, "
-            "activation_size=4.0, parameter_size=8.0\n\t1 -- 2\n")
+    text = (
+        "1 -- Input -- forward_compute_time=0.0, backward_compute_time=0.0, "
+        "activation_size=4.0, parameter_size=0.0\n"
+        "2 -- Linear -- forward_compute_time=-1.5, backward_compute_time=2.0, "
+        "activation_size=4.0, parameter_size=8.0\n\t1 -- 2\n"
+    )
     with pytest.raises(ProfileError, match="layer '2' field forward_ms"):
         parse_graph_txt(text, 8, source="g.txt")
 
@@ -164,6 +195,7 @@ def test_a_profile_without_any_compute_is_refused_not_divided_by(cost_model):
 
 def test_a_profile_whose_layers_do_not_match_the_model_is_refused():
     from dapple_tf.auto_plan import plan_from_profile
+
     with pytest.raises(ProfileError, match=r"lacks the model's layers \['l9'\]"):
         plan_from_profile(chain(n=3), 16, 2, model_layers=["l0", "l1", "l2", "l9"])
     with pytest.raises(ProfileError, match=r"has layers the model lacks \['l2'\]"):
@@ -193,26 +225,62 @@ def test_a_published_profile_loads_without_the_measured_fields():
 # notation, M, step s, speedup) on the cluster [8, 16].
 PINNED = [
     ("amoeba-18-pbs-8.txt", 8, 1024, "hpgo", "11:5", 1024, 6.442608212060607, 14.261255220828206),
-    ("amoeba-18-pbs-8.txt", 8, 1024, "dapple-tf", "DP16", 64, 6.939028662499999,
-     13.241000213262916),
+    (
+        "amoeba-18-pbs-8.txt",
+        8,
+        1024,
+        "dapple-tf",
+        "DP16",
+        64,
+        6.939028662499999,
+        13.241000213262916,
+    ),
     ("bert-48-pbs-2.txt", 2, 128, "hpgo", "8:8", 16, 1.48945635584, 14.770790640315566),
-    ("bert-48-pbs-2.txt", 2, 128, "dapple-tf", "1:" * 15 + "1", 128, 1.5530163391999952,
-     14.166269500637117),
-    ("gnmt-32-pbs-64-simplified.txt", 64, 1024, "hpgo", "8:8", 1024, 0.47424885657125,
-     15.03382855057836),
+    (
+        "bert-48-pbs-2.txt",
+        2,
+        128,
+        "dapple-tf",
+        "1:" * 15 + "1",
+        128,
+        1.5530163391999952,
+        14.166269500637117,
+    ),
+    (
+        "gnmt-32-pbs-64-simplified.txt",
+        64,
+        1024,
+        "hpgo",
+        "8:8",
+        1024,
+        0.47424885657125,
+        15.03382855057836,
+    ),
     ("vgg-19-pbs-32.txt", 32, 2048, "hpgo", "15:1", 2048, 0.6280469788055555, 14.6954611859656),
-    ("vgg-19-pbs-32.txt", 32, 2048, "dapple-tf", "8:8", 256, 0.8741941339400022,
-     10.557654920884472),
+    (
+        "vgg-19-pbs-32.txt",
+        32,
+        2048,
+        "dapple-tf",
+        "8:8",
+        256,
+        0.8741941339400022,
+        10.557654920884472,
+    ),
     ("xlnet-36-pbs-1.txt", 1, 128, "hpgo", "8:8", 16, 2.5978925, 14.81619428055626),
     ("xlnet-36-pbs-1.txt", 1, 128, "dapple-tf", "8:8", 16, 2.661999999999997, 14.459383921863271),
 ]
 
 
-@pytest.mark.parametrize("name, pbs, gbs, cost_model, notation, M, step, speedup", PINNED,
-                         ids=[f"{r[0]}-{r[3]}" for r in PINNED])
+@pytest.mark.parametrize(
+    "name, pbs, gbs, cost_model, notation, M, step, speedup",
+    PINNED,
+    ids=[f"{r[0]}-{r[3]}" for r in PINNED],
+)
 def test_published_profiles_plan_as_before(name, pbs, gbs, cost_model, notation, M, step, speedup):
-    plan = planner.plan(load_profile(os.path.join(DATA, name), pbs), [8, 16], gbs,
-                        cost_model=cost_model)
+    plan = planner.plan(
+        load_profile(os.path.join(DATA, name), pbs), [8, 16], gbs, cost_model=cost_model
+    )
     assert (plan.notation, plan.num_micro_batches) == (notation, M)
     assert plan.predicted["step_time_s"] == pytest.approx(step, rel=1e-12)
     assert plan.predicted["speedup"] == pytest.approx(speedup, rel=1e-12)
@@ -221,6 +289,7 @@ def test_published_profiles_plan_as_before(name, pbs, gbs, cost_model, notation,
 # ---- calibration -------------------------------------------------------------------------------
 def test_calibration_scales_each_stages_layers_by_its_measured_factor():
     from dapple_tf.calibration import calibrated_profile, stage_factors
+
     profile = chain(n=4)
     plan = even_plan(profile.layer_names, [1, 1], 16, 2)
     # predicted 1 s and 3 s; the trace shows equal work; the whole step took twice the prediction
@@ -228,19 +297,26 @@ def test_calibration_scales_each_stages_layers_by_its_measured_factor():
     assert factors == pytest.approx([4.0, 4.0 / 3.0])
     scaled = calibrated_profile(profile, plan, factors)
     assert scaled.layers[0].forward_fixed_ms == pytest.approx(
-        4 * profile.layers[0].forward_fixed_ms)
+        4 * profile.layers[0].forward_fixed_ms
+    )
     assert scaled.layers[3].backward_per_row_ms == pytest.approx(
-        profile.layers[3].backward_per_row_ms * 4 / 3)
+        profile.layers[3].backward_per_row_ms * 4 / 3
+    )
     assert scaled.layers[2].saved_bytes == profile.layers[2].saved_bytes
 
 
 def test_stage_busy_time_is_read_from_the_clone_ops_of_a_trace():
     from tensorflow.core.protobuf import config_pb2
     from dapple_tf.calibration import stage_busy_s
+
     metadata = config_pb2.RunMetadata()
     dev = metadata.step_stats.dev_stats.add(device="/job:localhost/replica:0/task:0/device:CPU:0")
-    for name, micros in [("dapple/mb0/s0r0/fwd/MatMul", 100), ("dapple/mb1/s0r1/bwd/x", 50),
-                         ("dapple/mb0/s1r0/fwd/y", 30), ("GradientDescent/update", 999)]:
+    for name, micros in [
+        ("dapple/mb0/s0r0/fwd/MatMul", 100),
+        ("dapple/mb1/s0r1/bwd/x", 50),
+        ("dapple/mb0/s1r0/fwd/y", 30),
+        ("GradientDescent/update", 999),
+    ]:
         dev.node_stats.add(node_name=name, all_end_rel_micros=micros)
     assert stage_busy_s(metadata, 2) == pytest.approx([150e-6, 30e-6])
 
@@ -251,7 +327,8 @@ def test_memory_adds_the_largest_workspace_of_the_stage_once():
     plain = RuntimeModel(chain(n=2), Cluster.from_seps([2]), 16)
     # 8-row micro-batches: half of the 16-row workspace
     assert model.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] == pytest.approx(
-        plain.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] + 1e6 / 2)
+        plain.evaluate([1], [(0,)], 8, "1f1b").peak_memory_bytes[0] + 1e6 / 2
+    )
 
 
 def test_multi_rank_plans_use_every_device_even_when_fewer_would_be_faster():

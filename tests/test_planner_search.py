@@ -1,4 +1,5 @@
 """The searches: exact against brute force on small cases, executable plans, edge sizes."""
+
 import itertools
 import random
 
@@ -16,9 +17,16 @@ from planner.states import hpgo_states
 
 
 def _random_chain(rng, num_layers):
-    layers = [LayerCost(f"layer_{i}", rng.uniform(1, 20), rng.uniform(1, 40),
-                        rng.choice([1e5, 1e6, 1e7, 1e8]), rng.choice([0, 1e6, 1e8, 1e9]))
-              for i in range(num_layers)]
+    layers = [
+        LayerCost(
+            f"layer_{i}",
+            rng.uniform(1, 20),
+            rng.uniform(1, 40),
+            rng.choice([1e5, 1e6, 1e7, 1e8]),
+            rng.choice([0, 1e6, 1e8, 1e9]),
+        )
+        for i in range(num_layers)
+    ]
     return Profile.chain(layers, batch_size=rng.choice([1, 4, 8]))
 
 
@@ -86,8 +94,9 @@ def test_hpgo_search_is_exact_on_small_cases(seed):
     gbs = rng.choice([4, 16, 64])
     model = HpgoModel(hpgo_states(profile), cluster, profile.batch_size, gbs)
     plan = planner.plan(profile, cluster, gbs, cost_model="hpgo")
-    assert plan.predicted["speedup"] == pytest.approx(brute_force_hpgo(model, cluster.num_devices),
-                                                      rel=1e-9)
+    assert plan.predicted["speedup"] == pytest.approx(
+        brute_force_hpgo(model, cluster.num_devices), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -120,8 +129,10 @@ def test_dapple_dp_path_is_within_one_percent_of_brute_force(seed):
 
 
 # ---- what the runtime relies on -----------------------------------------------------------------
-@pytest.mark.parametrize("num_layers, num_devices, gbs", [
-    (4, 2, 8), (5, 4, 16), (8, 8, 64), (6, 3, 12), (8, 4, 8), (4, 8, 32), (1, 8, 16), (3, 6, 9)])
+@pytest.mark.parametrize(
+    "num_layers, num_devices, gbs",
+    [(4, 2, 8), (5, 4, 16), (8, 8, 64), (6, 3, 12), (8, 4, 8), (4, 8, 32), (1, 8, 16), (3, 6, 9)],
+)
 def test_tiny_profiles_get_executable_plans_over_their_layers(num_layers, num_devices, gbs):
     rng = random.Random(num_layers * 100 + num_devices)
     profile = _random_chain(rng, num_layers)
@@ -153,19 +164,25 @@ def test_fixed_micro_batch_size_and_schedule_are_honoured():
 
 def test_an_indivisible_micro_batch_size_is_refused():
     layers = [LayerCost("l0", 1, 1, 1, 1)]
-    with pytest.raises(PlanError, match="micro_batch_size 5 does not divide the global batch size 16"):
+    with pytest.raises(
+        PlanError, match="micro_batch_size 5 does not divide the global batch size 16"
+    ):
         planner.plan(Profile.chain(layers, 1), [2], 16, micro_batch_size=5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(cost_model="magic"), "cost_model must be one of"),
-    (dict(schedule="zb"), "schedule must be one of"),
-    (dict(global_batch_size=0), "global_batch_size must be a positive integer"),
-    (dict(optimizer_slots=-1), "optimizer_slots must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(cost_model="magic"), "cost_model must be one of"),
+        (dict(schedule="zb"), "schedule must be one of"),
+        (dict(global_batch_size=0), "global_batch_size must be a positive integer"),
+        (dict(optimizer_slots=-1), "optimizer_slots must be >= 0"),
+    ],
+)
 def test_bad_planner_arguments_say_what_was_expected(kwargs, message):
-    args = dict(profile=Profile.chain([LayerCost("a", 1, 1, 1, 1)], 1), cluster=[2],
-                global_batch_size=8)
+    args = dict(
+        profile=Profile.chain([LayerCost("a", 1, 1, 1, 1)], 1), cluster=[2], global_batch_size=8
+    )
     args.update(kwargs)
     with pytest.raises(PlanError, match=message):
         planner.plan(**args)

@@ -6,6 +6,7 @@ cp37 manylinux wheel, `conductor_from_torch_graph_and_seps(path, pbs, gbs, [8, 1
 speedup must never beat ours under the same cost model. amoeba-6-pbs-8-simplified (13 states on
 16 devices) makes it panic; gnmt-32-pbs-64 it cannot prepare.
 """
+
 import os
 
 import pytest
@@ -37,12 +38,17 @@ PUBLISHED_PLANNER = [
 ]
 
 
-@pytest.mark.parametrize("name, pbs, gbs, published, notation", PUBLISHED_PLANNER,
-                         ids=[f"{r[0]}-gbs{r[2]}" for r in PUBLISHED_PLANNER])
-def test_our_hpgo_plan_is_at_least_as_good_as_the_published_planners(name, pbs, gbs, published,
-                                                                       notation):
-    plan = planner.plan(load_profile(os.path.join(DATA, name), pbs), [8, 16], gbs,
-                        cost_model="hpgo")
+@pytest.mark.parametrize(
+    "name, pbs, gbs, published, notation",
+    PUBLISHED_PLANNER,
+    ids=[f"{r[0]}-gbs{r[2]}" for r in PUBLISHED_PLANNER],
+)
+def test_our_hpgo_plan_is_at_least_as_good_as_the_published_planners(
+    name, pbs, gbs, published, notation
+):
+    plan = planner.plan(
+        load_profile(os.path.join(DATA, name), pbs), [8, 16], gbs, cost_model="hpgo"
+    )
     assert plan.predicted["speedup"] >= published - 1e-9
     if plan.predicted["speedup"] <= published + 1e-9:
         assert plan.notation == notation

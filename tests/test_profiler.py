@@ -1,4 +1,5 @@
 """Profiler: per-layer times keep the order of the layers' FLOPs; sizes and edges are exact."""
+
 import json
 
 import numpy as np
@@ -22,7 +23,9 @@ def widening_matmuls(features):
     h = features["x"]
     for k, factor in enumerate(FLOP_FACTORS):
         with v1.variable_scope(f"layer_{k}"):
-            w = v1.get_variable("w", [D, factor * D], initializer=v1.random_normal_initializer(0, 0.05))
+            w = v1.get_variable(
+                "w", [D, factor * D], initializer=v1.random_normal_initializer(0, 0.05)
+            )
             wide = tf.matmul(h, w)
             h = tf.reduce_sum(tf.reshape(wide, [-1, factor, D]), axis=1)
     with v1.name_scope("loss"):
@@ -37,9 +40,12 @@ def keeps_order(values):
 
 
 def test_measured_times_keep_the_flop_order_of_the_layers():
-    for attempt in range(3):  # a shared 2-core machine can stall one step; re-measure before failing
-        m = profiler.measure(widening_matmuls, WIDENING_SPEC, 128, warmup_steps=2,
-                             measured_steps=5 + 4 * attempt)
+    for attempt in range(
+        3
+    ):  # a shared 2-core machine can stall one step; re-measure before failing
+        m = profiler.measure(
+            widening_matmuls, WIDENING_SPEC, 128, warmup_steps=2, measured_steps=5 + 4 * attempt
+        )
         layers = m.profile.layers[:3]
         forward = [l.forward_ms for l in layers]
         backward = [l.backward_ms for l in layers]
@@ -62,14 +68,14 @@ def branching_model(features):
     created outside every scope and one op sits between scopes."""
     x = features["x"]
     with v1.name_scope("layer_0"):
-        w0 = v1.get_variable("w0", [12, 20])           # name_scope: the variable is top-level 'w0'
+        w0 = v1.get_variable("w0", [12, 20])  # name_scope: the variable is top-level 'w0'
         b0 = v1.get_variable("layer_0/b", [20], initializer=v1.zeros_initializer())
         h0 = tf.nn.relu(tf.matmul(x, w0) + b0)
-    h0_copy = tf.identity(h0, name="between")          # unscoped: joins its consumer, layer_1
+    h0_copy = tf.identity(h0, name="between")  # unscoped: joins its consumer, layer_1
     with v1.variable_scope("layer_1"):
         w1 = v1.get_variable("w", [20, 5], dtype=tf.float64)
         h1 = tf.matmul(tf.cast(h0_copy, tf.float64), w1)
-        ids = tf.argmax(h1, axis=1)                     # int64 [B]
+        ids = tf.argmax(h1, axis=1)  # int64 [B]
     with v1.name_scope("loss"):
         picked = tf.gather(h0, ids, axis=1, batch_dims=1)  # float32 [B]
         return tf.reduce_mean(picked) + tf.cast(tf.reduce_mean(h1), tf.float32)
@@ -115,9 +121,9 @@ def test_ops_are_assigned_to_layers_by_scope_consumer_and_gradient_origin():
     template = profiler.build_template(branching_model, BRANCHING_SPEC, B)
     layers = profiler.find_layers(template)
     assert layers.names == ("layer_0", "layer_1", "loss")
-    assert layers.forward_layer["x"] == 0           # placeholder: its consumer's layer
-    assert layers.forward_layer["w0"] == 0          # top-level variable: its reader's layer
-    assert layers.forward_layer["between"] == 1     # unscoped op: its consumer's layer
+    assert layers.forward_layer["x"] == 0  # placeholder: its consumer's layer
+    assert layers.forward_layer["w0"] == 0  # top-level variable: its reader's layer
+    assert layers.forward_layer["between"] == 1  # unscoped op: its consumer's layer
     assert layers.gradient_scope == "gradients"
     assert layers.layer_of_node("gradients/layer_0/MatMul_grad/MatMul") == (0, True)
     assert layers.layer_of_node("layer_1/MatMul") == (1, False)
@@ -135,7 +141,9 @@ def test_grappler_renamed_nodes_map_to_the_op_they_replace():
     renamed = f"gradients/ArithmeticOptimizer/SimplifyAggregation_Mul_{base}"
     assert layers.layer_of_node(renamed) == (layers.backward_layer[addn], True)
     assert layers.layer_of_node("loss/ArithmeticOptimizer/ReplaceMulWithSquare_mul") == (2, False)
-    assert layers.layer_of_node("ConstantFolding/gradients/layer_0/MatMul_grad/MatMul-folded-1") == (0, True)
+    assert layers.layer_of_node(
+        "ConstantFolding/gradients/layer_0/MatMul_grad/MatMul-folded-1"
+    ) == (0, True)
     assert layers.layer_of_node("ConstantFolding/loss/truediv_recip") == (2, False)
     assert layers.layer_of_node("_SOURCE") is None
 
@@ -167,9 +175,25 @@ def test_cli_writes_a_profile_and_prints_the_table(tmp_path, capsys):
         return _FakeModel()
 
     txt = tmp_path / "m.txt"
-    rc = profile_cli.main(["--model", "fake", "--preset", "tiny", "--batch-size", str(B),
-                           "--out", str(out), "--graph-txt", str(txt), "--measured-steps", "2",
-                           "--warmup-steps", "1"], get_model=get_model)
+    rc = profile_cli.main(
+        [
+            "--model",
+            "fake",
+            "--preset",
+            "tiny",
+            "--batch-size",
+            str(B),
+            "--out",
+            str(out),
+            "--graph-txt",
+            str(txt),
+            "--measured-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+        ],
+        get_model=get_model,
+    )
     assert rc == 0 and asked == [("fake", "tiny")]
     prof = Profile.from_json(out.read_text())
     assert prof.layer_names == _FakeModel.layer_names and prof.batch_size == B
@@ -187,8 +211,14 @@ def test_cli_writes_a_profile_and_prints_the_table(tmp_path, capsys):
 def test_profile_of_tiny_bert_names_its_layers_and_counts_all_its_parameters():
     models = pytest.importorskip("models")
     spec = models.get_model("bert", "tiny")
-    m = profiler.measure(spec.model_fn, spec.feature_spec, 2, warmup_steps=0, measured_steps=1,
-                         batch_fn=spec.synthetic_batch)
+    m = profiler.measure(
+        spec.model_fn,
+        spec.feature_spec,
+        2,
+        warmup_steps=0,
+        measured_steps=1,
+        batch_fn=spec.synthetic_batch,
+    )
     assert m.profile.layer_names == tuple(spec.layer_names)
     with tf.Graph().as_default():
         spec.model_fn(spec.placeholders(2))

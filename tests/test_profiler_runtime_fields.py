@@ -1,5 +1,6 @@
 """What the profiler measures for the "runtime" cost model (issue #14): bytes kept for the
 backward pass, optimizer slot bytes, and times at two batch sizes fitted as fixed + per-row."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -44,11 +45,14 @@ def test_saved_bytes_exceed_the_layer_output_when_the_backward_reads_inner_tenso
     assert saved[0] > activation[0] == 5 * 4 * 4
 
 
-@pytest.mark.parametrize("optimizer_fn, slots_per_weight", [
-    (lambda: v1.train.AdamOptimizer(0.1), 2),
-    (lambda: v1.train.MomentumOptimizer(0.1, 0.9), 1),
-    (lambda: v1.train.GradientDescentOptimizer(0.1), 0),
-])
+@pytest.mark.parametrize(
+    "optimizer_fn, slots_per_weight",
+    [
+        (lambda: v1.train.AdamOptimizer(0.1), 2),
+        (lambda: v1.train.MomentumOptimizer(0.1, 0.9), 1),
+        (lambda: v1.train.GradientDescentOptimizer(0.1), 0),
+    ],
+)
 def test_optimizer_slot_bytes_are_the_slots_the_optimizer_creates(optimizer_fn, slots_per_weight):
     template, layers = template_and_layers()
     slots = profiler.optimizer_slot_bytes(template, layers, optimizer_fn)
@@ -68,8 +72,12 @@ def heavy_model(features):
 
 def test_runtime_profile_fits_each_layer_and_keeps_every_field():
     profile = profiler.profile_for_runtime(
-        heavy_model, {"x": ((256,), tf.float32)}, [4, 64],
-        optimizer_fn=lambda: v1.train.AdamOptimizer(0.1), measured_steps=2)
+        heavy_model,
+        {"x": ((256,), tf.float32)},
+        [4, 64],
+        optimizer_fn=lambda: v1.train.AdamOptimizer(0.1),
+        measured_steps=2,
+    )
     assert profile.batch_size == 64 and profile.layer_names == ("small", "heavy", "loss")
     for layer in profile.layers:
         assert layer.has_fit and layer.forward_fixed_ms >= 0 and layer.forward_per_row_ms >= 0
@@ -77,7 +85,7 @@ def test_runtime_profile_fits_each_layer_and_keeps_every_field():
     heavy = profile.layers[1]
     assert heavy.forward_per_row_ms > 0
     assert heavy.optimizer_slot_bytes == 2 * heavy.parameter_bytes == 2 * 256 * 256 * 4
-    assert heavy.saved_bytes >= 4 * 64 * 256 * 4     # the input and output of each tanh
+    assert heavy.saved_bytes >= 4 * 64 * 256 * 4  # the input and output of each tanh
     assert Profile.from_json(profile.to_json()).layers == profile.layers
     profile.validate()
 
@@ -100,11 +108,27 @@ def test_cli_writes_the_runtime_profile_and_graph_txt_keeps_every_field(tmp_path
     from dapple_tf import profile as profile_cli
     from planner import graph_txt
     from planner.profile import MEASURED_FIELDS
+
     out, txt = tmp_path / "m.json", tmp_path / "m.txt"
-    rc = profile_cli.main(["--model", "heavy", "--batch-size", "1", "--out", str(out),
-                           "--graph-txt", str(txt), "--fit-batch-sizes", "2,16",
-                           "--measured-steps", "1", "--warmup-steps", "1"],
-                          get_model=lambda name, preset: _HeavyModel())
+    rc = profile_cli.main(
+        [
+            "--model",
+            "heavy",
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+            "--graph-txt",
+            str(txt),
+            "--fit-batch-sizes",
+            "2,16",
+            "--measured-steps",
+            "1",
+            "--warmup-steps",
+            "1",
+        ],
+        get_model=lambda name, preset: _HeavyModel(),
+    )
     assert rc == 0
     prof = Profile.from_json(out.read_text())
     assert prof.batch_size == 16 and all(layer.has_fit for layer in prof.layers)
@@ -122,10 +146,12 @@ def test_workspace_counts_the_temporaries_a_layers_ops_allocate_beyond_their_out
             h = tf.nn.conv2d(features["x"], w, [1, 1, 1, 1], "SAME")
         with v1.variable_scope("loss"):
             return tf.reduce_mean(h)
+
     # float64: TensorFlow's own (Eigen) convolution, whatever TF_ENABLE_ONEDNN_OPTS says;
     # oneDNN's float32 convolution keeps its scratch to about 12 KB here
-    profile = profiler.profile_for_runtime(conv_model, {"x": ((16, 16, 4), tf.float64)}, [2, 8],
-                                           measured_steps=1)
+    profile = profiler.profile_for_runtime(
+        conv_model, {"x": ((16, 16, 4), tf.float64)}, [2, 8], measured_steps=1
+    )
     conv = profile.layers[0]
     # the backward im2col buffers exceed the output (8 rows x 16 x 16 x 8 doubles)
     assert conv.workspace_bytes > 8 * 16 * 16 * 8 * 8

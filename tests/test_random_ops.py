@@ -1,5 +1,6 @@
 """Random ops are stateless functions of (seed, op name, step, global row)
 (graph_rewrite/random_ops.py): the same numbers per global row whatever the plan."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,7 +22,7 @@ def noisy_model(features):
         w = v1.get_variable("w", [6, 3], initializer=v1.glorot_uniform_initializer())
         h = tf.nn.dropout(tf.matmul(features["x"], w), rate=0.4)
     with layer("b"):
-        flat = tf.nn.dropout(tf.reshape(h, [-1, 1]), rate=0.3)     # [batch * 3, 1]
+        flat = tf.nn.dropout(tf.reshape(h, [-1, 1]), rate=0.3)  # [batch * 3, 1]
         h = tf.reshape(flat, [-1, 3]) + tf.random.normal([3], stddev=0.1)
     with layer("c"):
         u = v1.get_variable("u", [3, 3], initializer=v1.glorot_uniform_initializer())
@@ -32,8 +33,13 @@ def noisy_model(features):
 
 def make_batches(steps=3, rows=8):
     rng = np.random.default_rng(4)
-    return [{"x": rng.standard_normal((rows, 6)).astype(np.float32),
-             "y": rng.standard_normal((rows, 3)).astype(np.float32)} for _ in range(steps)]
+    return [
+        {
+            "x": rng.standard_normal((rows, 6)).astype(np.float32),
+            "y": rng.standard_normal((rows, 3)).astype(np.float32),
+        }
+        for _ in range(steps)
+    ]
 
 
 def optimizer():
@@ -41,8 +47,7 @@ def optimizer():
 
 
 def single_device(model_fn=noisy_model, lr_optimizer=optimizer, seed=3):
-    trainer = SingleDeviceTrainer(model_fn, SPEC, lr_optimizer, 8, seed=seed,
-                                  optimize_graph=False)
+    trainer = SingleDeviceTrainer(model_fn, SPEC, lr_optimizer, 8, seed=seed, optimize_graph=False)
     losses = [trainer.train_step(b) for b in make_batches()]
     weights = trainer.get_weights()
     trainer.close()
@@ -55,19 +60,22 @@ def test_random_ops_become_stateless_ops_reading_the_rows_feature():
     assert not types & {"RandomUniform", "RandomStandardNormal"}
     assert {"StatelessRandomUniformV2", "StatelessRandomNormalV2"} <= types
     assert RANDOM_ROWS_FEATURE in template.features
-    assert template.layers == LAYERS   # replacements stay in the random op's layer
+    assert template.layers == LAYERS  # replacements stay in the random op's layer
 
 
-@pytest.mark.parametrize("stages,schedule,micro_batches", [([1, 1, 1, 1], "1f1b", 4),
-                                                           ([2, 2], "1f1b", 2)])
+@pytest.mark.parametrize(
+    "stages,schedule,micro_batches", [([1, 1, 1, 1], "1f1b", 4), ([2, 2], "1f1b", 2)]
+)
 def test_pipelined_training_with_random_ops_equals_single_device_training(
-        stages, schedule, micro_batches):
+    stages, schedule, micro_batches
+):
     expected_losses, expected = single_device()
     plan = even_plan(LAYERS, stages, 8, micro_batches, schedule)
     trainer = Trainer(noisy_model, SPEC, optimizer, plan, 8, seed=3, optimize_graph=False)
     try:
-        assert [trainer.train_step(b) for b in make_batches()] == \
-            pytest.approx(expected_losses, rel=1e-5)
+        assert [trainer.train_step(b) for b in make_batches()] == pytest.approx(
+            expected_losses, rel=1e-5
+        )
         weights = trainer.get_weights()
         for name, value in expected.items():
             np.testing.assert_allclose(weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -78,6 +86,7 @@ def test_pipelined_training_with_random_ops_equals_single_device_training(
 def test_the_numbers_change_with_the_step_and_the_seed():
     def frozen():
         return v1.train.GradientDescentOptimizer(0.0)
+
     batch = make_batches(1)[0]
     trainer = SingleDeviceTrainer(noisy_model, SPEC, frozen, 8, seed=3, optimize_graph=False)
     first, second = trainer.train_step(batch), trainer.train_step(batch)
@@ -108,10 +117,11 @@ def test_restoring_a_checkpoint_reseeds_from_its_step(tmp_path):
 
 
 def test_the_op_key_is_a_63_bit_function_of_seed_and_op_name():
-    assert op_key(1, "a/dropout/random_uniform/RandomUniform") == \
-        op_key(1, "a/dropout/random_uniform/RandomUniform")
+    assert op_key(1, "a/dropout/random_uniform/RandomUniform") == op_key(
+        1, "a/dropout/random_uniform/RandomUniform"
+    )
     assert op_key(1, "a/x") != op_key(2, "a/x")
-    assert 0 <= op_key(None, "a/x") < 2 ** 63
+    assert 0 <= op_key(None, "a/x") < 2**63
 
 
 def test_a_random_op_without_a_stateless_replacement_is_refused():
@@ -121,5 +131,6 @@ def test_a_random_op_without_a_stateless_replacement_is_refused():
             picked = tf.random.categorical(logits, 1)
         with layer("b"):
             return tf.reduce_mean(tf.cast(picked, tf.float32) * logits)
+
     with pytest.raises(RandomOpError, match="Multinomial"):
         build_template(model_fn, SPEC)

@@ -6,6 +6,7 @@ tests/test_install_script.py) and `.venv/bin/python -m pytest` (this suite). The
 lines (`-H host1:8,host2:8`) cannot run on one machine: their train.py flags are parsed and
 checked here, and the single-host 4-rank line of launch/README.md runs.
 """
+
 import os
 import re
 import shlex
@@ -45,8 +46,11 @@ def kind(command: str) -> str:
     return "run"
 
 
-COMMANDS = [(readme, command) for readme in READMES
-            for command in bash_commands((REPO / readme).read_text())]
+COMMANDS = [
+    (readme, command)
+    for readme in READMES
+    for command in bash_commands((REPO / readme).read_text())
+]
 
 
 def test_the_readmes_have_the_commands_this_test_expects():
@@ -66,8 +70,14 @@ def _argv(command: str) -> list[str]:
     argv = shlex.split(command)
     while argv and re.match(r"^[A-Z_]+=", argv[0]):  # VAR=value prefixes
         argv.pop(0)
-    return [sys.executable if a in (".venv/bin/python", "python") else
-            str(REPO / a) if a.startswith("launch/") else a for a in argv]
+    return [
+        sys.executable
+        if a in (".venv/bin/python", "python")
+        else str(REPO / a)
+        if a.startswith("launch/")
+        else a
+        for a in argv
+    ]
 
 
 @pytest.mark.slow
@@ -76,10 +86,18 @@ def test_readme_command_runs_as_written(readme, command, workdir):
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable)
     if "horovod.sh" in command:
         from tests.multirank.runner import horovod_missing_reason
+
         if horovod_missing_reason():
             pytest.skip(horovod_missing_reason())
-    result = subprocess.run(_argv(command), cwd=workdir, env=env, check=False,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        _argv(command),
+        cwd=workdir,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, f"{readme}: {command}\n{result.stderr[-4000:]}"
     output = result.stdout + result.stderr
     assert "Traceback" not in output
@@ -93,8 +111,11 @@ def test_readme_command_runs_as_written(readme, command, workdir):
 @pytest.mark.parametrize("readme, command", [c for c in COMMANDS if kind(c[1]) == "multi-host"])
 def test_multi_host_command_passes_train_py_flag_checks(readme, command, tmp_path):
     argv = shlex.split(command)
-    args = [a for a in argv[argv.index(next(a for a in argv if a.endswith("train.py"))) + 1:]
-            if a != "..."]
+    args = [
+        a
+        for a in argv[argv.index(next(a for a in argv if a.endswith("train.py"))) + 1 :]
+        if a != "..."
+    ]
     for i, arg in enumerate(args):  # cluster paths: point them into tmp_path
         if "=/shared/" in arg:
             name, value = arg.split("=", 1)

@@ -1,10 +1,17 @@
 """Boundary pass: row re-splitting between replica counts, op names, the Transport interface."""
+
 import numpy as np
 import tensorflow as tf
 
 from dapple_tf import devices
-from graph_rewrite.boundary import (ROWS, WHOLE, BoundaryTransfer, LocalTransport,
-                                    endpoint_op_name, row_pieces)
+from graph_rewrite.boundary import (
+    ROWS,
+    WHOLE,
+    BoundaryTransfer,
+    LocalTransport,
+    endpoint_op_name,
+    row_pieces,
+)
 from graph_rewrite.place import Slot
 from planner.plan_format import Plan, Stage
 
@@ -12,13 +19,19 @@ v1 = tf.compat.v1
 
 
 def test_row_pieces_three_senders_to_one_receiver_concatenate_in_row_order():
-    assert row_pieces([(0, 2), (2, 4), (4, 6)], [(0, 6)]) == [(0, 0, 0, 2), (1, 0, 0, 2),
-                                                               (2, 0, 0, 2)]
+    assert row_pieces([(0, 2), (2, 4), (4, 6)], [(0, 6)]) == [
+        (0, 0, 0, 2),
+        (1, 0, 0, 2),
+        (2, 0, 0, 2),
+    ]
 
 
 def test_row_pieces_one_sender_to_three_receivers_slice_its_block():
-    assert row_pieces([(0, 6)], [(0, 2), (2, 4), (4, 6)]) == [(0, 0, 0, 2), (0, 1, 2, 4),
-                                                               (0, 2, 4, 6)]
+    assert row_pieces([(0, 6)], [(0, 2), (2, 4), (4, 6)]) == [
+        (0, 0, 0, 2),
+        (0, 1, 2, 4),
+        (0, 2, 4, 6),
+    ]
 
 
 def test_row_pieces_between_unaligned_replica_counts_cover_every_row_once():
@@ -33,9 +46,15 @@ def test_endpoint_names_follow_the_contract():
 
 
 def _plan(replicas_a, replicas_b, gbs=12):
-    return Plan(gbs, 1, "gpipe", (Stage(("a",), tuple(range(replicas_a))),
-                                  Stage(("b",), tuple(range(replicas_a,
-                                                            replicas_a + replicas_b)))))
+    return Plan(
+        gbs,
+        1,
+        "gpipe",
+        (
+            Stage(("a",), tuple(range(replicas_a))),
+            Stage(("b",), tuple(range(replicas_a, replicas_a + replicas_b))),
+        ),
+    )
 
 
 def _run(graph, fetches, num_devices):
@@ -51,13 +70,22 @@ def test_forward_transfer_gives_each_receiver_its_rows_and_whole_tensors_to_all(
     rows = np.arange(12 * 2, dtype=np.float32).reshape(12, 2)
     graph = tf.Graph()
     with graph.as_default():
-        transfer = BoundaryTransfer(0, 0, 1, ("h:0", "w:0"), (ROWS, WHOLE),
-                                    (tf.TensorSpec([2]), tf.TensorSpec([3])), plan,
-                                    LocalTransport(slots))
+        transfer = BoundaryTransfer(
+            0,
+            0,
+            1,
+            ("h:0", "w:0"),
+            (ROWS, WHOLE),
+            (tf.TensorSpec([2]), tf.TensorSpec([3])),
+            plan,
+            LocalTransport(slots),
+        )
         for k in range(3):
             with tf.device(slots[Slot(0, k)]):
-                transfer.send(k, [tf.constant(rows[4 * k:4 * k + 4]),
-                                  tf.constant([1.0, 2.0, 3.0]) * (k + 1)])
+                transfer.send(
+                    k,
+                    [tf.constant(rows[4 * k : 4 * k + 4]), tf.constant([1.0, 2.0, 3.0]) * (k + 1)],
+                )
         received = [transfer.recv(j) for j in range(2)]
         names = {op.name for op in graph.get_operations()}
     assert {"dapple/mb0/s0_to_s1/send_r0", "dapple/mb0/s0_to_s1/recv_r1"} <= names
@@ -73,8 +101,17 @@ def test_gradient_of_a_whole_tensor_is_summed_into_replica_0_and_zero_elsewhere(
     slots = {Slot(s, k): devices.device_name(2 * s + k, "CPU") for s in range(2) for k in range(2)}
     graph = tf.Graph()
     with graph.as_default():
-        backward = BoundaryTransfer(0, 1, 0, ("w:0",), (WHOLE,), (tf.TensorSpec([2]),), plan,
-                                    LocalTransport(slots), gradient=True)
+        backward = BoundaryTransfer(
+            0,
+            1,
+            0,
+            ("w:0",),
+            (WHOLE,),
+            (tf.TensorSpec([2]),),
+            plan,
+            LocalTransport(slots),
+            gradient=True,
+        )
         for j in range(2):
             backward.send(j, [tf.constant([1.0, 10.0]) * (j + 1)])
         like = [tf.zeros([2])]
@@ -98,15 +135,21 @@ class RecordingTransport(LocalTransport):
 
 def test_transport_gets_one_transfer_per_overlapping_sender_receiver_pair_with_piece_shapes():
     plan = _plan(1, 2, gbs=4)
-    slots = {Slot(0, 0): devices.device_name(0, "CPU"), Slot(1, 0): devices.device_name(1, "CPU"),
-             Slot(1, 1): devices.device_name(2, "CPU")}
+    slots = {
+        Slot(0, 0): devices.device_name(0, "CPU"),
+        Slot(1, 0): devices.device_name(1, "CPU"),
+        Slot(1, 1): devices.device_name(2, "CPU"),
+    }
     transport = RecordingTransport(slots)
     graph = tf.Graph()
     with graph.as_default():
-        transfer = BoundaryTransfer(0, 0, 1, ("h:0",), (ROWS,), (tf.TensorSpec([5]),), plan,
-                                    transport)
+        transfer = BoundaryTransfer(
+            0, 0, 1, ("h:0",), (ROWS,), (tf.TensorSpec([5]),), plan, transport
+        )
         transfer.send(0, [tf.zeros([4, 5])])
         transfer.recv(0)
         transfer.recv(1)
-    assert transport.calls == [(Slot(0, 0), Slot(1, 0), [(2, 5)], "dapple/mb0/s0_to_s1/k0_j0"),
-                               (Slot(0, 0), Slot(1, 1), [(2, 5)], "dapple/mb0/s0_to_s1/k0_j1")]
+    assert transport.calls == [
+        (Slot(0, 0), Slot(1, 0), [(2, 5)], "dapple/mb0/s0_to_s1/k0_j0"),
+        (Slot(0, 0), Slot(1, 1), [(2, 5)], "dapple/mb0/s0_to_s1/k0_j1"),
+    ]

@@ -1,6 +1,7 @@
 """Stage functions (graph_rewrite/functions.py): a GraphDef turned into a FunctionDef computes
 what the GraphDef computes, and a call behaves like the ops it replaces in a session: inlined
 under the call's name, on the call's device, finished before anything that depends on the call."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -24,8 +25,12 @@ def body_graph():
         h = tf.matmul(x, w, name="layer/matmul")
         left, right = tf.split(h, 2, axis=1, name="layer/split")
         rows = tf.unstack(right, name="layer/rows")
-        _, looped = tf.while_loop(lambda i, a: i < 3, lambda i, a: (i + 1, tf.tanh(a) * 1.5),
-                                  [tf.constant(0), left], name="layer/loop")
+        _, looped = tf.while_loop(
+            lambda i, a: i < 3,
+            lambda i, a: (i + 1, tf.tanh(a) * 1.5),
+            [tf.constant(0), left],
+            name="layer/loop",
+        )
         tf.add(looped, rows[2], name="layer/out")
     graph_def = graph.as_graph_def()
     kept = [n for n in graph_def.node if n.op != "Placeholder"]
@@ -43,8 +48,12 @@ def expected(x, w):
 
 
 def make_function(graph_def, outputs, name="dapple_test_body"):
-    return functions.function_def(graph_def, name, [("x:0", tf.float32), ("w", tf.resource)],
-                                  [(t, tf.float32) for t in outputs])
+    return functions.function_def(
+        graph_def,
+        name,
+        [("x:0", tf.float32), ("w", tf.resource)],
+        [(t, tf.float32) for t in outputs],
+    )
 
 
 def call_graph(call_device, variable_device, num_calls=1):
@@ -60,8 +69,11 @@ def call_graph(call_device, variable_device, num_calls=1):
         results = []
         for k in range(num_calls):
             with tf.device(call_device):
-                results.append(functions.call(fdef.signature.name, [x, w.handle], specs,
-                                              name=f"dapple/mb{k}/s1r0/fwd"))
+                results.append(
+                    functions.call(
+                        fdef.signature.name, [x, w.handle], specs, name=f"dapple/mb{k}/s1r0/fwd"
+                    )
+                )
         init = v1.global_variables_initializer()
     return graph, x, w, results, init
 
@@ -71,7 +83,9 @@ def test_a_call_computes_what_the_graph_def_computes(optimize_graph):
     graph, x, w, results, init = call_graph(CPU.format(1), CPU.format(0))
     assert [r.shape.as_list() for r in results[0]] == [[4, 3], [4, 3], [3]]
     value = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-    with v1.Session(graph=graph, config=session_config("CPU", 2, optimize_graph=optimize_graph)) as s:
+    with v1.Session(
+        graph=graph, config=session_config("CPU", 2, optimize_graph=optimize_graph)
+    ) as s:
         s.run(init)
         got = s.run(results[0], {x: value})
         want = expected(value, s.run(w))
@@ -84,11 +98,13 @@ def test_inlined_ops_run_under_the_call_name_on_the_calls_device():
     metadata = v1.RunMetadata()
     with v1.Session(graph=graph, config=session_config("CPU", 3, optimize_graph=False)) as s:
         s.run(init)
-        s.run(results[0], {x: np.ones([4, 6], np.float32)},
-              options=v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE),
-              run_metadata=metadata)
-    device_of = {n.node_name: d.device for d in metadata.step_stats.dev_stats
-                 for n in d.node_stats}
+        s.run(
+            results[0],
+            {x: np.ones([4, 6], np.float32)},
+            options=v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE),
+            run_metadata=metadata,
+        )
+    device_of = {n.node_name: d.device for d in metadata.step_stats.dev_stats for n in d.node_stats}
     assert device_of["dapple/mb0/s1r0/fwd/layer/matmul"] == CPU.format(2)
     assert device_of["dapple/mb0/s1r0/fwd/layer/split"] == CPU.format(2)
     # the variable read goes with the variable, as the placer puts resource ops
@@ -105,9 +121,12 @@ def test_a_control_edge_from_a_call_waits_for_its_results():
     metadata = v1.RunMetadata()
     with v1.Session(graph=graph, config=session_config("CPU", 2, optimize_graph=False)) as s:
         s.run(init)
-        s.run(after.op, {x: np.ones([4, 6], np.float32)},
-              options=v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE),
-              run_metadata=metadata)
+        s.run(
+            after.op,
+            {x: np.ones([4, 6], np.float32)},
+            options=v1.RunOptions(trace_level=v1.RunOptions.FULL_TRACE),
+            run_metadata=metadata,
+        )
     nodes = {n.node_name: n for d in metadata.step_stats.dev_stats for n in d.node_stats}
     out = nodes["dapple/mb0/s1r0/fwd/layer/out"]
     assert nodes["after_call"].all_start_micros >= out.all_start_micros + out.op_end_rel_micros

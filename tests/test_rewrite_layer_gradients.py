@@ -2,6 +2,7 @@
 ops of repeated layers are imported under their own names, and training still equals
 single-device training (gradient sums across layers: skip connections, a tied embedding whose
 sparse and dense parts meet inside one stage)."""
+
 import functools
 
 import numpy as np
@@ -44,10 +45,10 @@ def test_gradient_ops_of_a_repeated_layer_name_that_layer():
     for name in backward:
         parts = set(name.split("/")) & layers
         assert len(parts) <= 1, name
-        for layer in parts:
-            named.setdefault(layer, []).append(name)
+        for part in parts:
+            named.setdefault(part, []).append(name)
     assert set(named) == layers
-    assert all(any(n.startswith("gradients/") for n in named[layer]) for layer in layers)
+    assert all(any(n.startswith("gradients/") for n in named[part]) for part in layers)
 
 
 def test_a_stage_with_a_while_loop_is_differentiated_at_once():
@@ -57,32 +58,38 @@ def test_a_stage_with_a_while_loop_is_differentiated_at_once():
 
 def train_both(case, plan, optimizer_fn, steps=3):
     gbs = plan.global_batch_size
-    pipelined = Trainer(case.model_fn, case.feature_spec, optimizer_fn, plan, gbs, seed=7,
-                        optimize_graph=False)
-    single = SingleDeviceTrainer(case.model_fn, case.feature_spec, optimizer_fn, gbs, seed=7,
-                                 optimize_graph=False)
+    pipelined = Trainer(
+        case.model_fn, case.feature_spec, optimizer_fn, plan, gbs, seed=7, optimize_graph=False
+    )
+    single = SingleDeviceTrainer(
+        case.model_fn, case.feature_spec, optimizer_fn, gbs, seed=7, optimize_graph=False
+    )
     rng = np.random.default_rng(2)
     for _ in range(steps):
         batch = case.make_batch(rng, gbs)
-        np.testing.assert_allclose(pipelined.train_step(batch), single.train_step(batch),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            pipelined.train_step(batch), single.train_step(batch), rtol=1e-5, atol=1e-6
+        )
     want = single.get_weights()
     for name, value in pipelined.get_weights().items():
         np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     return pipelined
 
 
-@pytest.mark.parametrize("case, replicas", [
-    (models.SKIP, [1]),           # the skip from layer a to layer d inside one stage
-    (models.SKIP, [2]),           # ... on two replicas
-    (models.TRANSFORMER, [1]),    # tied table: sparse (lookup) + dense (output) in one stage
-    (models.TRANSFORMER, [1, 1]),
-    (models.SPARSE, [1]),
-])
+@pytest.mark.parametrize(
+    "case, replicas",
+    [
+        (models.SKIP, [1]),  # the skip from layer a to layer d inside one stage
+        (models.SKIP, [2]),  # ... on two replicas
+        (models.TRANSFORMER, [1]),  # tied table: sparse (lookup) + dense (output) in one stage
+        (models.TRANSFORMER, [1, 1]),
+        (models.SPARSE, [1]),
+    ],
+)
 def test_layer_by_layer_training_equals_single_device(case, replicas):
     layers = build_template(case.model_fn, case.feature_spec).layers
     plan = even_plan(layers, replicas, 8, 2, "1f1b")
-    adam = functools.partial(v1.train.AdamOptimizer, 0.01)   # sparse and dense updates differ
+    adam = functools.partial(v1.train.AdamOptimizer, 0.01)  # sparse and dense updates differ
     pipelined = train_both(case, plan, adam)
     assert all(g.gradient_by_layers for g in pipelined.rewritten.stage_graphs)
     if case is models.TRANSFORMER and len(replicas) == 1:
@@ -103,8 +110,7 @@ def identity_fn(features):
 
 
 def test_a_layer_passing_its_gradient_through_trains_like_single_device():
-    case = models.ModelCase("identity", identity_fn, models.MLP.feature_spec,
-                            models.MLP.make_batch)
+    case = models.ModelCase("identity", identity_fn, models.MLP.feature_spec, models.MLP.make_batch)
     plan = even_plan(build_template(identity_fn, case.feature_spec).layers, [1], 8, 2, "1f1b")
     pipelined = train_both(case, plan, functools.partial(v1.train.GradientDescentOptimizer, 0.1))
     assert pipelined.rewritten.stage_graphs[0].gradient_by_layers

@@ -1,5 +1,6 @@
 """The partition, place, clone, accumulate and allreduce passes, each on its own (boundary,
 schedule, stage functions, variables and layer gradients have their own test files)."""
+
 import numpy as np
 import pytest
 import rewrite_models as models
@@ -87,8 +88,12 @@ def test_place_puts_a_tied_variable_on_the_first_local_stage_that_reads_it():
 # ---- clone ------------------------------------------------------------------------------------
 def test_clone_calls_each_stage_once_per_micro_batch_and_slot_on_its_device_sharing_variables():
     template, plan = template_and_plan(models.MLP, [2, 1], gbs=8, num_micro_batches=2)
-    built = rewrite(template, plan, lambda: v1.train.GradientDescentOptimizer(0.1),
-                    device_name=lambda d: f"/device:CPU:{d}")
+    built = rewrite(
+        template,
+        plan,
+        lambda: v1.train.GradientDescentOptimizer(0.1),
+        device_name=lambda d: f"/device:CPU:{d}",
+    )
     ops = {op.name: op for op in built.graph.get_operations()}
     for slot, device in built.device_of_slot.items():
         for i in range(plan.num_micro_batches):
@@ -98,8 +103,9 @@ def test_clone_calls_each_stage_once_per_micro_batch_and_slot_on_its_device_shar
                 assert call.device == device
     calls = [n for n in ops if n.endswith(("/fwd", "/bwd")) and n.startswith("dapple/mb")]
     assert len(calls) == 2 * plan.num_micro_batches * len(built.device_of_slot)
-    handles = sorted(op.name for op in ops.values() if op.type == "VarHandleOp"
-                     and op.name in template.variables)
+    handles = sorted(
+        op.name for op in ops.values() if op.type == "VarHandleOp" and op.name in template.variables
+    )
     assert handles == sorted(template.variables)  # one variable each, never cloned
 
 
@@ -110,12 +116,15 @@ def test_accumulator_keeps_the_newest_dense_running_sum_and_concatenates_sparse_
         acc.update("w", tf.constant([1.0, 2.0]))
         acc.update("w", tf.constant([4.0, 6.0]))  # the backward returns the new running sum
         for rows, values in (([0, 2], [[1.0], [2.0]]), ([2], [[5.0]])):
-            acc.update("table", tf.IndexedSlices(tf.constant(values), tf.constant(rows),
-                                                 tf.constant([3, 1])))
+            acc.update(
+                "table",
+                tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([3, 1])),
+            )
         result = acc.result()
         assert isinstance(result["table"], tf.IndexedSlices)
-        w, indices, values = session.run([result["w"], result["table"].indices,
-                                          result["table"].values])
+        w, indices, values = session.run(
+            [result["w"], result["table"].indices, result["table"].values]
+        )
     np.testing.assert_array_equal(w, [4.0, 6.0])
     assert indices.tolist() == [0, 2, 2] and values.ravel().tolist() == [1.0, 2.0, 5.0]
 
@@ -132,12 +141,16 @@ def test_sum_of_dense_and_sparse_gradients_is_dense_and_exact():
 def test_local_sync_sums_replicas_then_tied_stages_on_the_variables_device():
     sync = LocalGradientSync()
     with tf.Graph().as_default(), v1.Session() as session:
-        by_replica = {0: {"w": tf.constant(1.0), "b": tf.constant(10.0)},
-                      1: {"w": tf.constant(2.0), "b": tf.constant(20.0)}}
+        by_replica = {
+            0: {"w": tf.constant(1.0), "b": tf.constant(10.0)},
+            1: {"w": tf.constant(2.0), "b": tf.constant(20.0)},
+        }
         stage0 = sync.sum_replicas(0, by_replica, {"w": "/CPU:0", "b": "/CPU:0"})
         assert stage0["w"].device.endswith("CPU:0")
         alone = tf.constant(5.0)
-        total = sync.sum_stages({0: stage0, 1: {"w": tf.constant(100.0), "v": alone}},
-                                {"w": "/CPU:0", "b": "/CPU:0", "v": "/CPU:1"})
+        total = sync.sum_stages(
+            {0: stage0, 1: {"w": tf.constant(100.0), "v": alone}},
+            {"w": "/CPU:0", "b": "/CPU:0", "v": "/CPU:1"},
+        )
         assert total["v"] is alone  # read by one stage only: nothing to sum
         assert session.run({k: total[k] for k in ("w", "b")}) == {"w": 103.0, "b": 30.0}

@@ -1,4 +1,5 @@
 """Schedule generators: the action lists themselves, no TensorFlow."""
+
 import pytest
 
 from graph_rewrite import schedule
@@ -21,7 +22,8 @@ def test_1f1b_lists_for_four_stages_and_eight_micro_batches():
 
 @pytest.mark.parametrize("num_stages,num_micro_batches", [(4, 8), (4, 2), (3, 1), (8, 16)])
 def test_1f1b_stage_s_runs_min_of_stages_left_and_micro_batches_warmup_forwards(
-        num_stages, num_micro_batches):
+    num_stages, num_micro_batches
+):
     for s, actions in enumerate(schedule.one_f_one_b(num_stages, num_micro_batches)):
         first_backward = actions.index(("B", 0))
         assert first_backward == min(num_stages - s, num_micro_batches)
@@ -69,8 +71,7 @@ def test_a_list_missing_an_action_is_rejected():
 
 def test_control_edges_chain_consecutive_actions_of_each_stage():
     edges = schedule.control_edges(schedule.gpipe(2, 2))
-    assert edges[:3] == [(0, ("F", 0), ("F", 1)), (0, ("F", 1), ("B", 0)),
-                         (0, ("B", 0), ("B", 1))]
+    assert edges[:3] == [(0, ("F", 0), ("F", 1)), (0, ("F", 1), ("B", 0)), (0, ("B", 0), ("B", 1))]
     assert len(edges) == 2 * 3
 
 

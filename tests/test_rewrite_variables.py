@@ -1,6 +1,7 @@
 """Variables of the training graph (graph_rewrite/variables.py): one import creates resource
 variables that behave like `get_variable(..., use_resource=True)` ones: same names (checkpoints
 interchange), the requested devices, the usual collections, zeros until weights are loaded."""
+
 import numpy as np
 import tensorflow as tf
 
@@ -8,9 +9,11 @@ from graph_rewrite.variables import create_variables
 
 v1 = tf.compat.v1
 CPU = "/job:localhost/replica:0/task:0/device:CPU:{}"
-SPECS = {"layer_0/dense/kernel": ((3, 4), tf.float32, True, CPU.format(1)),
-         "layer_0/dense/bias": ((4,), tf.float32, True, CPU.format(1)),
-         "layer_1/steps": ((), tf.int64, False, CPU.format(2))}
+SPECS = {
+    "layer_0/dense/kernel": ((3, 4), tf.float32, True, CPU.format(1)),
+    "layer_0/dense/bias": ((4,), tf.float32, True, CPU.format(1)),
+    "layer_1/steps": ((), tf.int64, False, CPU.format(2)),
+}
 
 
 def test_variables_have_the_names_devices_collections_and_zero_values_asked_for():
@@ -24,8 +27,10 @@ def test_variables_have_the_names_devices_collections_and_zero_values_asked_for(
             assert variable.handle.dtype == tf.resource
             assert variable.shape == shape and variable.dtype == dtype
             assert variable.device == device
-        assert v1.trainable_variables() == [created["layer_0/dense/kernel"],
-                                            created["layer_0/dense/bias"]]
+        assert v1.trainable_variables() == [
+            created["layer_0/dense/kernel"],
+            created["layer_0/dense/bias"],
+        ]
         assert v1.global_variables() == list(created.values())
         init = v1.global_variables_initializer()
         with v1.Session(graph=graph, config=v1.ConfigProto(device_count={"CPU": 3})) as session:
@@ -37,12 +42,15 @@ def test_variables_have_the_names_devices_collections_and_zero_values_asked_for(
 
 def test_a_checkpoint_of_get_variable_variables_restores_into_them(tmp_path):
     rng = np.random.default_rng(0)
-    want = {name: rng.normal(size=shape).astype(dtype.as_numpy_dtype)
-            for name, (shape, dtype, _, _) in SPECS.items()}
+    want = {
+        name: rng.normal(size=shape).astype(dtype.as_numpy_dtype)
+        for name, (shape, dtype, _, _) in SPECS.items()
+    }
     with tf.Graph().as_default() as plain:
         for name, (shape, dtype, trainable, _) in SPECS.items():
-            v1.get_variable(name, initializer=tf.constant(want[name]), trainable=trainable,
-                            use_resource=True)
+            v1.get_variable(
+                name, initializer=tf.constant(want[name]), trainable=trainable, use_resource=True
+            )
         saver = v1.train.Saver()
         with v1.Session(graph=plain) as session:
             session.run(v1.global_variables_initializer())

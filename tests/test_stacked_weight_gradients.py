@@ -3,6 +3,7 @@ the weight gradients that are sums over rows are computed once per step over the
 of all micro-batches, and training still equals single-device training; gradients that are not
 such sums keep the per-micro-batch path.
 """
+
 import functools
 
 import numpy as np
@@ -53,10 +54,12 @@ def tied_dense_fn(features):
         return models._xent(models._dense(h, 4, "logits"), features["y"])
 
 
-REGULARIZED = models.ModelCase("regularized", regularized_fn, models.MLP.feature_spec,
-                               models.MLP.make_batch)
-TIED_DENSE = models.ModelCase("tied_dense", tied_dense_fn, models.MLP.feature_spec,
-                              models.MLP.make_batch)
+REGULARIZED = models.ModelCase(
+    "regularized", regularized_fn, models.MLP.feature_spec, models.MLP.make_batch
+)
+TIED_DENSE = models.ModelCase(
+    "tied_dense", tied_dense_fn, models.MLP.feature_spec, models.MLP.make_batch
+)
 CASES = {**models.ALL, "regularized": REGULARIZED, "tied_dense": TIED_DENSE}
 
 
@@ -68,21 +71,42 @@ def batches(case):
 @functools.lru_cache(maxsize=None)
 def single_device_run(model, optimizer):
     case = CASES[model]
-    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, OPTIMIZERS[optimizer],
-                                  GLOBAL_BATCH, seed=SEED, optimize_graph=False)
+    trainer = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        OPTIMIZERS[optimizer],
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
     losses = [trainer.train_step(b) for b in batches(case)]
     final = trainer.get_weights()
     trainer.close()
     return losses, final
 
 
-def stacked_trainer(model, replicas, num_micro_batches, optimizer="momentum", schedule="1f1b",
-                    optimize_graph=False, stack=True):
+def stacked_trainer(
+    model,
+    replicas,
+    num_micro_batches,
+    optimizer="momentum",
+    schedule="1f1b",
+    optimize_graph=False,
+    stack=True,
+):
     case = CASES[model]
     layers = build_template(case.model_fn, case.feature_spec).layers
     plan = even_plan(layers, replicas, GLOBAL_BATCH, num_micro_batches, schedule)
-    return Trainer(case.model_fn, case.feature_spec, OPTIMIZERS[optimizer], plan, GLOBAL_BATCH,
-                   seed=SEED, optimize_graph=optimize_graph, stack_weight_gradients=stack)
+    return Trainer(
+        case.model_fn,
+        case.feature_spec,
+        OPTIMIZERS[optimizer],
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=optimize_graph,
+        stack_weight_gradients=stack,
+    )
 
 
 def assert_trains_like_single_device(trainer, model, optimizer):
@@ -100,14 +124,17 @@ def stacked_variables(trainer):
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-@pytest.mark.parametrize("model,replicas,schedule", [
-    ("mlp", [1, 1], "1f1b"),
-    ("mlp", [2, 1], "gpipe"),          # replicas: each replica stacks its own rows
-    ("transformer", [1, 1], "1f1b"),   # tied embedding; only layer-norm gains stack
-    ("skip", [1, 1, 1], "1f1b"),       # skip connection from stage 0 to stage 2
-    ("sparse", [1, 1], "1f1b"),        # IndexedSlices embedding gradient
-    ("rnn", [1, 1], "1f1b"),           # while loops: only the logits bias stacks
-])
+@pytest.mark.parametrize(
+    "model,replicas,schedule",
+    [
+        ("mlp", [1, 1], "1f1b"),
+        ("mlp", [2, 1], "gpipe"),  # replicas: each replica stacks its own rows
+        ("transformer", [1, 1], "1f1b"),  # tied embedding; only layer-norm gains stack
+        ("skip", [1, 1, 1], "1f1b"),  # skip connection from stage 0 to stage 2
+        ("sparse", [1, 1], "1f1b"),  # IndexedSlices embedding gradient
+        ("rnn", [1, 1], "1f1b"),  # while loops: only the logits bias stacks
+    ],
+)
 def test_stacked_weight_gradients_train_like_single_device(model, replicas, schedule, optimizer):
     trainer = stacked_trainer(model, replicas, 4, optimizer, schedule)
     try:
@@ -140,7 +167,7 @@ def test_a_kernel_tied_across_stages_is_stacked_in_both_and_trains_like_single_d
 def test_gradients_that_are_not_row_sums_keep_the_per_micro_batch_path():
     trainer = stacked_trainer("regularized", [1, 1], 4)
     try:
-        assert "loss/kernel" not in stacked_variables(trainer)      # reads the loss seed
+        assert "loss/kernel" not in stacked_variables(trainer)  # reads the loss seed
         assert "hidden/dense/kernel" in stacked_variables(trainer)
         assert "loss/kernel" in trainer.rewritten.stage_graphs[1].variable_grads
         assert_trains_like_single_device(trainer, "regularized", "momentum")
@@ -159,8 +186,12 @@ def test_embedding_gradient_stays_sparse_and_per_micro_batch():
 
 def matmuls_of_a_traced_step(trainer, batch):
     _, metadata = trainer.traced_step(batch)
-    return [n.node_name for d in metadata.step_stats.dev_stats for n in d.node_stats
-            if n.timeline_label.split("(")[0].endswith("MatMul")]   # also oneDNN's _Mkl*MatMul
+    return [
+        n.node_name
+        for d in metadata.step_stats.dev_stats
+        for n in d.node_stats
+        if n.timeline_label.split("(")[0].endswith("MatMul")
+    ]  # also oneDNN's _Mkl*MatMul
 
 
 @pytest.mark.parametrize("optimize_graph", [False, True])
@@ -177,7 +208,7 @@ def test_one_stage_runs_one_weight_gradient_matmul_per_kernel_per_step(optimize_
         finally:
             trainer.close()
     stacked = [n for n in counts[True] if "/weight_gradients/" in n]
-    assert len(stacked) == 7 + 6            # 7 kernel gradients + 6 input gradients, stacked
+    assert len(stacked) == 7 + 6  # 7 kernel gradients + 6 input gradients, stacked
     assert all(n.startswith("dapple/accumulate/s0r0/weight_gradients/call/") for n in stacked)
     assert not [n for n in counts[True] if "/bwd/" in n]
     assert len([n for n in counts[False] if "/bwd/" in n]) == 4 * (7 + 6)
@@ -214,14 +245,21 @@ def test_plan_stacking_takes_only_gradients_that_are_sums_over_rows():
         flat_grad = tf.reduce_sum(tf.reshape(g, [2, 4]), axis=0, name="flat_grad")
     backward = graph.as_graph_def()
     for k in reversed([k for k, n in enumerate(backward.node) if n.op == "Placeholder"]):
-        del backward.node[k]                     # inputs are function arguments
+        del backward.node[k]  # inputs are function arguments
 
     def spec_of(name):
         tensor = graph.get_tensor_by_name(name)
         return tf.TensorSpec(tensor.shape, tensor.dtype)
 
-    grads = {v: GradRef(dense=t.name) for v, t in [("kernel", kernel_grad), ("bias", bias_grad),
-                                                   ("mean", mean_grad), ("flat", flat_grad)]}
+    grads = {
+        v: GradRef(dense=t.name)
+        for v, t in [
+            ("kernel", kernel_grad),
+            ("bias", bias_grad),
+            ("mean", mean_grad),
+            ("flat", flat_grad),
+        ]
+    }
     stacking = plan_stacking(backward, {}, grads, 4, spec_of, set(), set())
     assert set(stacking.variables) == {"kernel", "bias"}
     assert set(stacking.row_inputs) == {"x:0", "g:0"}

@@ -1,4 +1,5 @@
 """Timeline: tasks from step stats, bubble fraction, Gantt chart and Chrome trace of a step."""
+
 import json
 
 import pytest
@@ -10,7 +11,10 @@ from graph_rewrite import schedule
 
 pytestmark = pytest.mark.timeout(120)
 
-DEVICES = ["/job:localhost/replica:0/task:0/device:CPU:0", "/job:localhost/replica:0/task:0/device:CPU:1"]
+DEVICES = [
+    "/job:localhost/replica:0/task:0/device:CPU:0",
+    "/job:localhost/replica:0/task:0/device:CPU:1",
+]
 
 
 def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000_000):
@@ -23,9 +27,13 @@ def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000
     done, free, position = {}, [t0] * num_stages, [0] * num_stages
 
     def node(dev, name, op_type, start, end):
-        n = devs[dev].node_stats.add(node_name=name, all_start_micros=start,
-                                     op_start_rel_micros=0, op_end_rel_micros=end - start,
-                                     all_end_rel_micros=end - start)
+        n = devs[dev].node_stats.add(
+            node_name=name,
+            all_start_micros=start,
+            op_start_rel_micros=0,
+            op_end_rel_micros=end - start,
+            all_end_rel_micros=end - start,
+        )
         n.timeline_label = f"{name} = {op_type}(x)"
 
     total = sum(len(a) for a in lists)
@@ -39,17 +47,33 @@ def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000
                 continue
             ready = max(free[s], done.get(dep, t0) + (transfer_us if dep in done else 0))
             if kind == "F" and s > 0:
-                node(s, f"dapple/mb{i}/s{s - 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready)
+                node(
+                    s, f"dapple/mb{i}/s{s - 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready
+                )
             if kind == "B" and s < num_stages - 1:
-                node(s, f"dapple/mb{i}/s{s + 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready)
+                node(
+                    s, f"dapple/mb{i}/s{s + 1}_to_s{s}/recv", "Identity", ready - transfer_us, ready
+                )
             length = forward_us if kind == "F" else backward_us
             half = ready + length // 2
             if kind == "F":
                 node(s, f"dapple/mb{i}/s{s}r0/fwd/layer_{s}/MatMul", "MatMul", ready, half)
                 node(s, f"dapple/mb{i}/s{s}r0/fwd/layer_{s}/Relu", "Relu", half, ready + length)
             else:
-                node(s, f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/Relu_grad/ReluGrad", "ReluGrad", ready, half)
-                node(s, f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/MatMul_grad/MatMul", "MatMul", half, ready + length)
+                node(
+                    s,
+                    f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/Relu_grad/ReluGrad",
+                    "ReluGrad",
+                    ready,
+                    half,
+                )
+                node(
+                    s,
+                    f"dapple/mb{i}/s{s}r0/bwd/gradients/layer_{s}/MatMul_grad/MatMul",
+                    "MatMul",
+                    half,
+                    ready + length,
+                )
             end = ready + length
             if kind == "F" and s < num_stages - 1:
                 node(s, f"dapple/mb{i}/s{s}_to_s{s + 1}/send", "Identity", end, end + 1)
@@ -60,8 +84,13 @@ def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000
             position[s] += 1
     end = max(free)
     for s in range(num_stages):
-        node(s, "GradientDescent/update_w/ResourceApplyGradientDescent", "ResourceApplyGradientDescent",
-             end + 10, end + 20)
+        node(
+            s,
+            "GradientDescent/update_w/ResourceApplyGradientDescent",
+            "ResourceApplyGradientDescent",
+            end + 10,
+            end + 20,
+        )
     node(0, "_SOURCE", "NoOp", t0 - 5, t0 - 4)
     return stats
 
@@ -72,7 +101,9 @@ STAGES, MICRO_BATCHES = 2, 4
 @pytest.fixture(scope="module")
 def one_f_one_b_tasks():
     lists = schedule.one_f_one_b(STAGES, MICRO_BATCHES)
-    return lists, timeline.tasks_from_step_stats(simulated_step_stats(lists, 100, 200, transfer_us=5))
+    return lists, timeline.tasks_from_step_stats(
+        simulated_step_stats(lists, 100, 200, transfer_us=5)
+    )
 
 
 def test_compute_tasks_per_device_follow_the_schedule(one_f_one_b_tasks):
@@ -88,8 +119,11 @@ def test_each_action_is_one_task_spanning_its_ops(one_f_one_b_tasks):
 
 def test_transfers_and_apply_become_tasks(one_f_one_b_tasks):
     _, tasks = one_f_one_b_tasks
-    sends = [(t.micro_batch, t.stage, t.to_stage) for t in tasks
-             if t.kind == "transfer" and t.device == DEVICES[0]]
+    sends = [
+        (t.micro_batch, t.stage, t.to_stage)
+        for t in tasks
+        if t.kind == "transfer" and t.device == DEVICES[0]
+    ]
     # device 0 sends activations of each micro-batch and receives each gradient
     assert sorted(sends) == sorted([(i, 0, 1) for i in range(4)] + [(i, 1, 0) for i in range(4)])
     assert [t.kind for t in tasks if t.kind == "apply"] == ["apply", "apply"]
@@ -109,7 +143,8 @@ def test_gpipe_and_1f1b_bubbles_differ_by_what_the_schedule_does_not_overlap():
     # With backward = 2 x forward, GPipe on 2 stages idles each stage one forward plus one
     # backward out of a window of (M+1) forwards and (M+1) backwards.
     tasks = timeline.tasks_from_step_stats(
-        simulated_step_stats(schedule.gpipe(STAGES, MICRO_BATCHES), 100, 200))
+        simulated_step_stats(schedule.gpipe(STAGES, MICRO_BATCHES), 100, 200)
+    )
     window = (MICRO_BATCHES + 1) * 300
     for fraction in timeline.bubble_fraction(tasks).values():
         assert fraction == pytest.approx(300 / window)
@@ -161,19 +196,28 @@ def test_stage_of_a_device_is_read_off_its_boundary_ops(one_f_one_b_tasks):
 def test_rewriter_op_names_classify_into_kind_micro_batch_and_stage():
     c = timeline.classify
     assert c("dapple/mb3/s1r0/fwd/layer_2/MatMul", "MatMul") == ("F", 3, 1, None)
-    assert c("dapple/mb3/s1r1/bwd/gradients/layer_2/MatMul_grad/MatMul", "MatMul") == ("B", 3, 1, None)
+    assert c("dapple/mb3/s1r1/bwd/gradients/layer_2/MatMul_grad/MatMul", "MatMul") == (
+        "B",
+        3,
+        1,
+        None,
+    )
     assert c("dapple/mb0/s0_to_s1/send_r1", "IdentityN") == ("transfer", 0, 0, 1)
     assert c("dapple/mb2/s1_to_s0/k0_j1/strided_slice", "StridedSlice") == ("transfer", 2, 1, 0)
-    assert c("GradientDescent/update_w/ResourceApplyGradientDescent",
-             "ResourceApplyGradientDescent") == ("apply", None, None, None)
+    assert c(
+        "GradientDescent/update_w/ResourceApplyGradientDescent", "ResourceApplyGradientDescent"
+    ) == ("apply", None, None, None)
     assert c("HorovodAllreduce_grads_0", "HorovodAllreduce") == ("allreduce", None, None, None)
     assert c("_SOURCE", "NoOp") is None
 
 
 def test_device_stages_come_from_send_and_recv_endpoints():
     rec = timeline.OpRecord
-    records = [rec("dapple/mb0/s0_to_s1/send", "A", 0, 1, 1), rec("dapple/mb0/s0_to_s1/recv_r1", "B", 1, 2, 1),
-               rec("dapple/mb0/s0_to_s1/k0_j0/Slice", "C", 0, 1, 1)]
+    records = [
+        rec("dapple/mb0/s0_to_s1/send", "A", 0, 1, 1),
+        rec("dapple/mb0/s0_to_s1/recv_r1", "B", 1, 2, 1),
+        rec("dapple/mb0/s0_to_s1/k0_j0/Slice", "C", 0, 1, 1),
+    ]
     assert timeline.stages_from_transfers(records) == {"A": 0, "B": 1}
 
 
@@ -183,6 +227,7 @@ REAL_LAYERS = ("embed", "block_0", "block_1", "head")
 
 def _chain_model(features):
     import tensorflow as tf
+
     v1 = tf.compat.v1
     h = features["x"]
     for name in REAL_LAYERS[:-1]:
@@ -198,12 +243,20 @@ def _traced_trainer_step(schedule_name):
     import tensorflow as tf
     from dapple_tf.trainer import Trainer
     from planner.plan_format import even_plan
+
     plan = even_plan(REAL_LAYERS, [1, 1], 16, MICRO_BATCHES, schedule_name)
-    trainer = Trainer(_chain_model, {"x": ((32,), tf.float32), "y": ((1,), tf.float32)},
-                      lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1), plan, 16)
+    trainer = Trainer(
+        _chain_model,
+        {"x": ((32,), tf.float32), "y": ((1,), tf.float32)},
+        lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
+        plan,
+        16,
+    )
     rng = np.random.default_rng(0)
-    batch = {"x": rng.standard_normal((16, 32)).astype(np.float32),
-             "y": rng.standard_normal((16, 1)).astype(np.float32)}
+    batch = {
+        "x": rng.standard_normal((16, 32)).astype(np.float32),
+        "y": rng.standard_normal((16, 1)).astype(np.float32),
+    }
     try:
         trainer.train_step(batch)
         _, metadata = trainer.traced_step(batch)
@@ -217,7 +270,10 @@ def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedul
     tasks = _traced_trainer_step(schedule_name)
     lists = schedule.schedule_for(schedule_name, STAGES, MICRO_BATCHES)
     assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}
-    assert {(t.device, t.stage) for t in tasks if t.kind in "FB"} == {(DEVICES[0], 0), (DEVICES[1], 1)}
+    assert {(t.device, t.stage) for t in tasks if t.kind in "FB"} == {
+        (DEVICES[0], 0),
+        (DEVICES[1], 1),
+    }
     # The picture shows the same: per device row, the F/B boxes in schedule order.
     chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
     for s, device in enumerate(DEVICES):
@@ -238,8 +294,11 @@ def test_a_backward_is_drawn_after_its_forward_even_when_its_gradient_seems_to_a
         (rec("dapple/mb0/s0r0/fwd/layer_0/MatMul", d0, 100, 200, 100), "MatMul", ()),
         (rec("dapple/mb0/s0_to_s1/send", d0, 200, 201, 1), "Identity", ()),
         (rec("dapple/mb0/s0r0/bwd/gradients/layer_0/Fill", d0, 10, 11, 1), "Fill", ()),
-        (rec("dapple/mb0/s0r0/bwd/gradients/layer_0/MatMul_grad/MatMul", d0, 300, 400, 100),
-         "MatMul", ()),
+        (
+            rec("dapple/mb0/s0r0/bwd/gradients/layer_0/MatMul_grad/MatMul", d0, 300, 400, 100),
+            "MatMul",
+            (),
+        ),
         (rec("dapple/mb0/s1_to_s0/recv", d0, 500, 510, 10), "Identity", ()),
         (rec("dapple/mb0/s0_to_s1/recv", DEVICES[1], 201, 202, 1), "Identity", ()),
     ]
@@ -252,9 +311,19 @@ def test_a_backward_is_drawn_after_its_forward_even_when_its_gradient_seems_to_a
 def _bert_tiny_trace(schedule_name, tmp_path):
     """A traced step of BERT-tiny on 2 stages, M=4, through train.py's loop."""
     from dapple_tf import runner
-    result = runner.run_training(runner.TrainingConfig(
-        model="bert", preset="tiny", dapple_plan="1:1", schedule=schedule_name, num_devices=2,
-        steps=2, trace_step=2, model_dir=str(tmp_path)))
+
+    result = runner.run_training(
+        runner.TrainingConfig(
+            model="bert",
+            preset="tiny",
+            dapple_plan="1:1",
+            schedule=schedule_name,
+            num_devices=2,
+            steps=2,
+            trace_step=2,
+            model_dir=str(tmp_path),
+        )
+    )
     result["trainer"].close()
     return result["plan"], timeline.load_run_metadata(timeline.trace_path(str(tmp_path), 2))
 

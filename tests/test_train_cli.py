@@ -1,4 +1,5 @@
 """train.py end to end: plan, progress lines, checkpoints, and resume after a kill."""
+
 import json
 import os
 import signal
@@ -15,13 +16,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_command(model_dir, *flags):
-    return [sys.executable, str(REPO / "train.py"), "--model=gnmt", "--preset=tiny",
-            f"--model_dir={model_dir}", "--num_devices=3", *flags]
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--model=gnmt",
+        "--preset=tiny",
+        f"--model_dir={model_dir}",
+        "--num_devices=3",
+        *flags,
+    ]
 
 
 def _run(model_dir, *flags, timeout=600):
-    result = subprocess.run(_train_command(model_dir, *flags), capture_output=True, text=True,
-                            timeout=timeout, cwd=REPO)
+    result = subprocess.run(
+        _train_command(model_dir, *flags), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr + result.stdout
 
@@ -34,9 +43,12 @@ def _latest_step(model_dir):
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     model_dir = tmp_path / "run"
-    process = subprocess.Popen(_train_command(model_dir, "--dapple_plan=2:1", "--steps=1000",
-                                              "--save_every=2"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    process = subprocess.Popen(
+        _train_command(model_dir, "--dapple_plan=2:1", "--steps=1000", "--save_every=2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 420
         while _latest_step(model_dir) < 2:
@@ -52,9 +64,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
     # Resume with zero steps left: the restored weights are exactly the checkpoint's.
     from dapple_tf import runner
-    result = runner.run_training(runner.TrainingConfig(
-        model="gnmt", preset="tiny", dapple_plan="2:1", num_devices=3, steps=saved_step,
-        model_dir=str(model_dir)))
+
+    result = runner.run_training(
+        runner.TrainingConfig(
+            model="gnmt",
+            preset="tiny",
+            dapple_plan="2:1",
+            num_devices=3,
+            steps=saved_step,
+            model_dir=str(model_dir),
+        )
+    )
     assert result["steps_run"] == 0
     assert result["global_step"] == saved_step
     weights = result["trainer"].get_weights()
@@ -84,8 +104,14 @@ def test_auto_plan_run_logs_plan_and_progress_and_writes_plan_json(tmp_path):
 
 @pytest.mark.slow
 def test_calibrate_logs_predicted_beside_measured_and_records_both_in_the_plan(tmp_path):
-    log = _run(tmp_path, "--dapple_plan=auto", "--steps=8", "--global_batch_size=8",
-               "--calibrate", "--save_every=100")
+    log = _run(
+        tmp_path,
+        "--dapple_plan=auto",
+        "--steps=8",
+        "--global_batch_size=8",
+        "--calibrate",
+        "--save_every=100",
+    )
     assert "predicted step time" in log and "measured" in log
     assert "calibration: stage factors (measured / predicted)" in log
     predicted = json.loads((tmp_path / "plan.json").read_text())["predicted"]
@@ -98,6 +124,8 @@ def test_calibrate_logs_predicted_beside_measured_and_records_both_in_the_plan(t
 
 def test_calibrate_is_refused_for_a_plan_that_is_not_auto(tmp_path):
     from dapple_tf import runner
+
     with pytest.raises(ValueError, match="--calibrate re-plans an auto plan.*'2:2'"):
-        runner.run_training(runner.TrainingConfig(dapple_plan="2:2", calibrate=True,
-                                                  model_dir=str(tmp_path)))
+        runner.run_training(
+            runner.TrainingConfig(dapple_plan="2:2", calibrate=True, model_dir=str(tmp_path))
+        )

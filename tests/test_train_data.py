@@ -1,5 +1,6 @@
 """--data_dir at the default (tiny) preset: the model takes its vocabulary size and sequence
 length from the bundled files, and the reader then accepts them."""
+
 from pathlib import Path
 
 import pytest

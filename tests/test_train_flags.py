@@ -1,4 +1,5 @@
 """train.py refuses bad flags before any work, with a message naming the flag and the fix."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +16,54 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train_py_error(*flags, cwd=REPO):
     """(exit status, stderr) of train.py run with `flags`."""
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *flags], check=False,
-                            capture_output=True, text=True, timeout=300, cwd=cwd)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *flags],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
     return result.returncode, result.stderr
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--steps=-5"], "flag --steps=-5: -5 is not a positive integer"),
-    (["--log_every=0"], "flag --log_every=0: 0 is not a positive integer"),
-    (["--save_every=0"], "flag --save_every=0: 0 is not a positive integer"),
-    (["--global_batch_size=0"], "flag --global_batch_size=0: 0 is not a positive integer"),
-    (["--num_micro_batches=0"], "flag --num_micro_batches=0: 0 is not a positive integer"),
-    (["--num_devices=0"], "flag --num_devices=0: 0 is not a positive integer"),
-    (["--keep_checkpoints=-1"], "flag --keep_checkpoints=-1: -1 is not a non-negative integer"),
-    (["--trace_step=0"], "flag --trace_step=0: 0 is not a positive integer"),
-    (["--learning_rate=0"], "--learning_rate must be > 0"),
-    (["--clip_norm=-1"], "--clip_norm must be > 0"),
-    (["--model=resnet"], "value should be one of <vgg19|amoebanet|bert|gnmt|xlnet>"),
-    (["--dapple_plan=two-stages"], "expected 'auto', a plan JSON file or DAPPLE notation"),
-    (["--dapple_plan=missing.json"], "plan file 'missing.json' does not exist"),
-    (["--data_dir=/no/such/dir"], "flag --data_dir=/no/such/dir: '/no/such/dir' is not a directory"),
-    (["--cluster=16,8"], "host boundaries must increase, found '16,8'"),
-    (["--cluster=8,x"], "expected increasing device counts like '8,16', found '8,x'"),
-    (["--trace_step=30", "--steps=20"], "--trace_step=30 is after the last step (--steps=20)"),
-    (["--dapple_plan=3:1", "--global_batch_size=8"],
-     "--global_batch_size=8 is not a multiple of 3; use e.g. --global_batch_size=9"),
-    (["--dapple_plan=2:2", "--global_batch_size=8", "--num_micro_batches=8"],
-     "micro-batches of 1 rows (--global_batch_size=8 / --num_micro_batches=8) do not divide"),
-    (["--dapple_plan=2:2", "--global_batch_size=8", "--num_micro_batches=3"],
-     "--global_batch_size=8 does not divide into --num_micro_batches=3"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps=-5"], "flag --steps=-5: -5 is not a positive integer"),
+        (["--log_every=0"], "flag --log_every=0: 0 is not a positive integer"),
+        (["--save_every=0"], "flag --save_every=0: 0 is not a positive integer"),
+        (["--global_batch_size=0"], "flag --global_batch_size=0: 0 is not a positive integer"),
+        (["--num_micro_batches=0"], "flag --num_micro_batches=0: 0 is not a positive integer"),
+        (["--num_devices=0"], "flag --num_devices=0: 0 is not a positive integer"),
+        (["--keep_checkpoints=-1"], "flag --keep_checkpoints=-1: -1 is not a non-negative integer"),
+        (["--trace_step=0"], "flag --trace_step=0: 0 is not a positive integer"),
+        (["--learning_rate=0"], "--learning_rate must be > 0"),
+        (["--clip_norm=-1"], "--clip_norm must be > 0"),
+        (["--model=resnet"], "value should be one of <vgg19|amoebanet|bert|gnmt|xlnet>"),
+        (["--dapple_plan=two-stages"], "expected 'auto', a plan JSON file or DAPPLE notation"),
+        (["--dapple_plan=missing.json"], "plan file 'missing.json' does not exist"),
+        (
+            ["--data_dir=/no/such/dir"],
+            "flag --data_dir=/no/such/dir: '/no/such/dir' is not a directory",
+        ),
+        (["--cluster=16,8"], "host boundaries must increase, found '16,8'"),
+        (["--cluster=8,x"], "expected increasing device counts like '8,16', found '8,x'"),
+        (["--trace_step=30", "--steps=20"], "--trace_step=30 is after the last step (--steps=20)"),
+        (
+            ["--dapple_plan=3:1", "--global_batch_size=8"],
+            "--global_batch_size=8 is not a multiple of 3; use e.g. --global_batch_size=9",
+        ),
+        (
+            ["--dapple_plan=2:2", "--global_batch_size=8", "--num_micro_batches=8"],
+            "micro-batches of 1 rows (--global_batch_size=8 / --num_micro_batches=8) do not divide",
+        ),
+        (
+            ["--dapple_plan=2:2", "--global_batch_size=8", "--num_micro_batches=3"],
+            "--global_batch_size=8 does not divide into --num_micro_batches=3",
+        ),
+    ],
+)
 def test_bad_flag_is_refused_with_a_message_naming_it(argv, message):
     assert message in parse_error(*argv)
 
@@ -84,22 +103,40 @@ def test_unknown_preset_and_the_models_default_batch_are_checked_when_the_run_st
 
 def test_train_py_lists_the_models_of_the_registry():
     import models
+
     assert train.MODEL_NAMES == models.MODEL_NAMES
 
 
 def test_flag_checks_run_before_tensorflow_is_imported():
-    code = ("import sys, train; train.FLAGS(['train.py', '--dapple_plan=2:2', "
-            "'--global_batch_size=8']); print('tensorflow' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
-                            text=True, cwd=REPO, timeout=120)
+    code = (
+        "import sys, train; train.FLAGS(['train.py', '--dapple_plan=2:2', "
+        "'--global_batch_size=8']); print('tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 
-@pytest.mark.parametrize("replicas, batch, expected", [
-    ([2, 2], 8, 4), ([1, 1], 8, 4), ([3, 1], 12, 4), ([3, 1], 9, 3), ([4], 8, 2), ([2, 1], 6, 3),
-])
+@pytest.mark.parametrize(
+    "replicas, batch, expected",
+    [
+        ([2, 2], 8, 4),
+        ([1, 1], 8, 4),
+        ([3, 1], 12, 4),
+        ([3, 1], 9, 3),
+        ([4], 8, 2),
+        ([2, 1], 6, 3),
+    ],
+)
 def test_notation_plans_take_the_largest_micro_batch_count_up_to_twice_the_stages(
-        replicas, batch, expected):
+    replicas, batch, expected
+):
     count = notation_micro_batches(replicas, batch)
     assert count == expected
     assert batch % count == 0 and all((batch // count) % r == 0 for r in replicas)

@@ -7,6 +7,7 @@ momentum slots, global_step) match the single-device build (rtol 1e-5, atol 1e-6
 Grappler is off in both builds (optimize_graph=False) to keep the first step of each of the
 96 graphs fast; test_trainer_features.py covers the default configuration.
 """
+
 import functools
 
 import numpy as np
@@ -36,8 +37,9 @@ def batches(case):
 @functools.lru_cache(maxsize=None)
 def single_device_run(name):
     case = models.ALL[name]
-    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, optimizer, GLOBAL_BATCH,
-                                  seed=SEED, optimize_graph=False)
+    trainer = SingleDeviceTrainer(
+        case.model_fn, case.feature_spec, optimizer, GLOBAL_BATCH, seed=SEED, optimize_graph=False
+    )
     initial = trainer.get_weights()
     losses = [trainer.train_step(b) for b in batches(case)]
     final = trainer.get_weights()
@@ -55,14 +57,23 @@ def model_layers(name):
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("model", ["mlp", "transformer", "rnn"])
-def test_pipelined_training_equals_single_device_training(model, plan_name, schedule,
-                                                          num_micro_batches):
+def test_pipelined_training_equals_single_device_training(
+    model, plan_name, schedule, num_micro_batches
+):
     case = models.ALL[model]
     initial, expected_losses, expected = single_device_run(model)
-    plan = even_plan(model_layers(model), PLANS[plan_name], GLOBAL_BATCH, num_micro_batches,
-                     schedule)
-    trainer = Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                      seed=SEED, optimize_graph=False)
+    plan = even_plan(
+        model_layers(model), PLANS[plan_name], GLOBAL_BATCH, num_micro_batches, schedule
+    )
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
     try:
         start = trainer.get_weights()
         for name, value in initial.items():

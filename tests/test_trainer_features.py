@@ -1,4 +1,5 @@
 """Trainer features, one fact per test, each checked against the single-device build."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -34,10 +35,25 @@ def train_both(case, plan, optimizer_fn, steps=3, clip_norm=None, optimize_graph
     """(pipelined trainer, single-device trainer, pipelined losses, single losses).
     optimize_graph=False (Grappler off) keeps the first step of the bigger models fast."""
     gbs = plan.global_batch_size
-    pipelined = Trainer(case.model_fn, case.feature_spec, optimizer_fn, plan, gbs, seed=SEED,
-                        clip_norm=clip_norm, optimize_graph=optimize_graph)
-    single = SingleDeviceTrainer(case.model_fn, case.feature_spec, optimizer_fn, gbs, seed=SEED,
-                                 clip_norm=clip_norm, optimize_graph=optimize_graph)
+    pipelined = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer_fn,
+        plan,
+        gbs,
+        seed=SEED,
+        clip_norm=clip_norm,
+        optimize_graph=optimize_graph,
+    )
+    single = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer_fn,
+        gbs,
+        seed=SEED,
+        clip_norm=clip_norm,
+        optimize_graph=optimize_graph,
+    )
     rng = np.random.default_rng(5)
     got, want = [], []
     for _ in range(steps):
@@ -59,8 +75,8 @@ def test_tied_embedding_gets_the_sum_of_both_stages_gradients():
     plan = make_plan(case, [1, 1], 8, 2)
     pipelined, single, got, want = train_both(case, plan, sgd, steps=2, optimize_graph=False)
     specs = pipelined.rewritten.stage_graphs
-    assert "embedding/table" in specs[0].variable_grads   # lookup in stage 0
-    assert "embedding/table" in specs[1].variable_grads   # output projection in stage 1
+    assert "embedding/table" in specs[0].variable_grads  # lookup in stage 0
+    assert "embedding/table" in specs[1].variable_grads  # output projection in stage 1
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert_same_weights(pipelined, single)
 
@@ -117,8 +133,9 @@ def test_optimizer_slots_are_created_once_and_updated_once_per_step(optimizer_fn
 
 def test_global_step_advances_by_one_per_step():
     case = models.MLP
-    trainer = Trainer(case.model_fn, case.feature_spec, sgd, make_plan(case, [1, 1, 1], 12, 3),
-                      12, seed=SEED)
+    trainer = Trainer(
+        case.model_fn, case.feature_spec, sgd, make_plan(case, [1, 1, 1], 12, 3), 12, seed=SEED
+    )
     rng = np.random.default_rng(0)
     assert trainer.global_step == 0
     for step in range(1, 4):
@@ -137,8 +154,9 @@ def test_clipping_uses_the_global_norm_of_the_whole_model():
     for _ in range(3):
         unclipped.train_step(case.make_batch(rng, 16))
     kernel = "layer_0/dense/kernel"
-    assert not np.allclose(unclipped.get_weights()[kernel], pipelined.get_weights()[kernel],
-                           rtol=1e-3)  # the clip was active
+    assert not np.allclose(
+        unclipped.get_weights()[kernel], pipelined.get_weights()[kernel], rtol=1e-3
+    )  # the clip was active
 
 
 def test_returned_loss_is_the_mean_over_the_global_batch():
@@ -147,6 +165,7 @@ def test_returned_loss_is_the_mean_over_the_global_batch():
             h = features["x"] * v1.get_variable("w", [], initializer=v1.ones_initializer())
         with layer("b"):
             return tf.reduce_mean(h)
+
     spec = {"x": ((), tf.float32)}
     plan = even_plan(("a", "b"), [1, 3], 24, 2)
     trainer = Trainer(model_fn, spec, sgd, plan, 24)
@@ -160,8 +179,9 @@ def test_checkpoints_restore_across_pipelined_and_single_device_builds(direction
     plan = make_plan(case, [2, 1], 8, 2)
     pipelined = Trainer(case.model_fn, case.feature_spec, adam, plan, 8, seed=SEED)
     single = SingleDeviceTrainer(case.model_fn, case.feature_spec, adam, 8, seed=SEED + 1)
-    source, target = (pipelined, single) if direction == "pipelined_to_single" else \
-        (single, pipelined)
+    source, target = (
+        (pipelined, single) if direction == "pipelined_to_single" else (single, pipelined)
+    )
     rng = np.random.default_rng(1)
     for _ in range(2):
         source.train_step(case.make_batch(rng, 8))
@@ -208,5 +228,6 @@ def test_run_metadata_traces_one_training_step_with_every_stage_device():
     trainer = Trainer(case.model_fn, case.feature_spec, sgd, make_plan(case, [1, 2], 8, 2), 8)
     metadata = trainer.run_metadata(case.make_batch(np.random.default_rng(0), 8))
     assert {d.device for d in metadata.step_stats.dev_stats} >= set(
-        trainer.rewritten.device_of_slot.values())
+        trainer.rewritten.device_of_slot.values()
+    )
     assert trainer.global_step == 1

@@ -1,5 +1,6 @@
 """How a trainer takes its input rows: whole global batches, only the rows it reads
 (`local_rows`), or its own tf.data dataset (`input_fn`), all training like single-device."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -46,8 +47,14 @@ def test_take_rows_copies_the_ranges_in_order():
 
 @pytest.fixture(scope="module")
 def reference():
-    trainer = SingleDeviceTrainer(models.MLP.model_fn, models.MLP.feature_spec, _optimizer,
-                                  GLOBAL_BATCH, seed=SEED, optimize_graph=False)
+    trainer = SingleDeviceTrainer(
+        models.MLP.model_fn,
+        models.MLP.feature_spec,
+        _optimizer,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
     try:
         losses = [trainer.train_step(b) for b in _batches()]
         return losses, trainer.get_weights()
@@ -68,10 +75,19 @@ def test_trainer_reading_its_input_fn_dataset_trains_like_one_device(reference):
     def input_fn(local_rows):
         assert local_rows == {"x": ((0, GLOBAL_BATCH),), "y": ((0, GLOBAL_BATCH),)}
         return tf.data.Dataset.from_tensor_slices(
-            {f: np.stack([take_rows(b[f], rows) for b in data]) for f, rows in local_rows.items()})
+            {f: np.stack([take_rows(b[f], rows) for b in data]) for f, rows in local_rows.items()}
+        )
 
-    trainer = Trainer(models.MLP.model_fn, models.MLP.feature_spec, _optimizer, _plan([2, 2], 2),
-                      GLOBAL_BATCH, seed=SEED, optimize_graph=False, input_fn=input_fn)
+    trainer = Trainer(
+        models.MLP.model_fn,
+        models.MLP.feature_spec,
+        _optimizer,
+        _plan([2, 2], 2),
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+        input_fn=input_fn,
+    )
     try:
         losses = [trainer.train_step() for _ in range(STEPS)]
         _check(losses, trainer.get_weights(), reference)
@@ -82,20 +98,37 @@ def test_trainer_reading_its_input_fn_dataset_trains_like_one_device(reference):
 def test_input_fn_with_wrong_rows_is_refused_naming_the_feature():
     def input_fn(local_rows):
         return tf.data.Dataset.from_tensor_slices(
-            {"x": np.zeros((2, 5, 8), np.float32), "y": np.zeros((2, 5), np.int32)})
+            {"x": np.zeros((2, 5, 8), np.float32), "y": np.zeros((2, 5), np.int32)}
+        )
 
     with pytest.raises(ValueError, match="feature 'x'.*expected float32"):
-        Trainer(models.MLP.model_fn, models.MLP.feature_spec, _optimizer, _plan([1, 1], 2),
-                GLOBAL_BATCH, seed=SEED, optimize_graph=False, input_fn=input_fn)
+        Trainer(
+            models.MLP.model_fn,
+            models.MLP.feature_spec,
+            _optimizer,
+            _plan([1, 1], 2),
+            GLOBAL_BATCH,
+            seed=SEED,
+            optimize_graph=False,
+            input_fn=input_fn,
+        )
 
 
 def test_a_batch_of_the_wrong_size_is_refused_naming_the_sizes_accepted():
-    trainer = Trainer(models.MLP.model_fn, models.MLP.feature_spec, _optimizer, _plan([1], 1),
-                      GLOBAL_BATCH, seed=SEED, optimize_graph=False)
+    trainer = Trainer(
+        models.MLP.model_fn,
+        models.MLP.feature_spec,
+        _optimizer,
+        _plan([1], 1),
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
     try:
         batch = _batches()[0]
-        with pytest.raises(ValueError, match="feature 'x' has 5 rows, expected the global batch "
-                                             "size 16"):
+        with pytest.raises(
+            ValueError, match="feature 'x' has 5 rows, expected the global batch size 16"
+        ):
             trainer.train_step({"x": batch["x"][:5], "y": batch["y"]})
         with pytest.raises(ValueError, match="needs a batch"):
             trainer.train_step()

@@ -11,13 +11,13 @@ SingleDeviceTrainer on the same batches, at the single-process equivalence toler
 Two-rank launches check clip_norm (1:1 and DP2), the GPU pinning of every session, and a rank
 killed mid-step; a 4-rank one the killed rank too.
 """
+
 import json
 import os
 import re
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import rewrite_models as models
 from dapple_tf.trainer import SingleDeviceTrainer
@@ -36,9 +36,15 @@ def _skip_without_horovod():
 
 
 def single_device_run(case, steps, clip_norm=None):
-    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
-                                  checks.GLOBAL_BATCH, seed=checks.SEED, optimize_graph=False,
-                                  clip_norm=clip_norm)
+    trainer = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        checks.optimizer,
+        checks.GLOBAL_BATCH,
+        seed=checks.SEED,
+        optimize_graph=False,
+        clip_norm=clip_norm,
+    )
     try:
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in checks.batches(case, steps)]
@@ -52,9 +58,13 @@ def equivalence_run(tmp_path_factory):
     _skip_without_horovod()
     out = tmp_path_factory.mktemp("multirank_equivalence")
     configs = [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES] + [
-        "sparse/2x2/1f1b", "skip/skip0to2/1f1b", "transformer/2x2/1f1b/clip"]
-    result = runner.run("trainer_checks.py", 4, ["equivalence", out, ",".join(configs)],
-                        timeout_s=480)
+        "sparse/2x2/1f1b",
+        "skip/skip0to2/1f1b",
+        "transformer/2x2/1f1b/clip",
+    ]
+    result = runner.run(
+        "trainer_checks.py", 4, ["equivalence", out, ",".join(configs)], timeout_s=480
+    )
     assert result.returncode == 0, result.output[-6000:]
     return out, result
 
@@ -66,9 +76,12 @@ def transformer_reference():
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("plan", PLANS)
-def test_four_ranks_train_the_tied_transformer_like_one_device(equivalence_run, transformer_reference,
-                                                                plan, schedule):
-    _check_equal_to_single_device(equivalence_run, transformer_reference, "transformer", plan, schedule)
+def test_four_ranks_train_the_tied_transformer_like_one_device(
+    equivalence_run, transformer_reference, plan, schedule
+):
+    _check_equal_to_single_device(
+        equivalence_run, transformer_reference, "transformer", plan, schedule
+    )
 
 
 def test_boundary_tensors_travel_as_tf_collective_broadcasts_by_default(equivalence_run):
@@ -78,8 +91,10 @@ def test_boundary_tensors_travel_as_tf_collective_broadcasts_by_default(equivale
     for rank, recs in records.items():
         for record in recs:
             assert record["kind"] == "tf", record
-            assert set(record["transfer_ops"].split(",")) <= {"CollectiveBcastSendV2",
-                                                               "CollectiveBcastRecvV2"}, record
+            assert set(record["transfer_ops"].split(",")) <= {
+                "CollectiveBcastSendV2",
+                "CollectiveBcastRecvV2",
+            }, record
             assert record["transfer_ops"], record
 
 
@@ -88,22 +103,26 @@ def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact
     _check_equal_to_single_device(equivalence_run, reference, "sparse", "2x2", "1f1b")
 
 
-def _check_equal_to_single_device(equivalence_run, reference, model, plan, schedule, clip=False,
-                                  num_ranks=4):
+def _check_equal_to_single_device(
+    equivalence_run, reference, model, plan, schedule, clip=False, num_ranks=4
+):
     out, result = equivalence_run
     initial, expected_losses, expected = reference
     tag = checks.tag_of(model, plan, schedule, clip)
     got = np.load(os.path.join(out, tag + ".npz"))
     for name, value in initial.items():
         np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
-    by_rank = {rank: [r for r in recs if r["tag"] == tag][0]
-               for rank, recs in result.records("LOSSES").items()}
+    by_rank = {
+        rank: [r for r in recs if r["tag"] == tag][0]
+        for rank, recs in result.records("LOSSES").items()
+    }
     assert sorted(by_rank) == list(range(num_ranks))
     for rank, rec in by_rank.items():  # every rank returns the global-batch mean loss
-        np.testing.assert_allclose(rec["losses"], expected_losses, rtol=1e-5, atol=1e-6,
-                                   err_msg=f"rank {rank}")
+        np.testing.assert_allclose(
+            rec["losses"], expected_losses, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}"
+        )
         assert rec["global_step"] == checks.STEPS
-    final = {k[len("final/"):]: got[k] for k in got.files if k.startswith("final/")}
+    final = {k[len("final/") :]: got[k] for k in got.files if k.startswith("final/")}
     assert sorted(final) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -113,9 +132,13 @@ def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_re
     """DAPPLE_TRANSPORT=horovod: boundary tensors, gradient sums and the step end over Horovod
     (the default is TF collectives between per-rank servers)."""
     _skip_without_horovod()
-    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path,
-                                                 "transformer/2x2/1f1b,transformer/3:1/gpipe"],
-                        timeout_s=400, env={"DAPPLE_TRANSPORT": "horovod"})
+    result = runner.run(
+        "trainer_checks.py",
+        4,
+        ["equivalence", tmp_path, "transformer/2x2/1f1b,transformer/3:1/gpipe"],
+        timeout_s=400,
+        env={"DAPPLE_TRANSPORT": "horovod"},
+    )
     assert result.returncode == 0, result.output[-6000:]
     for rank, records in result.records("TRANSPORT").items():
         for record in records:
@@ -126,23 +149,26 @@ def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_re
         got = np.load(tmp_path / f"{tag}.npz")
         np.testing.assert_allclose(got["losses"], expected_losses, rtol=1e-5, atol=1e-6)
         for name, value in expected.items():
-            np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=1e-6,
-                                       err_msg=name)
+            np.testing.assert_allclose(
+                got["final/" + name], value, rtol=1e-5, atol=1e-6, err_msg=name
+            )
 
 
 # ---- plans the cluster needs: skip connections between non-adjacent stages, clip_norm ---------
 def _equivalence_launch(out, num_ranks, configs):
     _skip_without_horovod()
-    result = runner.run("trainer_checks.py", num_ranks, ["equivalence", out, ",".join(configs)],
-                        timeout_s=360)
+    result = runner.run(
+        "trainer_checks.py", num_ranks, ["equivalence", out, ",".join(configs)], timeout_s=360
+    )
     assert result.returncode == 0, result.output[-6000:]
     return out, result
 
 
 @pytest.fixture(scope="module")
 def two_rank_clip(tmp_path_factory):
-    return _equivalence_launch(tmp_path_factory.mktemp("clip_2"), 2,
-                               ["mlp/1:1/1f1b/clip", "mlp/DP2/gpipe/clip"])
+    return _equivalence_launch(
+        tmp_path_factory.mktemp("clip_2"), 2, ["mlp/1:1/1f1b/clip", "mlp/DP2/gpipe/clip"]
+    )
 
 
 def _clipped_reference(case):
@@ -154,19 +180,27 @@ def _clipped_reference(case):
 
 
 def test_skip_from_stage_0_to_stage_2_on_four_ranks_trains_like_one_device(equivalence_run):
-    _check_equal_to_single_device(equivalence_run, single_device_run(models.SKIP, checks.STEPS),
-                                  "skip", "skip0to2", "1f1b")
+    _check_equal_to_single_device(
+        equivalence_run, single_device_run(models.SKIP, checks.STEPS), "skip", "skip0to2", "1f1b"
+    )
 
 
 def test_clip_norm_on_four_ranks_2x2_with_tied_weights_equals_one_device(equivalence_run):
-    _check_equal_to_single_device(equivalence_run, _clipped_reference(models.TRANSFORMER),
-                                  "transformer", "2x2", "1f1b", clip=True)
+    _check_equal_to_single_device(
+        equivalence_run,
+        _clipped_reference(models.TRANSFORMER),
+        "transformer",
+        "2x2",
+        "1f1b",
+        clip=True,
+    )
 
 
 @pytest.mark.parametrize("plan,schedule", [("1:1", "1f1b"), ("DP2", "gpipe")])
 def test_clip_norm_on_two_ranks_equals_one_device(two_rank_clip, plan, schedule):
-    _check_equal_to_single_device(two_rank_clip, _clipped_reference(models.MLP), "mlp", plan,
-                                  schedule, clip=True, num_ranks=2)
+    _check_equal_to_single_device(
+        two_rank_clip, _clipped_reference(models.MLP), "mlp", plan, schedule, clip=True, num_ranks=2
+    )
 
 
 # ---- GPU hosts: every session of a rank sees only the rank's local GPU -------------------------
@@ -181,12 +215,18 @@ def test_every_session_a_rank_opens_sees_only_its_local_gpu(tmp_path):
         for s in sessions:
             assert s["visible_device_list"] == str(rank), (rank, s)
         openers = [s["opener"] for s in sessions]
-        for opener in ("dapple_tf.comm.broadcast_object", "dapple_tf.comm.allgather_objects",
-                       "dapple_tf.multirank.__init__", "graph_rewrite.template.initial_values"):
+        for opener in (
+            "dapple_tf.comm.broadcast_object",
+            "dapple_tf.comm.allgather_objects",
+            "dapple_tf.multirank.__init__",
+            "graph_rewrite.template.initial_values",
+        ):
             assert opener in openers, (rank, openers)
     rank0 = [s["opener"] for s in records[0]]
     # plan="auto": the profiler's sessions come before the plan's broadcast
-    assert rank0[0] in ("dapple_tf.profiler.measure", "dapple_tf.profiler.profile_for_runtime"), rank0
+    assert rank0[0] in ("dapple_tf.profiler.measure", "dapple_tf.profiler.profile_for_runtime"), (
+        rank0
+    )
     assert "dapple_tf.checkpoint_sharded._merge" in rank0, rank0
 
 
@@ -195,15 +235,19 @@ def _names_dead_rank(rank, dead):
     """Our report on `rank` that `dead` died: the exit monitor's (after Horovod aborted this
     rank), the watchdog's (Horovod left this rank waiting) or the failed step's (Horovod
     failed this rank's next collective)."""
-    return re.compile(rf"^dapple: rank {rank}: (rank {dead} died first|missing rank {dead}: "
-                      rf"process \d+ on \S+ is gone|missing: rank {dead}: process \d+ is gone)")
+    return re.compile(
+        rf"^dapple: rank {rank}: (rank {dead} died first|missing rank {dead}: "
+        rf"process \d+ on \S+ is gone|missing: rank {dead}: process \d+ is gone)"
+    )
 
 
 def _what_it_waited_for(rank, dead):
-    return re.compile(rf"^dapple: rank {rank}: (rank {rank} was waiting on rank {dead} in step "
-                      rf"\d+: the collectives it shares with rank {dead}: dapple/|collectives "
-                      rf"rank {rank} waits on with rank {dead}: dapple/|step \d+: collective "
-                      rf"'dapple/[^']+' failed)")
+    return re.compile(
+        rf"^dapple: rank {rank}: (rank {rank} was waiting on rank {dead} in step "
+        rf"\d+: the collectives it shares with rank {dead}: dapple/|collectives "
+        rf"rank {rank} waits on with rank {dead}: dapple/|step \d+: collective "
+        rf"'dapple/[^']+' failed)"
+    )
 
 
 def _assert_every_survivor_names(result, dead, survivors, since):
@@ -211,8 +255,9 @@ def _assert_every_survivor_names(result, dead, survivors, since):
         lines = result.lines_of(rank)
         named = [line for line in lines if _names_dead_rank(rank, dead).search(line)]
         assert named, "\n".join(lines[-30:])
-        assert [line for line in lines if _what_it_waited_for(rank, dead).search(line)], \
-            "\n".join(lines[-30:])
+        assert [line for line in lines if _what_it_waited_for(rank, dead).search(line)], "\n".join(
+            lines[-30:]
+        )
         said_at = result.first_time_of(named[0])
         assert said_at - since < 60, (rank, said_at - since)
 
@@ -231,14 +276,19 @@ def test_a_rank_killed_mid_step_is_named_by_every_other_rank_within_60_s(num_ran
     _assert_every_survivor_names(result, 1, [r for r in range(num_ranks) if r != 1], killed_at)
 
 
-def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp_path,
-                                                                             transformer_reference):
+def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(
+    tmp_path, transformer_reference
+):
     reason = runner.mpi_missing_reason()
     if reason:
         pytest.skip(reason)
-    result = runner.run("trainer_checks.py", 4, ["equivalence", tmp_path,
-                                                 "transformer/3:1/1f1b/grappler"],
-                        timeout_s=400, launcher="launch/mpirun.sh")
+    result = runner.run(
+        "trainer_checks.py",
+        4,
+        ["equivalence", tmp_path, "transformer/3:1/1f1b/grappler"],
+        timeout_s=400,
+        launcher="launch/mpirun.sh",
+    )
     assert result.returncode == 0, result.output[-6000:]
     _, expected_losses, expected = transformer_reference
     got = np.load(tmp_path / "transformer-3_1-1f1b.npz")
@@ -249,16 +299,25 @@ def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(tmp
 
 
 def test_sharded_checkpoint_of_four_ranks_restores_into_a_single_device_graph(
-        equivalence_run, transformer_reference):
+    equivalence_run, transformer_reference
+):
     out, _ = equivalence_run
     _, _, expected = transformer_reference
     path = os.path.join(out, "ckpt-transformer-3_1-1f1b")
-    data_files = sorted(f for f in os.listdir(out) if f.startswith("ckpt-transformer-3_1-1f1b.data"))
+    data_files = sorted(
+        f for f in os.listdir(out) if f.startswith("ckpt-transformer-3_1-1f1b.data")
+    )
     assert len(data_files) == 2, data_files  # one shard per stage of the 3:1 plan
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     case = models.TRANSFORMER
-    trainer = SingleDeviceTrainer(case.model_fn, case.feature_spec, checks.optimizer,
-                                  checks.GLOBAL_BATCH, seed=checks.SEED + 1, optimize_graph=False)
+    trainer = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        checks.optimizer,
+        checks.GLOBAL_BATCH,
+        seed=checks.SEED + 1,
+        optimize_graph=False,
+    )
     try:
         trainer.restore(path)
         restored = trainer.get_weights()
@@ -273,8 +332,9 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     model_dir = tmp_path / "run"
     model_dir.mkdir()
     steps, victim, kill_at = 5, 2, 3
-    killed = runner.run("trainer_checks.py", 4, ["resume", model_dir, steps, victim, kill_at],
-                        timeout_s=300)
+    killed = runner.run(
+        "trainer_checks.py", 4, ["resume", model_dir, steps, victim, kill_at], timeout_s=300
+    )
     killed_at = killed.first_time_of(f"KILL victim rank {victim} before step {kill_at}")
     assert killed_at is not None, killed.output[-6000:]
     assert killed.returncode != 0
@@ -289,7 +349,9 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     with open(model_dir / "checkpoint.json") as f:
         assert json.load(f) == {"latest": f"ckpt-{kill_at}", "step": kill_at}
 
-    resumed = runner.run("trainer_checks.py", 4, ["resume", model_dir, steps, -1, -1], timeout_s=300)
+    resumed = runner.run(
+        "trainer_checks.py", 4, ["resume", model_dir, steps, -1, -1], timeout_s=300
+    )
     assert resumed.returncode == 0, resumed.output[-6000:]
     for rank in range(4):
         assert f"RESUMED rank {rank} from ckpt-{kill_at} at step {kill_at}" in resumed.output

@@ -2,6 +2,7 @@
 
 Read from the RunMetadata of a real traced step: every action has explicit boundary ops, and the
 start time of those ops orders the actions of a stage."""
+
 import re
 
 import numpy as np
@@ -47,8 +48,14 @@ def test_each_stage_executes_its_forward_and_backward_tasks_in_schedule_order(sc
     layers = build_template(case.model_fn, case.feature_spec).layers
     num_stages, num_micro_batches, gbs = 4, 8, 32
     plan = even_plan(layers, [1] * num_stages, gbs, num_micro_batches, schedule)
-    trainer = Trainer(case.model_fn, case.feature_spec,
-                      lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1), plan, gbs, seed=1)
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
+        plan,
+        gbs,
+        seed=1,
+    )
     batch = case.make_batch(np.random.default_rng(0), gbs)
     trainer.train_step(batch)
     _, metadata = trainer.traced_step(batch)

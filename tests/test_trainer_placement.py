@@ -1,6 +1,7 @@
 """Placement: every op of a stage clone runs on its slot's device (graph and a real step), and
 1F1B holds less live activation memory on stage 0 than GPipe (measured from the allocator
 records of a real step)."""
+
 import functools
 import re
 
@@ -48,8 +49,9 @@ def expected_device(trainer, name):
     return None
 
 
-@pytest.mark.parametrize("model,replicas", [("transformer", (1, 1, 1)), ("sparse", (2, 1)),
-                                            ("rnn", (1, 2))])
+@pytest.mark.parametrize(
+    "model,replicas", [("transformer", (1, 1, 1)), ("sparse", (2, 1)), ("rnn", (1, 2))]
+)
 def test_every_clone_and_boundary_op_is_assigned_its_slots_device(model, replicas):
     trainer = trainer_for(model, replicas, 2)
     checked = 0
@@ -59,15 +61,21 @@ def test_every_clone_and_boundary_op_is_assigned_its_slots_device(model, replica
             assert op.device == device, f"{op.name} ({op.type}) on {op.device!r}, want {device}"
             checked += 1
     # each clone is one call of its stage's forward or backward function
-    calls = {op.name for op in trainer.graph.get_operations()
-             if op.type == "StatefulPartitionedCall"}
-    assert calls == {f"dapple/mb{i}/{slot.tag}/{part}" for i in range(2)
-                     for slot in trainer.rewritten.local_slots for part in ("fwd", "bwd")}
+    calls = {
+        op.name for op in trainer.graph.get_operations() if op.type == "StatefulPartitionedCall"
+    }
+    assert calls == {
+        f"dapple/mb{i}/{slot.tag}/{part}"
+        for i in range(2)
+        for slot in trainer.rewritten.local_slots
+        for part in ("fwd", "bwd")
+    }
     assert checked > len(calls)  # the calls and the boundary ops
 
 
-@pytest.mark.parametrize("model,replicas", [("transformer", (1, 1, 1)), ("sparse", (2, 1)),
-                                            ("rnn", (1, 2))])
+@pytest.mark.parametrize(
+    "model,replicas", [("transformer", (1, 1, 1)), ("sparse", (2, 1)), ("rnn", (1, 2))]
+)
 def test_every_clone_op_of_a_real_step_ran_on_its_slots_device(model, replicas):
     trainer = trainer_for(model, replicas, 2)
     case = models.ALL[model]
@@ -78,8 +86,11 @@ def test_every_clone_op_of_a_real_step_ran_on_its_slots_device(model, replicas):
             want = expected_device(trainer, node.node_name)
             if want is None or RUNTIME_INSERTED.search(node.node_name):
                 continue
-            op_type = node.timeline_label.split(" = ")[1].split("(")[0] \
-                if " = " in node.timeline_label else ""
+            op_type = (
+                node.timeline_label.split(" = ")[1].split("(")[0]
+                if " = " in node.timeline_label
+                else ""
+            )
             checked += 1
             if dev.device != want and op_type not in RESOURCE_ACCESS_OPS:
                 misplaced.append((node.node_name, op_type, dev.device, want))
@@ -101,6 +112,8 @@ def test_1f1b_holds_less_live_activation_memory_on_stage_0_than_gpipe():
         device = trainer.rewritten.device_of_slot[Slot(0, 0)]
         peaks[schedule] = peak_live_bytes(metadata, device, re.compile(r"^dapple/mb\d+/s0r0/"))
         trainer.close()
-    print(f"\nstage 0 peak live activation memory, 4 stages, M=8: "
-          f"gpipe {peaks['gpipe']} bytes, 1f1b {peaks['1f1b']} bytes")
+    print(
+        f"\nstage 0 peak live activation memory, 4 stages, M=8: "
+        f"gpipe {peaks['gpipe']} bytes, 1f1b {peaks['1f1b']} bytes"
+    )
     assert 0 < peaks["1f1b"] < peaks["gpipe"]

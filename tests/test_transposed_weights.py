@@ -2,6 +2,7 @@
 micro-batched CPU stages read their weight transposed, computed once per step per slot, and
 training still equals single-device training.
 """
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -10,8 +11,7 @@ import rewrite_models as models
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite import transposed_weights
 from graph_rewrite.template import build_template
-from graph_rewrite.transposed_weights import (prefers_transposed_weights,
-                                              transpose_weight_reads)
+from graph_rewrite.transposed_weights import prefers_transposed_weights, transpose_weight_reads
 from planner.plan_format import even_plan
 
 v1 = tf.compat.v1
@@ -71,22 +71,34 @@ def optimizer():
     return v1.train.MomentumOptimizer(0.1, momentum=0.9)
 
 
-@pytest.mark.parametrize("model,replicas", [("mlp", [1, 1]), ("mlp", [2, 1]),
-                                            ("transformer", [1, 1]), ("skip", [1, 1, 1])])
+@pytest.mark.parametrize(
+    "model,replicas",
+    [("mlp", [1, 1]), ("mlp", [2, 1]), ("transformer", [1, 1]), ("skip", [1, 1, 1])],
+)
 def test_transposed_weights_train_like_single_device(monkeypatch, model, replicas):
     monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
     case = models.ALL[model]
-    plan = even_plan(build_template(case.model_fn, case.feature_spec).layers, replicas,
-                     GLOBAL_BATCH, 4, "1f1b")
-    trainer = Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                      seed=SEED, optimize_graph=False)
-    single = SingleDeviceTrainer(case.model_fn, case.feature_spec, optimizer, GLOBAL_BATCH,
-                                 seed=SEED, optimize_graph=False)
+    plan = even_plan(
+        build_template(case.model_fn, case.feature_spec).layers, replicas, GLOBAL_BATCH, 4, "1f1b"
+    )
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
+    single = SingleDeviceTrainer(
+        case.model_fn, case.feature_spec, optimizer, GLOBAL_BATCH, seed=SEED, optimize_graph=False
+    )
     try:
         assert any(stage.transposed_weights for stage in trainer.rewritten.stage_graphs)
         for batch in batches(case):
-            np.testing.assert_allclose(trainer.train_step(batch), single.train_step(batch),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                trainer.train_step(batch), single.train_step(batch), rtol=1e-5, atol=1e-6
+            )
         expected = single.get_weights()
         final = trainer.get_weights()
         for name, value in expected.items():
@@ -101,18 +113,28 @@ def test_each_weight_is_transposed_once_per_step_per_slot(monkeypatch):
     forward matmul of a kernel reads its transpose."""
     monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
     case = models.MLP
-    plan = even_plan(build_template(case.model_fn, case.feature_spec).layers, [1],
-                     GLOBAL_BATCH, 4, "1f1b")
-    trainer = Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                      seed=SEED, num_devices=1, optimize_graph=False)
+    plan = even_plan(
+        build_template(case.model_fn, case.feature_spec).layers, [1], GLOBAL_BATCH, 4, "1f1b"
+    )
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        num_devices=1,
+        optimize_graph=False,
+    )
     try:
         (stage,) = trainer.rewritten.stage_graphs
         kernels = {v for v in trainer.template.variables if v.endswith("kernel")}
         assert set(stage.transposed_weights.values()) == kernels
         _, metadata = trainer.traced_step(batches(case)[0])
         ran = [n.node_name for d in metadata.step_stats.dev_stats for n in d.node_stats]
-        transposes = [n for n in ran if n.startswith("dapple/transposed/s0r0/")
-                      and n.endswith("kernel")]
+        transposes = [
+            n for n in ran if n.startswith("dapple/transposed/s0r0/") and n.endswith("kernel")
+        ]
         assert sorted(transposes) == sorted(f"dapple/transposed/s0r0/{v}" for v in kernels)
     finally:
         trainer.close()
@@ -121,10 +143,17 @@ def test_each_weight_is_transposed_once_per_step_per_slot(monkeypatch):
 def test_a_stage_of_512_rows_per_call_is_left_alone(monkeypatch):
     monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
     case = models.MLP
-    plan = even_plan(build_template(case.model_fn, case.feature_spec).layers, [1],
-                     1024, 1, "1f1b")
-    trainer = Trainer(case.model_fn, case.feature_spec, optimizer, plan, 1024,
-                      seed=SEED, num_devices=1, optimize_graph=False)
+    plan = even_plan(build_template(case.model_fn, case.feature_spec).layers, [1], 1024, 1, "1f1b")
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer,
+        plan,
+        1024,
+        seed=SEED,
+        num_devices=1,
+        optimize_graph=False,
+    )
     try:
         assert not trainer.rewritten.stage_graphs[0].transposed_weights
     finally:

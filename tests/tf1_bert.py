@@ -6,6 +6,7 @@ with `tf.shape` for the batch size, the attention mask built from it in the `enc
 
 Nothing here knows about dapple: the tests name its layers with the rule `LAYERS`.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,11 @@ def get_shape_list(tensor):
 
 def dense(x, units, name, activation=None, stddev=0.02):
     with v1.variable_scope(name):
-        kernel = v1.get_variable("kernel", [x.shape[-1], units],
-                                 initializer=v1.truncated_normal_initializer(stddev=stddev))
+        kernel = v1.get_variable(
+            "kernel",
+            [x.shape[-1], units],
+            initializer=v1.truncated_normal_initializer(stddev=stddev),
+        )
         bias = v1.get_variable("bias", [units], initializer=v1.zeros_initializer())
         y = tf.matmul(x, kernel) + bias
         return activation(y) if activation is not None else y
@@ -79,17 +83,33 @@ def attention(x, mask, batch_size, seq_length, heads, dropout_rate):
         return tf.reshape(context, [batch_size * seq_length, heads * width])
 
 
-def bert_classifier(features, *, hidden=16, layers=2, heads=2, intermediate=32, vocab=50,
-                    max_positions=16, classes=3, dropout_rate=0.1):
+def bert_classifier(
+    features,
+    *,
+    hidden=16,
+    layers=2,
+    heads=2,
+    intermediate=32,
+    vocab=50,
+    max_positions=16,
+    classes=3,
+    dropout_rate=0.1,
+):
     input_ids, input_mask = features["input_ids"], features["input_mask"]
     with v1.variable_scope("bert"):
         with v1.variable_scope("embeddings"):
             batch_size, seq_length = get_shape_list(input_ids)
-            table = v1.get_variable("word_embeddings", [vocab, hidden],
-                                    initializer=v1.truncated_normal_initializer(stddev=0.02))
+            table = v1.get_variable(
+                "word_embeddings",
+                [vocab, hidden],
+                initializer=v1.truncated_normal_initializer(stddev=0.02),
+            )
             x = tf.gather(table, input_ids)
-            positions = v1.get_variable("position_embeddings", [max_positions, hidden],
-                                        initializer=v1.truncated_normal_initializer(stddev=0.02))
+            positions = v1.get_variable(
+                "position_embeddings",
+                [max_positions, hidden],
+                initializer=v1.truncated_normal_initializer(stddev=0.02),
+            )
             x += tf.expand_dims(tf.slice(positions, [0, 0], [seq_length, -1]), 0)
             x = dropout(layer_norm(x), dropout_rate)
         with v1.variable_scope("encoder"):
@@ -115,18 +135,25 @@ def bert_classifier(features, *, hidden=16, layers=2, heads=2, intermediate=32, 
             pooled = dense(first, hidden, "dense", activation=tf.tanh)
     with v1.variable_scope("cls"):
         logits = dense(dropout(pooled, dropout_rate), classes, "output")
-        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=features["label"],
-                                                                logits=logits)
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=features["label"], logits=logits
+        )
         return tf.reduce_mean(losses)
 
 
 SEQ = 8
-FEATURE_SPEC = {"input_ids": ((SEQ,), tf.int32), "input_mask": ((SEQ,), tf.int32),
-                "label": ((), tf.int32)}
+FEATURE_SPEC = {
+    "input_ids": ((SEQ,), tf.int32),
+    "input_mask": ((SEQ,), tf.int32),
+    "label": ((), tf.int32),
+}
 
 
 def make_batch(rng: np.random.Generator, rows: int, vocab: int = 50, classes: int = 3) -> dict:
     lengths = rng.integers(2, SEQ + 1, size=rows)
     mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
-    return {"input_ids": (rng.integers(1, vocab, size=(rows, SEQ)) * mask).astype(np.int32),
-            "input_mask": mask, "label": rng.integers(0, classes, size=rows).astype(np.int32)}
+    return {
+        "input_ids": (rng.integers(1, vocab, size=(rows, SEQ)) * mask).astype(np.int32),
+        "input_mask": mask,
+        "label": rng.integers(0, classes, size=rows).astype(np.int32),
+    }

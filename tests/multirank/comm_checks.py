@@ -1,14 +1,15 @@
 """Runs dapple_tf.comm under horovodrun (4 ranks, graph mode).
 
-  comm_checks.py exchange
-      For the plans 3:1, 1:3, 2:2 and 1:1:1:1 (micro-batch 6 rows x 2 features, 2 micro-batches):
-      every boundary's activations forward and activation gradients backward through
-      send_rows/recv_rows, each stage's gradient allreduce, a tied variable of stages 0 and the
-      last one, and step_end; two steps each. Each rank prints 'COMM {json}' per plan.
-  comm_checks.py fail <hang|freeze|kill> <victim rank> <step>
-      Plan 2:2 in a loop of steps; at <step> the victim sleeps (hang: alive, Horovod still
-      running), stops itself with SIGSTOP (freeze) or SIGKILL (kill). The others must exit.
+comm_checks.py exchange
+    For the plans 3:1, 1:3, 2:2 and 1:1:1:1 (micro-batch 6 rows x 2 features, 2 micro-batches):
+    every boundary's activations forward and activation gradients backward through
+    send_rows/recv_rows, each stage's gradient allreduce, a tied variable of stages 0 and the
+    last one, and step_end; two steps each. Each rank prints 'COMM {json}' per plan.
+comm_checks.py fail <hang|freeze|kill> <victim rank> <step>
+    Plan 2:2 in a loop of steps; at <step> the victim sleeps (hang: alive, Horovod still
+    running), stops itself with SIGSTOP (freeze) or SIGKILL (kill). The others must exit.
 """
+
 import json
 import os
 import signal
@@ -54,21 +55,26 @@ def build_exchange(plan, collectives, rank):
         if s + 1 < plan.num_stages:  # send my rows forward, receive their gradients back
             transfers = comm.boundary_transfers(plan, s, s + 1)
             begin, end = plan.rows_of_replica(s, k)
-            deps += collectives.send_rows(tf.constant(activation(mb, s)[begin:end]), transfers,
-                                          mb, s, s + 1)
+            deps += collectives.send_rows(
+                tf.constant(activation(mb, s)[begin:end]), transfers, mb, s, s + 1
+            )
             fetch[f"grad_in/mb{mb}/s{s + 1}_to_s{s}"] = collectives.recv_rows(
-                [FEATURES], tf.float32, transfers, mb, s, s + 1, backward=True)
+                [FEATURES], tf.float32, transfers, mb, s, s + 1, backward=True
+            )
         if s > 0:  # receive rows from the previous stage, send back -rows as their gradient
             transfers = comm.boundary_transfers(plan, s - 1, s)
             got = collectives.recv_rows([FEATURES], tf.float32, transfers, mb, s - 1, s)
             fetch[f"act_in/mb{mb}/s{s - 1}_to_s{s}"] = got
             deps += collectives.send_rows(-got, transfers, mb, s - 1, s, backward=True)
     grad = tf.constant(np.full([3], rank + 1.0, np.float32))
-    fetch["stage_grad_sum"] = collectives.allreduce_gradient(grad, f"stage{s}/w:0",
-                                                             plan.stages[s].devices)
+    fetch["stage_grad_sum"] = collectives.allreduce_gradient(
+        grad, f"stage{s}/w:0", plan.stages[s].devices
+    )
     if s in (0, plan.num_stages - 1):
         tied_ranks = plan.stages[0].devices + plan.stages[-1].devices
-        fetch["tied_grad_sum"] = collectives.allreduce_gradient(grad, "tied/embedding:0", tied_ranks)
+        fetch["tied_grad_sum"] = collectives.allreduce_gradient(
+            grad, "tied/embedding:0", tied_ranks
+        )
     loss_share = tf.constant(float(rank == plan.stages[-1].devices[0]))
     fetch["step_end"] = collectives.step_end(loss_share, deps + list(fetch.values()))
     return fetch
@@ -82,13 +88,21 @@ def exchange(info):
             sets = comm.ProcessSets(plan, tied)
             collectives = comm.Collectives(sets, info.rank)
             fetch = build_exchange(plan, collectives, info.rank)
-            names = sorted(n.name for n in tf.compat.v1.get_default_graph().get_operations()
-                           if n.type.startswith("Horovod"))
+            names = sorted(
+                n.name
+                for n in tf.compat.v1.get_default_graph().get_operations()
+                if n.type.startswith("Horovod")
+            )
             with tf.compat.v1.Session(config=comm.session_config()) as session:
                 for step in range(2):
                     got = session.run(fetch)
-        record = {"plan": plan.notation, "rank": info.rank, "set_order": [list(g) for g in sets.order],
-                  "collective_names": names, **{key: np.asarray(v).tolist() for key, v in got.items()}}
+        record = {
+            "plan": plan.notation,
+            "rank": info.rank,
+            "set_order": [list(g) for g in sets.order],
+            "collective_names": names,
+            **{key: np.asarray(v).tolist() for key, v in got.items()},
+        }
         print("COMM " + json.dumps(record), flush=True)
 
 
@@ -96,13 +110,16 @@ def fail(info, how, victim, at_step):
     plan = make_plan([2, 2])
     sets = comm.ProcessSets(plan, [(0, 1)])
     collectives = comm.Collectives(sets, info.rank)
-    watchdog = comm.Watchdog(info.rank, info.size, comm.shared_heartbeat_dir()[0], collectives.log,
-                             interval_s=0.5).start()
+    watchdog = comm.Watchdog(
+        info.rank, info.size, comm.shared_heartbeat_dir()[0], collectives.log, interval_s=0.5
+    ).start()
     fetch = build_exchange(plan, collectives, info.rank)
     session = tf.compat.v1.Session(config=comm.session_config())
     for step in range(1000):
         if info.rank == victim and step == at_step:
-            print(f"FAIL victim rank {info.rank} {how} at step {step} t={time.time():.2f}", flush=True)
+            print(
+                f"FAIL victim rank {info.rank} {how} at step {step} t={time.time():.2f}", flush=True
+            )
             if how == "hang":
                 time.sleep(600)
             os.kill(os.getpid(), signal.SIGSTOP if how == "freeze" else signal.SIGKILL)

@@ -13,6 +13,7 @@ It prints 'RANKDATA {...}' with the variable names, local rows ([feature, lo, hi
 bytes fed and losses; rank 0
 writes <out_dir>/weights.npz (restored and final weights).
 """
+
 import json
 import os
 import sys
@@ -45,7 +46,8 @@ def rank_dataset(local_rows):
     """input_fn: this rank's rows of each of the dataset phase's batches."""
     data = batches(STEPS, seed=777)
     return tf.data.Dataset.from_tensor_slices(
-        {f: np.stack([take_rows(b[f], rows) for b in data]) for f, rows in local_rows.items()})
+        {f: np.stack([take_rows(b[f], rows) for b in data]) for f, rows in local_rows.items()}
+    )
 
 
 def main():
@@ -54,8 +56,16 @@ def main():
     case = models.MLP
     layers = build_template(case.model_fn, case.feature_spec).layers
     plan = even_plan(layers, [2, 2], GLOBAL_BATCH, MICRO_BATCHES, "1f1b")
-    trainer = dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, plan, GLOBAL_BATCH,
-                                seed=SEED, optimize_graph=False, input_fn=rank_dataset)
+    trainer = dapple_tf.Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+        input_fn=rank_dataset,
+    )
     held = sorted(checkpoint.variables_by_name(trainer.graph))
     trainer.restore(reference_checkpoint)
     restored = trainer.get_weights()
@@ -71,16 +81,23 @@ def main():
     dataset_losses = [trainer.train_step() for _ in range(STEPS)]
     trainer.save(os.path.join(out_dir, "ckpt"))
     final = trainer.get_weights()
-    record = {"rank": trainer.rank, "variables": held,
-              "local_rows": [[f, lo, hi] for f, rows in sorted(trainer.local_rows.items())
-                             for lo, hi in rows],
-              "local_bytes": local_bytes, "global_bytes": global_bytes,
-              "losses": local_losses + global_losses + dataset_losses}
+    record = {
+        "rank": trainer.rank,
+        "variables": held,
+        "local_rows": [
+            [f, lo, hi] for f, rows in sorted(trainer.local_rows.items()) for lo, hi in rows
+        ],
+        "local_bytes": local_bytes,
+        "global_bytes": global_bytes,
+        "losses": local_losses + global_losses + dataset_losses,
+    }
     print("RANKDATA " + json.dumps(record), flush=True)
     if trainer.rank == 0:
-        np.savez(os.path.join(out_dir, "weights.npz"),
-                 **{"restored/" + k: v for k, v in restored.items()},
-                 **{"final/" + k: v for k, v in final.items()})
+        np.savez(
+            os.path.join(out_dir, "weights.npz"),
+            **{"restored/" + k: v for k, v in restored.items()},
+            **{"final/" + k: v for k, v in final.items()},
+        )
     trainer.close()
 
 

@@ -1,4 +1,5 @@
 """Launch a script under `horovodrun --gloo -np N -H localhost:N` with a hard time limit."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,9 @@ def horovod_missing_reason() -> str | None:
     try:
         import horovod.tensorflow as hvd  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        return f"horovod.tensorflow does not import ({type(e).__name__}: {e}); run launch/install.sh"
+        return (
+            f"horovod.tensorflow does not import ({type(e).__name__}: {e}); run launch/install.sh"
+        )
     if not hvd.gloo_built():
         return "Horovod was built without Gloo"
     if horovodrun_path() is None:
@@ -64,8 +67,10 @@ class Result:
 def mpi_missing_reason() -> str | None:
     """Why `launch/mpirun.sh` cannot run here, or None when it can."""
     if shutil.which("mpirun") is None:
-        return ("mpirun is not installed (Open MPI); `bash launch/install.sh --with-mpi` installs "
-                "Debian's openmpi-bin/libopenmpi-dev and builds Horovod with MPI")
+        return (
+            "mpirun is not installed (Open MPI); `bash launch/install.sh --with-mpi` installs "
+            "Debian's openmpi-bin/libopenmpi-dev and builds Horovod with MPI"
+        )
     try:
         import horovod.tensorflow as hvd
     except Exception as e:  # noqa: BLE001
@@ -75,8 +80,14 @@ def mpi_missing_reason() -> str | None:
     return None
 
 
-def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict | None = None,
-        launcher: str = "horovodrun") -> Result:
+def run(
+    script: str,
+    num_ranks: int,
+    args=(),
+    timeout_s: float = 240,
+    env: dict | None = None,
+    launcher: str = "horovodrun",
+) -> Result:
     """Run tests/multirank/<script> (or a path) on `num_ranks` local ranks with `launcher`:
     'horovodrun' (--gloo), or our wrappers 'launch/horovod.sh' / 'launch/mpirun.sh'. Never
     hangs longer than timeout_s: the whole process group is killed then."""
@@ -88,13 +99,25 @@ def run(script: str, num_ranks: int, args=(), timeout_s: float = 240, env: dict 
         cmd = ["bash", os.path.join(REPO_ROOT, launcher), *hosts, path]
     cmd += [str(a) for a in args]
     full_env = dict(os.environ)
-    full_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                     "PYTHONPATH": REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", "")})
+    full_env.update(
+        {
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": REPO_ROOT + os.pathsep + full_env.get("PYTHONPATH", ""),
+        }
+    )
     full_env.setdefault("PYTHON", sys.executable)
     full_env.update(env or {})
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=REPO_ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     line_times = []
     timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
     timer.start()

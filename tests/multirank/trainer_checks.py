@@ -1,26 +1,27 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-  trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
-      For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
-      train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
-      check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
-      <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
-      rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
-      those of rewrite_models.ALL, and tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
-      0.1, its layer rule, Adam).
-  trainer_checks.py sessions <out_dir>
-      Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
-      while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
-      and saves; print one SESSIONS record per session: the dapple code that opened it and the
-      config's visible_device_list (None: no config given).
-  trainer_checks.py kill <plan> <victim rank> <kill at step>
-      Train mlp on <plan>/1f1b; in step <kill at step> the victim starts the step and a timer
-      SIGKILLs it 50 ms later (mid-step), after printing "KILL victim rank <r> in step <s>".
-  trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
-      Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
-      after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
-      writes <model_dir>/final.npz at the end.
+trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
+    For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
+    train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
+    check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
+    <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
+    rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
+    those of rewrite_models.ALL, and tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
+    0.1, its layer rule, Adam).
+trainer_checks.py sessions <out_dir>
+    Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
+    while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
+    and saves; print one SESSIONS record per session: the dapple code that opened it and the
+    config's visible_device_list (None: no config given).
+trainer_checks.py kill <plan> <victim rank> <kill at step>
+    Train mlp on <plan>/1f1b; in step <kill at step> the victim starts the step and a timer
+    SIGKILLs it 50 ms later (mid-step), after printing "KILL victim rank <r> in step <s>".
+trainer_checks.py resume <model_dir> <steps> <victim rank> <kill at step>
+    Train mlp on plan 2x2/1f1b, resuming from <model_dir>/checkpoint.json when present, saving
+    after every step; the victim SIGKILLs itself before <kill at step> (-1: never). Rank 0
+    writes <model_dir>/final.npz at the end.
 """
+
 import json
 import os
 import re
@@ -67,10 +68,12 @@ TF1_BERT_DROPOUT = {"tf1bert0": 0.0, "tf1bert1": 0.1}
 def model_case(model):
     """(case, layer rule, optimizer_fn) of a model name."""
     if model in TF1_BERT_DROPOUT:
-        model_fn = functools.partial(tf1_bert.bert_classifier,
-                                     dropout_rate=TF1_BERT_DROPOUT[model])
-        return (models.ModelCase(model, model_fn, tf1_bert.FEATURE_SPEC, tf1_bert.make_batch),
-                tf1_bert.LAYERS, adam)
+        model_fn = functools.partial(tf1_bert.bert_classifier, dropout_rate=TF1_BERT_DROPOUT[model])
+        return (
+            models.ModelCase(model, model_fn, tf1_bert.FEATURE_SPEC, tf1_bert.make_batch),
+            tf1_bert.LAYERS,
+            adam,
+        )
     return models.ALL[model], None, optimizer
 
 
@@ -79,18 +82,35 @@ def make_plan(layers, plan_name, schedule):
         return even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
     stages, start, device = [], 0, 0
     for count, replicas in SPLITS[plan_name]:
-        stages.append(Stage(tuple(layers[start:start + count]), tuple(range(device, device + replicas))))
+        stages.append(
+            Stage(tuple(layers[start : start + count]), tuple(range(device, device + replicas)))
+        )
         start, device = start + count, device + replicas
     return Plan(GLOBAL_BATCH, MICRO_BATCHES, schedule, tuple(stages))
 
 
-def make_trainer(case, plan_name, schedule, optimize_graph=False, clip_norm=None, layers=None,
-                 optimizer_fn=optimizer):
+def make_trainer(
+    case,
+    plan_name,
+    schedule,
+    optimize_graph=False,
+    clip_norm=None,
+    layers=None,
+    optimizer_fn=optimizer,
+):
     names = build_template(case.model_fn, case.feature_spec, layers=layers).layers
     plan = make_plan(names, plan_name, schedule)
-    return dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer_fn, plan, GLOBAL_BATCH,
-                             seed=SEED, optimize_graph=optimize_graph, clip_norm=clip_norm,
-                             layers=layers)
+    return dapple_tf.Trainer(
+        case.model_fn,
+        case.feature_spec,
+        optimizer_fn,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=optimize_graph,
+        clip_norm=clip_norm,
+        layers=layers,
+    )
 
 
 def tag_of(model, plan_name, schedule, clip=False):
@@ -102,16 +122,35 @@ def equivalence(out_dir, configs):
         model, plan_name, schedule, *options = config.split("/")
         case, layers, optimizer_fn = model_case(model)
         clip = "clip" in options
-        trainer = make_trainer(case, plan_name, schedule, optimize_graph="grappler" in options,
-                               clip_norm=CLIP_NORM if clip else None, layers=layers,
-                               optimizer_fn=optimizer_fn)
+        trainer = make_trainer(
+            case,
+            plan_name,
+            schedule,
+            optimize_graph="grappler" in options,
+            clip_norm=CLIP_NORM if clip else None,
+            layers=layers,
+            optimizer_fn=optimizer_fn,
+        )
         rank = trainer.rank
-        transfer_ops = sorted({op.type for op in trainer.graph.get_operations()
-                               if re.search(r"_to_s\d+/k\d+_j\d+/rank\d+_to_rank\d+/p\d+$",
-                                            op.name)})
-        print("TRANSPORT " + json.dumps({"tag": f"{model}-{plan_name}-{schedule}", "rank": rank,
-                                         "kind": trainer.transport_kind,
-                                         "transfer_ops": ",".join(transfer_ops)}), flush=True)
+        transfer_ops = sorted(
+            {
+                op.type
+                for op in trainer.graph.get_operations()
+                if re.search(r"_to_s\d+/k\d+_j\d+/rank\d+_to_rank\d+/p\d+$", op.name)
+            }
+        )
+        print(
+            "TRANSPORT "
+            + json.dumps(
+                {
+                    "tag": f"{model}-{plan_name}-{schedule}",
+                    "rank": rank,
+                    "kind": trainer.transport_kind,
+                    "transfer_ops": ",".join(transfer_ops),
+                }
+            ),
+            flush=True,
+        )
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
         final = trainer.get_weights()
@@ -119,12 +158,18 @@ def equivalence(out_dir, configs):
         trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
-        print("LOSSES " + json.dumps({"tag": tag, "rank": rank, "losses": losses,
-                                      "global_step": step}), flush=True)
+        print(
+            "LOSSES "
+            + json.dumps({"tag": tag, "rank": rank, "losses": losses, "global_step": step}),
+            flush=True,
+        )
         if rank == 0:
-            np.savez(os.path.join(out_dir, tag + ".npz"), losses=np.array(losses),
-                     **{"initial/" + k: v for k, v in initial.items()},
-                     **{"final/" + k: v for k, v in final.items()})
+            np.savez(
+                os.path.join(out_dir, tag + ".npz"),
+                losses=np.array(losses),
+                **{"initial/" + k: v for k, v in initial.items()},
+                **{"final/" + k: v for k, v in final.items()},
+            )
 
 
 def sessions(out_dir):
@@ -141,18 +186,36 @@ def sessions(out_dir):
 
     with mock.patch.object(session_lib.BaseSession, "__init__", recording_init):
         case = models.MLP
-        trainer = dapple_tf.Trainer(case.model_fn, case.feature_spec, optimizer, "auto",
-                                    GLOBAL_BATCH, seed=SEED, num_devices=2, optimize_graph=False)
+        trainer = dapple_tf.Trainer(
+            case.model_fn,
+            case.feature_spec,
+            optimizer,
+            "auto",
+            GLOBAL_BATCH,
+            seed=SEED,
+            num_devices=2,
+            optimize_graph=False,
+        )
         trainer.train_step(batches(case, 1)[0])
         trainer.get_weights()
         trainer.save(os.path.join(out_dir, "ckpt"))
         rank = trainer.rank
         trainer.close()
     for opener, config in opened:
-        print("SESSIONS " + json.dumps({
-            "rank": rank, "local_rank": int(os.environ["HOROVOD_LOCAL_RANK"]), "opener": opener,
-            "visible_device_list": None if config is None else config.gpu_options.visible_device_list}),
-            flush=True)
+        print(
+            "SESSIONS "
+            + json.dumps(
+                {
+                    "rank": rank,
+                    "local_rank": int(os.environ["HOROVOD_LOCAL_RANK"]),
+                    "opener": opener,
+                    "visible_device_list": None
+                    if config is None
+                    else config.gpu_options.visible_device_list,
+                }
+            ),
+            flush=True,
+        )
 
 
 def _opener(stack) -> str:
@@ -162,13 +225,14 @@ def _opener(stack) -> str:
         path = frame.filename.replace(os.sep, "/")
         for package in ("dapple_tf/", "graph_rewrite/"):
             if package in path and not path.endswith("dapple_tf/devices.py"):
-                module = path[path.rindex(package):-3].replace("/", ".")
+                module = path[path.rindex(package) : -3].replace("/", ".")
                 return f"{module}.{frame.name}"
     return "(other)"
 
 
 def kill(plan_name, victim, kill_at):
     import threading
+
     case = models.MLP
     trainer = make_trainer(case, plan_name, "1f1b")
     for step, batch in enumerate(batches(case, kill_at + 2)):
