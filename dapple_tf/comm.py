@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Sequence
 
 from planner.plan_format import Plan, PlanError
 
-from . import exit_monitor
+from . import compat, exit_monitor
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: re-running with the same model_dir resumes from the checkpoint
 
@@ -230,12 +230,9 @@ def _registered_or_new(group: tuple[int, ...]):
     (e.g. by a previous Trainer with the same plan), else a new one. Every rank sees the same
     table, so every rank takes the same branch."""
     hvd = _hvd()
-    from horovod.common.process_sets import _temp_process_set_object
-    from horovod.tensorflow.mpi_ops import _basics
-
-    for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
+    for set_id, ranks in compat.registered_process_sets().items():
         if set_id != 0 and tuple(ranks) == group:
-            existing = _temp_process_set_object(set_id)
+            existing = compat.process_set(set_id)
             existing.ranks = list(group)
             return existing
     return hvd.add_process_set(list(group))

@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2
-from tensorflow.python.framework import op_def_registry
+
+from dapple_tf import compat
 
 from .graphdefs import canonical_tensor_name, split_tensor_name
 
@@ -50,7 +51,7 @@ def function_def(
     output_args = {}
     stateful = False
     for source in graph_def.node:
-        op_def = signatures.get(source.op) or op_def_registry.get(source.op)
+        op_def = signatures.get(source.op) or compat.op_def(source.op)
         if op_def is None:
             raise ValueError(f"node {source.name!r}: unknown op type {source.op!r}")
         stateful |= op_def.is_stateful

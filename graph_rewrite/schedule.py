@@ -11,7 +11,7 @@ Invariants every generator keeps (checked by `execution_order`):
 
 `execution_order` returns one such simulated global order; the rewriter builds the graph in that
 order, so each action's start ops can be created under a control dependency on the end op of
-the stage's previous action (see `control_edges`).
+the stage's previous action (`rewrite._Builder.build_action`).
 """
 
 from __future__ import annotations
@@ -123,17 +123,6 @@ def execution_order(
                 f"schedule deadlocks: every stage waits, next actions are {waiting}"
             )
     return order
-
-
-def control_edges(lists: Sequence[Sequence[Action]]) -> list[tuple[int, Action, Action]]:
-    """(stage, earlier, later) for each pair of consecutive actions of a stage: the start ops of
-    `later` get a control dependency on the end op of `earlier`. The one place these edges are
-    derived from the lists."""
-    return [
-        (s, actions[k], actions[k + 1])
-        for s, actions in enumerate(lists)
-        for k in range(len(actions) - 1)
-    ]
 
 
 def format_actions(actions: Sequence[Action]) -> str:

@@ -35,7 +35,8 @@ from typing import Callable, Mapping
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import op_def_registry
+
+from dapple_tf import compat
 
 from .backward_split import data_ancestors, split_backward
 from .graphdefs import GradRef, canonical_tensor_name, split_tensor_name
@@ -229,7 +230,7 @@ class _RowKinds:
         return self.memo[op]
 
     def _node_kind(self, node) -> str | None:
-        op_def = op_def_registry.get(node.op)
+        op_def = compat.op_def(node.op)
         if op_def is None or (op_def.is_stateful and node.op != "ReadVariableOp"):
             return None
         inputs = [canonical_tensor_name(i) for i in node.input if not i.startswith("^")]

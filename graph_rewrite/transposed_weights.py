@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from tensorflow.core.framework import graph_pb2, types_pb2
 
-# Private, and the only way to ask: whether this TensorFlow process runs oneDNN's kernels
-# (TF_ENABLE_ONEDNN_OPTS read at start-up, and TF's default for the CPU).
-from tensorflow.python.util import _pywrap_util_port
+from dapple_tf import compat
 
 from . import graphdefs
 
@@ -30,7 +28,7 @@ SMALL_ROWS = 512  # below this many rows oneDNN's MatMul(x, W) was measured at h
 
 
 def onednn_enabled() -> bool:
-    return bool(_pywrap_util_port.IsMklEnabled())
+    return compat.onednn_enabled()
 
 
 def prefers_transposed_weights(device: str, rows: int | None) -> bool:

@@ -69,12 +69,6 @@ def test_a_list_missing_an_action_is_rejected():
         execution_order([[("F", 0), ("B", 0)], [("F", 0)]], 1)
 
 
-def test_control_edges_chain_consecutive_actions_of_each_stage():
-    edges = schedule.control_edges(schedule.gpipe(2, 2))
-    assert edges[:3] == [(0, ("F", 0), ("F", 1)), (0, ("F", 1), ("B", 0)), (0, ("B", 0), ("B", 1))]
-    assert len(edges) == 2 * 3
-
-
 def test_unknown_schedule_name_is_rejected_with_the_known_names():
     with pytest.raises(ScheduleError, match="gpipe, 1f1b"):
         schedule.schedule_for("zigzag", 2, 2)
