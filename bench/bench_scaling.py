@@ -1,7 +1,7 @@
 """Scaling across ranks: one rank on one core against 2 and 4 ranks pinned one per core.
 
     python bench/bench_scaling.py [--runs single,1:1,DP2,1:1:1:1,2x2] [--steps 12] [--warmup 3]
-                                  [--model mlp] [--markdown]
+                                  [--model mlp|bert|gnmt] [--global-batch N]
 
 The way GPUs behave: every rank computes on a core of its own. Each run is launched as
 `horovodrun --gloo -np N -H localhost:N`, every rank pinning itself to core
@@ -99,53 +99,74 @@ def timed_steps(trainer, batch, steps, warmup):
     return times
 
 
-def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
+def workload(model: str, global_batch: int):
+    """(model_fn, feature_spec, optimizer_fn, batch) of `model`: issue #17's MLP, or the tiny
+    preset of one of the project's models with its synthetic data and default optimizer."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if model == "mlp":
+        assert global_batch == GLOBAL_BATCH, "the MLP runs at global batch 512"
+        return mlp_fn, feature_spec(), optimizer, make_batch(rng)
+    import models
+
+    spec = models.get_model(model, "tiny")
+    return (
+        spec.model_fn,
+        spec.feature_spec,
+        spec.default_optimizer,
+        spec.synthetic_batch(global_batch, rng),
+    )
+
+
+def worker(
+    run: str, steps: int, warmup: int, stack: bool = False, model: str = "mlp", global_batch=None
+) -> None:
     """One rank of a horovodrun launch (or the single-process baseline): pin, build, time."""
     local_rank = int(os.environ.get("HOROVOD_LOCAL_RANK", "0"))
     core = pin_to_core(local_rank)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO_ROOT)
     import dapple_tf  # first: TensorFlow's oneDNN kernels, as users get them
-    import numpy as np
     import tensorflow as tf
 
     tf.compat.v1.disable_eager_execution()
     from graph_rewrite.template import build_template
     from planner.plan_format import even_plan
 
-    rng = np.random.default_rng(0)
-    batch = make_batch(rng)
-    layers = build_template(mlp_fn, feature_spec()).layers
+    global_batch = global_batch or GLOBAL_BATCH
+    model_fn, spec, optimizer_fn, batch = workload(model, global_batch)
+    layers = build_template(model_fn, spec).layers
     if run == "single":
         results = {}
         trainers = {
             "SingleDeviceTrainer": dapple_tf.SingleDeviceTrainer(
-                mlp_fn, feature_spec(), optimizer, GLOBAL_BATCH, seed=1
+                model_fn, spec, optimizer_fn, global_batch, seed=1
             ),
             "one device M=1": dapple_tf.Trainer(
-                mlp_fn,
-                feature_spec(),
-                optimizer,
-                even_plan(layers, [1], GLOBAL_BATCH, 1),
-                GLOBAL_BATCH,
+                model_fn,
+                spec,
+                optimizer_fn,
+                even_plan(layers, [1], global_batch, 1),
+                global_batch,
                 seed=1,
                 num_devices=1,
             ),
             "one device M=8": dapple_tf.Trainer(
-                mlp_fn,
-                feature_spec(),
-                optimizer,
-                even_plan(layers, [1], GLOBAL_BATCH, 8),
-                GLOBAL_BATCH,
+                model_fn,
+                spec,
+                optimizer_fn,
+                even_plan(layers, [1], global_batch, 8),
+                global_batch,
                 seed=1,
                 num_devices=1,
             ),
             "one device M=8 stacked": dapple_tf.Trainer(
-                mlp_fn,
-                feature_spec(),
-                optimizer,
-                even_plan(layers, [1], GLOBAL_BATCH, 8),
-                GLOBAL_BATCH,
+                model_fn,
+                spec,
+                optimizer_fn,
+                even_plan(layers, [1], global_batch, 8),
+                global_batch,
                 seed=1,
                 num_devices=1,
                 stack_weight_gradients=True,
@@ -162,9 +183,9 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
         print("RESULT " + json.dumps({"rank": 0, "core": core, "times": results}), flush=True)
         return
     _, replicas, micro_batches = RUNS[run]
-    plan = even_plan(layers, replicas, GLOBAL_BATCH, micro_batches, "1f1b")
+    plan = even_plan(layers, replicas, global_batch, micro_batches, "1f1b")
     trainer = dapple_tf.Trainer(
-        mlp_fn, feature_spec(), optimizer, plan, GLOBAL_BATCH, seed=1, stack_weight_gradients=stack
+        model_fn, spec, optimizer_fn, plan, global_batch, seed=1, stack_weight_gradients=stack
     )
     times = timed_steps(trainer, batch, steps, warmup)
     name = run + (" stacked" if stack else "")
@@ -176,7 +197,13 @@ def worker(run: str, steps: int, warmup: int, stack: bool = False) -> None:
 
 
 def launch(
-    run: str, steps: int, warmup: int, env_extra: dict, stack: bool = False
+    run: str,
+    steps: int,
+    warmup: int,
+    env_extra: dict,
+    stack: bool = False,
+    model: str = "mlp",
+    global_batch: int = GLOBAL_BATCH,
 ) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
@@ -189,6 +216,10 @@ def launch(
         str(steps),
         "--warmup",
         str(warmup),
+        "--model",
+        model,
+        "--global-batch",
+        str(global_batch),
     ] + (["--stack-weight-gradients"] if stack else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     if run == "single":
@@ -239,16 +270,35 @@ def main(argv=None):
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the launched ranks (repeatable)"
     )
+    parser.add_argument("--model", choices=("mlp", "bert", "gnmt"), default="mlp")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="global batch (default: 512 for the MLP, 64 for the tiny models)",
+    )
     args = parser.parse_args(argv)
+    global_batch = args.global_batch or (GLOBAL_BATCH if args.model == "mlp" else 64)
     if args.worker:
-        worker(args.worker, args.steps, args.warmup, args.stack_weight_gradients)
+        worker(
+            args.worker,
+            args.steps,
+            args.warmup,
+            args.stack_weight_gradients,
+            args.model,
+            global_batch,
+        )
         return
     env_extra = dict(kv.split("=", 1) for kv in args.env)
     results: dict[str, list[float]] = {}
     for run in args.runs.split(","):
-        results.update(launch(run, args.steps, args.warmup, env_extra))
+        results.update(
+            launch(run, args.steps, args.warmup, env_extra, False, args.model, global_batch)
+        )
         if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
-            results.update(launch(run, args.steps, args.warmup, env_extra, stack=True))
+            results.update(
+                launch(run, args.steps, args.warmup, env_extra, True, args.model, global_batch)
+            )
     base = (
         statistics.median(results["SingleDeviceTrainer"])
         if "SingleDeviceTrainer" in results

@@ -1,0 +1,41 @@
+"""Pipelined training equals single-device training with TensorFlow's oneDNN kernels (what
+`import dapple_tf` turns on for users), which also runs the transposed-weights pass for real:
+the equivalence and transposed-weights test files, each in a fresh process with
+TF_ENABLE_ONEDNN_OPTS=1 (the rest of the suite keeps Eigen's kernels: see conftest.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "test_file", ["tests/test_trainer_equivalence.py", "tests/test_transposed_weights.py"]
+)
+def test_equivalence_holds_with_onednn_kernels(test_file):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import dapple_tf.compat as c, tensorflow; print(c.onednn_enabled())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    assert probe.stdout.strip().endswith("True"), probe.stdout + probe.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
