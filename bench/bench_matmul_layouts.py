@@ -27,7 +27,7 @@ import dapple_tf  # noqa: E402,F401  (first: TensorFlow's oneDNN default, as use
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from graph_rewrite.transposed_weights import onednn_enabled  # noqa: E402
+from dapple_tf.compat import onednn_enabled  # noqa: E402
 
 v1 = tf.compat.v1
 WIDTH, ROWS, WEIGHTS = 1024, 512, 4

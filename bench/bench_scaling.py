@@ -137,40 +137,29 @@ def worker(
     global_batch = global_batch or GLOBAL_BATCH
     model_fn, spec, optimizer_fn, batch = workload(model, global_batch)
     layers = build_template(model_fn, spec).layers
+
+    def one_device(micro_batches, stack=False):
+        plan = even_plan(layers, [1], global_batch, micro_batches)
+        return dapple_tf.Trainer(
+            model_fn,
+            spec,
+            optimizer_fn,
+            plan,
+            global_batch,
+            seed=1,
+            num_devices=1,
+            stack_weight_gradients=stack,
+        )
+
     if run == "single":
         results = {}
         trainers = {
             "SingleDeviceTrainer": dapple_tf.SingleDeviceTrainer(
                 model_fn, spec, optimizer_fn, global_batch, seed=1
             ),
-            "one device M=1": dapple_tf.Trainer(
-                model_fn,
-                spec,
-                optimizer_fn,
-                even_plan(layers, [1], global_batch, 1),
-                global_batch,
-                seed=1,
-                num_devices=1,
-            ),
-            "one device M=8": dapple_tf.Trainer(
-                model_fn,
-                spec,
-                optimizer_fn,
-                even_plan(layers, [1], global_batch, 8),
-                global_batch,
-                seed=1,
-                num_devices=1,
-            ),
-            "one device M=8 stacked": dapple_tf.Trainer(
-                model_fn,
-                spec,
-                optimizer_fn,
-                even_plan(layers, [1], global_batch, 8),
-                global_batch,
-                seed=1,
-                num_devices=1,
-                stack_weight_gradients=True,
-            ),
+            "one device M=1": one_device(1),
+            "one device M=8": one_device(8),
+            "one device M=8 stacked": one_device(8, stack=True),
         }
         for trainer in trainers.values():
             timed_steps(trainer, batch, 0, warmup)

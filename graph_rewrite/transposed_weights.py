@@ -27,15 +27,16 @@ TRANSPOSED_INPUT_PREFIX = "dapple_transposed"
 SMALL_ROWS = 512  # below this many rows oneDNN's MatMul(x, W) was measured at half speed
 
 
-def onednn_enabled() -> bool:
-    return compat.onednn_enabled()
-
-
 def prefers_transposed_weights(device: str, rows: int | None) -> bool:
     """True where the pass pays: a CPU stage with oneDNN's kernels on (TensorFlow's Eigen
     MatMul is slower with the transposed operand: 65 against 26 ms per 512 rows at 64 rows)
     and fewer than SMALL_ROWS rows per call."""
-    return "CPU" in device.upper() and rows is not None and rows < SMALL_ROWS and onednn_enabled()
+    return (
+        "CPU" in device.upper()
+        and rows is not None
+        and rows < SMALL_ROWS
+        and compat.onednn_enabled()
+    )
 
 
 def transpose_weight_reads(forward: graph_pb2.GraphDef, variables) -> dict[str, str]:

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from dapple_tf import compat
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
-from graph_rewrite import transposed_weights
 from graph_rewrite.template import build_template
 from graph_rewrite.transposed_weights import prefers_transposed_weights, transpose_weight_reads
 from planner.plan_format import even_plan
@@ -54,11 +54,11 @@ def test_other_matmuls_are_left_alone(name):
 
 
 def test_the_pass_applies_to_cpu_stages_with_onednn_and_small_micro_batches(monkeypatch):
-    monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: True)
     assert prefers_transposed_weights("/job:localhost/replica:0/task:0/device:CPU:1", 64)
     assert not prefers_transposed_weights("/device:CPU:0", 512)
     assert not prefers_transposed_weights("/device:GPU:0", 64)
-    monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: False)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: False)
     assert not prefers_transposed_weights("/device:CPU:0", 64)
 
 
@@ -76,7 +76,7 @@ def optimizer():
     [("mlp", [1, 1]), ("mlp", [2, 1]), ("transformer", [1, 1]), ("skip", [1, 1, 1])],
 )
 def test_transposed_weights_train_like_single_device(monkeypatch, model, replicas):
-    monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: True)
     case = models.ALL[model]
     plan = even_plan(
         build_template(case.model_fn, case.feature_spec).layers, replicas, GLOBAL_BATCH, 4, "1f1b"
@@ -111,7 +111,7 @@ def test_transposed_weights_train_like_single_device(monkeypatch, model, replica
 def test_each_weight_is_transposed_once_per_step_per_slot(monkeypatch):
     """MLP (7 kernels) on one stage, M = 4: 7 transposes run per step, not 4 x 7, and every
     forward matmul of a kernel reads its transpose."""
-    monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: True)
     case = models.MLP
     plan = even_plan(
         build_template(case.model_fn, case.feature_spec).layers, [1], GLOBAL_BATCH, 4, "1f1b"
@@ -141,7 +141,7 @@ def test_each_weight_is_transposed_once_per_step_per_slot(monkeypatch):
 
 
 def test_a_stage_of_512_rows_per_call_is_left_alone(monkeypatch):
-    monkeypatch.setattr(transposed_weights, "onednn_enabled", lambda: True)
+    monkeypatch.setattr(compat, "onednn_enabled", lambda: True)
     case = models.MLP
     plan = even_plan(build_template(case.model_fn, case.feature_spec).layers, [1], 1024, 1, "1f1b")
     trainer = Trainer(
