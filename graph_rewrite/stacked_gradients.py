@@ -131,13 +131,17 @@ def plan_stacking(
     spec_of: Callable[[str], tf.TensorSpec],
     variable_handles: set[str],
     step_constants: set[str],
+    row_ops_per_micro_batch: bool = False,
 ) -> StackingPlan | None:
     """Split `backward` (a stage's backward GraphDef, inputs as function arguments) so the dense
     gradients that are sums over rows are computed once from the stacked rows (module doc).
     `input_grads`: input tensor -> its gradient tensor; `rows`: the micro-batch rows of every
     call; `spec_of`: static spec of a tensor of `backward` or of one of its inputs;
     `variable_handles`: variable names whose handles are arguments; `step_constants`: input
-    tensors with one value per step for every call. None if no gradient qualifies."""
+    tensors with one value per step for every call. `row_ops_per_micro_batch`: only the sums
+    over rows (and what follows them) are stacked; the row-by-row ops that feed them (the
+    activation gradients of a first stage, which sends no input gradient) stay in the
+    per-micro-batch backward. None if no gradient qualifies."""
     dense = {v: canonical_tensor_name(r.dense) for v, r in variable_grads.items() if r.dense}
     split = split_backward(backward, input_grads.values(), dense.values())
     kinds = _RowKinds(
@@ -168,6 +172,11 @@ def plan_stacking(
         )
         - kept_by_others
     )  # nodes only these gradients need
+    per_call = set()  # nodes the per-micro-batch backward keeps although `own` holds them
+    if row_ops_per_micro_batch:
+        row_nodes = {n for n in own if kinds.memo.get(n) == ROW}
+        per_call = data_ancestors(backward, [f"{n}:0" for n in row_nodes], within=own)
+        own -= row_nodes  # the row-free nodes they read stay in both (computed from constants)
     constants = {
         split_tensor_name(i)[0]
         for n in backward.node
@@ -201,7 +210,9 @@ def plan_stacking(
         handle_inputs=handle_inputs,
         constant_inputs=constant_inputs,
         outputs=tuple(stacked.values()),
-        input_graph_def=_subgraph(backward, produced - _with_data_descendants(backward, own)),
+        input_graph_def=_subgraph(
+            backward, produced - _with_data_descendants(backward, own - per_call)
+        ),
         backward_row_outputs=tuple(t for t in row_inputs if split_tensor_name(t)[0] in produced),
     )
 

@@ -145,7 +145,11 @@ def build_stage_graphs(
     None in the result. `layer_cache`: gradient graphs by layer structure (default: a new one).
     `stack_weight_gradients` (needs rows_of_stage): the dense weight gradients that are sums
     over rows get a function of their own, called once per step on the stacked rows of all
-    micro-batches (graph_rewrite/stacked_gradients.py). `transposed_stages`: the stages whose
+    micro-batches (graph_rewrite/stacked_gradients.py); with more than one stage, only their
+    sums over rows are stacked, and every stage computes its activation gradients per
+    micro-batch, in the time it would otherwise wait for its neighbours (a first stage sends no
+    input gradient and would otherwise leave its whole backward to the end of the step); one
+    stage has no neighbours and stacks its whole backward. `transposed_stages`: the stages whose
     forward matmuls read their weights transposed (graph_rewrite/transposed_weights.py).
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
@@ -191,6 +195,7 @@ def build_stage_graphs(
                 diff,
                 rows if stack_weight_gradients else None,
                 spec.index in transposed_stages,
+                row_ops_per_micro_batch=len(specs) > 1,
             )
         )
     return stage_graphs
@@ -423,11 +428,13 @@ def _stage_graph(
     diff: _Differentiated,
     stack_rows: int | None = None,
     transpose_weights: bool = False,
+    row_ops_per_micro_batch: bool = False,
 ) -> StageGraph:
     """Split the forward + gradient graph into the forward and backward GraphDefs and their
     functions; with `stack_rows` (the rows of each call), the weight gradients that are sums
-    over rows apart (stacked_gradients.py); with `transpose_weights`, forward matmuls read
-    their weights transposed (transposed_weights.py)."""
+    over rows apart (stacked_gradients.py; `row_ops_per_micro_batch`: only their sums over
+    rows, see plan_stacking); with `transpose_weights`, forward matmuls read their weights
+    transposed (transposed_weights.py)."""
     feature_of_tensor = {t: name for name, t in template.features.items()}
     feature_inputs = {
         feature_of_tensor[t]: ph
@@ -515,6 +522,7 @@ def _stage_graph(
         spec_of,
         set(backward_variables),
         variable_reads | loss_seed,
+        row_ops_per_micro_batch,
     )
     weight_gradient_function, weight_outputs = None, []
     if stacking:

@@ -215,6 +215,28 @@ def test_one_stage_runs_one_weight_gradient_matmul_per_kernel_per_step(optimize_
     assert len(counts[True]) == 4 * 7 + 7 + 6
 
 
+def test_a_pipelined_first_stage_computes_activation_gradients_per_micro_batch():
+    """1:1 MLP, M = 4: stage 0 sends no input gradient, yet its activation gradients (the
+    input-gradient matmuls of its later layers, TanhGrad) run in each micro-batch's backward,
+    between the forwards; the once-per-step call holds only the weight-gradient matmuls, one
+    per kernel. (A single stage stacks its whole backward: the test above.)"""
+    batch = batches(models.MLP)[0]
+    trainer = stacked_trainer("mlp", [1, 1], 4)
+    try:
+        kernels = [v for v in trainer.rewritten.stage_graphs[0].stacked_gradients if "kernel" in v]
+        matmuls = matmuls_of_a_traced_step(trainer, batch)
+        stacked = [n for n in matmuls if n.startswith("dapple/accumulate/s0r0/weight_gradients/")]
+        per_micro_batch = [n for n in matmuls if "/s0r0/bwd/" in n]
+        assert len(kernels) >= 2
+        assert len(stacked) == len(kernels)
+        assert len(per_micro_batch) == 4 * (len(kernels) - 1)
+        stage = trainer.rewritten.stage_graphs[0]
+        assert "TanhGrad" not in {n.op for n in stage.weight_gradient_function.function.node_def}
+        assert "TanhGrad" in {n.op for n in stage.backward_function.function.node_def}
+    finally:
+        trainer.close()
+
+
 def test_split_backward_keeps_weight_gradients_out_of_the_input_part():
     """tf.gradients groups MatMul's two gradients under control dependencies; the split follows
     data edges only, so the input gradient does not need the weight gradient."""
