@@ -151,21 +151,16 @@ class RowTransfer:
 
 
 def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTransfer]:
-    """The row transfers of the boundary from_stage -> to_stage, ordered by receiver replica,
-    then by row: one per overlap of a sender's and a receiver's row range (equal replica
-    counts give one transfer per replica; 3:1 gives three transfers into the one receiver)."""
-    src, dst = plan.stages[from_stage], plan.stages[to_stage]
-    transfers = []
-    for j, receiver in enumerate(dst.devices):
-        r_begin, r_end = plan.rows_of_replica(to_stage, j)
-        for k, sender in enumerate(src.devices):
-            s_begin, s_end = plan.rows_of_replica(from_stage, k)
-            begin, end = max(r_begin, s_begin), min(r_end, s_end)
-            if begin < end:
-                transfers.append(
-                    RowTransfer(sender, receiver, begin, end, begin - s_begin, begin - r_begin)
-                )
-    return transfers
+    """The row transfers of the boundary from_stage -> to_stage: one per overlap of a sender's
+    and a receiver's row range (Plan.row_overlaps, in its order: by receiver replica, then by
+    row), with the replicas' ranks."""
+    senders, receivers = plan.stages[from_stage].devices, plan.stages[to_stage].devices
+    return [
+        RowTransfer(
+            senders[o.sender], receivers[o.receiver], o.begin, o.end, o.src_begin, o.dst_begin
+        )
+        for o in plan.row_overlaps(from_stage, to_stage)
+    ]
 
 
 def pair_groups(
