@@ -3,13 +3,13 @@
 When a rank dies (SIGKILL, a crash), Gloo sees the closed connection and Horovod aborts every
 other rank at once (SIGABRT from its background thread), and the launcher stops what is left:
 no Python code of the survivors runs again, so no watchdog thread can explain anything. So
-each rank starts this script (comm.Watchdog.start) as a child process, with only the standard
-library (it starts in milliseconds and imports neither TensorFlow nor dapple_tf), reading a
-pipe from the rank:
+each rank starts this script (rank_failures.Watchdog.start) as a child process, with only the
+standard library (it starts in milliseconds and imports neither TensorFlow nor dapple_tf),
+reading a pipe from the rank:
 
   * first line: JSON {"rank", "size", "directory", "pid", "started", "shared": {peer: "names,
-    ..."}} (the heartbeat folder of comm.Watchdog, when the rank started its watchdog, and the
-    collectives this rank shares with each peer);
+    ..."}} (the heartbeat folder of rank_failures.Watchdog, when the rank started its watchdog,
+    and the collectives this rank shares with each peer);
   * then at most one line: "done" (the rank ends normally or through the watchdog's own
     report): exit silently.
 
@@ -23,7 +23,7 @@ End of the pipe without "done" means the rank's process ended abruptly. The moni
 A SIGTERM (the launcher stopping this rank while its process is still alive) reports the same
 way at once. Lines start with "dapple: rank <r>:".
 
-Usage (comm.Watchdog does this): python -I exit_monitor.py  < pipe from the rank
+Usage (rank_failures.Watchdog does this): python -I exit_monitor.py  < pipe from the rank
 """
 
 import json

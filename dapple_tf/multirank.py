@@ -16,7 +16,7 @@ rank; the user script does not change. On every rank, in the same order:
 
 Device: rank d uses its local GPU `local_rank` (every session of the process sees only that
 GPU, as /GPU:0; pinned in comm.init before any session or device query), or /CPU:0 without
-GPUs. The Watchdog (comm.py) bounds every step's wait for other ranks.
+GPUs. The Watchdog (rank_failures.py) bounds every step's wait for other ranks.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template, initial_values
 from planner.plan_format import Plan, PlanError
 
-from . import checkpoint, checkpoint_sharded, comm, devices, tf_cluster
+from . import checkpoint, checkpoint_sharded, comm, devices, process_sets, rank_failures, tf_cluster
+from .boundary_exchange import BoundaryExchange
+from .gradient_reduction import GradientReduction
 from .trainer import Trainer, _prepare_reads, resolve_plan
 
 v1 = tf.compat.v1
@@ -108,10 +110,13 @@ class MultiRankTrainer(Trainer):
         config = devices.pinned_config(
             devices.session_config(kind, 1, inter_op_threads, optimize_graph)
         )
-        self.process_sets = comm.ProcessSets(self.plan, tied, boundaries=_stage_boundaries(specs))
-        self.collectives = comm.Collectives(self.process_sets, self.rank)
+        self.process_sets = process_sets.ProcessSets(
+            self.plan, tied, boundaries=_stage_boundaries(specs)
+        )
+        self.collective_log = rank_failures.CollectiveLog()
+        self.gradient_reduction = GradientReduction(self.process_sets, self.collective_log)
         self.transport_kind = _transport_kind(transport)
-        self.keys = CollectiveKeys(self.size, comm.gradient_groups(self.plan, tied))
+        self.keys = CollectiveKeys(self.size, process_sets.gradient_groups(self.plan, tied))
         timeout_s = comm.step_timeout_s()
         if self.transport_kind == "tf":
             self.cluster = tf_cluster.start(self.rank, self.size, comm.allgather_objects, config)
@@ -120,7 +125,8 @@ class MultiRankTrainer(Trainer):
         else:
             self.cluster = None
             device = devices.device_name(0, kind)
-            transport = HorovodTransport(self.plan, self.rank, self.collectives, device)
+            exchange = BoundaryExchange(self.process_sets, self.rank, self.collective_log)
+            transport = HorovodTransport(self.plan, self.rank, exchange, device)
 
         def tf_sums(grads, ranks, device_of_variable):
             order = list(reversed(self.template.variables))  # later layers' gradients first
@@ -132,17 +138,17 @@ class MultiRankTrainer(Trainer):
                 device_of_variable,
                 comm.fusion_bytes(),
                 timeout_s,
-                self.collectives.log,
+                self.collective_log,
             )
 
         def tf_sum_over_all_ranks(tensor, name):
-            self.collectives.log.add(name, range(self.size))
+            self.collective_log.add(name, range(self.size))
             return all_reduce_sum(tensor, range(self.size), self.keys, name, timeout_s)
 
         use_tf = self.transport_kind == "tf"
         self.gradient_sums = _gradient_sum_kind(self.transport_kind)
         sync = HorovodGradientSync(
-            self.collectives,
+            self.gradient_reduction,
             self.ranks_of_variable,
             self.rank,
             comm.allgather_objects,
@@ -175,10 +181,12 @@ class MultiRankTrainer(Trainer):
             if self.transport_kind == "tf":
                 self.loss = self._tf_step_end(share, after, timeout_s)
             else:
-                self.loss = self.collectives.step_end(share, after)
+                self.loss = self.gradient_reduction.step_end(share, after)
             self._broadcast_init = tf.group(
                 *[
-                    self.collectives.broadcast_variable(var, name, self.ranks_of_variable[name])
+                    self.gradient_reduction.broadcast_variable(
+                        var, name, self.ranks_of_variable[name]
+                    )
                     for name, var in sorted(self.rewritten.variables.items())
                     if len(self.ranks_of_variable[name]) > 1
                 ],
@@ -202,16 +210,18 @@ class MultiRankTrainer(Trainer):
             )
         )
         self.session.run(self._broadcast_init)
-        directory, temporary = comm.shared_heartbeat_dir(heartbeat_dir)
+        directory, temporary = rank_failures.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0
-        self.watchdog = comm.Watchdog(self.rank, self.size, directory, self.collectives.log).start()
+        self.watchdog = rank_failures.Watchdog(
+            self.rank, self.size, directory, self.collective_log
+        ).start()
         self._steps_run = 0
 
     # ---- setup helpers ------------------------------------------------------------------------
     def _tf_step_end(self, local_loss, control_inputs, timeout_s):
-        """The step's last collective (see comm.Collectives.step_end), as a TF all-reduce."""
+        """The step's last collective (see GradientReduction.step_end), as a TF all-reduce."""
         name = "dapple/step_end"
-        self.collectives.log.add(name, range(self.size))
+        self.collective_log.add(name, range(self.size))
         with tf.control_dependencies(list(control_inputs)):
             local_loss = tf.identity(local_loss)
         return all_reduce_sum(local_loss, range(self.size), self.keys, name, timeout_s)
@@ -244,9 +254,9 @@ class MultiRankTrainer(Trainer):
         except tf.errors.OpError as e:
             if not _is_collective_failure(e):
                 raise
-            message = comm.explain_collective_failure(self.watchdog, e, self._steps_run)
+            message = rank_failures.explain_collective_failure(self.watchdog, e, self._steps_run)
             print(message, flush=True)
-            raise comm.PeerLostError(message) from e
+            raise rank_failures.PeerLostError(message) from e
         self.watchdog.step_end(self._steps_run)
         self._steps_run += 1
         return loss

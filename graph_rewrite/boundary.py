@@ -9,9 +9,9 @@ transfer of activation gradients uses the same names with the stages reversed
 
 Row re-splitting: a batch tensor's rows [0, b) of the micro-batch are spread over the sender
 replicas (`plan.rows_of_replica`); each receiver replica gets its own row range, assembled from
-the overlapping pieces of the senders' blocks (concatenated in row order). A tensor with row
-factor k (first dimension k x rows, a flattened [batch * seq, ...]) is cut the same way at
-k x the row offsets. A batch-independent
+the overlapping pieces of the senders' blocks (`plan.row_overlaps`), concatenated in row order.
+A tensor with row factor k (first dimension k x rows, a flattened [batch * seq, ...]) is cut the
+same way at k x the row offsets. A batch-independent
 tensor ("whole") goes from sender replica 0 to every receiver replica; its gradient comes back
 summed from every receiver replica to sender replica 0 (the other sender replicas get zeros).
 
@@ -45,20 +45,6 @@ def endpoint_op_name(
 ) -> str:
     suffix = f"_r{replica}" if num_replicas > 1 else ""
     return f"{boundary_name(micro_batch, from_stage, to_stage)}/{kind}{suffix}"
-
-
-def row_pieces(
-    sender_rows: Sequence[tuple[int, int]], receiver_rows: Sequence[tuple[int, int]]
-) -> list[tuple[int, int, int, int]]:
-    """(sender k, receiver j, begin, end) for every non-empty overlap of sender k's rows with
-    receiver j's rows; begin/end are offsets into sender k's block. Sorted by (j, row)."""
-    pieces = []
-    for j, (rlo, rhi) in enumerate(receiver_rows):
-        for k, (slo, shi) in enumerate(sender_rows):
-            lo, hi = max(rlo, slo), min(rhi, shi)
-            if lo < hi:
-                pieces.append((k, j, lo - slo, hi - slo))
-    return pieces
 
 
 class Transport(Protocol):
@@ -122,9 +108,13 @@ class BoundaryTransfer:
     def name(self) -> str:
         return boundary_name(self.micro_batch, self.from_stage, self.to_stage)
 
-    def _rows(self, stage: int) -> list[tuple[int, int]]:
+    def _sender_ranges(self, sender: int, receiver: int) -> list[tuple[int, int]]:
+        """[lo, hi) in sender replica `sender`'s block of each piece it passes to receiver
+        replica `receiver`, in row order."""
         return [
-            self.plan.rows_of_replica(stage, r) for r in range(self.plan.stages[stage].num_replicas)
+            (o.src_begin, o.src_begin + o.num_rows)
+            for o in self.plan.row_overlaps(self.from_stage, self.to_stage)
+            if o.sender == sender and o.receiver == receiver
         ]
 
     def send(self, replica: int, tensors: Sequence[tf.Tensor]) -> tf.Operation:
@@ -138,18 +128,16 @@ class BoundaryTransfer:
                 self.micro_batch, self.from_stage, self.to_stage, "send", replica, num_senders
             ),
         )
-        pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         num_receivers = self.plan.stages[self.to_stage].num_replicas
         with tf.name_scope(self.name + "/"):
             for j in range(num_receivers):
                 parts = []
                 for t, mode, f in zip(sent, self.modes, self._factors()):
                     if mode == ROWS:
-                        ranges = [(lo, hi) for k, jj, lo, hi in pieces if k == replica and jj == j]
                         parts.append(
                             [
                                 t if (lo, hi) == (0, self._block(replica)) else t[f * lo : f * hi]
-                                for lo, hi in ranges
+                                for lo, hi in self._sender_ranges(replica, j)
                             ]
                         )
                     elif self._whole_goes(replica, j):
@@ -218,24 +206,21 @@ class BoundaryTransfer:
 
     def _piece_layout(self, sender: int, receiver: int) -> list[list[None]]:
         """Per tensor, one entry per piece sender -> receiver (as `send` slices them)."""
-        pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         layout = []
         for mode in self.modes:
             if mode == ROWS:
-                layout.append([None for k, j, _, _ in pieces if k == sender and j == receiver])
+                layout.append([None for _ in self._sender_ranges(sender, receiver)])
             else:
                 layout.append([None] if self._whole_goes(sender, receiver) else [])
         return layout
 
     def _piece_specs(self, sender: int, receiver: int) -> list[tf.TensorSpec]:
-        pieces = row_pieces(self._rows(self.from_stage), self._rows(self.to_stage))
         specs = []
         for spec, mode, f in zip(self.specs, self.modes, self._factors()):
             if mode == ROWS:
                 specs += [
                     tf.TensorSpec([f * (hi - lo)] + list(spec.shape), spec.dtype)
-                    for k, j, lo, hi in pieces
-                    if k == sender and j == receiver
+                    for lo, hi in self._sender_ranges(sender, receiver)
                 ]
             elif self._whole_goes(sender, receiver):
                 specs.append(spec)

@@ -35,9 +35,11 @@ SPARSE, DENSE = "sparse", "dense"
 
 
 class HorovodTransport:
-    def __init__(self, plan: Plan, rank: int, collectives, device: str):
+    """`exchange`: the rank's pair broadcasts (a dapple_tf.boundary_exchange.BoundaryExchange)."""
+
+    def __init__(self, plan: Plan, rank: int, exchange, device: str):
         self.rank = rank
-        self.collectives = collectives
+        self.exchange = exchange
         self.device = device
         self.rank_of_slot = {
             Slot(s, k): d
@@ -69,32 +71,31 @@ class HorovodTransport:
         with tf.control_dependencies(None), tf.device(self.device):
             if self.rank == src:
                 for piece, piece_name in zip(pieces, names):
-                    self.outgoing.append(
-                        self.collectives.pair_broadcast(piece, src, dst, piece_name)
-                    )
+                    self.outgoing.append(self.exchange.pair_broadcast(piece, src, dst, piece_name))
                 return None
             received = []
             for spec, piece_name in zip(specs, names):
                 placeholder = tf.raw_ops.Empty(shape=list(spec.shape), dtype=spec.dtype)
-                received.append(self.collectives.pair_broadcast(placeholder, src, dst, piece_name))
+                received.append(self.exchange.pair_broadcast(placeholder, src, dst, piece_name))
             return received
 
 
 class HorovodGradientSync:
-    """`ranks_of_variable`: variable -> every rank holding a stage that reads it.
-    `exchange(obj, name)`: an allgather of Python objects over all ranks (to agree, per variable,
-    whether every rank's gradient is sparse)."""
+    """`reduction`: the rank's Horovod reductions (a dapple_tf.gradient_reduction.
+    GradientReduction). `ranks_of_variable`: variable -> every rank holding a stage that reads
+    it. `exchange(obj, name)`: an allgather of Python objects over all ranks (to agree, per
+    variable, whether every rank's gradient is sparse)."""
 
     def __init__(
         self,
-        collectives,
+        reduction,
         ranks_of_variable: dict[str, tuple[int, ...]],
         rank: int,
         exchange: Callable[[object, str], list],
         sum_dense: Callable | None = None,
         sum_over_all_ranks: Callable | None = None,
     ):
-        self.collectives = collectives
+        self.reduction = reduction
         self.ranks_of_variable = ranks_of_variable
         self.rank = rank
         self.exchange = exchange
@@ -102,13 +103,13 @@ class HorovodGradientSync:
         # default: one Horovod allreduce per variable (Horovod fuses them itself)
         self.sum_dense = sum_dense or self._horovod_sums
         # (scalar, name) -> its sum over every rank of the job; default Horovod's
-        self.sum_over_all_ranks = sum_over_all_ranks or collectives.sum_over_all_ranks
+        self.sum_over_all_ranks = sum_over_all_ranks or reduction.sum_over_all_ranks
 
     def _horovod_sums(self, grads, ranks, device_of_variable):
         out = {}
         for v, g in grads.items():
             with tf.device(device_of_variable[v]):
-                out[v] = self.collectives.allreduce_gradient(g, v, ranks)
+                out[v] = self.reduction.allreduce_gradient(g, v, ranks)
         return out
 
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
@@ -129,7 +130,7 @@ class HorovodGradientSync:
                 out[v] = g
             elif all(everyone[r].get(v) == SPARSE for r in group):
                 with tf.device(device_of_variable[v]):
-                    out[v] = self.collectives.allgather_rows(g, v, group)
+                    out[v] = self.reduction.allgather_rows(g, v, group)
             else:
                 dense_by_group.setdefault(group, {})[v] = g
         for group, dense in dense_by_group.items():

@@ -30,6 +30,24 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
+class RowOverlap:
+    """Rows [begin, end) of a micro-batch that replica `sender` of one stage holds and replica
+    `receiver` of another stage needs. `src_begin` and `dst_begin` are where those rows start
+    in the sender's and the receiver's own rows (see Plan.row_overlaps)."""
+
+    sender: int
+    receiver: int
+    begin: int
+    end: int
+    src_begin: int
+    dst_begin: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.begin
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     global_batch_size: int
     num_micro_batches: int
@@ -93,6 +111,23 @@ class Plan:
         r = self.stages[stage].num_replicas
         per = self.micro_batch_size // r
         return replica * per, (replica + 1) * per
+
+    def row_overlaps(self, from_stage: int, to_stage: int) -> list[RowOverlap]:
+        """Every non-empty overlap of a `from_stage` replica's rows with a `to_stage` replica's
+        rows, sorted by receiver replica, then by row: what crosses the boundary from_stage ->
+        to_stage (equal replica counts: one overlap per replica; 3:1: three into the one
+        receiver, concatenated in row order; 1:3: the sender's block cut in three)."""
+        senders = [
+            self.rows_of_replica(from_stage, k) for k in range(self.stages[from_stage].num_replicas)
+        ]
+        overlaps = []
+        for j in range(self.stages[to_stage].num_replicas):
+            r_begin, r_end = self.rows_of_replica(to_stage, j)
+            for k, (s_begin, s_end) in enumerate(senders):
+                begin, end = max(r_begin, s_begin), min(r_end, s_end)
+                if begin < end:
+                    overlaps.append(RowOverlap(k, j, begin, end, begin - s_begin, begin - r_begin))
+        return overlaps
 
     # ---- validation -------------------------------------------------------------------------
     def _check_shape(self):

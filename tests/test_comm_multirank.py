@@ -1,4 +1,6 @@
-"""dapple_tf.comm: row bookkeeping (pure), and the collectives really run on 4 local ranks.
+"""dapple_tf's multi-rank communication (comm, process_sets, boundary_exchange,
+gradient_reduction, rank_failures): row bookkeeping and process-set order (pure), the watchdog,
+and the collectives really run on 4 local ranks.
 
 The multi-rank tests launch `horovodrun --gloo -np 4 -H localhost:4` on
 tests/multirank/comm_checks.py; one launch checks all exchange facts, one launch per failure.
@@ -7,7 +9,9 @@ tests/multirank/comm_checks.py; one launch checks all exchange facts, one launch
 import numpy as np
 import pytest
 
-from dapple_tf import comm
+from dapple_tf import rank_failures
+from dapple_tf.boundary_exchange import boundary_transfers
+from dapple_tf.process_sets import gradient_groups, pair_groups
 from multirank import runner
 from planner.plan_format import Plan, Stage
 
@@ -24,21 +28,21 @@ def plan_of(replicas, rows=ROWS, micro_batches=MICRO_BATCHES):
 
 # ---- pure bookkeeping --------------------------------------------------------------------------
 def test_three_to_one_boundary_is_three_transfers_that_tile_the_receiver():
-    t = comm.boundary_transfers(plan_of([3, 1]), 0, 1)
+    t = boundary_transfers(plan_of([3, 1]), 0, 1)
     assert [
         (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
     ] == [(0, 3, 0, 2, 0, 0), (1, 3, 2, 4, 0, 2), (2, 3, 4, 6, 0, 4)]
 
 
 def test_one_to_three_boundary_sends_each_receiver_its_slice_of_the_sender():
-    t = comm.boundary_transfers(plan_of([1, 3]), 0, 1)
+    t = boundary_transfers(plan_of([1, 3]), 0, 1)
     assert [
         (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
     ] == [(0, 1, 0, 2, 0, 0), (0, 2, 2, 4, 2, 0), (0, 3, 4, 6, 4, 0)]
 
 
 def test_two_to_three_boundary_splits_rows_at_every_overlap():
-    t = comm.boundary_transfers(plan_of([2, 3]), 0, 1)
+    t = boundary_transfers(plan_of([2, 3]), 0, 1)
     assert [(x.sender_rank, x.receiver_rank, x.begin, x.end) for x in t] == [
         (0, 2, 0, 2),
         (0, 3, 2, 3),
@@ -53,22 +57,22 @@ def test_two_to_three_boundary_splits_rows_at_every_overlap():
 
 def test_process_set_order_is_gradient_groups_then_boundary_pairs_without_duplicates():
     plan = plan_of([2, 2])
-    assert comm.gradient_groups(plan, tied_stages=[(0, 1)]) == [(0, 1), (2, 3), (0, 1, 2, 3)]
-    assert comm.pair_groups(plan) == [(0, 2), (1, 3)]
-    assert comm.gradient_groups(plan_of([1, 1, 1, 1]), tied_stages=[(0, 3)]) == [(0, 3)]
-    assert comm.pair_groups(plan_of([1, 1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
+    assert gradient_groups(plan, tied_stages=[(0, 1)]) == [(0, 1), (2, 3), (0, 1, 2, 3)]
+    assert pair_groups(plan) == [(0, 2), (1, 3)]
+    assert gradient_groups(plan_of([1, 1, 1, 1]), tied_stages=[(0, 3)]) == [(0, 3)]
+    assert pair_groups(plan_of([1, 1, 1, 1])) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_boundary_pairs_include_non_adjacent_stages_that_exchange_tensors():
     plan = plan_of([1, 1, 1, 1])
     # a skip from stage 0 to stage 2 (and consecutive boundaries), in the order given
-    assert comm.pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [
+    assert pair_groups(plan, [(0, 1), (0, 2), (1, 2), (2, 3)]) == [
         (0, 1),
         (0, 2),
         (1, 2),
         (2, 3),
     ]
-    assert comm.pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
+    assert pair_groups(plan_of([2, 1, 2]), [(0, 2)]) == [(0, 3), (1, 4)]
 
 
 LAUNCHER_VARIABLES = (
@@ -108,15 +112,19 @@ def test_session_config_of_a_single_process_is_left_as_given(monkeypatch):
 
 
 def test_watchdog_names_a_rank_whose_heartbeat_went_stale(tmp_path):
-    log = comm.CollectiveLog()
+    log = rank_failures.CollectiveLog()
     log.add("dapple/mb0/s0_to_s1/act/rank0_to_rank1_rows0_3", (0, 1))
     log.add("dapple/step_end", (0, 1, 2))
     exits = []
-    me = comm.Watchdog(
+    me = rank_failures.Watchdog(
         0, 3, str(tmp_path), log, peer_timeout_s=5, step_timeout_s=100, exit_fn=exits.append
     )
-    peer = comm.Watchdog(1, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
-    other = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), peer_timeout_s=5)
+    peer = rank_failures.Watchdog(
+        1, 3, str(tmp_path), rank_failures.CollectiveLog(), peer_timeout_s=5
+    )
+    other = rank_failures.Watchdog(
+        2, 3, str(tmp_path), rank_failures.CollectiveLog(), peer_timeout_s=5
+    )
     for w in (me, peer, other):
         w.step_begin(7)
     assert me.check(now=_time() + 1) is None
@@ -141,9 +149,13 @@ def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_proces
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    me = comm.Watchdog(0, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
-    alive = comm.Watchdog(1, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2).start()
-    gone = comm.Watchdog(2, 3, str(tmp_path), comm.CollectiveLog(), interval_s=0.2)
+    me = rank_failures.Watchdog(0, 3, str(tmp_path), rank_failures.CollectiveLog(), interval_s=0.2)
+    alive = rank_failures.Watchdog(
+        1, 3, str(tmp_path), rank_failures.CollectiveLog(), interval_s=0.2
+    ).start()
+    gone = rank_failures.Watchdog(
+        2, 3, str(tmp_path), rank_failures.CollectiveLog(), interval_s=0.2
+    )
     gone._beat()
     import json
 
@@ -158,7 +170,9 @@ def test_a_failed_collective_is_reported_with_its_name_and_the_rank_whose_proces
         op = FakeOp()
 
     try:
-        text = comm.explain_collective_failure(me, FakeError("Horovod has been shut down."), 4)
+        text = rank_failures.explain_collective_failure(
+            me, FakeError("Horovod has been shut down."), 4
+        )
     finally:
         alive.stop()
     assert "step 4: collective 'dapple/mb1/s0_to_s1/k0_j0/rank0_to_rank2/p0' failed" in text
@@ -169,7 +183,7 @@ def _exit_monitor_setup(tmp_path, rank, size):
     from dapple_tf import exit_monitor
 
     for k in range(size):
-        w = comm.Watchdog(k, size, str(tmp_path), comm.CollectiveLog())
+        w = rank_failures.Watchdog(k, size, str(tmp_path), rank_failures.CollectiveLog())
         w.step_begin(5)
     return exit_monitor, {
         "rank": rank,
@@ -329,7 +343,7 @@ def test_a_rank_that_hangs_makes_the_others_exit_naming_it_and_the_collectives()
         assert f"dapple: rank {rank}: missing rank 2: alive but has not entered step 3" in text, (
             text
         )
-        assert f"exiting with status {comm.EXIT_PEER_LOST}" in text
+        assert f"exiting with status {rank_failures.EXIT_PEER_LOST}" in text
         # 75 from the watchdog, or the launcher's SIGTERM once the first rank exited
         assert f"Process {rank} exit with status code 0" not in result.output
     assert "dapple/mb0/s0_to_s1/act/rank0_to_rank2_rows0_3" in "\n".join(result.lines_of(0))

@@ -10,39 +10,11 @@ from graph_rewrite.boundary import (
     BoundaryTransfer,
     LocalTransport,
     endpoint_op_name,
-    row_pieces,
 )
 from graph_rewrite.place import Slot
 from planner.plan_format import Plan, Stage
 
 v1 = tf.compat.v1
-
-
-def test_row_pieces_three_senders_to_one_receiver_concatenate_in_row_order():
-    assert row_pieces([(0, 2), (2, 4), (4, 6)], [(0, 6)]) == [
-        (0, 0, 0, 2),
-        (1, 0, 0, 2),
-        (2, 0, 0, 2),
-    ]
-
-
-def test_row_pieces_one_sender_to_three_receivers_slice_its_block():
-    assert row_pieces([(0, 6)], [(0, 2), (2, 4), (4, 6)]) == [
-        (0, 0, 0, 2),
-        (0, 1, 2, 4),
-        (0, 2, 4, 6),
-    ]
-
-
-def test_row_pieces_between_unaligned_replica_counts_cover_every_row_once():
-    pieces = row_pieces([(0, 4), (4, 8), (8, 12)], [(0, 6), (6, 12)])
-    assert pieces == [(0, 0, 0, 4), (1, 0, 0, 2), (1, 1, 2, 4), (2, 1, 0, 4)]
-    assert sum(hi - lo for _, _, lo, hi in pieces) == 12
-
-
-def test_endpoint_names_follow_the_contract():
-    assert endpoint_op_name(3, 0, 2, "send", 0, 1) == "dapple/mb3/s0_to_s2/send"
-    assert endpoint_op_name(3, 2, 0, "recv", 1, 2) == "dapple/mb3/s2_to_s0/recv_r1"
 
 
 def _plan(replicas_a, replicas_b, gbs=12):
@@ -55,6 +27,53 @@ def _plan(replicas_a, replicas_b, gbs=12):
             Stage(("b",), tuple(range(replicas_a, replicas_a + replicas_b))),
         ),
     )
+
+
+def _overlaps(plan):
+    return [
+        (o.sender, o.receiver, o.begin, o.end, o.src_begin, o.dst_begin)
+        for o in plan.row_overlaps(0, 1)
+    ]
+
+
+def test_row_overlaps_three_senders_to_one_receiver_concatenate_in_row_order():
+    assert _overlaps(_plan(3, 1, gbs=6)) == [
+        (0, 0, 0, 2, 0, 0),
+        (1, 0, 2, 4, 0, 2),
+        (2, 0, 4, 6, 0, 4),
+    ]
+
+
+def test_row_overlaps_one_sender_to_three_receivers_slice_its_block():
+    assert _overlaps(_plan(1, 3, gbs=6)) == [
+        (0, 0, 0, 2, 0, 0),
+        (0, 1, 2, 4, 2, 0),
+        (0, 2, 4, 6, 4, 0),
+    ]
+
+
+def test_row_overlaps_between_unaligned_replica_counts_cover_every_row_once():
+    plan = _plan(3, 2)
+    assert _overlaps(plan) == [
+        (0, 0, 0, 4, 0, 0),
+        (1, 0, 4, 6, 0, 4),
+        (1, 1, 6, 8, 2, 0),
+        (2, 1, 8, 12, 0, 2),
+    ]
+    covered = np.zeros(12, int)
+    for o in plan.row_overlaps(0, 1):
+        covered[o.begin : o.end] += 1
+        assert o.num_rows == o.end - o.begin
+    assert covered.tolist() == [1] * 12
+
+
+def test_row_overlaps_of_equal_replica_counts_are_one_per_replica_pair():
+    assert _overlaps(_plan(2, 2)) == [(0, 0, 0, 6, 0, 0), (1, 1, 6, 12, 0, 0)]
+
+
+def test_endpoint_names_follow_the_contract():
+    assert endpoint_op_name(3, 0, 2, "send", 0, 1) == "dapple/mb3/s0_to_s2/send"
+    assert endpoint_op_name(3, 2, 0, "recv", 1, 2) == "dapple/mb3/s2_to_s0/recv_r1"
 
 
 def _run(graph, fetches, num_devices):

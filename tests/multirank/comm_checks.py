@@ -1,4 +1,5 @@
-"""Runs dapple_tf.comm under horovodrun (4 ranks, graph mode).
+"""Runs the multi-rank communication of dapple_tf (comm, process_sets, boundary_exchange,
+gradient_reduction, rank_failures) under horovodrun (4 ranks, graph mode).
 
 comm_checks.py exchange
     For the plans 3:1, 1:3, 2:2 and 1:1:1:1 (micro-batch 6 rows x 2 features, 2 micro-batches):
@@ -19,7 +20,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from dapple_tf import comm
+from dapple_tf import comm, rank_failures
+from dapple_tf.boundary_exchange import BoundaryExchange, boundary_transfers
+from dapple_tf.gradient_reduction import GradientReduction
+from dapple_tf.process_sets import ProcessSets
 from planner.plan_format import Plan, Stage
 
 ROWS, FEATURES, MICRO_BATCHES = 6, 2, 2
@@ -46,37 +50,35 @@ def my_stage(plan, rank):
     raise AssertionError(rank)
 
 
-def build_exchange(plan, collectives, rank):
+def build_exchange(plan, boundary, reduction, rank):
     """Ops of one step; returns fetches keyed by what they carry."""
     s, k = my_stage(plan, rank)
     fetch = {}
     deps = []
     for mb in range(MICRO_BATCHES):
         if s + 1 < plan.num_stages:  # send my rows forward, receive their gradients back
-            transfers = comm.boundary_transfers(plan, s, s + 1)
+            transfers = boundary_transfers(plan, s, s + 1)
             begin, end = plan.rows_of_replica(s, k)
-            deps += collectives.send_rows(
+            deps += boundary.send_rows(
                 tf.constant(activation(mb, s)[begin:end]), transfers, mb, s, s + 1
             )
-            fetch[f"grad_in/mb{mb}/s{s + 1}_to_s{s}"] = collectives.recv_rows(
+            fetch[f"grad_in/mb{mb}/s{s + 1}_to_s{s}"] = boundary.recv_rows(
                 [FEATURES], tf.float32, transfers, mb, s, s + 1, backward=True
             )
         if s > 0:  # receive rows from the previous stage, send back -rows as their gradient
-            transfers = comm.boundary_transfers(plan, s - 1, s)
-            got = collectives.recv_rows([FEATURES], tf.float32, transfers, mb, s - 1, s)
+            transfers = boundary_transfers(plan, s - 1, s)
+            got = boundary.recv_rows([FEATURES], tf.float32, transfers, mb, s - 1, s)
             fetch[f"act_in/mb{mb}/s{s - 1}_to_s{s}"] = got
-            deps += collectives.send_rows(-got, transfers, mb, s - 1, s, backward=True)
+            deps += boundary.send_rows(-got, transfers, mb, s - 1, s, backward=True)
     grad = tf.constant(np.full([3], rank + 1.0, np.float32))
-    fetch["stage_grad_sum"] = collectives.allreduce_gradient(
+    fetch["stage_grad_sum"] = reduction.allreduce_gradient(
         grad, f"stage{s}/w:0", plan.stages[s].devices
     )
     if s in (0, plan.num_stages - 1):
         tied_ranks = plan.stages[0].devices + plan.stages[-1].devices
-        fetch["tied_grad_sum"] = collectives.allreduce_gradient(
-            grad, "tied/embedding:0", tied_ranks
-        )
+        fetch["tied_grad_sum"] = reduction.allreduce_gradient(grad, "tied/embedding:0", tied_ranks)
     loss_share = tf.constant(float(rank == plan.stages[-1].devices[0]))
-    fetch["step_end"] = collectives.step_end(loss_share, deps + list(fetch.values()))
+    fetch["step_end"] = reduction.step_end(loss_share, deps + list(fetch.values()))
     return fetch
 
 
@@ -85,9 +87,14 @@ def exchange(info):
         plan = make_plan(replicas)
         tied = [(0, plan.num_stages - 1)]
         with tf.Graph().as_default():
-            sets = comm.ProcessSets(plan, tied)
-            collectives = comm.Collectives(sets, info.rank)
-            fetch = build_exchange(plan, collectives, info.rank)
+            sets = ProcessSets(plan, tied)
+            log = rank_failures.CollectiveLog()
+            fetch = build_exchange(
+                plan,
+                BoundaryExchange(sets, info.rank, log),
+                GradientReduction(sets, log),
+                info.rank,
+            )
             names = sorted(
                 n.name
                 for n in tf.compat.v1.get_default_graph().get_operations()
@@ -108,12 +115,13 @@ def exchange(info):
 
 def fail(info, how, victim, at_step):
     plan = make_plan([2, 2])
-    sets = comm.ProcessSets(plan, [(0, 1)])
-    collectives = comm.Collectives(sets, info.rank)
-    watchdog = comm.Watchdog(
-        info.rank, info.size, comm.shared_heartbeat_dir()[0], collectives.log, interval_s=0.5
+    sets = ProcessSets(plan, [(0, 1)])
+    log = rank_failures.CollectiveLog()
+    boundary, reduction = BoundaryExchange(sets, info.rank, log), GradientReduction(sets, log)
+    watchdog = rank_failures.Watchdog(
+        info.rank, info.size, rank_failures.shared_heartbeat_dir()[0], log, interval_s=0.5
     ).start()
-    fetch = build_exchange(plan, collectives, info.rank)
+    fetch = build_exchange(plan, boundary, reduction, info.rank)
     session = tf.compat.v1.Session(config=comm.session_config())
     for step in range(1000):
         if info.rank == victim and step == at_step:
