@@ -1,17 +1,18 @@
 """Scaling across ranks: one rank on one core against 2 and 4 ranks pinned one per core.
 
     python bench/bench_scaling.py [--runs single,1:1,DP2,1:1:1:1,2x2] [--steps 12] [--warmup 3]
-                                  [--model mlp|bert|gnmt] [--global-batch N]
+                                  [--model mlp|bert|gnmt] [--global-batch N] [--launcher gloo|mpi]
 
 The way GPUs behave: every rank computes on a core of its own. Each run is launched as
-`horovodrun --gloo -np N -H localhost:N`, every rank pinning itself to core
-`HOROVOD_LOCAL_RANK mod cores` before TensorFlow starts (what `taskset -c $HOROVOD_LOCAL_RANK`
+`horovodrun --gloo -np N -H localhost:N` (`--launcher mpi`: `horovodrun --mpi`), every rank
+pinning itself to core `HOROVOD_LOCAL_RANK mod cores` before TensorFlow starts (what `taskset -c $HOROVOD_LOCAL_RANK`
 does); the baseline is one process pinned to core 0 (`SingleDeviceTrainer`, and `Trainer` on one
 device with M = 1, M = 8, and M = 8 with `stack_weight_gradients=True`). Model (default, issue
-#17): an MLP of 8 dense+ReLU layers of width 1024 and a softmax layer, global batch 512,
-momentum. Step time: median over `--steps` steps after `--warmup` warm-up steps, of the
-slowest rank per step (each rank reports its own times; every rank leaves a step only after the
-step-end collective, so they agree closely).
+#17): an MLP of 8 dense+ReLU layers of width 1024 and a softmax layer, global batch 512
+(`--global-batch` to change it, e.g. 256 for what one DP2 replica computes), momentum.
+Step time: median over `--steps` steps after `--warmup` warm-up steps, of the slowest rank
+per step (each rank reports its own times; every rank leaves a step only after the step-end
+collective, so they agree closely).
 
 Physical limit of a pipeline of S equal stages with M micro-batches on S cores: S*M/(M+S-1)
 (1:1 M=8: 1.78x); of data parallelism on R cores: R.
@@ -79,12 +80,12 @@ def optimizer():
     return tf.compat.v1.train.MomentumOptimizer(0.01, momentum=0.9)
 
 
-def make_batch(rng):
+def make_batch(rng, rows=GLOBAL_BATCH):
     import numpy as np
 
     return {
-        "x": rng.standard_normal((GLOBAL_BATCH, WIDTH)).astype(np.float32),
-        "y": rng.integers(0, CLASSES, size=(GLOBAL_BATCH,)).astype(np.int32),
+        "x": rng.standard_normal((rows, WIDTH)).astype(np.float32),
+        "y": rng.integers(0, CLASSES, size=(rows,)).astype(np.int32),
     }
 
 
@@ -106,8 +107,7 @@ def workload(model: str, global_batch: int):
 
     rng = np.random.default_rng(0)
     if model == "mlp":
-        assert global_batch == GLOBAL_BATCH, "the MLP runs at global batch 512"
-        return mlp_fn, feature_spec(), optimizer, make_batch(rng)
+        return mlp_fn, feature_spec(), optimizer, make_batch(rng, global_batch)
     import models
 
     spec = models.get_model(model, "tiny")
@@ -123,7 +123,9 @@ def worker(
     run: str, steps: int, warmup: int, stack: bool = False, model: str = "mlp", global_batch=None
 ) -> None:
     """One rank of a horovodrun launch (or the single-process baseline): pin, build, time."""
-    local_rank = int(os.environ.get("HOROVOD_LOCAL_RANK", "0"))
+    local_rank = int(
+        os.environ.get("HOROVOD_LOCAL_RANK") or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")
+    )
     core = pin_to_core(local_rank)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO_ROOT)
@@ -193,6 +195,7 @@ def launch(
     stack: bool = False,
     model: str = "mlp",
     global_batch: int = GLOBAL_BATCH,
+    launcher: str = "gloo",
 ) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
@@ -216,14 +219,14 @@ def launch(
     else:
         ranks = RUNS[run][0]
         horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-        command = [horovodrun, "--gloo", "-np", str(ranks), "-H", f"localhost:{ranks}"] + script
+        command = [horovodrun, f"--{launcher}", "-np", str(ranks), "-H", f"localhost:{ranks}"]
+        command += script
     out = subprocess.run(
         command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800
     )
-    records = []
-    for line in out.stdout.splitlines():
-        if "RESULT " in line:
-            records.append(json.loads(line.split("RESULT ", 1)[1]))
+    records, decoder = [], json.JSONDecoder()
+    for piece in out.stdout.split("RESULT ")[1:]:  # mpirun may join the ranks' lines
+        records.append(decoder.raw_decode(piece)[0])
     if out.returncode != 0 or not records:
         sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
         raise SystemExit(f"{run}: launch failed with status {out.returncode}")
@@ -261,6 +264,12 @@ def main(argv=None):
     )
     parser.add_argument("--model", choices=("mlp", "bert", "gnmt"), default="mlp")
     parser.add_argument(
+        "--launcher",
+        choices=("gloo", "mpi"),
+        default="gloo",
+        help="horovodrun's controller and collectives: Gloo (TCP) or MPI (shared memory on one host)",
+    )
+    parser.add_argument(
         "--global-batch",
         type=int,
         default=None,
@@ -282,11 +291,29 @@ def main(argv=None):
     results: dict[str, list[float]] = {}
     for run in args.runs.split(","):
         results.update(
-            launch(run, args.steps, args.warmup, env_extra, False, args.model, global_batch)
+            launch(
+                run,
+                args.steps,
+                args.warmup,
+                env_extra,
+                False,
+                args.model,
+                global_batch,
+                args.launcher,
+            )
         )
         if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
             results.update(
-                launch(run, args.steps, args.warmup, env_extra, True, args.model, global_batch)
+                launch(
+                    run,
+                    args.steps,
+                    args.warmup,
+                    env_extra,
+                    True,
+                    args.model,
+                    global_batch,
+                    args.launcher,
+                )
             )
     base = (
         statistics.median(results["SingleDeviceTrainer"])
