@@ -352,9 +352,10 @@ def _stage_boundaries(specs) -> list[tuple[int, int]]:
 
 
 def _ranks_of_variable(plan: Plan, specs) -> dict[str, tuple[int, ...]]:
-    """Variable -> every rank holding a stage that reads it (sorted)."""
+    """Variable -> every rank holding a stage that reads it, or updates it (batch norm's moving
+    statistics), sorted."""
     out: dict[str, set[int]] = {}
     for spec in specs:
-        for v in spec.variables:
+        for v in (*spec.variables, *spec.moving_variables):
             out.setdefault(v, set()).update(plan.stages[spec.index].devices)
     return {v: tuple(sorted(r)) for v, r in out.items()}

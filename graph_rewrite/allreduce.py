@@ -31,6 +31,13 @@ class GradientSync(Protocol):
         """The global norm of the whole model's final gradients (`grads`: this process's
         variable -> final gradient, after sum_stages), every variable counted once."""
 
+    def sum_statistics(
+        self, stage: int, by_replica: dict[int, dict], ranks: tuple[int, ...], device: str
+    ) -> dict:
+        """name -> dense tensor summed over all replicas of `stage` (given: the local ones'
+        tensors; `ranks`: the stage's plan devices), on `device` (batch norm's statistics,
+        graph_rewrite/moving_statistics.py)."""
+
 
 class LocalGradientSync:
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
@@ -41,6 +48,13 @@ class LocalGradientSync:
 
     def global_norm(self, grads):
         return tf.linalg.global_norm(list(grads.values()))
+
+    def sum_statistics(self, stage, by_replica, ranks, device):
+        return _sum_by_variable(
+            by_replica,
+            {name: device for values in by_replica.values() for name in values},
+            f"dapple/sync/s{stage}",
+        )
 
 
 def _sum_by_variable(groups: dict[int, dict], device_of_variable, scope) -> dict:

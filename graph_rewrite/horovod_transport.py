@@ -150,6 +150,14 @@ class HorovodGradientSync:
             )
         return out
 
+    def sum_statistics(self, stage, by_replica, ranks, device):
+        """One slot per rank: its tensors summed over the stage's ranks as dense gradients are
+        (`sum_dense`)."""
+        (values,) = by_replica.values()
+        if len(set(ranks)) == 1:
+            return values
+        return self.sum_dense(values, tuple(sorted(set(ranks))), {n: device for n in values})
+
     def global_norm(self, grads):
         """Each variable's final gradient is on every rank of its group; only the lowest of
         them (its owner) adds its squared norm, then one scalar sum over all ranks."""

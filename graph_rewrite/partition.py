@@ -37,6 +37,11 @@ class StageSpec:
     has_loss: bool
     # batch-shape-derived tensors of earlier stages, as constants for this stage's clone rows
     derived_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # batch norm: the statistics each forward returns (graph_rewrite/batch_norm.py), the
+    # moving-statistics updates evaluated once per step (assign op names) and their variables
+    statistics: tuple[str, ...] = ()
+    moving_updates: tuple[str, ...] = ()
+    moving_variables: tuple[str, ...] = ()
 
     def outputs_to(self, stage: int) -> tuple[str, ...]:
         return tuple(t for t in self.outputs if stage in self.output_consumers[t])
@@ -102,6 +107,7 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
         )
     # Keep each stage's ops in template (topological) order.
     position = {op: k for k, op in enumerate(template.layer_of_op)}
+    moving = moving_updates_by_stage(template, stage_of_op, variables)
     return [
         StageSpec(
             index=s,
@@ -117,9 +123,43 @@ def partition(template: Template, plan: Plan) -> list[StageSpec]:
             derived_inputs=values_at_rows(template, list(derived[s]), _clone_rows(plan, s))
             if derived[s]
             else {},
+            **moving.get(s, {}),
         )
         for s in range(num_stages)
     ]
+
+
+def moving_updates_by_stage(template: Template, stage_of_op, variables_of_stage) -> dict:
+    """Stage -> its StageSpec fields of batch norm (`statistics`, `moving_updates`,
+    `moving_variables`): an update belongs to the stage computing its statistics (stage 0 if it
+    reads none), and may read only that stage's variables and moving statistics."""
+    out: dict[int, dict[str, dict]] = {}
+    for update in template.moving_updates:
+        stages = {stage_of_op[t.split(":")[0]] for t in update.statistics} or {0}
+        (s,) = stages  # the template checked: one layer's statistics
+        fields = out.setdefault(s, {"statistics": {}, "moving_updates": {}, "moving_variables": {}})
+        fields["moving_updates"][update.assign] = None
+        fields["moving_variables"][update.variable] = None
+        for t in update.statistics:
+            mean = template.statistics[t].mean
+            fields["statistics"].update(dict.fromkeys([t] + ([mean] if mean else [])))
+    for s, fields in out.items():
+        own = set(fields["moving_variables"]) | set(variables_of_stage[s])
+        for update in template.moving_updates:
+            if update.assign not in fields["moving_updates"]:
+                continue
+            foreign = [v for v in update.reads if v not in own]
+            used_elsewhere = [
+                t for t, vs in enumerate(variables_of_stage) if t != s and update.variable in vs
+            ]
+            if foreign or used_elsewhere:
+                raise PartitionError(
+                    f"update {update.assign} of {update.variable} runs with stage {s} (its "
+                    f"statistics' layer), but reads variables of other stages {foreign} or "
+                    f"its variable is read by stages {used_elsewhere}; put those layers in "
+                    f"one stage"
+                )
+    return {s: {k: tuple(v) for k, v in fields.items()} for s, fields in out.items()}
 
 
 def _clone_rows(plan: Plan, stage: int) -> int:

@@ -36,13 +36,14 @@ def slot_devices(plan: Plan, device_name: Callable[[int], str]) -> dict[Slot, st
 def variable_devices(
     specs: list[StageSpec], local_slots: Iterable[Slot], device_of_slot: dict[Slot, str]
 ) -> dict[str, str]:
-    """Each variable lives on the first local replica of the first stage that reads it."""
+    """Each variable lives on the first local replica of the first stage that reads it (or, a
+    moving statistic of batch norm, that updates it)."""
     local = sorted(local_slots)
     placement: dict[str, str] = {}
     for spec in specs:
         replicas = [slot for slot in local if slot.stage == spec.index]
         if not replicas:
             continue
-        for v in spec.variables:
+        for v in (*spec.variables, *spec.moving_variables):
             placement.setdefault(v, device_of_slot[replicas[0]])
     return placement

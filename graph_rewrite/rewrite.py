@@ -27,6 +27,7 @@ import tensorflow as tf
 from planner.plan_format import Plan
 
 from . import clone, functions, graphdefs, schedule, transposed_weights, variables
+from .moving_statistics import moving_statistics_updates
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
@@ -126,6 +127,7 @@ def rewrite(
         clock.mark("gradient sums")
         train_op, optimizer, global_step = builder.apply(optimizer_fn, gradients)
         clock.mark("optimizer apply_gradients")
+        train_op = builder.with_moving_statistics(train_op, gradient_sync)
     return TrainingGraph(
         graph=graph,
         plan=plan,
@@ -193,6 +195,8 @@ class _Builder:
             slot: SlotAccumulator(f"dapple/accumulate/{slot.tag}") for slot in local
         }
         self.scaled_losses: list[tf.Tensor] = []
+        # slot -> its forwards' batch-norm statistics, in micro-batch order
+        self.statistics: dict[Slot, list[dict[str, tf.Tensor]]] = {}
         # slot -> per finished backward: its inputs of the stacked weight gradients
         self.weight_gradient_rows: dict[Slot, list[dict[str, tf.Tensor]]] = {
             slot: [] for slot in local
@@ -336,6 +340,8 @@ class _Builder:
             stage, device, prefix, features, received, handles, self._transposed_weights(slot)
         )
         self.forward_tensors[(slot, i)] = tensors
+        if spec.moving_updates:
+            self.statistics.setdefault(slot, []).append({t: tensors[t] for t in spec.statistics})
         end_deps = []
         for b in spec.consumer_stages:
             transfer = self._forward_transfer(i, slot.stage, b)
@@ -569,6 +575,22 @@ class _Builder:
             [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step
         )
         return train_op, optimizer, global_step
+
+    def with_moving_statistics(self, train_op, gradient_sync: GradientSync):
+        """`train_op` grouped with the local stages' batch-norm updates, evaluated once per step
+        on the global batch's statistics (graph_rewrite/moving_statistics.py)."""
+        updates = moving_statistics_updates(
+            self.template,
+            self.plan,
+            self.specs,
+            self.statistics,
+            self.variables,
+            self.device_of_variable,
+            gradient_sync,
+        )
+        if not updates:
+            return train_op
+        return tf.group(train_op, *updates, name="dapple/train_and_update_moving_statistics")
 
     def global_loss(self) -> tf.Tensor:
         if not self.scaled_losses:

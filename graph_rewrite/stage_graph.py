@@ -108,6 +108,7 @@ class StageGraph:
         """Indices of the forward function's results that only the backward call reads (saved
         activations not sent on): their static shapes are not needed outside the calls."""
         sent = set(self.spec.outputs) | ({self.loss} if self.loss else set())
+        sent |= set(self.spec.statistics)
         refs = set(self.forward_refs.values())
         return frozenset(
             k
@@ -497,7 +498,12 @@ def _stage_graph(
         "forward",
         spec.index,
         forward_inputs,
-        [*spec.outputs, *([template.loss] if spec.has_loss else []), *forward_refs.values()],
+        [
+            *spec.outputs,
+            *([template.loss] if spec.has_loss else []),
+            *spec.statistics,  # batch norm's, per micro-batch (graph_rewrite/moving_statistics.py)
+            *forward_refs.values(),
+        ],
         spec_of,
     )
     backward = backward_part.graph_def

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import numpy as np
 import tensorflow as tf
 
-from . import random_ops
+from . import batch_norm, random_ops
 from .random_ops import RANDOM_ROWS_FEATURE, RANDOM_ROWS_SPEC
 
 v1 = tf.compat.v1
@@ -146,6 +146,10 @@ class Template:
     variable_objects: dict[str, Any] = dataclasses.field(repr=False, default_factory=dict)
     # WeightedLoss: `loss` is the numerator (a sum over rows), this the denominator's tensor
     loss_denominator: str | None = None
+    # batch norm's UPDATE_OPS (graph_rewrite/batch_norm.py) and the statistics they read; the
+    # variables they write (moving statistics) are in `variables`, in no layer's list
+    moving_updates: tuple[batch_norm.MovingUpdate, ...] = ()
+    statistics: dict[str, batch_norm.Statistic] = dataclasses.field(default_factory=dict)
 
     @property
     def graph_def(self):
@@ -246,7 +250,6 @@ def analyse(
     feature_spec,
     layers: LayerRule = None,
 ) -> Template:
-    _check_no_update_ops(graph)
     feature_ops = {t.op.name: name for name, t in features.items()}
     cone = _backward_cone(loss.op)
     ops = [op for op in graph.get_operations() if op.name in cone]  # creation = topological
@@ -319,7 +322,20 @@ def analyse(
     row_factor, not_batch_major = _probe_row_factors(
         graph, features, feature_spec, batch_tensors, {e[0] for e in edges}
     )
+    moving_updates, statistics = _moving_updates(graph, features, batch_tensors, layer_of_op)
+    for update in moving_updates:
+        for name in update.reads:
+            if name not in variables:
+                op = graph.get_operation_by_name(name)
+                variables[name] = VariableInfo(
+                    name,
+                    tuple(tf.TensorShape(op.get_attr("shape")).as_list()),
+                    tf.as_dtype(op.get_attr("dtype")),
+                    name in trainable,
+                )
     return Template(
+        moving_updates=moving_updates,
+        statistics=statistics,
         not_batch_major=not_batch_major,
         row_factor=row_factor,
         graph=graph,
@@ -337,17 +353,31 @@ def analyse(
     )
 
 
-def _check_no_update_ops(graph: tf.Graph) -> None:
-    """Batch norm's moving statistics (UPDATE_OPS) are not carried through the pipeline yet:
-    refused rather than silently never updated."""
-    update_ops = graph.get_collection(v1.GraphKeys.UPDATE_OPS)
-    if update_ops:
-        names = [getattr(op, "name", str(op)) for op in update_ops[:3]]
-        raise TemplateError(
-            f"the model has {len(update_ops)} UPDATE_OPS (batch norm moving statistics, e.g. "
-            f"{names}); pipelined training does not update them yet (see docs/tf1-models.md). "
-            f"Use SingleDeviceTrainer, which runs them every step, or a model without them"
+def _moving_updates(graph, features, batch_tensors, layer_of_op):
+    """Batch norm's UPDATE_OPS as data (graph_rewrite/batch_norm.py); a TemplateError names
+    what is not recognised, or a statistic no layer of the loss computes."""
+    variable_ops = {op.name: op for op in graph.get_operations() if op.type in _VARIABLE_OPS}
+    try:
+        updates, statistics = batch_norm.recognise_updates(
+            graph, {t.name for t in features.values()}, frozenset(batch_tensors), variable_ops
         )
+    except batch_norm.UpdateError as e:
+        raise TemplateError(f"{e} (see docs/tf1-models.md, Batch norm)") from None
+    for update in updates:
+        outside = [t for t in update.statistics if t.split(":")[0] not in layer_of_op]
+        if outside:
+            raise TemplateError(
+                f"update {update.assign} of {update.variable} reads the statistics {outside}, "
+                f"which the loss does not compute; the pipeline computes statistics only in "
+                f"the forward of the loss"
+            )
+        layers = {layer_of_op[t.split(":")[0]] for t in update.statistics}
+        if len(layers) > 1:
+            raise TemplateError(
+                f"update {update.assign} of {update.variable} reads statistics of several "
+                f"layers {sorted(layers)}; one update must read one layer's statistics"
+            )
+    return updates, statistics
 
 
 def _check_no_v1_control_flow(members: Sequence[tf.Operation], layer_of_op) -> None:

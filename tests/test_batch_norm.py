@@ -1,53 +1,226 @@
-"""Batch norm's UPDATE_OPS are never dropped silently: SingleDeviceTrainer runs them every step;
-the pipelined Trainer refuses the model at build time until moving statistics are carried
-through the pipeline (issue #13 item 5, not done yet)."""
+"""Batch norm in the pipelined Trainer (issue #13 item 5; docs/tf1-models.md, Batch norm).
+
+UPDATE_OPS run once per step on the statistics of the whole global batch; each micro-batch
+clone normalises with its own statistics. So:
+  - M = 1 and one replica per stage: everything (losses, weights, moving statistics) equals
+    SingleDeviceTrainer on the global batch;
+  - any M and replicas: everything equals a single-device reference that normalises each clone's
+    rows (M x replicas equal chunks of the batch, per layer) by their own statistics and updates
+    the moving statistics from the whole batch's (`ghost` chunks below);
+  - the moving statistics of a batch norm on the features equal SingleDeviceTrainer's for any
+    plan (its input does not depend on how earlier layers normalised);
+  - an update that is not a recognised moving-statistics update is refused, naming it.
+Model: tests/batch_norm_model.py, with tf.nn.moments batch norm (`v1.assign` and
+`assign_moving_average` updates) and FusedBatchNormV3 (its variance output is
+Bessel-corrected). Two ranks: tests/test_trainer_multirank.py.
+"""
+
+import functools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from batch_norm_model import LAYERS, SPEC, bn_model, ghost_chunks, make_batch, model
 from dapple_tf.layers import layer
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
-from graph_rewrite.template import TemplateError
+from graph_rewrite.template import TemplateError, build_template
 from planner.plan_format import even_plan
 
 v1 = tf.compat.v1
-SPEC = {"x": ((4,), tf.float32)}
+GLOBAL_BATCH = 32
+STEPS = 3
+SEED = 5
 
 
-def bn_model(features):
-    with layer("bn"):
-        mean, variance = tf.nn.moments(features["x"], [0])
-        moving_mean = v1.get_variable(
-            "moving_mean", [4], initializer=v1.zeros_initializer(), trainable=False
+def optimizer():
+    return v1.train.MomentumOptimizer(0.05, momentum=0.9)
+
+
+def batches():
+    rng = np.random.default_rng(3)
+    return [make_batch(rng, GLOBAL_BATCH) for _ in range(STEPS)]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run(chunks, fused):
+    trainer = SingleDeviceTrainer(
+        model(chunks, fused),
+        SPEC,
+        optimizer,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
+    try:
+        initial = trainer.get_weights()
+        losses = [trainer.train_step(b) for b in batches()]
+        return initial, losses, trainer.get_weights()
+    finally:
+        trainer.close()
+
+
+def pipelined_run(replicas, schedule, num_micro_batches, fused):
+    plan = even_plan(LAYERS, replicas, GLOBAL_BATCH, num_micro_batches, schedule)
+    trainer = Trainer(
+        model(fused=fused),
+        SPEC,
+        optimizer,
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
+    try:
+        initial = trainer.get_weights()
+        losses = [trainer.train_step(b) for b in batches()]
+        return plan, initial, losses, trainer.get_weights()
+    finally:
+        trainer.close()
+
+
+def assert_same_training(got, expected, names=None):
+    _, initial, losses, final = got
+    expected_initial, expected_losses, expected_final = expected
+    for name, value in expected_initial.items():
+        np.testing.assert_array_equal(initial[name], value, err_msg=f"initial {name}")
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    assert sorted(final) == sorted(expected_final)
+    for name in names or expected_final:
+        np.testing.assert_allclose(
+            final[name], expected_final[name], rtol=1e-5, atol=1e-6, err_msg=name
         )
-        v1.add_to_collection(
-            v1.GraphKeys.UPDATE_OPS, v1.assign(moving_mean, 0.9 * moving_mean + 0.1 * mean)
-        )
-        scale = v1.get_variable("scale", [4], initializer=v1.ones_initializer())
-        h = (features["x"] - mean) * tf.math.rsqrt(variance + 1e-3) * scale
-    with layer("loss"):
-        return tf.reduce_mean(tf.square(h - 1.0))
+
+
+MOVING = [f"layer_{k}/{s}" for k in range(3) for s in ("moving_mean", "moving_variance")]
 
 
 def test_the_single_device_reference_updates_moving_statistics():
-    trainer = SingleDeviceTrainer(
-        bn_model, SPEC, lambda: v1.train.GradientDescentOptimizer(0.1), 8, optimize_graph=False
-    )
-    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32) + 3.0
-    trainer.train_step({"x": x})
-    np.testing.assert_allclose(trainer.get_weights()["bn/moving_mean"], 0.1 * x.mean(0), rtol=1e-5)
-    trainer.close()
+    _, _, final = reference_run((1, 1, 1), False)
+    assert not np.allclose(final["layer_0/moving_mean"], 0.0)
+    assert not np.allclose(final["layer_2/moving_variance"], 1.0)
 
 
-def test_the_pipelined_trainer_refuses_update_ops_instead_of_dropping_them():
+def test_the_template_holds_the_moving_statistics_as_non_trainable_variables():
+    template = build_template(bn_model, SPEC)
+    assert len(template.moving_updates) == 6
+    for name in MOVING:
+        assert not template.variables[name].trainable
+    assert {s.kind for s in template.statistics.values()} == {"mean", "variance"}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["moments", "fused"])
+@pytest.mark.parametrize(
+    "replicas,schedule", [([1, 1], "1f1b"), ([1, 1, 1, 1], "gpipe"), ([1, 1, 1, 1], "1f1b")]
+)
+def test_one_micro_batch_one_replica_trains_exactly_like_single_device(replicas, schedule, fused):
+    got = pipelined_run(replicas, schedule, 1, fused)
+    assert_same_training(got, reference_run((1, 1, 1), fused))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["moments", "fused"])
+@pytest.mark.parametrize(
+    "replicas,schedule,num_micro_batches",
+    [([2, 1], "gpipe", 4), ([1, 1, 2, 1], "1f1b", 4), ([1, 2], "1f1b", 1)],
+)
+def test_micro_batches_normalise_alone_and_moving_statistics_see_the_global_batch(
+    replicas, schedule, num_micro_batches, fused
+):
+    got = pipelined_run(replicas, schedule, num_micro_batches, fused)
+    chunks = ghost_chunks(got[0])
+    assert max(chunks) > 1
+    assert_same_training(got, reference_run(chunks, fused))
+
+
+@pytest.mark.parametrize("replicas,schedule", [([2, 1], "1f1b"), ([1, 1, 1, 1], "gpipe")])
+def test_moving_statistics_of_the_features_equal_single_device_for_any_micro_batches(
+    replicas, schedule
+):
+    """The first batch norm reads the features: the same rows however the batch is split, so
+    its moving statistics equal plain single-device training's after every step (the deeper
+    ones summarise activations normalised per micro-batch, which differ by design)."""
+    _, _, _, final = pipelined_run(replicas, schedule, 4, False)
+    _, _, expected = reference_run((1, 1, 1), False)
+    for name in ("layer_0/moving_mean", "layer_0/moving_variance"):
+        np.testing.assert_allclose(final[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(final["layer_1/kernel"], expected["layer_1/kernel"], rtol=1e-4)
+
+
+def _refused(model_fn, match):
     plan = even_plan(("bn", "loss"), [1, 1], 8, 2, "1f1b")
-    with pytest.raises(TemplateError, match=r"UPDATE_OPS .*bn/Assign"):
+    with pytest.raises(TemplateError, match=match):
         Trainer(
-            bn_model,
-            SPEC,
+            model_fn,
+            {"x": ((4,), tf.float32)},
             lambda: v1.train.GradientDescentOptimizer(0.1),
             plan,
             8,
             optimize_graph=False,
         )
+
+
+def _moving(name="moving"):
+    return v1.get_variable(name, [4], initializer=v1.zeros_initializer(), trainable=False)
+
+
+def _loss_of(x):
+    with layer("loss"):
+        return tf.reduce_mean(tf.square(x))
+
+
+def test_an_update_reading_rows_instead_of_a_statistic_is_refused_naming_it():
+    def model(features):
+        with layer("bn"):
+            x = features["x"] * v1.get_variable("scale", [4])
+            moving = _moving()
+            v1.add_to_collection(
+                v1.GraphKeys.UPDATE_OPS, v1.assign(moving, 0.9 * moving + 0.1 * x[0])
+            )
+        return _loss_of(x)
+
+    _refused(
+        model,
+        r"update bn/AssignVariableOp of bn/moving: bn/strided_slice \(StridedSlice\) reads bn/mul:0",
+    )
+
+
+def test_an_update_reading_a_sum_over_rows_is_refused():
+    def model(features):
+        with layer("bn"):
+            x = features["x"] * v1.get_variable("scale", [4])
+            moving = _moving()
+            total = tf.reduce_sum(x, 0)  # grows with the rows: not a per-feature statistic
+            v1.add_to_collection(v1.GraphKeys.UPDATE_OPS, v1.assign(moving, total))
+        return _loss_of(x)
+
+    _refused(model, r"bn/Sum \(Sum\) reads bn/mul:0, .*not a per-feature statistic")
+
+
+def test_an_update_op_that_is_not_an_assign_is_refused_naming_it():
+    def model(features):
+        with layer("bn"):
+            x = features["x"] * v1.get_variable("scale", [4])
+            v1.add_to_collection(v1.GraphKeys.UPDATE_OPS, tf.reduce_mean(x, name="not_an_update"))
+        return _loss_of(x)
+
+    _refused(model, r"UPDATE_OPS holds bn/not_an_update \(Mean\)")
+
+
+def test_moving_statistics_are_checkpointed_and_restore_into_single_device(tmp_path):
+    plan = even_plan(LAYERS, [1, 1], GLOBAL_BATCH, 2, "1f1b")
+    trainer = Trainer(bn_model, SPEC, optimizer, plan, GLOBAL_BATCH, seed=SEED)
+    try:
+        trainer.train_step(batches()[0])
+        saved = trainer.get_weights()
+        path = trainer.save(tmp_path / "ckpt")
+    finally:
+        trainer.close()
+    reference = SingleDeviceTrainer(bn_model, SPEC, optimizer, GLOBAL_BATCH, seed=SEED + 1)
+    try:
+        reference.restore(path)
+        restored = reference.get_weights()
+    finally:
+        reference.close()
+    assert not np.allclose(saved["layer_1/moving_mean"], 0.0)  # updated by the step
+    for name in MOVING:
+        np.testing.assert_array_equal(restored[name], saved[name], err_msg=name)

@@ -8,8 +8,9 @@ stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2); the test 
 losses every rank returned and the final weights (model, momentum slots, global_step) with
 SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
 (rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
-Two-rank launches check clip_norm (1:1 and DP2), the GPU pinning of every session, and a rank
-killed mid-step; a 4-rank one the killed rank too.
+Two-rank launches check clip_norm (1:1 and DP2), batch norm (moving statistics from the global
+batch, summed across the ranks of a replicated stage; tests/batch_norm_model.py), the GPU
+pinning of every session, and a rank killed mid-step; a 4-rank one the killed rank too.
 """
 
 import json
@@ -19,6 +20,7 @@ import re
 import numpy as np
 import pytest
 
+import batch_norm_model
 import rewrite_models as models
 from dapple_tf.trainer import SingleDeviceTrainer
 from multirank import runner, trainer_checks as checks
@@ -201,6 +203,69 @@ def test_clip_norm_on_two_ranks_equals_one_device(two_rank_clip, plan, schedule)
     _check_equal_to_single_device(
         two_rank_clip, _clipped_reference(models.MLP), "mlp", plan, schedule, clip=True, num_ranks=2
     )
+
+
+# ---- batch norm: moving statistics from the global batch, across ranks ------------------------
+BATCH_NORM_CONFIGS = [("bn", "1:1", "1f1b"), ("bn", "DP2", "gpipe"), ("bnfused", "DP2", "1f1b")]
+
+
+@pytest.fixture(scope="module")
+def two_rank_batch_norm(tmp_path_factory):
+    return _equivalence_launch(
+        tmp_path_factory.mktemp("batch_norm_2"), 2, ["/".join(c) for c in BATCH_NORM_CONFIGS]
+    )
+
+
+def _batch_norm_reference(model, plan_name, schedule):
+    """Single-device training that normalises each clone's rows (micro-batch x replica) by
+    their own statistics and updates the moving statistics from the whole batch's."""
+    plan = checks.make_plan(batch_norm_model.LAYERS, plan_name, schedule)
+    chunks = batch_norm_model.ghost_chunks(plan)
+    assert max(chunks) > 1
+    fused = checks.BATCH_NORM[model]
+    case = models.ModelCase(
+        model,
+        batch_norm_model.model(chunks, fused),
+        batch_norm_model.SPEC,
+        batch_norm_model.make_batch,
+    )
+    return single_device_run(case, checks.STEPS)
+
+
+@pytest.mark.parametrize("model,plan,schedule", BATCH_NORM_CONFIGS)
+def test_batch_norm_on_two_ranks_updates_moving_statistics_from_the_global_batch(
+    two_rank_batch_norm, model, plan, schedule
+):
+    _check_equal_to_single_device(
+        two_rank_batch_norm,
+        _batch_norm_reference(model, plan, schedule),
+        model,
+        plan,
+        schedule,
+        num_ranks=2,
+    )
+
+
+def test_moving_statistics_of_two_ranks_restore_into_a_single_device_graph(two_rank_batch_norm):
+    out, _ = two_rank_batch_norm
+    final = np.load(os.path.join(out, "bn-1_1-1f1b.npz"))
+    trainer = SingleDeviceTrainer(
+        batch_norm_model.model(),
+        batch_norm_model.SPEC,
+        checks.optimizer,
+        checks.GLOBAL_BATCH,
+        seed=checks.SEED + 1,
+        optimize_graph=False,
+    )
+    try:
+        trainer.restore(os.path.join(out, "ckpt-bn-1_1-1f1b"))
+        restored = trainer.get_weights()
+    finally:
+        trainer.close()
+    assert not np.allclose(final["final/layer_2/moving_mean"], 0.0)  # updated on rank 1
+    for k in range(3):  # layers 0 and 1 on rank 0, layer 2 on rank 1
+        for name in (f"layer_{k}/moving_mean", f"layer_{k}/moving_variance"):
+            np.testing.assert_array_equal(restored[name], final["final/" + name], err_msg=name)
 
 
 # ---- GPU hosts: every session of a rank sees only the rank's local GPU -------------------------

@@ -6,8 +6,9 @@ trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/cl
     check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
     <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
     rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
-    those of rewrite_models.ALL, and tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
-    0.1, its layer rule, Adam).
+    those of rewrite_models.ALL, tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
+    0.1, its layer rule, Adam), and bn / bnfused (tests/batch_norm_model.py: moments batch
+    norm, the last one fused).
 trainer_checks.py sessions <out_dir>
     Record the ConfigProto of every TensorFlow session the process opens (whoever opens it)
     while it builds Trainer(plan="auto") for mlp on 2 ranks, trains a step, gathers the weights
@@ -35,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 import functools  # noqa: E402
 
+import batch_norm_model  # noqa: E402
 import rewrite_models as models  # noqa: E402
 import tf1_bert  # noqa: E402
 import dapple_tf  # noqa: E402
@@ -65,8 +67,18 @@ def adam():
 TF1_BERT_DROPOUT = {"tf1bert0": 0.0, "tf1bert1": 0.1}
 
 
+BATCH_NORM = {"bn": False, "bnfused": True}  # tests/batch_norm_model.py, fused or not
+
+
 def model_case(model):
     """(case, layer rule, optimizer_fn) of a model name."""
+    if model in BATCH_NORM:
+        model_fn = batch_norm_model.model(fused=BATCH_NORM[model])
+        return (
+            models.ModelCase(model, model_fn, batch_norm_model.SPEC, batch_norm_model.make_batch),
+            None,
+            optimizer,
+        )
     if model in TF1_BERT_DROPOUT:
         model_fn = functools.partial(tf1_bert.bert_classifier, dropout_rate=TF1_BERT_DROPOUT[model])
         return (
