@@ -23,7 +23,15 @@ of the stage's backward (graph_rewrite/backward_split.py) alone:
   a row tensor.
 
 Then the gradient is a sum over the stacked rows of one function per row, which is exactly the
-sum over micro-batches (up to the order of float additions). Any other gradient (sparse, reading
+sum over micro-batches (up to the order of float additions).
+
+On a stage of a multi-stage plan (`row_ops_per_micro_batch`) only the sums over rows and what
+follows them are stacked; everything they read with the micro-batch's rows on axis 0 is
+computed per micro-batch, as without stacking, so any such tensor counts as a row tensor
+(whatever computed it, batch norm's coupling of rows included): a sum over axis 0 of the
+stacked calls' values is the sum over calls of their sums. A gradient that other outputs also
+read (batch norm's beta: its sum over rows flows on into the input gradient), or whose sums read
+a row sum that other outputs share, stays on the per-micro-batch path. Any other gradient (sparse, reading
 the loss seed, reshaping rows, ...) keeps the per-micro-batch path with running sums.
 """
 
@@ -151,57 +159,85 @@ def plan_stacking(
         spec_of,
         variable_handles,
         {canonical_tensor_name(t) for t in step_constants},
+        rows_by_shape=row_ops_per_micro_batch,
     )
     stacked = {v: t for v, t in dense.items() if kinds.of(t) == ROW_SUM}
+    while stacked:
+        others = [
+            *input_grads.values(),
+            *(
+                canonical_tensor_name(t)
+                for v, r in variable_grads.items()
+                if v not in stacked
+                for t in (r.dense, r.indices, r.values, r.dense_shape)
+                if t
+            ),
+        ]
+        kept_by_others = data_ancestors(backward, others)
+        # A gradient that other outputs also read (batch norm's beta: the sum over rows of its
+        # output gradient also flows back into the input gradient through the batch mean) is
+        # computed per micro-batch anyway: it stays there, and the others are checked again.
+        needed = {v for v, t in stacked.items() if split_tensor_name(t)[0] in kept_by_others}
+        if needed:
+            stacked = {v: t for v, t in stacked.items() if v not in needed}
+            continue
+        own = (
+            data_ancestors(
+                backward, stacked.values(), within=set(split.weight_part) - kinds.row_shaped_free
+            )
+            - kept_by_others
+        )  # nodes only these gradients need
+        per_call = set()  # nodes the per-micro-batch backward keeps although `own` holds them
+        if row_ops_per_micro_batch:
+            row_nodes = {n for n in own if kinds.memo.get(n) == ROW}
+            per_call = data_ancestors(backward, [f"{n}:0" for n in row_nodes], within=own)
+            # the row-free nodes they read stay in both (computed from constants)
+            own -= {n for n in per_call if kinds.memo.get(n) != FREE}
+        constants = {
+            split_tensor_name(i)[0]
+            for n in backward.node
+            if n.name in own
+            for i in n.input
+            if split_tensor_name(i)[0] in kinds.const_by_name
+        }
+        weight_nodes = own | constants  # a shared constant: a copy each
+        weight_graph_def = _subgraph(backward, weight_nodes)
+        read = [
+            canonical_tensor_name(i)
+            for n in weight_graph_def.node
+            for i in n.input
+            if not i.startswith("^")
+        ]
+        outside = list(
+            dict.fromkeys(t for t in read if split_tensor_name(t)[0] not in weight_nodes)
+        )
+        handle_inputs = tuple(t for t in outside if split_tensor_name(t)[0] in variable_handles)
+        constant_inputs = tuple(
+            t
+            for t in outside
+            if t not in handle_inputs
+            and kinds.of(t) == FREE
+            and split_tensor_name(t)[0] not in kinds.row_shaped_free
+        )
+        row_inputs = tuple(t for t in outside if t not in handle_inputs + constant_inputs)
+        # Only tensors with the micro-batch's rows on axis 0 can be stacked; a sum over rows
+        # that other outputs share, read from outside, cannot: its gradients stay per call.
+        unstackable = {
+            t
+            for t in row_inputs
+            if kinds.of(t) != ROW and split_tensor_name(t)[0] not in kinds.row_shaped_free
+        }
+        if not unstackable:
+            break
+        stacked = {
+            v: t
+            for v, t in stacked.items()
+            if not _reads_any(
+                weight_graph_def, data_ancestors(backward, [t], within=own), unstackable
+            )
+        }
     if not stacked:
         return None
-    others = [
-        *input_grads.values(),
-        *(
-            canonical_tensor_name(t)
-            for v, r in variable_grads.items()
-            if v not in stacked
-            for t in (r.dense, r.indices, r.values, r.dense_shape)
-            if t
-        ),
-    ]
-    kept_by_others = data_ancestors(backward, others)
-    own = (
-        data_ancestors(
-            backward, stacked.values(), within=set(split.weight_part) - kinds.row_shaped_free
-        )
-        - kept_by_others
-    )  # nodes only these gradients need
-    per_call = set()  # nodes the per-micro-batch backward keeps although `own` holds them
-    if row_ops_per_micro_batch:
-        row_nodes = {n for n in own if kinds.memo.get(n) == ROW}
-        per_call = data_ancestors(backward, [f"{n}:0" for n in row_nodes], within=own)
-        own -= row_nodes  # the row-free nodes they read stay in both (computed from constants)
-    constants = {
-        split_tensor_name(i)[0]
-        for n in backward.node
-        if n.name in own
-        for i in n.input
-        if split_tensor_name(i)[0] in kinds.const_by_name
-    }
-    weight_nodes = own | constants  # a shared constant: a copy each
-    weight_graph_def = _subgraph(backward, weight_nodes)
-    read = [
-        canonical_tensor_name(i)
-        for n in weight_graph_def.node
-        for i in n.input
-        if not i.startswith("^")
-    ]
-    outside = list(dict.fromkeys(t for t in read if split_tensor_name(t)[0] not in weight_nodes))
-    handle_inputs = tuple(t for t in outside if split_tensor_name(t)[0] in variable_handles)
-    constant_inputs = tuple(
-        t
-        for t in outside
-        if t not in handle_inputs
-        and kinds.of(t) == FREE
-        and split_tensor_name(t)[0] not in kinds.row_shaped_free
-    )
-    row_inputs = tuple(t for t in outside if t not in handle_inputs + constant_inputs)
     produced = {n.name for n in backward.node}
     return StackingPlan(
         variables=tuple(stacked),
@@ -220,7 +256,21 @@ def plan_stacking(
 class _RowKinds:
     """ROW, ROW_SUM, FREE or None (anything else) for tensors the weight part computes."""
 
-    def __init__(self, backward, weight_part, rows, spec_of, variable_handles, step_constants):
+    def __init__(
+        self,
+        backward,
+        weight_part,
+        rows,
+        spec_of,
+        variable_handles,
+        step_constants,
+        rows_by_shape=False,
+    ):
+        """`rows_by_shape`: a node of the weight part that is none of the kinds but has the
+        micro-batch's rows on axis 0 is a ROW tensor: it will be computed per call (each call
+        computes it from its own micro-batch, as without stacking), and a sum over axis 0 of the
+        calls' values stacked is the sum over calls of their sums."""
+        self.rows_by_shape = rows_by_shape
         self.node_by_name = {n.name: n for n in backward.node if n.name in weight_part}
         self.const_by_name = {n.name: n for n in backward.node if n.op == "Const"}
         self.rows, self.spec_of, self.handles = rows, spec_of, variable_handles
@@ -233,12 +283,18 @@ class _RowKinds:
         if op in self.handles or op in self.const_by_name or tensor in self.step_constants:
             return FREE
         if op not in self.node_by_name:
-            shape = self.spec_of(tensor).shape
-            return ROW if shape.rank and shape[0] == self.rows else None
+            return ROW if self.has_rows(tensor) else None
         if op not in self.memo:
             self.memo[op] = None  # a cycle (none in a GraphDef) stays unknown
-            self.memo[op] = self._node_kind(self.node_by_name[op])
+            kind = self._node_kind(self.node_by_name[op])
+            if kind is None and self.rows_by_shape and self.has_rows(tensor):
+                kind = ROW
+            self.memo[op] = kind
         return self.memo[op]
+
+    def has_rows(self, tensor: str) -> bool:
+        shape = self.spec_of(tensor).shape
+        return bool(shape.rank) and shape[0] == self.rows
 
     def _node_kind(self, node) -> str | None:
         op_def = compat.op_def(node.op)
@@ -324,6 +380,17 @@ class _RowKinds:
     def _constant(self, tensor: str):
         node = self.const_by_name.get(split_tensor_name(tensor)[0])
         return None if node is None else tf.make_ndarray(node.attr["value"].tensor)
+
+
+def _reads_any(graph_def: graph_pb2.GraphDef, names: set[str], tensors: set[str]) -> bool:
+    """Whether a node of `graph_def` in `names` reads one of `tensors` through a data edge."""
+    return any(
+        canonical_tensor_name(i) in tensors
+        for n in graph_def.node
+        if n.name in names
+        for i in n.input
+        if not i.startswith("^")
+    )
 
 
 def _with_data_descendants(graph_def: graph_pb2.GraphDef, names: set[str]) -> set[str]:

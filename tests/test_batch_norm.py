@@ -60,7 +60,7 @@ def reference_run(chunks, fused):
         trainer.close()
 
 
-def pipelined_run(replicas, schedule, num_micro_batches, fused):
+def pipelined_run(replicas, schedule, num_micro_batches, fused, stack=False, check=None):
     plan = even_plan(LAYERS, replicas, GLOBAL_BATCH, num_micro_batches, schedule)
     trainer = Trainer(
         model(fused=fused),
@@ -70,8 +70,11 @@ def pipelined_run(replicas, schedule, num_micro_batches, fused):
         GLOBAL_BATCH,
         seed=SEED,
         optimize_graph=False,
+        stack_weight_gradients=stack,
     )
     try:
+        if check:
+            check(trainer)
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches()]
         return plan, initial, losses, trainer.get_weights()
@@ -130,6 +133,29 @@ def test_micro_batches_normalise_alone_and_moving_statistics_see_the_global_batc
     chunks = ghost_chunks(got[0])
     assert max(chunks) > 1
     assert_same_training(got, reference_run(chunks, fused))
+
+
+@pytest.mark.parametrize(
+    "replicas,kernels",
+    [
+        ([1], {"layer_2/kernel"}),  # one stage stacks whole backwards: not through a batch norm
+        ([2, 1], {"layer_0/kernel", "layer_1/kernel", "layer_2/kernel"}),
+    ],
+)
+def test_stacked_weight_gradients_keep_a_beta_gradient_the_input_gradient_reads_per_micro_batch(
+    replicas, kernels
+):
+    """`stack_weight_gradients=True`: beta's gradient (a sum over rows) also feeds the input
+    gradient through the batch mean, so it stays per micro-batch. On a pipeline, activation
+    gradients are computed per micro-batch, so every kernel is stacked, batch norms or not."""
+
+    def check(trainer):
+        stacked = {v for s in trainer.rewritten.stage_graphs for v in s.stacked_gradients}
+        assert {v for v in stacked if v.endswith("kernel")} == kernels
+        assert not {v for v in stacked if v.endswith("/beta")}
+
+    got = pipelined_run(replicas, "1f1b", 4, False, stack=True, check=check)
+    assert_same_training(got, reference_run(ghost_chunks(got[0]), False))
 
 
 @pytest.mark.parametrize("replicas,schedule", [([2, 1], "1f1b"), ([1, 1, 1, 1], "gpipe")])
