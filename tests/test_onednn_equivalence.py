@@ -1,6 +1,6 @@
 """Pipelined training equals single-device training with TensorFlow's oneDNN kernels (what
 `import dapple_tf` turns on for users), which also runs the transposed-weights pass for real:
-the equivalence and transposed-weights test files, each in a fresh process with
+the equivalence, transposed-weights and stacked-gradients test files, each in a fresh process with
 TF_ENABLE_ONEDNN_OPTS=1 (the rest of the suite keeps Eigen's kernels: see conftest.py)."""
 
 import os
@@ -14,7 +14,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "test_file", ["tests/test_trainer_equivalence.py", "tests/test_transposed_weights.py"]
+    "test_file",
+    [
+        "tests/test_trainer_equivalence.py",
+        "tests/test_transposed_weights.py",
+        "tests/test_stacked_weight_gradients.py",
+    ],
 )
 def test_equivalence_holds_with_onednn_kernels(test_file):
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1")
