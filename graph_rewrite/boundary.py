@@ -75,7 +75,7 @@ class LocalTransport:
 
     def send(self, tensors, slot, name):
         with tf.device(self.device_of_slot[slot]):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
     def transfer(self, pieces, specs, from_slot, to_slot, name):
         if pieces is None:
@@ -84,7 +84,7 @@ class LocalTransport:
 
     def recv(self, tensors, slot, name):
         with tf.device(self.device_of_slot[slot]):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
 
 @dataclasses.dataclass
@@ -232,6 +232,8 @@ def _is_local(transport, slot: Slot) -> bool:
     return True if is_local is None else is_local(slot)
 
 
-def _identity_n(tensors: list[tf.Tensor], name: str) -> list[tf.Tensor]:
+def identity_n(tensors: list[tf.Tensor], name: str) -> list[tf.Tensor]:
+    """An IdentityN op named exactly `name` (from the graph's root scope, whatever scope the
+    caller is in): the endpoint ops that schedules, transports and traces find by name."""
     with tf.compat.v1.get_default_graph().name_scope(None):
         return list(tf.identity_n(tensors, name=name))

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
+from .boundary import identity_n
 from .place import Slot
 
 GROUP_KEY_BASE = 1000  # leaves small keys to user code that creates collectives of its own
@@ -102,11 +103,11 @@ class CollectiveTransport:
 
     def send(self, tensors, slot, name):
         with tf.device(self.device):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
     def recv(self, tensors, slot, name):
         with tf.device(self.device):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
     def transfer(self, pieces, specs, from_slot, to_slot, name):
         src, dst = self.rank_of_slot[from_slot], self.rank_of_slot[to_slot]
@@ -271,8 +272,3 @@ def _named(full_name: str, make):
         tf.compat.v1.name_scope(scope + "/" if scope else None),
     ):
         return make(leaf)
-
-
-def _identity_n(tensors, name):
-    with tf.compat.v1.get_default_graph().name_scope(None):
-        return list(tf.identity_n(tensors, name=name))

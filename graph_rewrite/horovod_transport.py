@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
+from .boundary import identity_n
 from .place import Slot
 
 SPARSE, DENSE = "sparse", "dense"
@@ -53,11 +54,11 @@ class HorovodTransport:
 
     def send(self, tensors, slot, name):
         with tf.device(self.device):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
     def recv(self, tensors, slot, name):
         with tf.device(self.device):
-            return _identity_n(tensors, name)
+            return identity_n(tensors, name)
 
     def transfer(self, pieces, specs, from_slot, to_slot, name):
         src, dst = self.rank_of_slot[from_slot], self.rank_of_slot[to_slot]
@@ -168,8 +169,3 @@ class HorovodGradientSync:
         local = tf.add_n(half_squares) if half_squares else tf.constant(0.0, tf.float32)
         total = self.sum_over_all_ranks(local, "dapple/clip/global_norm")
         return tf.sqrt(2.0 * total, name="global_norm")
-
-
-def _identity_n(tensors, name):
-    with tf.compat.v1.get_default_graph().name_scope(None):
-        return list(tf.identity_n(tensors, name=name))

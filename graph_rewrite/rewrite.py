@@ -30,7 +30,7 @@ from . import clone, functions, graphdefs, schedule, transposed_weights, variabl
 from .moving_statistics import moving_statistics_updates
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
-from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport
+from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport, identity_n
 from .partition import StageSpec, partition
 from .place import Slot, all_slots, slot_devices, variable_devices
 from .stage_graph import StageGraph, build_stage_graphs, is_differentiable
@@ -329,7 +329,7 @@ class _Builder:
                     for f in spec.features:
                         lo, hi = self._feature_rows(slot, i, f)
                         sliced.append(self.features[f][lo:hi])
-                    gated = _identity_n(sliced, f"{prefix}/features")
+                    gated = identity_n(sliced, f"{prefix}/features")
                 start_ops.append(gated[0].op)
                 features = dict(zip(spec.features, gated))
             for t, value in spec.derived_inputs.items():  # shape-derived: this clone's value
@@ -646,8 +646,3 @@ def _ancestors(op: tf.Operation) -> set[str]:
                 seen.add(t.op.name)
                 stack.append(t.op)
     return seen
-
-
-def _identity_n(tensors, name):
-    with tf.compat.v1.get_default_graph().name_scope(None):
-        return list(tf.identity_n(tensors, name=name))
