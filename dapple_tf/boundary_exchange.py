@@ -16,55 +16,35 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from planner.plan_format import Plan
+from planner.plan_format import Plan, RowOverlap
 
 from . import comm
 from .process_sets import ProcessSets
 from .rank_failures import CollectiveLog
 
 
-@dataclasses.dataclass(frozen=True)
-class RowTransfer:
-    """Rows [begin, end) of a micro-batch that `sender_rank` (a replica of the earlier stage)
-    passes to `receiver_rank` (a replica of the later stage) at one boundary. `src_begin` and
-    `dst_begin` are where the rows start in the sender's and the receiver's local slice."""
-
-    sender_rank: int
-    receiver_rank: int
-    begin: int
-    end: int
-    src_begin: int
-    dst_begin: int
-
-    @property
-    def num_rows(self) -> int:
-        return self.end - self.begin
-
-
-def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowTransfer]:
-    """The row transfers of the boundary from_stage -> to_stage: one per overlap of a sender's
-    and a receiver's row range (Plan.row_overlaps, in its order: by receiver replica, then by
-    row), with the replicas' ranks."""
+def boundary_transfers(plan: Plan, from_stage: int, to_stage: int) -> list[RowOverlap]:
+    """The row transfers of the boundary from_stage -> to_stage: Plan.row_overlaps (one per
+    overlap of a sender's and a receiver's row range, by receiver replica, then by row) with
+    `sender` and `receiver` the replicas' ranks instead of their replica indices."""
     senders, receivers = plan.stages[from_stage].devices, plan.stages[to_stage].devices
     return [
-        RowTransfer(
-            senders[o.sender], receivers[o.receiver], o.begin, o.end, o.src_begin, o.dst_begin
-        )
+        dataclasses.replace(o, sender=senders[o.sender], receiver=receivers[o.receiver])
         for o in plan.row_overlaps(from_stage, to_stage)
     ]
 
 
 def transfer_name(
-    micro_batch: int, from_stage: int, to_stage: int, t: RowTransfer, backward: bool = False
+    micro_batch: int, from_stage: int, to_stage: int, t: RowOverlap, backward: bool = False
 ) -> str:
     """Name of one pair broadcast. Forward activations travel s<a>_to_s<b> from the earlier
     stage; their gradients travel back under s<b>_to_s<a>, from the later stage's replica."""
     if backward:
         head = f"dapple/mb{micro_batch}/s{to_stage}_to_s{from_stage}/grad"
-        src, dst = t.receiver_rank, t.sender_rank
+        src, dst = t.receiver, t.sender
     else:
         head = f"dapple/mb{micro_batch}/s{from_stage}_to_s{to_stage}/act"
-        src, dst = t.sender_rank, t.receiver_rank
+        src, dst = t.sender, t.receiver
     return f"{head}/rank{src}_to_rank{dst}_rows{t.begin}_{t.end}"
 
 
@@ -90,7 +70,7 @@ class BoundaryExchange:
     def send_rows(
         self,
         local,
-        transfers: Sequence[RowTransfer],
+        transfers: Sequence[RowOverlap],
         micro_batch: int,
         from_stage: int,
         to_stage: int,
@@ -101,14 +81,12 @@ class BoundaryExchange:
         Backward (`local` = gradient w.r.t. the receiver's rows): this rank is the receiver."""
         ops = []
         for t in transfers:
-            mine = t.receiver_rank if backward else t.sender_rank
+            mine = t.receiver if backward else t.sender
             if mine != self.rank:
                 continue
             start = t.dst_begin if backward else t.src_begin
             rows = local[start : start + t.num_rows]
-            src, dst = (
-                (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
-            )
+            src, dst = (t.receiver, t.sender) if backward else (t.sender, t.receiver)
             ops.append(
                 self.pair_broadcast(
                     rows, src, dst, transfer_name(micro_batch, from_stage, to_stage, t, backward)
@@ -120,7 +98,7 @@ class BoundaryExchange:
         self,
         row_shape,
         dtype,
-        transfers: Sequence[RowTransfer],
+        transfers: Sequence[RowOverlap],
         micro_batch: int,
         from_stage: int,
         to_stage: int,
@@ -132,12 +110,10 @@ class BoundaryExchange:
 
         pieces = []
         for t in transfers:
-            mine = t.sender_rank if backward else t.receiver_rank
+            mine = t.sender if backward else t.receiver
             if mine != self.rank:
                 continue
-            src, dst = (
-                (t.receiver_rank, t.sender_rank) if backward else (t.sender_rank, t.receiver_rank)
-            )
+            src, dst = (t.receiver, t.sender) if backward else (t.sender, t.receiver)
             placeholder = tf.raw_ops.Empty(shape=[t.num_rows] + list(row_shape), dtype=dtype)
             key = t.src_begin if backward else t.dst_begin
             pieces.append(

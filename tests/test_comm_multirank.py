@@ -29,21 +29,25 @@ def plan_of(replicas, rows=ROWS, micro_batches=MICRO_BATCHES):
 # ---- pure bookkeeping --------------------------------------------------------------------------
 def test_three_to_one_boundary_is_three_transfers_that_tile_the_receiver():
     t = boundary_transfers(plan_of([3, 1]), 0, 1)
-    assert [
-        (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
-    ] == [(0, 3, 0, 2, 0, 0), (1, 3, 2, 4, 0, 2), (2, 3, 4, 6, 0, 4)]
+    assert [(x.sender, x.receiver, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
+        (0, 3, 0, 2, 0, 0),
+        (1, 3, 2, 4, 0, 2),
+        (2, 3, 4, 6, 0, 4),
+    ]
 
 
 def test_one_to_three_boundary_sends_each_receiver_its_slice_of_the_sender():
     t = boundary_transfers(plan_of([1, 3]), 0, 1)
-    assert [
-        (x.sender_rank, x.receiver_rank, x.begin, x.end, x.src_begin, x.dst_begin) for x in t
-    ] == [(0, 1, 0, 2, 0, 0), (0, 2, 2, 4, 2, 0), (0, 3, 4, 6, 4, 0)]
+    assert [(x.sender, x.receiver, x.begin, x.end, x.src_begin, x.dst_begin) for x in t] == [
+        (0, 1, 0, 2, 0, 0),
+        (0, 2, 2, 4, 2, 0),
+        (0, 3, 4, 6, 4, 0),
+    ]
 
 
 def test_two_to_three_boundary_splits_rows_at_every_overlap():
     t = boundary_transfers(plan_of([2, 3]), 0, 1)
-    assert [(x.sender_rank, x.receiver_rank, x.begin, x.end) for x in t] == [
+    assert [(x.sender, x.receiver, x.begin, x.end) for x in t] == [
         (0, 2, 0, 2),
         (0, 3, 2, 3),
         (1, 3, 3, 4),
