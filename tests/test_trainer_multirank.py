@@ -37,6 +37,24 @@ def _skip_without_horovod():
         pytest.skip(reason)
 
 
+def restored_into_single_device(model_fn, feature_spec, path):
+    """The weights of checkpoint `path`, restored into a SingleDeviceTrainer whose own initial
+    values differ (another seed)."""
+    trainer = SingleDeviceTrainer(
+        model_fn,
+        feature_spec,
+        checks.optimizer,
+        checks.GLOBAL_BATCH,
+        seed=checks.SEED + 1,
+        optimize_graph=False,
+    )
+    try:
+        trainer.restore(path)
+        return trainer.get_weights()
+    finally:
+        trainer.close()
+
+
 def single_device_run(case, steps, clip_norm=None):
     trainer = SingleDeviceTrainer(
         case.model_fn,
@@ -249,19 +267,9 @@ def test_batch_norm_on_two_ranks_updates_moving_statistics_from_the_global_batch
 def test_moving_statistics_of_two_ranks_restore_into_a_single_device_graph(two_rank_batch_norm):
     out, _ = two_rank_batch_norm
     final = np.load(os.path.join(out, "bn-1_1-1f1b.npz"))
-    trainer = SingleDeviceTrainer(
-        batch_norm_model.model(),
-        batch_norm_model.SPEC,
-        checks.optimizer,
-        checks.GLOBAL_BATCH,
-        seed=checks.SEED + 1,
-        optimize_graph=False,
+    restored = restored_into_single_device(
+        batch_norm_model.model(), batch_norm_model.SPEC, os.path.join(out, "ckpt-bn-1_1-1f1b")
     )
-    try:
-        trainer.restore(os.path.join(out, "ckpt-bn-1_1-1f1b"))
-        restored = trainer.get_weights()
-    finally:
-        trainer.close()
     assert not np.allclose(final["final/layer_2/moving_mean"], 0.0)  # updated on rank 1
     for k in range(3):  # layers 0 and 1 on rank 0, layer 2 on rank 1
         for name in (f"layer_{k}/moving_mean", f"layer_{k}/moving_variance"):
@@ -375,19 +383,7 @@ def test_sharded_checkpoint_of_four_ranks_restores_into_a_single_device_graph(
     assert len(data_files) == 2, data_files  # one shard per stage of the 3:1 plan
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     case = models.TRANSFORMER
-    trainer = SingleDeviceTrainer(
-        case.model_fn,
-        case.feature_spec,
-        checks.optimizer,
-        checks.GLOBAL_BATCH,
-        seed=checks.SEED + 1,
-        optimize_graph=False,
-    )
-    try:
-        trainer.restore(path)
-        restored = trainer.get_weights()
-    finally:
-        trainer.close()
+    restored = restored_into_single_device(case.model_fn, case.feature_spec, path)
     for name, value in expected.items():
         np.testing.assert_allclose(restored[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
