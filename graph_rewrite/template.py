@@ -243,6 +243,17 @@ def _check_loss(loss, graph: tf.Graph) -> None:
             )
 
 
+def _variable_info(op: tf.Operation, trainable) -> VariableInfo:
+    """The VariableInfo of a resource variable's VarHandleOp; `trainable`: trainable names."""
+    dims = op.get_attr("shape").dim
+    return VariableInfo(
+        op.name,
+        tuple(d.size for d in dims),
+        tf.as_dtype(op.get_attr("dtype")),
+        op.name in trainable,
+    )
+
+
 def analyse(
     graph: tf.Graph,
     features: Mapping[str, tf.Tensor],
@@ -274,14 +285,7 @@ def analyse(
                 f"use_resource=True, which dapple builds model_fn under)"
             )
         if op.type in _VARIABLE_OPS:
-            variables[op.name] = VariableInfo(
-                op.name,
-                tuple(
-                    op.get_attr("shape").dim[i].size for i in range(len(op.get_attr("shape").dim))
-                ),
-                tf.as_dtype(op.get_attr("dtype")),
-                op.name in trainable,
-            )
+            variables[op.name] = _variable_info(op, trainable)
         elif op.name in feature_ops:
             pass
         elif op.type == "Placeholder":
@@ -326,13 +330,7 @@ def analyse(
     for update in moving_updates:
         for name in update.reads:
             if name not in variables:
-                op = graph.get_operation_by_name(name)
-                variables[name] = VariableInfo(
-                    name,
-                    tuple(tf.TensorShape(op.get_attr("shape")).as_list()),
-                    tf.as_dtype(op.get_attr("dtype")),
-                    name in trainable,
-                )
+                variables[name] = _variable_info(graph.get_operation_by_name(name), trainable)
     return Template(
         moving_updates=moving_updates,
         statistics=statistics,
