@@ -91,6 +91,7 @@ def recognise_updates(
     handle op by name. Raises UpdateError naming what is not recognised."""
     statistics: dict[str, Statistic] = {}
     updates = []
+    order = {op.name: k for k, op in enumerate(graph.get_operations())}  # creation order
     for assign in update_assign_ops(graph):
         handle = assign.inputs[0].op
         if handle.name not in variable_ops:
@@ -132,7 +133,6 @@ def recognise_updates(
                         f"op {t.op.name} ({t.op.type}); it cannot be evaluated once per step"
                     )
                 stack.append(t.op)
-        order = {op.name: k for k, op in enumerate(graph.get_operations())}
         updates.append(
             MovingUpdate(
                 assign=assign.name,
