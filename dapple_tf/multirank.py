@@ -356,6 +356,6 @@ def _ranks_of_variable(plan: Plan, specs) -> dict[str, tuple[int, ...]]:
     statistics), sorted."""
     out: dict[str, set[int]] = {}
     for spec in specs:
-        for v in (*spec.variables, *spec.moving_variables):
+        for v in spec.held_variables:
             out.setdefault(v, set()).update(plan.stages[spec.index].devices)
     return {v: tuple(sorted(r)) for v, r in out.items()}

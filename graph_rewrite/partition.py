@@ -43,6 +43,12 @@ class StageSpec:
     moving_updates: tuple[str, ...] = ()
     moving_variables: tuple[str, ...] = ()
 
+    @property
+    def held_variables(self) -> tuple[str, ...]:
+        """The variables a replica of this stage holds: those it reads, then the moving
+        statistics it updates."""
+        return (*self.variables, *self.moving_variables)
+
     def outputs_to(self, stage: int) -> tuple[str, ...]:
         return tuple(t for t in self.outputs if stage in self.output_consumers[t])
 

@@ -44,6 +44,6 @@ def variable_devices(
         replicas = [slot for slot in local if slot.stage == spec.index]
         if not replicas:
             continue
-        for v in (*spec.variables, *spec.moving_variables):
+        for v in spec.held_variables:
             placement.setdefault(v, device_of_slot[replicas[0]])
     return placement
