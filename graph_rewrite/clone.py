@@ -9,6 +9,7 @@ run as `<prefix>/fwd/<template op>` on that device.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import tensorflow as tf
@@ -29,10 +30,11 @@ def call_forward(
     received: Mapping[str, tf.Tensor],
     handles: Mapping[str, tf.Tensor],
     transposed: Mapping[str, tf.Tensor] | None = None,
-) -> dict[str, tf.Tensor]:
-    """Call the stage's forward; returns template tensor name -> clone tensor for every tensor
-    the stage sends on, its loss, every forward tensor its backward reads, and its inputs.
-    `transposed`: variable -> its value transposed, for `stage.transposed_weights`."""
+) -> tuple[dict[str, tf.Tensor], tf.Operation]:
+    """Call the stage's forward; returns (template tensor name -> clone tensor for every tensor
+    the stage sends on, its loss, every forward tensor its backward reads, and its inputs;
+    the call op). `transposed`: variable -> its value transposed, for
+    `stage.transposed_weights`."""
     inputs = {}
     for feature, ph in stage.feature_inputs.items():
         inputs[ph] = features[feature]
@@ -47,6 +49,16 @@ def call_forward(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class BackwardCall:
+    """What one call of a stage's backward returns."""
+
+    input_grads: dict[str, tf.Tensor]  # input tensor -> its gradient
+    variable_grads: dict  # variable -> the new running sum if dense, else tf.IndexedSlices
+    weight_rows: dict[str, tf.Tensor]  # this micro-batch's inputs of the stacked gradients
+    op: tf.Operation  # the call: a control edge from it waits for all its results
+
+
 def call_backward(
     stage: StageGraph,
     device: str,
@@ -56,11 +68,9 @@ def call_backward(
     loss_grad: tf.Tensor | None,
     handles: Mapping[str, tf.Tensor],
     running_sums: Mapping[str, tf.Tensor],
-) -> tuple[dict[str, tf.Tensor], dict, dict[str, tf.Tensor]]:
+) -> BackwardCall:
     """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
-    slot's earlier micro-batches (empty for its first backward). Returns (input tensor -> its
-    gradient, variable -> gradient: the new running sum if dense, else tf.IndexedSlices,
-    this micro-batch's inputs of the stacked weight gradients by name)."""
+    slot's earlier micro-batches (empty for its first backward)."""
     inputs = {ph: forward[t] for ph, t in stage.forward_refs.items()}
     for t, ph in stage.grad_inputs.items():
         inputs[ph] = grad_inputs[t]
@@ -73,7 +83,7 @@ def call_backward(
         for v, ph in stage.running_sum_inputs.items():
             inputs[ph] = running_sums[v]
     function = stage.backward_accumulate_function if accumulating else stage.backward_function
-    tensors = _call(function, inputs, device, prefix + "/bwd")
+    tensors, op = _call(function, inputs, device, prefix + "/bwd")
     returned = iter(tensors[name] for name in stage.backward_results(accumulating))
     input_grads = {t: next(returned) for t in stage.input_grads}
     variable_grads = {}
@@ -84,7 +94,7 @@ def call_backward(
             indices, values, dense_shape = next(returned), next(returned), next(returned)
             variable_grads[v] = tf.IndexedSlices(values, indices, dense_shape)
     weight_inputs = stage.weight_gradient_inputs + stage.weight_gradient_constants
-    return input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}
+    return BackwardCall(input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}, op)
 
 
 def call_weight_gradients(
@@ -100,7 +110,7 @@ def call_weight_gradients(
     inputs = dict(stacked)
     for v in stage.weight_gradient_variables:
         inputs[f"{v}:0"] = handles[v]
-    tensors = _call(stage.weight_gradient_function, inputs, device, name)
+    tensors, _ = _call(stage.weight_gradient_function, inputs, device, name)
     return {v: tensors[t] for v, t in stage.stacked_gradients.items()}
 
 
@@ -110,18 +120,18 @@ def _call(
     device: str,
     name: str,
     unshaped: frozenset[int] = frozenset(),
-) -> dict[str, tf.Tensor]:
-    """Call `function` on `device`; returns output name -> tensor, plus the inputs (names the
-    caller asks for may be inputs passed straight through). Results at the indices in
-    `unshaped` keep unknown static shapes."""
+) -> tuple[dict[str, tf.Tensor], tf.Operation]:
+    """Call `function` on `device`; returns (output name -> tensor, plus the inputs: names the
+    caller asks for may be inputs passed straight through; the call op). Results at the indices
+    in `unshaped` keep unknown static shapes."""
     with tf.device(device):
-        results = functions.call(
+        op = functions.call(
             function.name,
             [inputs[t] for t in function.inputs],
             function.output_specs,
             name,
             unshaped,
         )
-    tensors = dict(zip(function.outputs, results))
+    tensors = dict(zip(function.outputs, op.outputs))
     tensors.update(inputs)
-    return tensors
+    return tensors, op

@@ -100,9 +100,10 @@ def call(
     specs: Sequence[tf.TensorSpec],
     name: str,
     unshaped: frozenset[int] = frozenset(),
-) -> list[tf.Tensor]:
-    """One call op of a registered function; results get the static shapes of `specs`, except
-    those at the indices in `unshaped` (results only another call reads need none).
+) -> tf.Operation:
+    """One call op of a registered function (its results are `.outputs`); results get the
+    static shapes of `specs`, except those at the indices in `unshaped` (results only another
+    call reads need none).
 
     The op carries `_disable_call_shape_inference` (as TF's own `Defun` call ops do): without it,
     adding the op to the graph re-runs shape inference over the whole function body, which was
@@ -123,7 +124,7 @@ def call(
     for k, (tensor, spec) in enumerate(zip(op.outputs, specs)):
         if k not in unshaped:
             tensor.set_shape(spec.shape)
-    return list(op.outputs)
+    return op
 
 
 def _type_list(dtypes: Sequence[tf.DType]) -> attr_value_pb2.AttrValue:

@@ -204,6 +204,9 @@ class _Builder:
         self.start_ops: dict = {}
         self.end_ops: dict = {}
         self.last_end: dict[Slot, tf.Operation] = {}
+        # every forward and backward call of the step, in build order: the variable updates
+        # wait for all of them (see `apply`)
+        self.stage_calls: list[tf.Operation] = []
         self.transposed: dict[Slot, dict[str, tf.Tensor]] = {}
 
     # ---- inputs and variables -------------------------------------------------------------
@@ -336,9 +339,10 @@ class _Builder:
                 with tf.device(device):
                     received[t] = tf.constant(value, name=f"{prefix}/derived")
         handles = {v: self.variables[v].handle for v in spec.variables}
-        tensors = clone.call_forward(
+        tensors, call = clone.call_forward(
             stage, device, prefix, features, received, handles, self._transposed_weights(slot)
         )
+        self.stage_calls.append(call)
         self.forward_tensors[(slot, i)] = tensors
         if spec.moving_updates:
             self.statistics.setdefault(slot, []).append({t: tensors[t] for t in spec.statistics})
@@ -400,7 +404,7 @@ class _Builder:
             grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g)) for t, g in grads_in.items()}
         handles = {v: self.variables[v].handle for v in spec.variables}
         accumulator = self.accumulators[slot]
-        input_grads, variable_grads, weight_rows = clone.call_backward(
+        backward = clone.call_backward(
             stage,
             device,
             prefix,
@@ -410,25 +414,25 @@ class _Builder:
             handles,
             accumulator.running_sums(),
         )
-        end_deps = []
-        for v, g in variable_grads.items():
+        self.stage_calls.append(backward.op)
+        for v, g in backward.variable_grads.items():
             accumulator.update(v, g)
-            end_deps += [g.values.op, g.indices.op] if isinstance(g, tf.IndexedSlices) else [g.op]
         # The call itself, also where no running sum or send reads it (stacked weight
         # gradients of a first stage): the next action must wait for this backward's compute.
-        end_deps += [t.op for t in (*input_grads.values(), *weight_rows.values())]
-        end_deps = list(dict.fromkeys(end_deps))  # mostly the one call op
+        end_deps = [backward.op]
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:
                 with self._gated_sends(end_deps):
                     end_deps.append(
-                        transfer.send(slot.replica, [input_grads[t] for t in transfer.tensors])
+                        transfer.send(
+                            slot.replica, [backward.input_grads[t] for t in transfer.tensors]
+                        )
                     )
         with tf.device(device):
             end = tf.group(*end_deps, name=f"{prefix}/B_end")
         if stage.weight_gradient_function is not None:
-            self._stack_weight_gradients(slot, weight_rows, handles, end)
+            self._stack_weight_gradients(slot, backward.weight_rows, handles, end)
         return start_ops, end
 
     def _stack_weight_gradients(
@@ -571,23 +575,37 @@ class _Builder:
         with tf.device(first_device):
             global_step = v1.train.get_or_create_global_step()
         optimizer = optimizer_fn()
-        train_op = optimizer.apply_gradients(
-            [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step
-        )
+        with self._after_every_stage_call():
+            train_op = optimizer.apply_gradients(
+                [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step
+            )
         return train_op, optimizer, global_step
+
+    def _after_every_stage_call(self):
+        """Control dependencies on every forward and backward call of the step, for the ops
+        that write variables. A call may read a variable for a result the update does not
+        wait for: a forward's read of a weight that only its backward uses (the forward's
+        matmul reads the transposed copy, graph_rewrite/transposed_weights.py), a backward's
+        read for the gradient it sends to the previous stage. Updates run in place, so such a
+        read that ran after the update would compute with the next step's weights (seen: the
+        first layer's gradient off by up to 5.7e-4 in 3 of 399 five-step runs on a loaded
+        machine; tests/test_variable_update_order.py). A control edge from a call waits for all its
+        results (graph_rewrite/functions.py), and every read whose value matters feeds one of them."""
+        return tf.control_dependencies(self.stage_calls)
 
     def with_moving_statistics(self, train_op, gradient_sync: GradientSync):
         """`train_op` grouped with the local stages' batch-norm updates, evaluated once per step
         on the global batch's statistics (graph_rewrite/moving_statistics.py)."""
-        updates = moving_statistics_updates(
-            self.template,
-            self.plan,
-            self.specs,
-            self.statistics,
-            self.variables,
-            self.device_of_variable,
-            gradient_sync,
-        )
+        with self._after_every_stage_call():
+            updates = moving_statistics_updates(
+                self.template,
+                self.plan,
+                self.specs,
+                self.statistics,
+                self.variables,
+                self.device_of_variable,
+                gradient_sync,
+            )
         if not updates:
             return train_op
         return tf.group(train_op, *updates, name="dapple/train_and_update_moving_statistics")

@@ -72,7 +72,7 @@ def call_graph(call_device, variable_device, num_calls=1):
                 results.append(
                     functions.call(
                         fdef.signature.name, [x, w.handle], specs, name=f"dapple/mb{k}/s1r0/fwd"
-                    )
+                    ).outputs
                 )
         init = v1.global_variables_initializer()
     return graph, x, w, results, init
