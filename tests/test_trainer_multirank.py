@@ -335,18 +335,34 @@ def _assert_every_survivor_names(result, dead, survivors, since):
         assert said_at - since < 60, (rank, said_at - since)
 
 
+def _aborted_by_horovod(result, survivors) -> bool:
+    """Whether Horovod's background thread met the dead peer's closed connection first and
+    aborted a survivor (an uncaught gloo::IoException: std::terminate) before any Python code
+    of that rank could run, so nothing of ours could print there. Seen in 3 of about 25 runs (2026-12-04/05), more
+    often on a loaded machine; the rank then exits with Horovod's own message only."""
+    return any(
+        any("Horovod background loop uncaught exception" in line for line in result.lines_of(r))
+        and not any(_names_dead_rank(r, 1).search(line) for line in result.lines_of(r))
+        for r in survivors
+    )
+
+
 # Only 4 ranks: with 2, horovodrun stops the one survivor within milliseconds of the death
 # (measured 2026-12-05 on both transports, and on the branch that added this test), before any
 # code of ours can print; the launcher's own message then names the dead rank.
 @pytest.mark.parametrize("num_ranks,plan", [(4, "2x2")])
 def test_a_rank_killed_mid_step_is_named_by_every_other_rank_within_60_s(num_ranks, plan):
     _skip_without_horovod()
-    result = runner.run("trainer_checks.py", num_ranks, ["kill", plan, 1, 2], timeout_s=240)
+    survivors = [r for r in range(num_ranks) if r != 1]
+    for _ in range(3):  # a run where Horovod aborted a survivor first says nothing: run again
+        result = runner.run("trainer_checks.py", num_ranks, ["kill", plan, 1, 2], timeout_s=240)
+        if not _aborted_by_horovod(result, survivors):
+            break
     killed_at = result.first_time_of("KILL victim rank 1 in step 2")
     assert killed_at is not None, result.output[-6000:]
     assert result.returncode != 0
     assert result.end_time - killed_at < 60, (result.end_time - killed_at, result.output[-4000:])
-    _assert_every_survivor_names(result, 1, [r for r in range(num_ranks) if r != 1], killed_at)
+    _assert_every_survivor_names(result, 1, survivors, killed_at)
 
 
 def test_trainer_under_mpirun_with_grappler_on_equals_single_device_training(
