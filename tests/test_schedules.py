@@ -7,6 +7,7 @@ small cases and are compared exactly. After an intended change of an order, rewr
 
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -94,6 +95,11 @@ def test_printed_lists_equal_the_golden_file(path):
 def test_every_schedule_has_golden_files():
     named = {GOLDEN_NAME.match(p)["name"] for p in os.listdir(GOLDEN_DIR)}
     assert named == set(schedules.SCHEDULES)
+
+
+def test_the_library_imports_no_tensorflow():
+    code = "import sys, planner.schedules; sys.exit('tensorflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_unknown_schedule_name_is_rejected_with_the_known_names():
