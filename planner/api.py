@@ -15,6 +15,7 @@ from planner.hpgo_search import HpgoSearch
 from planner.plan_format import SCHEDULES, Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
+from planner.schedules import in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
@@ -223,8 +224,9 @@ def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:
     executable = not problems and gbs % M == 0
     # memory under our model (1f1b), for information: the published model applies no limit
     dm = DappleModel(prof, clu, gbs, optimizer_slots, states=states)
+    in_flight = in_flight_peaks("1f1b", len(hp.ends), M)
     peak = [
-        dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
+        dm.stage_memory(b, e, len(d), rows, in_flight[s])
         for s, (b, e, d) in enumerate(zip(hp.begins, hp.ends, hp.devices))
     ]
     predicted = {

@@ -39,6 +39,7 @@ import numpy as np
 from planner.cluster import Cluster
 from planner.dapple_cost import DappleEval, DappleModel
 from planner.profile import Profile
+from planner.schedules import in_flight_peaks
 from planner.simulate import simulate
 from planner.states import States
 
@@ -174,6 +175,7 @@ class RuntimeModel(DappleModel):
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
+        in_flight = in_flight_peaks(schedule, S, M)
         fwd, bwd, tail, mem = [], [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
@@ -183,8 +185,7 @@ class RuntimeModel(DappleModel):
             fwd.append(f)
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
-            in_flight = M if schedule == "gpipe" else min(S - s, M)
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight))
+            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
