@@ -14,8 +14,9 @@ import sys
 
 from planner.api import COST_MODELS, plan
 from planner.cluster import GB, Cluster, ClusterError
-from planner.plan_format import SCHEDULES, Plan, PlanError
+from planner.plan_format import Plan, PlanError
 from planner.profile import Profile, ProfileError
+from planner.schedules import EXECUTABLE
 
 
 def _positive_int(text: str) -> int:
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline replica, default 1); default: the planner chooses",
     )
     p.add_argument("--cost-model", choices=COST_MODELS, default="dapple-tf")
-    p.add_argument("--schedule", choices=SCHEDULES, help="default: the planner chooses")
+    p.add_argument("--schedule", choices=EXECUTABLE, help="default: the planner chooses")
     p.add_argument(
         "--device-memory-gb",
         type=_positive_float,

@@ -12,10 +12,10 @@ from planner.dapple_cost import DappleModel
 from planner.dapple_search import DappleSearch
 from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
-from planner.plan_format import SCHEDULES, Plan, PlanError, Stage
+from planner.plan_format import Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
-from planner.schedules import in_flight_peaks
+from planner.schedules import EXECUTABLE, in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
@@ -93,9 +93,9 @@ def plan(
     started = time.perf_counter()
     if cost_model not in COST_MODELS:
         raise PlanError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
-    if schedule is not None and schedule not in SCHEDULES:
+    if schedule is not None and schedule not in EXECUTABLE:
         raise PlanError(
-            f"schedule must be one of {', '.join(SCHEDULES)} (or None to choose), got {schedule!r}"
+            f"schedule must be one of {', '.join(EXECUTABLE)} (or None to choose), got {schedule!r}"
         )
     if (
         not isinstance(global_batch_size, int)

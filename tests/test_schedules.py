@@ -17,6 +17,7 @@ if __name__ == "__main__":
     sys.path.insert(0, ROOT)
 
 from planner import schedules  # noqa: E402
+from planner.plan_format import PlanError, even_plan  # noqa: E402
 from planner.schedules import (  # noqa: E402
     Action,
     ScheduleError,
@@ -110,6 +111,21 @@ def test_unknown_schedule_name_is_rejected_with_the_known_names():
 def test_the_rewriter_runs_gpipe_and_1f1b_of_the_known_schedules():
     assert schedules.EXECUTABLE == ("gpipe", "1f1b")
     assert set(schedules.EXECUTABLE) <= set(schedules.SCHEDULES)
+
+
+@pytest.mark.parametrize("name", ["interleaved-1f1b", "zb-h1"])
+def test_a_plan_with_a_schedule_the_rewriter_cannot_run_yet_is_refused(name):
+    with pytest.raises(
+        PlanError,
+        match=f"'{name}' is in the schedule library, but the rewriter cannot run it "
+        "yet; runnable schedules: gpipe, 1f1b",
+    ):
+        even_plan(["a", "b"], [1, 1], 8, 4, name)
+
+
+def test_a_plan_with_an_unknown_schedule_is_refused_naming_the_runnable_ones():
+    with pytest.raises(PlanError, match="'zigzag' is unknown; runnable schedules: gpipe, 1f1b"):
+        even_plan(["a", "b"], [1, 1], 8, 4, "zigzag")
 
 
 def test_chunks_are_refused_by_a_schedule_with_one_stage_per_group():
