@@ -14,8 +14,8 @@ ends. Step time comes from `simulate`.
 
 Memory per device of stage s:
     parameters x (1 weights + 1 gradients + optimizer_slots)
-  + activations of one micro-batch on this replica x in-flight micro-batches
-        (1f1b: min(S - s, M); gpipe: M)
+  + activations of one micro-batch on this replica x the micro-batches the schedule keeps in
+        flight on the stage (`planner.schedules.in_flight_peaks`; 1f1b: min(S - s, M), gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
 """
 

@@ -24,9 +24,10 @@ and prices what the runtime really does (graph_rewrite/, dapple_tf/):
 Memory per device of stage s: parameters x (weights + running gradient sum) + the measured
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
-(1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary buffer of one micro-batch + the
-largest `workspace_bytes` of the stage's layers (temporaries of its two ops with the most: a
-convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
+(`planner.schedules.in_flight_peaks`; 1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary
+buffer of one micro-batch + the largest `workspace_bytes` of the stage's layers (temporaries of
+its two ops with the most: a convolution's backward workspace can dwarf the saved
+activations), all scaled by rows/PBS.
 """
 
 from __future__ import annotations
