@@ -361,8 +361,11 @@ def format_lists(lists: Sequence[Sequence[Action]]) -> str:
     """One line per device group: its stages, then its actions."""
     lines = []
     for g, actions in enumerate(lists):
-        stages = ", ".join(str(s) for s in sorted({a.stage for a in actions}))
-        lines.append(f"group {g} (stage {stages}): {format_actions(actions)}")
+        stages = sorted({a.stage for a in actions})
+        named = (
+            f"stage {stages[0]}" if len(stages) == 1 else f"stages {', '.join(map(str, stages))}"
+        )
+        lines.append(f"group {g} ({named}): {format_actions(actions)}")
     return "\n".join(lines)
 
 
@@ -383,6 +386,7 @@ def start_times(
     starts: list[list[int]] = [[] for _ in lists]
     free = [0] * len(lists)
     while len(end) < sum(len(actions) for actions in lists):
+        ended = len(end)
         for g, actions in enumerate(lists):
             while len(starts[g]) < len(actions):
                 action = actions[len(starts[g])]
@@ -391,6 +395,8 @@ def start_times(
                 start = max([free[g]] + [end[n] for n in needs[action]])
                 starts[g].append(start)
                 free[g] = end[action] = start + durations[action.kind]
+        if len(end) == ended:
+            raise ScheduleError("schedule deadlocks (check_schedule says where)")
     return starts
 
 

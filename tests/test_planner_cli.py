@@ -245,7 +245,7 @@ def test_schedule_chunks_put_several_stages_on_a_group(capsys):
     assert main(argv + ["--chunks", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 stages on 2 device group(s)" in out
-    assert "group 1 (stage 1, 3): 1F0 1F1 3F0 3B0" in out
+    assert "group 1 (stages 1, 3): 1F0 1F1 3F0 3B0" in out
 
 
 @pytest.mark.parametrize(

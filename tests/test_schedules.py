@@ -230,6 +230,12 @@ def test_a_cycle_of_waits_between_groups_is_refused_as_a_deadlock():
         check_schedule(lists, 2, 2)
 
 
+def test_the_timeline_of_a_deadlocked_schedule_is_refused_not_looped_on():
+    lists = [[F(0, 0), B(0, 0), F(0, 1), B(0, 1)], [F(1, 1), B(1, 1), F(1, 0), B(1, 0)]]
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        schedules.start_times(lists, 2)
+
+
 def test_a_missing_action_is_refused_naming_it():
     lists = [[F(0, 0), B(0, 0)], [F(1, 0)]]
     with pytest.raises(ScheduleError, match="stage 1 must run F and B.*micro-batch 0.*runs F$"):
