@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from planner.schedules import EXECUTABLE
+
 # The models train.py knows (models.MODEL_NAMES; repeated here so that flag checks run before
 # TensorFlow is imported, tests/test_train_flags.py keeps the two equal).
 MODEL_NAMES = ("vgg19", "amoebanet", "bert", "gnmt", "xlnet")
@@ -45,7 +47,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "schedule",
     None,
-    ["gpipe", "1f1b"],
+    list(EXECUTABLE),
     "pipeline schedule (default: the planner's choice, 1f1b for notation plans)",
 )
 flags.DEFINE_integer(

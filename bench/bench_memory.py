@@ -8,7 +8,7 @@ Per stage: the peak of the running sum of allocations and frees of the stage's c
 a warm-up step, once over the forward ops only (`.../fwd/`: the activations kept for the
 backward) and once over all clone ops (adds backward temporaries and each micro-batch's weight
 gradients, alive until accumulated). Theory: GPipe keeps the activations of all M forwards of a stage alive until its
-backwards start; 1F1B keeps at most min(S - k, M) on stage k (graph_rewrite.schedule
+backwards start; 1F1B keeps at most min(S - k, M) on stage k (planner.schedules
 `warmup_forwards`), so the expected ratio 1f1b/gpipe is min(S - k, M) / M.
 """
 

@@ -29,6 +29,7 @@ from dapple_tf.devices import new_session
 from planner.cluster import Cluster
 from planner.plan_format import Plan
 from planner.profile import Profile
+from planner.schedules import EXECUTABLE
 
 v1 = tf.compat.v1
 
@@ -468,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--global-batch-size", type=int, default=16)
-    p.add_argument("--schedule", default=None, choices=[None, "gpipe", "1f1b"])
+    p.add_argument("--schedule", default=None, choices=[None, *EXECUTABLE])
     p.add_argument(
         "--micro-batch-size",
         type=int,

@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the CLI's output without TF's C++ lines
 
 from dapple_tf.profiler import OpRecord, op_records  # noqa: E402
+from planner.schedules import Action  # noqa: E402
 
 KINDS = ("F", "B", "transfer", "accumulate", "allreduce", "apply")
 
@@ -304,17 +305,17 @@ def theoretical_bubble(num_stages: int, num_micro_batches: int) -> float:
     return (num_stages - 1) / (num_micro_batches + num_stages - 1)
 
 
-def compute_order(tasks: Sequence[Task]) -> dict[str, list[tuple[str, int]]]:
-    """Per device, its forward/backward actions in the order they started: [("F", 0), ...] —
-    comparable with a schedule's action lists (graph_rewrite.schedule)."""
-    out: dict[str, list[tuple[str, int]]] = {}
+def compute_order(tasks: Sequence[Task]) -> dict[str, list[Action]]:
+    """Per device, its forward/backward actions in the order they started — comparable with a
+    schedule's action lists (planner/schedules.py)."""
+    out: dict[str, list[Action]] = {}
     for device in devices_of(tasks):
         mine = sorted(
             (t for t in tasks if t.device == device and t.kind in ("F", "B")),
             key=lambda t: t.start_us,
         )
         if mine:
-            out[device] = [(t.kind, t.micro_batch) for t in mine]
+            out[device] = [Action(t.kind, t.stage, t.micro_batch) for t in mine]
     return out
 
 

@@ -26,13 +26,14 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
-from . import clone, functions, graphdefs, schedule, transposed_weights, variables
+from . import clone, functions, graphdefs, transposed_weights, variables
 from .moving_statistics import moving_statistics_updates
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport, identity_n
 from .partition import StageSpec, partition
 from .place import Slot, all_slots, slot_devices, variable_devices
+from .schedule import Action, plan_schedule
 from .stage_graph import StageGraph, build_stage_graphs, is_differentiable
 from .template import Template
 
@@ -53,12 +54,12 @@ class TrainingGraph:
     global_step: tf.Variable
     optimizer: object
     gradients: dict[str, object]  # variable -> final gradient (after sync, clipping)
-    schedule: list[list[schedule.Action]]
+    schedule: list[list[Action]]  # per stage (graph_rewrite/schedule.py)
     device_of_slot: dict[Slot, str]
     device_of_variable: dict[str, str]
     local_slots: tuple[Slot, ...]
-    start_ops: dict[tuple[Slot, schedule.Action], list[tf.Operation]]
-    end_ops: dict[tuple[Slot, schedule.Action], tf.Operation]
+    start_ops: dict[tuple[Slot, Action], list[tf.Operation]]
+    end_ops: dict[tuple[Slot, Action], tf.Operation]
     stage_graphs: list[StageGraph | None]  # by stage; None where no slot of it is local
     phase_seconds: dict[str, float]  # wall time of each phase of the rewrite
 
@@ -103,11 +104,11 @@ def rewrite(
             )
         ),
     )
-    lists = schedule.schedule_for(plan.schedule, plan.num_stages, plan.num_micro_batches)
+    pipeline_schedule = plan_schedule(plan)
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(
-        template, plan, specs, stage_graphs, lists, device_of_slot, local, transport, input_fn
+        template, plan, specs, stage_graphs, device_of_slot, local, transport, input_fn
     )
     graph = tf.Graph()
     functions.register(
@@ -117,9 +118,9 @@ def rewrite(
     with graph.as_default():
         builder.create_inputs_and_variables()
         clock.mark("variables")
-        for stage, action in schedule.execution_order(lists, plan.num_micro_batches):
+        for action in pipeline_schedule.build_order:
             for slot in local:
-                if slot.stage == stage:
+                if slot.stage == action.stage:
                     builder.build_action(slot, action)
         clock.mark("clones, boundaries, schedule")
         gradients = builder.final_gradients(clip_norm, gradient_sync)
@@ -139,7 +140,7 @@ def rewrite(
         global_step=global_step,
         optimizer=optimizer,
         gradients=gradients,
-        schedule=lists,
+        schedule=pipeline_schedule.lists,
         device_of_slot=device_of_slot,
         device_of_variable=builder.device_of_variable,
         local_slots=local,
@@ -171,7 +172,6 @@ class _Builder:
         plan: Plan,
         specs: list[StageSpec],
         stage_graphs: list[StageGraph],
-        lists,
         device_of_slot,
         local,
         transport,
@@ -180,7 +180,6 @@ class _Builder:
         self.template, self.plan, self.specs = template, plan, specs
         self.input_fn = input_fn
         self.stage_graphs = stage_graphs
-        self.lists = lists
         self.device_of_slot = device_of_slot
         self.local = local
         self.transport = transport
@@ -301,8 +300,8 @@ class _Builder:
         return out
 
     # ---- one action of one slot -----------------------------------------------------------
-    def build_action(self, slot: Slot, action):
-        kind, i = action
+    def build_action(self, slot: Slot, action: Action):
+        kind, i = action.kind, action.micro_batch
         previous = self.last_end.get(slot)
         deps = [previous] if previous is not None else []
         if kind == "F":

@@ -1,4 +1,5 @@
-"""DAPPLE planner: profiles, cluster model, cost models, plan search and plan files."""
+"""DAPPLE planner: profiles, cluster model, schedule library, cost models, plan search and plan
+files."""
 
 from planner.plan_format import Plan, PlanError, Stage, even_plan, parse_notation
 from planner.profile import LayerCost, Profile, ProfileError

@@ -4,7 +4,9 @@
         --cluster 8,16 [--micro-batch-size MBS] [--cost-model hpgo|dapple-tf|runtime] \\
         [--schedule 1f1b|gpipe] [--device-memory-gb 16] [--out plan.json] [--json]
 
-Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON.
+Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON,
+and `python -m planner schedule --schedule zb-h1 --stages 4 --micro-batches 8 [--chunks V]`:
+a schedule's action lists per device group, checked, and a timeline with unit-time actions.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import sys
 
 from planner.api import COST_MODELS, plan
 from planner.cluster import GB, Cluster, ClusterError
-from planner.plan_format import SCHEDULES, Plan, PlanError
+from planner.plan_format import Plan, PlanError
 from planner.profile import Profile, ProfileError
+from planner import schedules
+from planner.schedules import EXECUTABLE, ScheduleError
 
 
 def _positive_int(text: str) -> int:
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline replica, default 1); default: the planner chooses",
     )
     p.add_argument("--cost-model", choices=COST_MODELS, default="dapple-tf")
-    p.add_argument("--schedule", choices=SCHEDULES, help="default: the planner chooses")
+    p.add_argument("--schedule", choices=EXECUTABLE, help="default: the planner chooses")
     p.add_argument(
         "--device-memory-gb",
         type=_positive_float,
@@ -89,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst", help="*.json writes our JSON, anything else graph.txt")
     c.add_argument("--profile-batch-size", type=_positive_int)
+    k = sub.add_parser(
+        "schedule", help="print a schedule's action lists per device group and a timeline"
+    )
+    k.add_argument("--schedule", required=True, choices=list(schedules.SCHEDULES))
+    k.add_argument("--stages", type=_positive_int, required=True)
+    k.add_argument("--micro-batches", type=_positive_int, required=True)
+    k.add_argument(
+        "--chunks",
+        type=_positive_int,
+        default=1,
+        help="stages per device group (interleaved-1f1b; stage s on group s mod stages/chunks)",
+    )
     return parser
 
 
@@ -191,13 +207,31 @@ def _run_convert(args) -> int:
     return 0
 
 
+def _run_schedule(args) -> int:
+    lists = schedules.action_lists(args.schedule, args.stages, args.micro_batches, args.chunks)
+    report = schedules.check_schedule(lists, args.stages, args.micro_batches)
+    print(
+        f"{args.schedule}: {args.stages} stages on {len(lists)} device group(s), "
+        f"{args.micro_batches} micro-batches"
+    )
+    print(schedules.format_lists(lists))
+    peaks = " ".join(str(p) for p in report.peak_in_flight)
+    print(f"peak in-flight micro-batches per group, summed over its stages: {peaks}")
+    print()
+    print(schedules.format_timeline(lists, args.stages))
+    if args.schedule not in EXECUTABLE:
+        print(f"note: the rewriter runs only {', '.join(EXECUTABLE)} so far")
+    return 0
+
+
+COMMANDS = {"plan": _run_plan, "convert": _run_convert, "schedule": _run_schedule}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "plan":
-            return _run_plan(args)
-        return _run_convert(args)
-    except (ProfileError, PlanError, ClusterError) as e:
+        return COMMANDS[args.command](args)
+    except (ProfileError, PlanError, ClusterError, ScheduleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

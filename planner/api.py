@@ -12,9 +12,10 @@ from planner.dapple_cost import DappleModel
 from planner.dapple_search import DappleSearch
 from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
-from planner.plan_format import SCHEDULES, Plan, PlanError, Stage
+from planner.plan_format import Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
+from planner.schedules import EXECUTABLE, in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
@@ -92,9 +93,9 @@ def plan(
     started = time.perf_counter()
     if cost_model not in COST_MODELS:
         raise PlanError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
-    if schedule is not None and schedule not in SCHEDULES:
+    if schedule is not None and schedule not in EXECUTABLE:
         raise PlanError(
-            f"schedule must be one of {', '.join(SCHEDULES)} (or None to choose), got {schedule!r}"
+            f"schedule must be one of {', '.join(EXECUTABLE)} (or None to choose), got {schedule!r}"
         )
     if (
         not isinstance(global_batch_size, int)
@@ -223,8 +224,9 @@ def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:
     executable = not problems and gbs % M == 0
     # memory under our model (1f1b), for information: the published model applies no limit
     dm = DappleModel(prof, clu, gbs, optimizer_slots, states=states)
+    in_flight = in_flight_peaks("1f1b", len(hp.ends), M)
     peak = [
-        dm.stage_memory(b, e, len(d), rows, min(len(hp.ends) - s, M))
+        dm.stage_memory(b, e, len(d), rows, in_flight[s])
         for s, (b, e, d) in enumerate(zip(hp.begins, hp.ends, hp.devices))
     ]
     predicted = {

@@ -14,8 +14,8 @@ ends. Step time comes from `simulate`.
 
 Memory per device of stage s:
     parameters x (1 weights + 1 gradients + optimizer_slots)
-  + activations of one micro-batch on this replica x in-flight micro-batches
-        (1f1b: min(S - s, M); gpipe: M)
+  + activations of one micro-batch on this replica x the micro-batches the schedule keeps in
+        flight on the stage (`planner.schedules.in_flight_peaks`; 1f1b: min(S - s, M), gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
 """
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from planner.cluster import Cluster
 from planner.profile import Profile
+from planner.schedules import in_flight_peaks
 from planner.simulate import simulate
 from planner.states import States, topological_states
 
@@ -132,6 +133,7 @@ class DappleModel:
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
+        in_flight = in_flight_peaks(schedule, S, M)
         fwd, bwd, ar, mem = [], [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
@@ -139,8 +141,7 @@ class DappleModel:
             fwd.append(self.rng(self.cum_fwd, b, e) * rows)
             bwd.append(self.rng(self.cum_bwd, b, e) * rows)
             ar.append(self.allreduce_s(devices[s], self.rng(self.cum_params, b, e)))
-            in_flight = M if schedule == "gpipe" else min(S - s, M)
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight))
+            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs

@@ -5,9 +5,10 @@ trying, since b larger than that only lengthens the pipeline fill), replica coun
 divisors of b that fit, so every plan found is executable. A DP over suffixes of the cut points,
 `(first boundary, devices used from the end, stages in the suffix)`, keeps the `keep` plans with
 the least bottleneck (whole-batch compute per replica, boundary traffic) per cell, rejecting any
-stage over the device memory (1f1b in-flight count is known: it is the suffix length). The
-best finalists are placed (packed from the last device, or from device 0), simulated under each
-schedule, and the fastest that fits wins. Small problems are enumerated exhaustively instead.
+stage over the device memory with the micro-batches 1f1b keeps in flight on it (they depend only
+on the suffix length; gpipe keeps more). The best finalists are placed (packed from the last
+device, or from device 0), simulated under each schedule, and the fastest that fits wins. Small
+problems are enumerated exhaustively instead.
 
 Beyond 128 devices the DP allocates devices in whole hosts (or N/128 blocks) to stay fast.
 """
@@ -21,6 +22,7 @@ import math
 import numpy as np
 
 from planner.dapple_cost import DappleEval, DappleModel
+from planner.schedules import in_flight_peaks
 from planner.states import coarsen_cuts
 
 INF = float("inf")
@@ -275,6 +277,8 @@ class DappleSearch:
         best[0, 0, nb - 1, 0] = 0.0
         j_prev = np.arange(J + 1)
         jn = np.minimum(j_prev + 1, J)[None, :, None, None]  # new suffix length
+        # in flight on a stage under 1f1b, by its suffix length 1..J (stage J-j of J stages)
+        in_flight = np.array(in_flight_peaks("1f1b", J, M)[::-1])
         for i in range(nb - 2, -1, -1):
             width = len(reps) * K
             candP = np.full((D + 1, J + 1, 2 * width), INF)
@@ -312,7 +316,7 @@ class DappleSearch:
                 rows = b / r / pbs
                 mem = (
                     ((cum_p[ks] - cum_p[i]) * (2.0 + m.optimizer_slots))[None, None, :, None]
-                    + np.minimum(jn, M) * ((cum_a[ks] - cum_a[i]) * rows)[None, None, :, None]
+                    + in_flight[jn - 1] * ((cum_a[ks] - cum_a[i]) * rows)[None, None, :, None]
                     + (2.0 * boundary * rows)[None, None, :, None]
                 )
                 if self.objective == "memory":

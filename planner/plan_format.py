@@ -11,8 +11,9 @@ import json
 import os
 from typing import Any, Sequence
 
+from planner import schedules
+
 PLAN_FORMAT = "dapple-plan/1"
-SCHEDULES = ("gpipe", "1f1b")
 
 
 class PlanError(ValueError):
@@ -133,8 +134,7 @@ class Plan:
     def _check_shape(self):
         if not self.stages:
             raise PlanError("plan has no stages")
-        if self.schedule not in SCHEDULES:
-            raise PlanError(f"plan schedule '{self.schedule}' is not one of {', '.join(SCHEDULES)}")
+        self._check_schedule()
         if self.global_batch_size <= 0 or self.num_micro_batches <= 0:
             raise PlanError(
                 f"plan needs positive global_batch_size and num_micro_batches, got "
@@ -177,6 +177,20 @@ class Plan:
                         f"layer '{name}' appears in stage {seen_layers[name]} and stage {i}"
                     )
                 seen_layers[name] = i
+
+    def _check_schedule(self):
+        """Only schedules the rewriter can run (planner.schedules.EXECUTABLE)."""
+        if self.schedule in schedules.EXECUTABLE:
+            return
+        runnable = ", ".join(schedules.EXECUTABLE)
+        if self.schedule in schedules.SCHEDULES:
+            raise PlanError(
+                f"plan schedule '{self.schedule}' is in the schedule library, but the rewriter "
+                f"cannot run it yet; runnable schedules: {runnable}"
+            )
+        raise PlanError(
+            f"plan schedule '{self.schedule}' is unknown; runnable schedules: {runnable}"
+        )
 
     @property
     def rows_divide(self) -> bool:

@@ -24,9 +24,10 @@ and prices what the runtime really does (graph_rewrite/, dapple_tf/):
 Memory per device of stage s: parameters x (weights + running gradient sum) + the measured
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
-(1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary buffer of one micro-batch + the
-largest `workspace_bytes` of the stage's layers (temporaries of its two ops with the most: a
-convolution's backward workspace can dwarf the saved activations), all scaled by rows/PBS.
+(`planner.schedules.in_flight_peaks`; 1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary
+buffer of one micro-batch + the largest `workspace_bytes` of the stage's layers (temporaries of
+its two ops with the most: a convolution's backward workspace can dwarf the saved
+activations), all scaled by rows/PBS.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from planner.cluster import Cluster
 from planner.dapple_cost import DappleEval, DappleModel
 from planner.profile import Profile
+from planner.schedules import in_flight_peaks
 from planner.simulate import simulate
 from planner.states import States
 
@@ -174,6 +176,7 @@ class RuntimeModel(DappleModel):
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
+        in_flight = in_flight_peaks(schedule, S, M)
         fwd, bwd, tail, mem = [], [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
@@ -183,8 +186,7 @@ class RuntimeModel(DappleModel):
             fwd.append(f)
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
-            in_flight = M if schedule == "gpipe" else min(S - s, M)
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight))
+            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs

@@ -1,7 +1,8 @@
 """Event-level simulation of one training step of a pipeline schedule.
 
-A schedule is data: for each stage, the ordered actions `("F", i)` / `("B", i)` it runs
-(`schedule_actions`). `simulate` plays them: a stage runs one action at a time in its order;
+A schedule is data: for each stage, the ordered actions F(i) / B(i) it runs, from the schedule
+library (planner/schedules.py; schedules with one stage per device group and full backwards,
+gpipe and 1f1b). `simulate` plays them: a stage runs one action at a time in its order;
 F(i) on stage s starts once F(i) left stage s-1 and crossed the boundary, B(i) once B(i) left
 stage s+1 and crossed back (on the last stage, once its own F(i) is done). Transfers occupy the
 boundary link, not the stages (send/recv run beside compute); each direction of a link carries
@@ -15,38 +16,20 @@ import dataclasses
 import functools
 from typing import Sequence
 
+from planner import schedules
+
 
 @functools.lru_cache(maxsize=64)
 def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int):
-    return tuple(
-        tuple(stage) for stage in schedule_actions(schedule, num_stages, num_micro_batches)
-    )
-
-
-def schedule_actions(
-    schedule: str, num_stages: int, num_micro_batches: int
-) -> list[list[tuple[str, int]]]:
-    """Per-stage action lists. "gpipe": all forwards, then all backwards. "1f1b" (DAPPLE early
-    backward): stage s runs min(S-s, M) warm-up forwards, then alternates one backward and one
-    forward while forwards remain, then drains the backwards."""
-    S, M = num_stages, num_micro_batches
-    result = []
-    for s in range(S):
-        if schedule == "gpipe":
-            actions = [("F", i) for i in range(M)] + [("B", i) for i in range(M)]
-        elif schedule == "1f1b":
-            warmup = min(S - s, M)
-            actions = [("F", i) for i in range(warmup)]
-            next_f = warmup
-            for i in range(M):
-                actions.append(("B", i))
-                if next_f < M:
-                    actions.append(("F", next_f))
-                    next_f += 1
-        else:
-            raise ValueError(f"unknown schedule {schedule!r}; expected 'gpipe' or '1f1b'")
-        result.append(actions)
-    return result
+    """Per stage, its actions as (kind, micro-batch) pairs, what the simulation loop reads."""
+    lists = schedules.action_lists(schedule, num_stages, num_micro_batches)
+    for s, actions in enumerate(lists):
+        if any(a.kind not in "FB" or a.stage != s for a in actions):
+            raise ValueError(
+                f"simulate plays schedules with one stage per device group and full backwards; "
+                f"'{schedule}' is not one"
+            )
+    return tuple(tuple((a.kind, a.micro_batch) for a in actions) for actions in lists)
 
 
 @dataclasses.dataclass(frozen=True)

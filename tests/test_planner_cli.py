@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from planner.__main__ import main
+from planner import schedules
 from planner.plan_format import Plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,40 @@ def test_convert_writes_json_that_plans_the_same(tmp_path, capsys):
     )
     data = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert data["notation"] == "15:1"
+
+
+def test_schedule_prints_the_checked_lists_per_group_and_a_timeline(capsys):
+    argv = ["schedule", "--schedule", "zb-h1", "--stages", "4", "--micro-batches", "8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lists = schedules.action_lists("zb-h1", 4, 8)
+    assert schedules.format_lists(lists) in out
+    assert "peak in-flight micro-batches per group, summed over its stages: 4 4 4 4" in out
+    assert "group 0 |F0 F1 F2 F3 .  .  .  I0 W0 F4" in out
+    assert "step: 27 time units (F=1, B=2, I=1, W=1), bubble 11.1%" in out
+    assert "the rewriter runs only gpipe, 1f1b so far" in out
+
+
+def test_schedule_chunks_put_several_stages_on_a_group(capsys):
+    argv = ["schedule", "--schedule", "interleaved-1f1b", "--stages", "4", "--micro-batches", "4"]
+    assert main(argv + ["--chunks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 stages on 2 device group(s)" in out
+    assert "group 1 (stages 1, 3): 1F0 1F1 3F0 3B0" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["interleaved-1f1b", "8", "6", "2"], "needs a multiple of 4 micro-batches, got 6"),
+        (["1f1b", "4", "8", "2"], "schedule '1f1b' puts one stage on each device group"),
+    ],
+)
+def test_schedule_sizes_a_schedule_cannot_serve_exit_2_with_a_message(capsys, argv, message):
+    name, stages, micro_batches, chunks = argv
+    argv = ["schedule", "--schedule", name, "--stages", stages, "--micro-batches", micro_batches]
+    assert main(argv + ["--chunks", chunks]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_python_dash_m_planner_runs():

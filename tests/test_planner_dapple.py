@@ -7,22 +7,13 @@ from planner.cluster import GB, Cluster
 from planner.dapple_cost import DappleModel
 from planner.plan_format import PlanError
 from planner.profile import LayerCost, Profile
-from planner.simulate import schedule_actions, simulate
+from planner.simulate import simulate
 
 
-# ---- schedules ---------------------------------------------------------------------------------
-def test_1f1b_stage_runs_S_minus_s_warmup_forwards_then_alternates():
-    actions = schedule_actions("1f1b", 3, 4)
-    fmt = [" ".join(f"{k}{i}" for k, i in stage) for stage in actions]
-    assert fmt == ["F0 F1 F2 B0 F3 B1 B2 B3", "F0 F1 B0 F2 B1 F3 B2 B3", "F0 B0 F1 B1 F2 B2 F3 B3"]
-
-
-def test_gpipe_runs_all_forwards_then_all_backwards():
-    assert schedule_actions("gpipe", 2, 2) == [[("F", 0), ("F", 1), ("B", 0), ("B", 1)]] * 2
-
-
-def test_warmup_is_capped_by_the_micro_batch_count():
-    assert schedule_actions("1f1b", 4, 2)[0] == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+# ---- schedules (their orders: tests/test_schedules.py) ------------------------------------------
+def test_simulate_refuses_schedules_it_cannot_play():
+    with pytest.raises(ValueError, match="one stage per device group and full backwards; 'zb-h1'"):
+        simulate("zb-h1", [1.0] * 2, [1.0] * 2, [0.0], [0.0] * 2, 4)
 
 
 # ---- simulation ----------------------------------------------------------------------------------

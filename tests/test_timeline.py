@@ -7,7 +7,8 @@ from tensorflow.core.framework import step_stats_pb2
 from tensorflow.core.protobuf import config_pb2
 
 from dapple_tf import timeline
-from graph_rewrite import schedule
+from planner import schedules
+from planner.schedules import Action
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,7 +42,7 @@ def simulated_step_stats(lists, forward_us, backward_us, transfer_us=0, t0=1_000
         for s in range(num_stages):
             if position[s] == len(lists[s]):
                 continue
-            kind, i = lists[s][position[s]]
+            kind, _, i = lists[s][position[s]]
             dep = (s - 1, ("F", i)) if kind == "F" else (s + 1, ("B", i))
             if 0 <= dep[0] < num_stages and dep not in done:
                 continue
@@ -100,7 +101,7 @@ STAGES, MICRO_BATCHES = 2, 4
 
 @pytest.fixture(scope="module")
 def one_f_one_b_tasks():
-    lists = schedule.one_f_one_b(STAGES, MICRO_BATCHES)
+    lists = schedules.one_f_one_b(STAGES, MICRO_BATCHES)
     return lists, timeline.tasks_from_step_stats(
         simulated_step_stats(lists, 100, 200, transfer_us=5)
     )
@@ -131,7 +132,7 @@ def test_transfers_and_apply_become_tasks(one_f_one_b_tasks):
 
 
 def test_bubble_of_equal_forward_and_backward_is_the_theoretical_one():
-    lists = schedule.one_f_one_b(STAGES, MICRO_BATCHES)
+    lists = schedules.one_f_one_b(STAGES, MICRO_BATCHES)
     tasks = timeline.tasks_from_step_stats(simulated_step_stats(lists, 100, 100))
     theory = timeline.theoretical_bubble(STAGES, MICRO_BATCHES)
     assert theory == pytest.approx(1 / 5)
@@ -143,7 +144,7 @@ def test_gpipe_and_1f1b_bubbles_differ_by_what_the_schedule_does_not_overlap():
     # With backward = 2 x forward, GPipe on 2 stages idles each stage one forward plus one
     # backward out of a window of (M+1) forwards and (M+1) backwards.
     tasks = timeline.tasks_from_step_stats(
-        simulated_step_stats(schedule.gpipe(STAGES, MICRO_BATCHES), 100, 200)
+        simulated_step_stats(schedules.gpipe(STAGES, MICRO_BATCHES), 100, 200)
     )
     window = (MICRO_BATCHES + 1) * 300
     for fraction in timeline.bubble_fraction(tasks).values():
@@ -157,7 +158,7 @@ def test_png_boxes_per_device_are_the_schedules_actions_in_order(one_f_one_b_tas
     assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
     for s, device in enumerate(DEVICES):
         drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
-        assert drawn == [f"{kind}{i}" for kind, i in lists[s]]
+        assert drawn == schedules.format_actions(lists[s]).split()
         for (_, a0, a1), (_, b0, _) in zip(chart.rows[device], chart.rows[device][1:]):
             assert a0 <= b0
     # the 1 -> 0 gradient transfers of device 0 are drawn too
@@ -177,7 +178,7 @@ def test_chrome_trace_has_one_event_per_task_and_names_devices(one_f_one_b_tasks
 
 def test_cli_reads_the_saved_run_metadata_and_writes_png_and_trace(tmp_path, capsys):
     metadata = config_pb2.RunMetadata()
-    metadata.step_stats.CopyFrom(simulated_step_stats(schedule.one_f_one_b(2, 4), 100, 100))
+    metadata.step_stats.CopyFrom(simulated_step_stats(schedules.one_f_one_b(2, 4), 100, 100))
     (tmp_path / "trace_step_7.pb").write_bytes(metadata.SerializeToString())
     assert timeline.main(["--model_dir", str(tmp_path)]) == 0
     assert (tmp_path / "trace_step_7.png").exists()
@@ -268,7 +269,7 @@ def _traced_trainer_step(schedule_name):
 @pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe"])
 def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedule_name, tmp_path):
     tasks = _traced_trainer_step(schedule_name)
-    lists = schedule.schedule_for(schedule_name, STAGES, MICRO_BATCHES)
+    lists = schedules.action_lists(schedule_name, STAGES, MICRO_BATCHES)
     assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}
     assert {(t.device, t.stage) for t in tasks if t.kind in "FB"} == {
         (DEVICES[0], 0),
@@ -278,7 +279,7 @@ def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedul
     chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
     for s, device in enumerate(DEVICES):
         drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
-        assert drawn == [f"{kind}{i}" for kind, i in lists[s]]
+        assert drawn == schedules.format_actions(lists[s]).split()
     for device, fraction in timeline.bubble_fraction(tasks).items():
         assert 0.0 <= fraction < 1.0, device
     assert any(t.kind == "apply" for t in tasks)
@@ -305,7 +306,7 @@ def test_a_backward_is_drawn_after_its_forward_even_when_its_gradient_seems_to_a
     tasks = timeline.tasks_from_records(records)
     boxes = {t.label: (t.start_us, t.end_us) for t in tasks if t.device == d0 and t.kind in "FB"}
     assert boxes == {"F0": (100, 200), "B0": (300, 400)}
-    assert timeline.compute_order(tasks)[d0] == [("F", 0), ("B", 0)]
+    assert timeline.compute_order(tasks)[d0] == [Action("F", 0, 0), Action("B", 0, 0)]
 
 
 def _bert_tiny_trace(schedule_name, tmp_path):
@@ -335,10 +336,10 @@ def test_bert_1f1b_chart_draws_each_devices_actions_in_schedule_order(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("trace_step_*")) == ["trace_step_2.pb"]
     tasks = timeline.tasks_from_step_stats(metadata.step_stats)
     chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
-    lists = schedule.schedule_for("1f1b", 2, 4)
+    lists = schedules.action_lists("1f1b", 2, 4)
     for s, device in enumerate(DEVICES):
         drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
-        assert drawn == [f"{kind}{i}" for kind, i in lists[s]], device
+        assert drawn == schedules.format_actions(lists[s]).split(), device
         starts = {label: x0 for label, x0, _ in chart.rows[device]}
         ends = {label: x1 for label, _, x1 in chart.rows[device]}
         for i in range(4):

@@ -11,9 +11,9 @@ import tensorflow as tf
 
 import rewrite_models as models
 from dapple_tf.trainer import Trainer
-from graph_rewrite.schedule import format_actions, schedule_for
 from graph_rewrite.template import build_template
 from planner.plan_format import even_plan
+from planner.schedules import Action, action_lists, format_actions
 
 BOUNDARY = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)$")
 
@@ -32,13 +32,13 @@ def action_times(run_metadata, num_stages):
         i, a, b, kind = BOUNDARY.match(name).groups()
         i, a, b = int(i), int(a), int(b)
         if a < b and kind == "recv":
-            times[b][("F", i)] = micros
+            times[b][Action("F", b, i)] = micros
         if a < b and kind == "send" and a == 0:
-            times[0][("F", i)] = micros
+            times[0][Action("F", 0, i)] = micros
         if a > b and kind == "recv":
-            times[b][("B", i)] = micros
+            times[b][Action("B", b, i)] = micros
         if a > b and kind == "send" and a == num_stages - 1:
-            times[a][("B", i)] = micros
+            times[a][Action("B", a, i)] = micros
     return times
 
 
@@ -60,7 +60,7 @@ def test_each_stage_executes_its_forward_and_backward_tasks_in_schedule_order(sc
     trainer.train_step(batch)
     _, metadata = trainer.traced_step(batch)
     times = action_times(metadata, num_stages)
-    expected = schedule_for(schedule, num_stages, num_micro_batches)
+    expected = action_lists(schedule, num_stages, num_micro_batches)
     for s in range(num_stages):
         assert len(times[s]) == 2 * num_micro_batches, f"stage {s}: {sorted(times[s])}"
         executed = sorted(times[s], key=times[s].get)
