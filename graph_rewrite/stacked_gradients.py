@@ -46,7 +46,13 @@ from tensorflow.core.framework import graph_pb2
 
 from dapple_tf import compat
 
-from .backward_split import data_ancestors, split_backward
+from .backward_split import (
+    data_ancestors,
+    reads_any,
+    split_backward,
+    subgraph,
+    with_data_descendants,
+)
 from .graphdefs import GradRef, canonical_tensor_name, split_tensor_name
 
 ROW, ROW_SUM, FREE = "row", "row sum", "free"
@@ -201,7 +207,7 @@ def plan_stacking(
             if split_tensor_name(i)[0] in kinds.const_by_name
         }
         weight_nodes = own | constants  # a shared constant: a copy each
-        weight_graph_def = _subgraph(backward, weight_nodes)
+        weight_graph_def = subgraph(backward, weight_nodes)
         read = [
             canonical_tensor_name(i)
             for n in weight_graph_def.node
@@ -232,7 +238,7 @@ def plan_stacking(
         stacked = {
             v: t
             for v, t in stacked.items()
-            if not _reads_any(
+            if not reads_any(
                 weight_graph_def, data_ancestors(backward, [t], within=own), unstackable
             )
         }
@@ -246,8 +252,8 @@ def plan_stacking(
         handle_inputs=handle_inputs,
         constant_inputs=constant_inputs,
         outputs=tuple(stacked.values()),
-        input_graph_def=_subgraph(
-            backward, produced - _with_data_descendants(backward, own - per_call)
+        input_graph_def=subgraph(
+            backward, produced - with_data_descendants(backward, own - per_call)
         ),
         backward_row_outputs=tuple(t for t in row_inputs if split_tensor_name(t)[0] in produced),
     )
@@ -380,37 +386,3 @@ class _RowKinds:
     def _constant(self, tensor: str):
         node = self.const_by_name.get(split_tensor_name(tensor)[0])
         return None if node is None else tf.make_ndarray(node.attr["value"].tensor)
-
-
-def _reads_any(graph_def: graph_pb2.GraphDef, names: set[str], tensors: set[str]) -> bool:
-    """Whether a node of `graph_def` in `names` reads one of `tensors` through a data edge."""
-    return any(
-        canonical_tensor_name(i) in tensors
-        for n in graph_def.node
-        if n.name in names
-        for i in n.input
-        if not i.startswith("^")
-    )
-
-
-def _with_data_descendants(graph_def: graph_pb2.GraphDef, names: set[str]) -> set[str]:
-    """`names` and every node reading one of them through data edges (graph_def is in
-    topological order). Those readers are needed by no other output (else the node they read
-    would be), e.g. the unused gradient of a feature."""
-    found = set(names)
-    for node in graph_def.node:
-        if any(split_tensor_name(i)[0] in found for i in node.input if not i.startswith("^")):
-            found.add(node.name)
-    return found
-
-
-def _subgraph(graph_def: graph_pb2.GraphDef, names: set[str]) -> graph_pb2.GraphDef:
-    """The nodes of `graph_def` in `names`, in order, with its library and versions."""
-    out = graph_pb2.GraphDef()
-    out.versions.CopyFrom(graph_def.versions)
-    if len(graph_def.library.function):
-        out.library.CopyFrom(graph_def.library)
-    for node in graph_def.node:
-        if node.name in names:
-            out.node.add().CopyFrom(node)
-    return out
