@@ -1,13 +1,20 @@
 """Event-level simulation of one training step of a pipeline schedule.
 
-A schedule is data: for each stage, the ordered actions F(i) / B(i) it runs, from the schedule
-library (planner/schedules.py; schedules with one stage per device group and full backwards,
-gpipe and 1f1b). `simulate` plays them: a stage runs one action at a time in its order;
-F(i) on stage s starts once F(i) left stage s-1 and crossed the boundary, B(i) once B(i) left
-stage s+1 and crossed back (on the last stage, once its own F(i) is done). Transfers occupy the
+A schedule is data: for each stage, the ordered actions F(i) / B(i), or F(i) / I(i) / W(i), it
+runs, from the schedule library (planner/schedules.py; schedules with one stage per device
+group: gpipe, 1f1b, zb-h1). `simulate` plays them: a stage runs one action at a time in its
+order; F(i) on stage s starts once F(i) left stage s-1 and crossed the boundary, B(i) or I(i)
+once the input gradient of (s+1, i) left stage s+1 and crossed back (on the last stage, once its
+own F(i) is done), W(i) once the stage is free (its I(i) came before it). Transfers occupy the
 boundary link, not the stages (send/recv run beside compute); each direction of a link carries
-one micro-batch at a time, in order (full duplex). After its last backward a stage allreduces its
+one micro-batch at a time, in order (full duplex). After its last action a stage allreduces its
 gradients across its replicas, overlapping the other stages' drain.
+
+A split backward's times are not measured: I takes `INPUT_GRADIENT_SHARE` of the stage's
+backward time and W the rest. Half each is the rule of the zero-bubble paper (Qi et al., ICLR
+2024) for matmul layers: the input gradient and the weight gradient of `x @ w` are one matmul
+each, of the forward's FLOPs. (In this runtime a first stage, which sends no input gradient,
+runs its whole backward in W; zb-h1 runs its W right after its I, so that changes no end time.)
 """
 
 from __future__ import annotations
@@ -19,15 +26,17 @@ from typing import Sequence
 from planner import schedules
 
 
+INPUT_GRADIENT_SHARE = 0.5  # of a stage's backward time, for I; W takes the rest
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int):
     """Per stage, its actions as (kind, micro-batch) pairs, what the simulation loop reads."""
     lists = schedules.action_lists(schedule, num_stages, num_micro_batches)
     for s, actions in enumerate(lists):
-        if any(a.kind not in "FB" or a.stage != s for a in actions):
+        if any(a.stage != s for a in actions):
             raise ValueError(
-                f"simulate plays schedules with one stage per device group and full backwards; "
-                f"'{schedule}' is not one"
+                f"simulate plays schedules with one stage per device group; '{schedule}' is not one"
             )
     return tuple(tuple((a.kind, a.micro_batch) for a in actions) for actions in lists)
 
@@ -88,7 +97,7 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
     link_b = [0.0] * S  # backward link s -> s-1 free at
     pos = [0] * S
     free_at = [0.0] * S
-    remaining = S * 2 * M
+    remaining = sum(len(acts) for acts in actions)
     descending = False
     while remaining:
         progressed = False
@@ -98,6 +107,7 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
             prev_f = f_arrive[s - 1] if s > 0 else None
             next_b = b_arrive[s + 1] if s < S - 1 else None
             fwd, bwd = forward_s[s], backward_s[s]
+            input_part = bwd * INPUT_GRADIENT_SHARE
             tr_out = transfer_s[s] if s < S - 1 else 0.0
             tr_in = transfer_s[s - 1] if s > 0 else 0.0
             n = len(acts)
@@ -112,11 +122,13 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
                     if s < S - 1:
                         start = t if t > link_f[s] else link_f[s]
                         link_f[s] = f_arrive[s][i] = start + tr_out
-                else:
+                elif kind == "W":
+                    t += bwd - input_part
+                else:  # B, or I: the backward's input gradient, then sent back
                     ready = f_own[s][i] if next_b is None else next_b[i]
                     if ready == unset:
                         break
-                    t = (ready if ready > t else t) + bwd
+                    t = (ready if ready > t else t) + (bwd if kind == "B" else input_part)
                     if s > 0:
                         start = t if t > link_b[s] else link_b[s]
                         link_b[s] = b_arrive[s][i] = start + tr_in

@@ -3,6 +3,7 @@
 import pytest
 
 import planner
+from planner import schedules
 from planner.cluster import GB, Cluster
 from planner.dapple_cost import DappleModel
 from planner.plan_format import PlanError
@@ -11,9 +12,30 @@ from planner.simulate import simulate
 
 
 # ---- schedules (their orders: tests/test_schedules.py) ------------------------------------------
-def test_simulate_refuses_schedules_it_cannot_play():
-    with pytest.raises(ValueError, match="one stage per device group and full backwards; 'zb-h1'"):
-        simulate("zb-h1", [1.0] * 2, [1.0] * 2, [0.0], [0.0] * 2, 4)
+def test_simulate_refuses_schedules_it_cannot_play(monkeypatch):
+    two_chunks = schedules.interleaved_one_f_one_b(4, 4, 2)  # 2 stages on each device group
+    monkeypatch.setattr(schedules, "action_lists", lambda name, s, m: two_chunks)
+    with pytest.raises(ValueError, match="one stage per device group; 'two-chunks' is not"):
+        simulate("two-chunks", [1.0] * 4, [1.0] * 4, [0.0] * 3, [0.0] * 4, 4)
+
+
+@pytest.mark.parametrize("num_stages,num_micro_batches", [(2, 4), (4, 8), (4, 4), (3, 7)])
+def test_zb_h1_plays_i_and_w_as_halves_of_the_backward(num_stages, num_micro_batches):
+    """F = 1, B = 2 (I = W = 1 by INPUT_GRADIENT_SHARE), free transfers: the step the library's
+    unit-time timeline (planner.schedules.start_times) draws, shorter than 1F1B's by two
+    thirds of its bubble; 1F1B plays as before."""
+    S, M = num_stages, num_micro_batches
+    zb = simulate("zb-h1", [1.0] * S, [2.0] * S, [0.0] * (S - 1), [0.0] * S, M)
+    lists = schedules.action_lists("zb-h1", S, M)
+    starts = schedules.start_times(lists, S)
+    span = max(
+        t + schedules.UNIT_DURATIONS[a.kind] for g, l in zip(starts, lists) for t, a in zip(g, l)
+    )
+    assert zb.step_time_s == pytest.approx(span)
+    one_f_one_b = simulate("1f1b", [1.0] * S, [2.0] * S, [0.0] * (S - 1), [0.0] * S, M)
+    assert one_f_one_b.step_time_s == pytest.approx((M + S - 1) * 3)
+    if M >= S:
+        assert zb.step_time_s == pytest.approx(3 * M + S - 1)
 
 
 # ---- simulation ----------------------------------------------------------------------------------
