@@ -238,7 +238,8 @@ class Trainer(_SessionTrainer):
     are sums over rows, such as a dense layer's kernel and bias, computed once per step over
     the stacked rows of all micro-batches instead of once per micro-batch and summed: fewer,
     larger matmuls; the inputs of those gradients, e.g. the layer inputs, then stay alive
-    until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py).
+    until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py; not
+    with schedule zb-h1, whose W actions compute weight gradients once per micro-batch).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).

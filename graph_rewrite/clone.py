@@ -55,7 +55,8 @@ class BackwardCall:
 
     input_grads: dict[str, tf.Tensor]  # input tensor -> its gradient
     variable_grads: dict  # variable -> the new running sum if dense, else tf.IndexedSlices
-    weight_rows: dict[str, tf.Tensor]  # this micro-batch's inputs of the stacked gradients
+    # this micro-batch's inputs of the stacked gradients or of its W call (deferred weights)
+    weight_inputs: dict[str, tf.Tensor]
     op: tf.Operation  # the call: a control edge from it waits for all its results
 
 
@@ -70,7 +71,8 @@ def call_backward(
     running_sums: Mapping[str, tf.Tensor],
 ) -> BackwardCall:
     """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
-    slot's earlier micro-batches (empty for its first backward)."""
+    slot's earlier micro-batches (empty for its first backward; sums of other variables, such as
+    those of deferred weight gradients, are not read)."""
     inputs = {ph: forward[t] for ph, t in stage.forward_refs.items()}
     for t, ph in stage.grad_inputs.items():
         inputs[ph] = grad_inputs[t]
@@ -78,7 +80,9 @@ def call_backward(
         inputs[stage.loss_grad_input] = loss_grad
     for v in stage.backward_variables:
         inputs[f"{v}:0"] = handles[v]
-    accumulating = bool(running_sums)
+    accumulating = bool(stage.running_sum_inputs) and all(
+        v in running_sums for v in stage.running_sum_inputs
+    )
     if accumulating:
         for v, ph in stage.running_sum_inputs.items():
             inputs[ph] = running_sums[v]
@@ -86,15 +90,57 @@ def call_backward(
     tensors, op = _call(function, inputs, device, prefix + "/bwd")
     returned = iter(tensors[name] for name in stage.backward_results(accumulating))
     input_grads = {t: next(returned) for t in stage.input_grads}
+    variable_grads = _variable_grads(returned, stage.variable_grads)
+    weight_inputs = stage.weight_gradient_inputs + stage.weight_gradient_constants
+    if stage.deferred_weights is not None:
+        weight_inputs = stage.deferred_weights.inputs
+    return BackwardCall(input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}, op)
+
+
+def _variable_grads(returned, grad_refs) -> dict:
+    """variable -> its dense gradient or tf.IndexedSlices, read from the call's results in
+    order."""
     variable_grads = {}
-    for v, ref in stage.variable_grads.items():
+    for v, ref in grad_refs.items():
         if ref.dense:
             variable_grads[v] = next(returned)
         else:
             indices, values, dense_shape = next(returned), next(returned), next(returned)
             variable_grads[v] = tf.IndexedSlices(values, indices, dense_shape)
-    weight_inputs = stage.weight_gradient_inputs + stage.weight_gradient_constants
-    return BackwardCall(input_grads, variable_grads, {t: tensors[t] for t in weight_inputs}, op)
+    return variable_grads
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightCall:
+    """What one call of a stage's deferred weight gradients (a W action) returns."""
+
+    variable_grads: dict  # variable -> the new running sum if dense, else tf.IndexedSlices
+    op: tf.Operation
+
+
+def call_deferred_weights(
+    stage: StageGraph,
+    device: str,
+    prefix: str,
+    inputs: Mapping[str, tf.Tensor],
+    running_sums: Mapping[str, tf.Tensor],
+) -> WeightCall:
+    """Call the stage's deferred weight gradients (`<prefix>/wgrad`) on `inputs`, the
+    `weight_inputs` of one micro-batch's backward call. `running_sums`: variable -> dense
+    gradient summed over the slot's earlier micro-batches, added to if it holds every dense
+    deferred gradient (the slot's first W call: none)."""
+    deferred = stage.deferred_weights
+    args = dict(inputs)
+    accumulating = bool(deferred.running_sum_inputs) and all(
+        v in running_sums for v in deferred.running_sum_inputs
+    )
+    if accumulating:
+        for v, ph in deferred.running_sum_inputs.items():
+            args[ph] = running_sums[v]
+    function = deferred.accumulate_function if accumulating else deferred.function
+    tensors, op = _call(function, args, device, prefix + "/wgrad")
+    returned = iter(tensors[name] for name in deferred.results(accumulating))
+    return WeightCall(_variable_grads(returned, deferred.variable_grads), op)
 
 
 def call_weight_gradients(

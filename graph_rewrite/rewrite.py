@@ -10,9 +10,14 @@ apply.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
-gradient seed (`.../loss_grad`). Its end op: a NoOp `dapple/mb<i>/s<s>r<k>/F_end|B_end` after its
-send ops (and loss / variable gradients). So the executor runs each slot's actions in list
-order, and nothing of action k+1 that depends on its inputs starts before action k ended.
+gradient seed (`.../loss_grad`); for a W action (zb-h1), its call `.../wgrad` itself. Its end
+op: a NoOp `dapple/mb<i>/s<s>r<k>/F_end|B_end|I_end|W_end` after its send ops (and loss /
+variable gradients / call). So the executor runs each slot's actions in list order, and nothing
+of action k+1 that depends on its inputs starts before action k ended.
+
+Split backwards (zb-h1): I(i) is the backward call as for B, without the weight gradients the
+input gradients do not need (`StageGraph.deferred_weights`); W(i) calls those on micro-batch i's
+tensors of the I(i) call and adds them to the slot's running sums.
 """
 
 from __future__ import annotations
@@ -84,8 +89,19 @@ def rewrite(
     each feature), they default to the dataset's next element (prefetched).
     `stack_weight_gradients`: compute each slot's weight gradients that are sums over rows once
     per step, after its last backward, over the stacked rows of all its micro-batches
-    (graph_rewrite/stacked_gradients.py); their inputs stay alive until then."""
+    (graph_rewrite/stacked_gradients.py); their inputs stay alive until then. Not with a
+    schedule that splits backwards into I and W (zb-h1): its W actions compute the weight
+    gradients the input gradients do not need, once per micro-batch, where the schedule puts
+    them (`StageGraph.deferred_weights`)."""
     clock = PhaseClock()
+    pipeline_schedule = plan_schedule(plan)
+    defer_weights = any(a.kind == "W" for actions in pipeline_schedule.lists for a in actions)
+    if defer_weights and stack_weight_gradients:
+        raise ValueError(
+            f"stack_weight_gradients=True computes weight gradients once per step after a "
+            f"slot's last backward; schedule '{plan.schedule}' computes them in its W actions, "
+            f"one per micro-batch, where its order puts them: use one or the other"
+        )
     specs = partition(template, plan)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     device_of_slot = slot_devices(plan, device_name)
@@ -103,8 +119,8 @@ def rewrite(
                 device_of_slot[slot], rows_of_stage[slot.stage]
             )
         ),
+        defer_weight_gradients=defer_weights,
     )
-    pipeline_schedule = plan_schedule(plan)
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(
@@ -200,10 +216,12 @@ class _Builder:
         self.weight_gradient_rows: dict[Slot, list[dict[str, tf.Tensor]]] = {
             slot: [] for slot in local
         }
+        # (slot, micro-batch) -> its backward's inputs of the W call still to come
+        self.deferred_inputs: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.start_ops: dict = {}
         self.end_ops: dict = {}
         self.last_end: dict[Slot, tf.Operation] = {}
-        # every forward and backward call of the step, in build order: the variable updates
+        # every forward, backward and W call of the step, in build order: the variable updates
         # wait for all of them (see `apply`)
         self.stage_calls: list[tf.Operation] = []
         self.transposed: dict[Slot, dict[str, tf.Tensor]] = {}
@@ -306,8 +324,10 @@ class _Builder:
         deps = [previous] if previous is not None else []
         if kind == "F":
             start, end = self._forward(slot, i, deps)
-        else:
-            start, end = self._backward(slot, i, deps)
+        elif kind == "W":
+            start, end = self._deferred_weights(slot, i, deps)
+        else:  # B, or I: the backward without its deferred weight gradients
+            start, end = self._backward(slot, i, deps, kind)
         self.start_ops[(slot, action)] = start
         self.end_ops[(slot, action)] = end
         self.last_end[slot] = end
@@ -374,7 +394,7 @@ class _Builder:
                 }
         return self.transposed[slot]
 
-    def _backward(self, slot: Slot, i: int, deps):
+    def _backward(self, slot: Slot, i: int, deps, kind: str = "B"):
         stage = self.stage_graphs[slot.stage]
         spec = stage.spec
         device = self.device_of_slot[slot]
@@ -429,20 +449,47 @@ class _Builder:
                         )
                     )
         with tf.device(device):
-            end = tf.group(*end_deps, name=f"{prefix}/B_end")
-        if stage.weight_gradient_function is not None:
-            self._stack_weight_gradients(slot, backward.weight_rows, handles, end)
+            end = tf.group(*end_deps, name=f"{prefix}/{kind}_end")
+        if stage.deferred_weights is not None:
+            self.deferred_inputs[(slot, i)] = backward.weight_inputs
+        elif stage.weight_gradient_function is not None:
+            self._stack_weight_gradients(slot, backward.weight_inputs, handles, end)
         return start_ops, end
 
+    def _deferred_weights(self, slot: Slot, i: int, deps):
+        """W(i): the stage's deferred weight gradients of micro-batch i, one call on the tensors
+        of its backward call (I(i)), added to the slot's running sums. The call is the action's
+        start op: created under the control dependency, it waits for the previous action's end
+        (inlined, every op of its body does). A stage whose backward defers nothing has an
+        empty W: its end op only passes the order on."""
+        stage = self.stage_graphs[slot.stage]
+        device = self.device_of_slot[slot]
+        prefix = clone.clone_prefix(i, slot.tag)
+        inputs = self.deferred_inputs.pop((slot, i), None)
+        if stage.deferred_weights is None:
+            with tf.device(device), tf.control_dependencies(deps):
+                return [], tf.no_op(name=f"{prefix}/W_end")
+        accumulator = self.accumulators[slot]
+        with tf.control_dependencies(deps):
+            call = clone.call_deferred_weights(
+                stage, device, prefix, inputs, accumulator.running_sums()
+            )
+        self.stage_calls.append(call.op)
+        for v, g in call.variable_grads.items():
+            accumulator.update(v, g)
+        with tf.device(device):
+            end = tf.group(call.op, name=f"{prefix}/W_end")
+        return [call.op], end
+
     def _stack_weight_gradients(
-        self, slot: Slot, weight_rows: dict[str, tf.Tensor], handles, backward_end: tf.Operation
+        self, slot: Slot, weight_inputs: dict[str, tf.Tensor], handles, backward_end: tf.Operation
     ):
         """Record one backward's weight-gradient inputs; after the slot's last backward has
         ended (its input gradients sent: the previous stage waits for them, not for these),
         call the stage's weight-gradient function once on all of them stacked (micro-batch
         order)."""
         rows = self.weight_gradient_rows[slot]
-        rows.append(weight_rows)
+        rows.append(weight_inputs)
         if len(rows) < self.plan.num_micro_batches:
             return
         stage = self.stage_graphs[slot.stage]

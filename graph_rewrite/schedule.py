@@ -24,7 +24,8 @@ class PlanSchedule:
 
 def plan_schedule(plan: Plan) -> PlanSchedule:
     """The action lists of `plan` and their build order. Only schedules the rewriter executes
-    (`schedules.EXECUTABLE`: one stage per device group, full backwards); a Plan refuses others."""
+    (`schedules.EXECUTABLE`: one stage per device group; full backwards B, or I and W: zb-h1);
+    a Plan refuses others."""
     if plan.schedule not in schedules.EXECUTABLE:
         raise ScheduleError(
             f"the rewriter runs schedules {', '.join(schedules.EXECUTABLE)}, not '{plan.schedule}'"

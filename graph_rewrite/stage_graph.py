@@ -27,7 +27,14 @@ import functools
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2
 
-from . import functions, graphdefs, layer_gradients, stacked_gradients, transposed_weights
+from . import (
+    backward_split,
+    functions,
+    graphdefs,
+    layer_gradients,
+    stacked_gradients,
+    transposed_weights,
+)
 from .graphdefs import GradRef, is_differentiable
 from .partition import StageSpec
 from .template import Template
@@ -39,6 +46,8 @@ GRAD_INPUT_PREFIX = "dapple_grad_in"
 FORWARD_REF_PREFIX = "dapple_fwd"
 RUNNING_SUM_PREFIX = "dapple_running_sum"
 ACCUMULATE_SCOPE = "dapple_accumulate"
+WEIGHT_RUNNING_SUM_PREFIX = "dapple_weight_running_sum"  # deferred weights' own (other shapes)
+WEIGHT_ACCUMULATE_SCOPE = "dapple_weight_accumulate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,28 @@ class StageFunction:
     @property
     def name(self) -> str:
         return self.function.signature.name
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredWeights:
+    """The weight part of a stage's backward as a function of its own (zero-bubble schedules'
+    `W` actions, graph_rewrite/backward_split.py): called once per micro-batch, after that
+    micro-batch's backward call (`I`), on tensors of that call."""
+
+    variable_grads: dict[str, GradRef]  # variable -> its gradient in the functions
+    inputs: tuple[str, ...]  # tensors of the backward call (its arguments or results) it reads
+    function: StageFunction
+    # + running sums: extra inputs running_sum_inputs[v] for each dense gradient, whose output
+    # (the sum) replaces variable_grads[v].dense; None if no gradient is dense
+    accumulate_function: StageFunction | None
+    running_sum_inputs: dict[str, str]
+    running_sum_outputs: dict[str, str]
+
+    def results(self, accumulating: bool) -> list[str]:
+        """Names of the results of `function` or, if `accumulating`, `accumulate_function`."""
+        return _backward_outputs(
+            {}, self.variable_grads, self.running_sum_outputs if accumulating else {}
+        )
 
 
 @dataclasses.dataclass
@@ -95,6 +126,9 @@ class StageGraph:
     # forward input -> the variable whose transposed value it takes, once per step
     # (graph_rewrite/transposed_weights.py)
     transposed_weights: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the weight gradients that `backward_function` leaves to zero-bubble schedules' W actions;
+    # their variables are not in `variable_grads`
+    deferred_weights: DeferredWeights | None = None
 
     def backward_results(self, accumulating: bool) -> list[str]:
         """Names of the backward's results, in (input grads, variable grads) order, of
@@ -123,6 +157,11 @@ class StageGraph:
             self.backward_function,
             self.backward_accumulate_function,
             self.weight_gradient_function,
+            *(
+                (self.deferred_weights.function, self.deferred_weights.accumulate_function)
+                if self.deferred_weights
+                else ()
+            ),
         ]
         return list(self.library) + [f.function for f in own if f is not None]
 
@@ -139,6 +178,7 @@ def build_stage_graphs(
     layer_cache: layer_gradients.LayerGradientCache | None = None,
     stack_weight_gradients: bool = False,
     transposed_stages: frozenset[int] = frozenset(),
+    defer_weight_gradients: bool = False,
 ) -> list[StageGraph | None]:
     """rows_of_stage[s]: the rows every clone of stage s gets (static shapes let gradient
     functions skip dynamic shape arithmetic); None keeps the batch dimension unknown.
@@ -152,6 +192,9 @@ def build_stage_graphs(
     input gradient and would otherwise leave its whole backward to the end of the step); one
     stage has no neighbours and stacks its whole backward. `transposed_stages`: the stages whose
     forward matmuls read their weights transposed (graph_rewrite/transposed_weights.py).
+    `defer_weight_gradients` (zero-bubble schedules; not with `stack_weight_gradients`): the
+    variable gradients the input gradients do not need get a function of their own
+    (`StageGraph.deferred_weights`), called once per micro-batch as the schedule's W action.
 
     `tf.gradients` runs once per distinct stage structure: a stage whose forward part is the
     same as an earlier stage's up to names (same ops, attributes, wiring, inputs, outputs and
@@ -159,6 +202,11 @@ def build_stage_graphs(
     graph with its forward names swapped for its own. A stage that repeats none is differentiated
     layer by layer, `tf.gradients` running once per distinct layer structure
     (graph_rewrite/layer_gradients.py), or, where that does not apply (while loops), at once."""
+    if stack_weight_gradients and defer_weight_gradients:
+        raise ValueError(
+            "stacked weight gradients (one call after a slot's last backward) and deferred ones "
+            "(one W call per micro-batch) split the same gradients: ask for one"
+        )
     graph_def = template.graph.as_graph_def()
     node_by_name = {n.name: n for n in graph_def.node}
     rows_of_stage = rows_of_stage or [None] * len(specs)
@@ -197,6 +245,7 @@ def build_stage_graphs(
                 rows if stack_weight_gradients else None,
                 spec.index in transposed_stages,
                 row_ops_per_micro_batch=len(specs) > 1,
+                defer_weights=defer_weight_gradients,
             )
         )
     return stage_graphs
@@ -430,12 +479,14 @@ def _stage_graph(
     stack_rows: int | None = None,
     transpose_weights: bool = False,
     row_ops_per_micro_batch: bool = False,
+    defer_weights: bool = False,
 ) -> StageGraph:
     """Split the forward + gradient graph into the forward and backward GraphDefs and their
     functions; with `stack_rows` (the rows of each call), the weight gradients that are sums
     over rows apart (stacked_gradients.py; `row_ops_per_micro_batch`: only their sums over
     rows, see plan_stacking); with `transpose_weights`, forward matmuls read their weights
-    transposed (transposed_weights.py)."""
+    transposed (transposed_weights.py); with `defer_weights`, the variable gradients the input
+    gradients do not need apart, for W actions (backward_split.split_weight_gradients)."""
     feature_of_tensor = {t: name for name, t in template.features.items()}
     feature_inputs = {
         feature_of_tensor[t]: ph
@@ -531,6 +582,20 @@ def _stage_graph(
         row_ops_per_micro_batch,
     )
     weight_gradient_function, weight_outputs = None, []
+    deferred_weights = None
+    split = defer_weights and backward_split.split_weight_gradients(
+        backward,
+        input_grads.values(),
+        variable_grads,
+        can_pass=lambda t: spec_of(t).dtype not in (tf.resource, tf.variant),
+    )
+    if split:
+        backward = split.input_graph_def
+        deferred_weights = _deferred_weights(
+            split, {v: variable_grads[v] for v in split.variables}, spec.index, spec_of
+        )
+        variable_grads = {v: r for v, r in variable_grads.items() if v not in split.variables}
+        weight_outputs = list(split.input_results)
     if stacking:
         backward = stacking.input_graph_def
         variable_grads = {v: r for v, r in variable_grads.items() if v not in stacking.variables}
@@ -603,6 +668,47 @@ def _stage_graph(
         if stacking
         else (),
         transposed_weights=transposed,
+        deferred_weights=deferred_weights,
+    )
+
+
+def _deferred_weights(
+    split: backward_split.WeightSplit, variable_grads: dict[str, GradRef], stage: int, spec_of
+) -> DeferredWeights:
+    """The functions of a stage's weight graph, plain and adding to running sums."""
+    outputs = _backward_outputs({}, variable_grads, {})
+    function = _stage_function(
+        split.weight_graph_def, "weight_gradients", stage, split.weight_inputs, outputs, spec_of
+    )
+    running_sum_inputs = {
+        v: f"{WEIGHT_RUNNING_SUM_PREFIX}/{k}:0"
+        for k, (v, ref) in enumerate(variable_grads.items())
+        if ref.dense
+    }
+    accumulate_function, running_sum_outputs = None, {}
+    if running_sum_inputs:
+        accumulating, running_sum_outputs = _with_running_sums(
+            split.weight_graph_def,
+            variable_grads,
+            running_sum_inputs,
+            spec_of,
+            WEIGHT_ACCUMULATE_SCOPE,
+        )
+        accumulate_function = _stage_function(
+            accumulating,
+            "weight_gradients_accumulate",
+            stage,
+            [*split.weight_inputs, *running_sum_inputs.values()],
+            _backward_outputs({}, variable_grads, running_sum_outputs),
+            spec_of,
+        )
+    return DeferredWeights(
+        variable_grads=variable_grads,
+        inputs=function.inputs,
+        function=function,
+        accumulate_function=accumulate_function,
+        running_sum_inputs=running_sum_inputs,
+        running_sum_outputs=running_sum_outputs,
     )
 
 
@@ -680,9 +786,11 @@ def _backward_outputs(input_grads, variable_grads, running_sum_outputs) -> list[
     return outputs
 
 
-def _with_running_sums(backward, variable_grads, running_sum_inputs, spec_of: _SpecLookup):
+def _with_running_sums(
+    backward, variable_grads, running_sum_inputs, spec_of: _SpecLookup, scope=ACCUMULATE_SCOPE
+):
     """A copy of `backward` with an AddV2(running sum input, gradient) per dense variable
-    gradient; returns it and variable -> sum tensor."""
+    gradient, named `<scope>/<k>`; returns it and variable -> sum tensor."""
     graph_def = graph_pb2.GraphDef()
     graph_def.CopyFrom(backward)
     sum_of = {}
@@ -690,7 +798,7 @@ def _with_running_sums(backward, variable_grads, running_sum_inputs, spec_of: _S
         grad = variable_grads[v].dense
         spec = spec_of(grad)
         node = graph_def.node.add()
-        node.name = f"{ACCUMULATE_SCOPE}/{k}"
+        node.name = f"{scope}/{k}"
         node.op = "AddV2"
         node.input.extend([running_sum, grad])
         node.attr["T"].type = spec.dtype.as_datatype_enum

@@ -237,13 +237,14 @@ def test_schedule_prints_the_checked_lists_per_group_and_a_timeline(capsys):
     assert "peak in-flight micro-batches per group, summed over its stages: 4 4 4 4" in out
     assert "group 0 |F0 F1 F2 F3 .  .  .  I0 W0 F4" in out
     assert "step: 27 time units (F=1, B=2, I=1, W=1), bubble 11.1%" in out
-    assert "the rewriter runs only gpipe, 1f1b so far" in out
+    assert "the rewriter runs only" not in out
 
 
 def test_schedule_chunks_put_several_stages_on_a_group(capsys):
     argv = ["schedule", "--schedule", "interleaved-1f1b", "--stages", "4", "--micro-batches", "4"]
     assert main(argv + ["--chunks", "2"]) == 0
     out = capsys.readouterr().out
+    assert "the rewriter runs only gpipe, 1f1b, zb-h1 so far" in out
     assert "4 stages on 2 device group(s)" in out
     assert "group 1 (stages 1, 3): 1F0 1F1 3F0 3B0" in out
 

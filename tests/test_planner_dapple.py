@@ -38,6 +38,17 @@ def test_zb_h1_plays_i_and_w_as_halves_of_the_backward(num_stages, num_micro_bat
         assert zb.step_time_s == pytest.approx(3 * M + S - 1)
 
 
+def test_the_planner_predicts_a_zb_h1_plan_when_asked_and_does_not_choose_it_itself():
+    layers = [LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(8)]
+    profile = Profile.chain(layers, 8)
+    zb = planner.plan(profile, [4], 64, micro_batch_size=4, schedule="zb-h1")
+    one_f_one_b = planner.plan(profile, [4], 64, micro_batch_size=4, schedule="1f1b")
+    assert zb.schedule == "zb-h1"
+    if zb.num_stages > 1 and zb.stages == one_f_one_b.stages:
+        assert zb.predicted["step_time_s"] < one_f_one_b.predicted["step_time_s"]
+    assert planner.plan(profile, [4], 64, micro_batch_size=4).schedule in ("1f1b", "gpipe")
+
+
 # ---- simulation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
 def test_uniform_pipeline_without_communication_takes_M_plus_S_minus_1_slots(schedule):

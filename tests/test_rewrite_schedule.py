@@ -6,7 +6,13 @@ import pytest
 
 from graph_rewrite.schedule import ScheduleError, plan_schedule
 from planner.plan_format import even_plan
-from planner.schedules import check_schedule, format_actions, gpipe, one_f_one_b
+from planner.schedules import (
+    check_schedule,
+    format_actions,
+    gpipe,
+    one_f_one_b,
+    zero_bubble_h1,
+)
 
 LAYERS = [f"layer_{k}" for k in range(8)]
 
@@ -15,7 +21,9 @@ def plan_of(schedule, num_stages, num_micro_batches):
     return even_plan(LAYERS, [1] * num_stages, 4 * num_micro_batches, num_micro_batches, schedule)
 
 
-@pytest.mark.parametrize("name,generator", [("gpipe", gpipe), ("1f1b", one_f_one_b)])
+@pytest.mark.parametrize(
+    "name,generator", [("gpipe", gpipe), ("1f1b", one_f_one_b), ("zb-h1", zero_bubble_h1)]
+)
 @pytest.mark.parametrize("num_stages,num_micro_batches", [(1, 1), (2, 4), (4, 8), (8, 16)])
 def test_a_plans_lists_are_its_schedules_one_per_stage(
     name, generator, num_stages, num_micro_batches
@@ -51,8 +59,18 @@ def test_each_stage_runs_its_list_in_build_order():
         assert format_actions(in_order) == format_actions(actions)
 
 
+def test_zb_h1_build_order_on_two_stages():
+    order = plan_schedule(plan_of("zb-h1", 2, 3)).build_order
+    assert " ".join(map(str, order)) == (
+        "0F0 1F0 0F1 1I0 0I0 1F1 0W0 1I1 0F2 1W0 0I1 1F2 0W1 1I2 0I2 1W1 0W2 1W2"
+    )
+
+
 def test_a_schedule_the_rewriter_cannot_run_is_refused():
     plan = plan_of("1f1b", 2, 2)
-    object.__setattr__(plan, "schedule", "zb-h1")  # a Plan itself refuses it
-    with pytest.raises(ScheduleError, match="the rewriter runs schedules gpipe, 1f1b, not 'zb-h1'"):
+    object.__setattr__(plan, "schedule", "interleaved-1f1b")  # a Plan itself refuses it
+    with pytest.raises(
+        ScheduleError,
+        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, not 'interleaved-1f1b'",
+    ):
         plan_schedule(plan)

@@ -1,14 +1,162 @@
-"""The I/W split of a stage's backward for zero-bubble schedules, on GraphDefs
-(graph_rewrite/backward_split.py `split_weight_gradients`)."""
+"""The zb-h1 schedule end to end: each backward split into I (input gradients, sent to the stage
+before) and W (the weight gradients the input gradients do not need), W called once per
+micro-batch where the schedule puts it (graph_rewrite/backward_split.py
+`split_weight_gradients`, `StageGraph.deferred_weights`, rewrite.py `_deferred_weights`), and
+training still equals single-device training. The executed order: tests/test_trainer_order.py;
+reads before updates: tests/test_variable_update_order.py."""
 
+import functools
+
+import numpy as np
+import pytest
 import tensorflow as tf
 
+import rewrite_models as models
+from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.backward_split import split_weight_gradients
 from graph_rewrite.graphdefs import GradRef
+from graph_rewrite.template import build_template
+from planner.plan_format import even_plan
 
 v1 = tf.compat.v1
+GLOBAL_BATCH = 24
+STEPS = 3
+SEED = 5
+OPTIMIZERS = {
+    "momentum": lambda: v1.train.MomentumOptimizer(0.1, momentum=0.9),
+    "adam": lambda: v1.train.AdamOptimizer(0.01),
+}
 
 
+def batches(case):
+    rng = np.random.default_rng(17)
+    return [case.make_batch(rng, GLOBAL_BATCH) for _ in range(STEPS)]
+
+
+@functools.lru_cache(maxsize=None)
+def single_device_run(model, optimizer):
+    case = models.ALL[model]
+    trainer = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        OPTIMIZERS[optimizer],
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+    )
+    try:
+        losses = [trainer.train_step(b) for b in batches(case)]
+        return losses, trainer.get_weights()
+    finally:
+        trainer.close()
+
+
+def zb_trainer(model, replicas, num_micro_batches, optimizer="momentum", **options):
+    case = models.ALL[model]
+    layers = build_template(case.model_fn, case.feature_spec).layers
+    plan = even_plan(layers, replicas, GLOBAL_BATCH, num_micro_batches, "zb-h1")
+    return Trainer(
+        case.model_fn,
+        case.feature_spec,
+        OPTIMIZERS[optimizer],
+        plan,
+        GLOBAL_BATCH,
+        seed=SEED,
+        optimize_graph=False,
+        **options,
+    )
+
+
+def deferred_variables(trainer):
+    return {
+        v
+        for stage in trainer.rewritten.stage_graphs
+        if stage.deferred_weights
+        for v in stage.deferred_weights.variable_grads
+    }
+
+
+CASES = [
+    ("transformer", [1, 1], 4, "momentum"),  # tied embedding: stages 0 and 1
+    ("transformer", [1, 1, 1, 1], 8, "momentum"),  # tied embedding: stages 0 and 3
+    ("transformer", [1, 1, 1, 1], 4, "adam"),
+    ("transformer", [2, 2], 4, "momentum"),  # replicas
+    ("skip", [1, 1], 4, "momentum"),
+    ("skip", [1, 1, 1, 1], 4, "momentum"),  # skip connection from stage 0 to stage 3
+    ("rnn", [1, 1], 4, "momentum"),  # while loops
+    ("rnn", [1, 1, 1, 1], 4, "adam"),
+    ("sparse", [1, 1], 4, "momentum"),  # IndexedSlices embedding gradient in W
+    ("mlp", [1, 1], 1, "momentum"),  # one micro-batch
+]
+
+
+@pytest.mark.parametrize(
+    "model,replicas,num_micro_batches,optimizer",
+    CASES,
+    ids=[f"{m}-{':'.join(map(str, r))}-M{n}-{o}" for m, r, n, o in CASES],
+)
+def test_zb_h1_trains_like_single_device(model, replicas, num_micro_batches, optimizer):
+    expected_losses, expected = single_device_run(model, optimizer)
+    trainer = zb_trainer(model, replicas, num_micro_batches, optimizer)
+    try:
+        assert deferred_variables(trainer), "no weight gradient was deferred to W"
+        losses = [trainer.train_step(b) for b in batches(models.ALL[model])]
+        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+        final = trainer.get_weights()
+        assert sorted(final) == sorted(expected)
+        for name, value in expected.items():
+            np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    finally:
+        trainer.close()
+
+
+def test_every_weight_gradient_of_an_mlp_is_deferred_to_w():
+    """Stage 1's I computes the activation gradients (TanhGrad, the input-gradient matmuls), its
+    W the weight-gradient matmuls. Stage 0 sends no input gradient: its I is empty and its W
+    runs its whole backward (under zb-h1 stage 0 runs each W right after its I)."""
+    trainer = zb_trainer("mlp", [1, 1], 4)
+    try:
+        assert deferred_variables(trainer) == set(trainer.template.variables)
+        first, last = trainer.rewritten.stage_graphs
+        assert first.variable_grads == last.variable_grads == {}
+        assert not first.backward_function.outputs
+        assert {n.op for n in first.backward_function.function.node_def} <= {"Const"}
+        ops = {n.op for n in last.deferred_weights.function.function.node_def}
+        assert "MatMul" in ops and "TanhGrad" not in ops
+        assert "TanhGrad" in {n.op for n in last.backward_function.function.node_def}
+    finally:
+        trainer.close()
+
+
+def test_a_deferred_embedding_gradient_stays_sparse():
+    trainer = zb_trainer("sparse", [1, 1], 4)
+    try:
+        deferred = trainer.rewritten.stage_graphs[0].deferred_weights
+        assert deferred.variable_grads["embedding/table"].is_sparse
+        assert "embedding/table" not in deferred.running_sum_inputs
+    finally:
+        trainer.close()
+
+
+def test_each_micro_batch_has_one_w_call_per_slot():
+    trainer = zb_trainer("transformer", [2, 2], 4)
+    try:
+        calls = [op.name for op in trainer.graph.get_operations() if op.name.endswith("/wgrad")]
+        assert sorted(calls) == sorted(
+            f"dapple/mb{i}/s{s}r{r}/wgrad" for i in range(4) for s in range(2) for r in range(2)
+        )
+        ends = trainer.rewritten.end_ops
+        assert len([a for _, a in ends if a.kind == "W"]) == 4 * 2 * 2
+    finally:
+        trainer.close()
+
+
+def test_stacked_weight_gradients_with_zb_h1_are_refused():
+    with pytest.raises(ValueError, match="stack_weight_gradients=True .* 'zb-h1' .* one or the"):
+        zb_trainer("mlp", [1, 1], 4, stack_weight_gradients=True)
+
+
+# ---- the split, on GraphDefs --------------------------------------------------------------------
 def _backward(build):
     """The GraphDef `build()` makes, its placeholders dropped (inputs are function arguments),
     and what `build` returned."""
