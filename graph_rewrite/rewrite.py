@@ -438,7 +438,9 @@ class _Builder:
             accumulator.update(v, g)
         # The call itself, also where no running sum or send reads it (stacked weight
         # gradients of a first stage): the next action must wait for this backward's compute.
-        end_deps = [backward.op]
+        # And the start ops, also where the call does not read them (a first stage's I, whose
+        # whole backward is deferred to W): the action ends only once its gradients arrived.
+        end_deps = [backward.op, *start_ops]
         for a in spec.source_stages:
             transfer = self._backward_transfer(i, slot.stage, a)
             if transfer.tensors:

@@ -158,6 +158,30 @@ def test_stacked_weight_gradients_keep_a_beta_gradient_the_input_gradient_reads_
     assert_same_training(got, reference_run(ghost_chunks(got[0]), False))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["moments", "fused"])
+def test_zb_h1_keeps_a_beta_gradient_the_input_gradient_reads_in_i(fused):
+    """zb-h1 (W actions, tests/test_zero_bubble.py): the kernels' gradients are deferred to W;
+    beta's (a sum over rows that also feeds the input gradient) stays in the I call, but on the
+    first stage, which sends no input gradient and defers its whole backward."""
+
+    def check(trainer):
+        stages = trainer.rewritten.stage_graphs
+        deferred = {
+            v for s in stages if s.deferred_weights for v in s.deferred_weights.variable_grads
+        }
+        kept = {v for s in stages for v in s.variable_grads}
+        assert {v for v in deferred if v.endswith("kernel")} == {
+            "layer_0/kernel",
+            "layer_1/kernel",
+            "layer_2/kernel",
+        }
+        assert {"layer_1/beta", "layer_2/beta"} <= kept
+        assert stages[0].variable_grads == {}  # a first stage sends no input gradient
+
+    got = pipelined_run([1, 2, 1], "zb-h1", 4, fused, check=check)
+    assert_same_training(got, reference_run(ghost_chunks(got[0]), fused))
+
+
 @pytest.mark.parametrize("replicas,schedule", [([2, 1], "1f1b"), ([1, 1, 1, 1], "gpipe")])
 def test_moving_statistics_of_the_features_equal_single_device_for_any_micro_batches(
     replicas, schedule

@@ -141,6 +141,15 @@ def model_case(name):
     return models.ALL[name]
 
 
+ZB_H1_CASES = [
+    ("mlp", [1, 1], "zb-h1", 4),
+    ("mlp", [1, 1, 1, 1], "zb-h1", 4),
+    ("transformer", [2, 2], "zb-h1", 2),
+    ("rnn", [1, 1], "zb-h1", 2),
+    ("batch_norm", [1, 1], "zb-h1", 2),
+]
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-micro-batch", "stacked"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 @pytest.mark.parametrize(
@@ -172,3 +181,19 @@ def test_every_read_of_a_variable_runs_before_its_update(
         assert reads_not_before_update(trainer, batch) == []
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+@pytest.mark.parametrize(
+    "model,replicas,schedule,num_micro_batches",
+    ZB_H1_CASES,
+    ids=[f"{m}-{':'.join(map(str, r))}-{s}-{n}" for m, r, s, n in ZB_H1_CASES],
+)
+def test_every_read_of_a_variable_runs_before_its_update_under_zb_h1(
+    monkeypatch, model, replicas, schedule, num_micro_batches, transposed
+):
+    """The W calls read variables too (and the forwards' variable reads they take): the update
+    waits for them as for every forward and backward call."""
+    test_every_read_of_a_variable_runs_before_its_update(
+        monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked=False
+    )
