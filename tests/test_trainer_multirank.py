@@ -2,9 +2,10 @@
 single-device training, and a run killed mid-way resumes from its last checkpoint.
 
 One launch trains the transformer with a tied embedding (used by the first and the last stage)
-on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b (3 steps each), a model whose only
-replicated gradient is sparse (embedding, 2x2: an allgather of rows), a skip connection from
-stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2); the test compares the
+on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b, and 2x2 and 4 stages with zb-h1 (3 steps
+each), a model whose only replicated gradient is sparse (embedding, 2x2: an allgather of rows),
+a skip connection from stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2);
+the test compares the
 losses every rank returned and the final weights (model, momentum slots, global_step) with
 SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
 (rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.slow
 
 PLANS = ["2x2", "4stages", "3:1"]
 SCHEDULES = ["gpipe", "1f1b"]
+ZB_H1_PLANS = ["2x2", "4stages"]  # zb-h1: I and W actions (tests/test_zero_bubble.py)
 
 
 def _skip_without_horovod():
@@ -77,11 +79,15 @@ def single_device_run(case, steps, clip_norm=None):
 def equivalence_run(tmp_path_factory):
     _skip_without_horovod()
     out = tmp_path_factory.mktemp("multirank_equivalence")
-    configs = [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES] + [
-        "sparse/2x2/1f1b",
-        "skip/skip0to2/1f1b",
-        "transformer/2x2/1f1b/clip",
-    ]
+    configs = (
+        [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES]
+        + [f"transformer/{p}/zb-h1" for p in ZB_H1_PLANS]
+        + [
+            "sparse/2x2/1f1b",
+            "skip/skip0to2/1f1b",
+            "transformer/2x2/1f1b/clip",
+        ]
+    )
     result = runner.run(
         "trainer_checks.py", 4, ["equivalence", out, ",".join(configs)], timeout_s=480
     )
@@ -101,6 +107,15 @@ def test_four_ranks_train_the_tied_transformer_like_one_device(
 ):
     _check_equal_to_single_device(
         equivalence_run, transformer_reference, "transformer", plan, schedule
+    )
+
+
+@pytest.mark.parametrize("plan", ZB_H1_PLANS)
+def test_four_ranks_train_the_tied_transformer_like_one_device_under_zb_h1(
+    equivalence_run, transformer_reference, plan
+):
+    _check_equal_to_single_device(
+        equivalence_run, transformer_reference, "transformer", plan, "zb-h1"
     )
 
 
