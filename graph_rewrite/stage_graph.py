@@ -678,7 +678,7 @@ def _deferred_weights(
     """The functions of a stage's weight graph, plain and adding to running sums."""
     outputs = _backward_outputs({}, variable_grads, {})
     function = _stage_function(
-        split.weight_graph_def, "weight_gradients", stage, split.weight_inputs, outputs, spec_of
+        split.weight_graph_def, "deferred_weights", stage, split.weight_inputs, outputs, spec_of
     )
     running_sum_inputs = {
         v: f"{WEIGHT_RUNNING_SUM_PREFIX}/{k}:0"
@@ -696,7 +696,7 @@ def _deferred_weights(
         )
         accumulate_function = _stage_function(
             accumulating,
-            "weight_gradients_accumulate",
+            "deferred_weights_accumulate",
             stage,
             [*split.weight_inputs, *running_sum_inputs.values()],
             _backward_outputs({}, variable_grads, running_sum_outputs),

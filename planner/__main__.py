@@ -2,7 +2,7 @@
 
     python -m planner plan --profile PATH --profile-batch-size PBS --global-batch-size GBS \\
         --cluster 8,16 [--micro-batch-size MBS] [--cost-model hpgo|dapple-tf|runtime] \\
-        [--schedule 1f1b|gpipe] [--device-memory-gb 16] [--out plan.json] [--json]
+        [--schedule 1f1b|gpipe|zb-h1] [--device-memory-gb 16] [--out plan.json] [--json]
 
 Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON,
 and `python -m planner schedule --schedule zb-h1 --stages 4 --micro-batches 8 [--chunks V]`:

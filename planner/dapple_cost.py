@@ -2,7 +2,8 @@
 
 A candidate: stages over contiguous cut points of a topological layer order, stage s with
 `r_s` replicas on a device set, micro-batch size `b` (rows; b divisible by every r_s, so the
-runtime can execute it), `M = GBS / b` micro-batches, schedule "1f1b" or "gpipe".
+runtime can execute it), `M = GBS / b` micro-batches, schedule "1f1b" or "gpipe" (or, when asked, "zb-h1": its I and W
+each half of the stage's backward, planner/simulate.py).
 
 Per micro-batch and replica: forward/backward time = profile ms/1000 x (b / r_s) / PBS (linear in
 rows). A boundary moves `out x b / PBS` bytes one way per micro-batch (activations forward,
