@@ -1,7 +1,7 @@
 """Pipelined training equals single-device training with TensorFlow's own (Eigen) CPU kernels,
 what users get with TF_ENABLE_ONEDNN_OPTS=0 (the transposed-weights pass then stays off): the
-equivalence, transposed-weights and stacked-gradients test files, each in a fresh process with
-TF_ENABLE_ONEDNN_OPTS=0 (the rest of the suite runs oneDNN's kernels: see conftest.py)."""
+equivalence, transposed-weights, stacked-gradients and zb-h1 test files, each in a fresh process
+with TF_ENABLE_ONEDNN_OPTS=0 (the rest of the suite runs oneDNN's kernels: see conftest.py)."""
 
 import os
 import subprocess
@@ -19,6 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         "tests/test_trainer_equivalence.py",
         "tests/test_transposed_weights.py",
         "tests/test_stacked_weight_gradients.py",
+        "tests/test_zero_bubble.py",
     ],
 )
 def test_equivalence_holds_with_eigen_kernels(test_file):
