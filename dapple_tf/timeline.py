@@ -13,7 +13,8 @@ measured bubble fraction per device next to the theoretical (S-1)/(M+S-1).
 Ops are classified by the names the rewriter gives them (ARCHITECTURE.md, "The rewritten
 graph", and graph_rewrite/clone.py, boundary.py, accumulate.py, allreduce.py): the clones of
 micro-batch i on slot `s<stage>r<replica>` are `dapple/mb<i>/s<stage>r<replica>/fwd/...` and
-`.../bwd/...`; every op under `dapple/mb<i>/s<a>_to_s<b>/` moves data between stages (send/recv
+`.../bwd/...` (split backwards, zb-h1: `.../igrad/...` and `.../wgrad/...`, the I and W
+actions); every op under `dapple/mb<i>/s<a>_to_s<b>/` moves data between stages (send/recv
 endpoints and the row pieces; forward when a < b, gradients when a > b); gradient sums are
 `dapple/accumulate/<slot>/...` and the in-process sum over replicas `dapple/sync/s<k>/...`;
 Horovod/NCCL collectives are recognised by op type and optimizer updates by `*Apply*` op types.
@@ -38,7 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the CLI's output without T
 from dapple_tf.profiler import OpRecord, op_records  # noqa: E402
 from planner.schedules import Action  # noqa: E402
 
-KINDS = ("F", "B", "transfer", "accumulate", "allreduce", "apply")
+KINDS = ("F", "B", "I", "W", "transfer", "accumulate", "allreduce", "apply")
+COMPUTE = ("F", "B", "I", "W")  # a schedule's actions; I and W: split backwards (zb-h1)
 
 _TRANSFER = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)(/|$)")
 _ENDPOINT = re.compile(r"/(send|recv)(?:_r\d+)?$")
@@ -64,6 +66,8 @@ _NO_DATA_TYPES = frozenset(
 )
 _APPLY_TYPE = re.compile(r"^(Resource)?(Sparse)?Apply")  # optimizer updates: ResourceApplyAdam, ...
 _BACKWARD_PART = re.compile(r"^(bwd|gradients(_\d+)?|B_end|B_start|loss_grad)$")
+_INPUT_GRADIENT_PART = re.compile(r"^(igrad|I_end)$")  # a split backward's I action
+_WEIGHT_GRADIENT_PART = re.compile(r"^(wgrad|W_end)$")  # its W action
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,7 @@ class Task:
 
     @property
     def label(self) -> str:
-        if self.kind in ("F", "B"):
+        if self.kind in COMPUTE:
             return f"{self.kind}{self.micro_batch}"
         if self.kind == "accumulate" and self.micro_batch is not None:
             return f"acc{self.micro_batch}"
@@ -110,8 +114,15 @@ def classify(name: str, op_type: str = "") -> tuple[str, int | None, int | None,
         parts = m.group(2).split("/")
         slot = _SLOT.match(parts[0])
         stage = int(slot.group(1)) if slot else None
-        backward = any(_BACKWARD_PART.match(p) for p in parts)
-        return ("B" if backward else "F"), int(m.group(1)), stage, None
+        if any(_WEIGHT_GRADIENT_PART.match(p) for p in parts):
+            kind = "W"
+        elif any(_INPUT_GRADIENT_PART.match(p) for p in parts):
+            kind = "I"
+        elif any(_BACKWARD_PART.match(p) for p in parts):
+            kind = "B"
+        else:
+            kind = "F"
+        return kind, int(m.group(1)), stage, None
     m = _ACCUMULATE.match(name)
     if m:
         return "accumulate", None, _stage_of(m.group(1)), None
@@ -160,7 +171,7 @@ def tasks_from_records(
         if kind == "accumulate" and mb is None:
             found = [int(m.group(1)) for m in map(_MICRO_BATCH.match, inputs) if m]
             mb = max(found) if found else None
-        if stage is None and kind in ("F", "B") and stage_of_device:
+        if stage is None and kind in COMPUTE and stage_of_device:
             stage = stage_of_device.get(
                 rec.device, _short_device_match(rec.device, stage_of_device)
             )
@@ -171,7 +182,7 @@ def tasks_from_records(
     stage_here = {
         device: stage
         for device, kind, _, stage, _ in groups
-        if kind in ("F", "B") and stage is not None
+        if kind in COMPUTE and stage is not None
     }
     arrivals: dict[tuple, int] = {}  # (device, mb, forward?) -> when the last input arrived
     for (device, kind, mb, a, b), recs in groups.items():
@@ -200,23 +211,28 @@ def tasks_from_records(
             to_stage,
         )
 
-    tasks, forward_end, backward_start = [], {}, {}
-    order = {"F": 0, "B": 1}  # forwards first: backwards need them, accumulation needs both
-    for key in sorted(groups, key=lambda k: order.get(k[1], 2)):
+    tasks, forward_end, backward_start, input_end = [], {}, {}, {}
+    # forwards first: backwards need them, W its I, accumulation all of them
+    order = {"F": 0, "B": 1, "I": 1, "W": 2}
+    for key in sorted(groups, key=lambda k: order.get(k[1], 3)):
         device, kind, mb, _, _ = key
         ready = floor = 0
         if kind == "F":
             ready = arrivals.get((device, mb, True), 0)
-        elif kind == "B":
+        elif kind in ("B", "I"):
             floor = forward_end.get((device, mb), 0)
             ready = max(arrivals.get((device, mb, False), 0), floor)
+        elif kind == "W":
+            ready = floor = input_end.get((device, mb), 0)
         elif kind == "accumulate" and mb is not None:
             ready = backward_start.get((device, mb), 0)
         t = task(key, groups[key], ready, floor)
         if kind == "F":
             forward_end[(device, mb)] = t.end_us
-        if kind == "B":
+        if kind in ("B", "I"):
             backward_start[(device, mb)] = t.start_us
+        if kind == "I":
+            input_end[(device, mb)] = t.end_us
         tasks.append(t)
     return sorted(tasks, key=lambda t: (device_sort_key(t.device), t.start_us, t.end_us))
 
@@ -279,7 +295,7 @@ def _union_us(spans: Iterable[tuple[int, int]]) -> int:
 
 def pipeline_window(tasks: Sequence[Task]) -> tuple[int, int]:
     """From the first forward's start to the last backward's end over all devices."""
-    compute = [t for t in tasks if t.kind in ("F", "B")]
+    compute = [t for t in tasks if t.kind in COMPUTE]
     if not compute:
         raise ValueError("no forward or backward tasks: was the traced step a pipelined one?")
     return min(t.start_us for t in compute), max(t.end_us for t in compute)
@@ -293,9 +309,7 @@ def bubble_fraction(tasks: Sequence[Task]) -> dict[str, float]:
     window = max(end - begin, 1)
     out = {}
     for device in devices_of(tasks):
-        spans = [
-            (t.start_us, t.end_us) for t in tasks if t.device == device and t.kind in ("F", "B")
-        ]
+        spans = [(t.start_us, t.end_us) for t in tasks if t.device == device and t.kind in COMPUTE]
         if spans:
             out[device] = 1.0 - _union_us(spans) / window
     return out
@@ -306,12 +320,12 @@ def theoretical_bubble(num_stages: int, num_micro_batches: int) -> float:
 
 
 def compute_order(tasks: Sequence[Task]) -> dict[str, list[Action]]:
-    """Per device, its forward/backward actions in the order they started — comparable with a
-    schedule's action lists (planner/schedules.py)."""
+    """Per device, its forward/backward (or F, I, W) actions in the order they started —
+    comparable with a schedule's action lists (planner/schedules.py)."""
     out: dict[str, list[Action]] = {}
     for device in devices_of(tasks):
         mine = sorted(
-            (t for t in tasks if t.device == device and t.kind in ("F", "B")),
+            (t for t in tasks if t.device == device and t.kind in COMPUTE),
             key=lambda t: t.start_us,
         )
         if mine:
@@ -323,6 +337,8 @@ def compute_order(tasks: Sequence[Task]) -> dict[str, list[Action]]:
 _COLORS = {
     "F": "#4c78a8",
     "B": "#59a14f",
+    "I": "#59a14f",  # a split backward's input gradient: B's colour
+    "W": "#8cd17d",
     "transfer": "#9d9d9d",
     "accumulate": "#b07aa1",
     "allreduce": "#f28e2b",
@@ -334,6 +350,8 @@ _COLORS = {
 _LANES = {
     "F": (-0.05, 0.45),
     "B": (-0.05, 0.45),
+    "I": (-0.05, 0.45),
+    "W": (-0.05, 0.45),
     "transfer": (-0.22, 0.13),
     "accumulate": (-0.40, 0.13),
     "allreduce": (-0.40, 0.13),
@@ -384,7 +402,7 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
                 (t.start_us - t0) / 1000.0,
                 max((t.end_us - t.start_us) / 1000.0, span_ms / 2000),
             )
-            compute = t.kind in ("F", "B")
+            compute = t.kind in COMPUTE
             bottom, height = _LANES[t.kind]
             bottom += y
             rect = ax.broken_barh(
@@ -406,7 +424,7 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
                     color="white",
                 )
     ax.set_yticks(range(len(devices)))
-    stage_of = {t.device: t.stage for t in tasks if t.kind in ("F", "B") and t.stage is not None}
+    stage_of = {t.device: t.stage for t in tasks if t.kind in COMPUTE and t.stage is not None}
     ax.set_yticklabels(
         [_short(d) + (f"\nstage {stage_of[d]}" if d in stage_of else "") for d in reversed(devices)]
     )
@@ -415,7 +433,9 @@ def render_png(tasks: Sequence[Task], path: str, *, title: str = "") -> Chart:
     ax.set_xlabel("time since step start (ms)")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
     ax.legend(
-        handles=[Patch(color=_COLORS[k], label=k) for k in KINDS],
+        handles=[
+            Patch(color=_COLORS[k], label=k) for k in KINDS if any(t.kind == k for t in tasks)
+        ],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.22),
         ncol=len(KINDS),
@@ -468,7 +488,7 @@ def chrome_trace(tasks: Sequence[Task]) -> dict:
                 "cat": t.kind,
                 "ph": "X",
                 "pid": pid_of[t.device],
-                "tid": 0 if t.kind in ("F", "B") else 1,
+                "tid": 0 if t.kind in COMPUTE else 1,
                 "ts": t.start_us - t0,
                 "dur": max(t.end_us - t.start_us, 1),
                 "args": {
@@ -490,7 +510,7 @@ def format_bubbles(
         t.to_stage for t in tasks if t.to_stage is not None
     }
     stages = num_stages or (max(known) + 1 if known else 1)
-    mbs = num_micro_batches or len({t.micro_batch for t in tasks if t.kind in ("F", "B")}) or 1
+    mbs = num_micro_batches or len({t.micro_batch for t in tasks if t.kind in COMPUTE}) or 1
     theory = theoretical_bubble(stages, mbs)
     begin, end = pipeline_window(tasks)
     lines = [

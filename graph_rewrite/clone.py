@@ -1,6 +1,7 @@
 """Clone: one call of a stage's forward or backward function per (micro-batch, slot).
 
-The call op is named `<prefix>/fwd` or `<prefix>/bwd` and placed on the slot's device; its
+The call op is named `<prefix>/fwd` or `<prefix>/bwd` (split schedules: `<prefix>/igrad` and
+`<prefix>/wgrad`, the I and W actions) and placed on the slot's device; its
 arguments wire the function to the real inputs (micro-batch rows, received tensors, received
 gradients, running gradient sums) and to the training graph's variable handles, which all
 clones share (variables are never cloned). When the session inlines the call, the stage's ops
@@ -69,10 +70,12 @@ def call_backward(
     loss_grad: tf.Tensor | None,
     handles: Mapping[str, tf.Tensor],
     running_sums: Mapping[str, tf.Tensor],
+    call_name: str = "bwd",
 ) -> BackwardCall:
-    """Call the stage's backward. `running_sums`: variable -> dense gradient summed over the
-    slot's earlier micro-batches (empty for its first backward; sums of other variables, such as
-    those of deferred weight gradients, are not read)."""
+    """Call the stage's backward (`<prefix>/<call_name>`: `bwd`, or `igrad` for a split
+    schedule's I action). `running_sums`: variable -> dense gradient summed over the slot's
+    earlier micro-batches (empty for its first backward; sums of other variables, such as those
+    of deferred weight gradients, are not read)."""
     inputs = {ph: forward[t] for ph, t in stage.forward_refs.items()}
     for t, ph in stage.grad_inputs.items():
         inputs[ph] = grad_inputs[t]
@@ -87,7 +90,7 @@ def call_backward(
         for v, ph in stage.running_sum_inputs.items():
             inputs[ph] = running_sums[v]
     function = stage.backward_accumulate_function if accumulating else stage.backward_function
-    tensors, op = _call(function, inputs, device, prefix + "/bwd")
+    tensors, op = _call(function, inputs, device, f"{prefix}/{call_name}")
     returned = iter(tensors[name] for name in stage.backward_results(accumulating))
     input_grads = {t: next(returned) for t in stage.input_grads}
     variable_grads = _variable_grads(returned, stage.variable_grads)

@@ -432,6 +432,7 @@ class _Builder:
             loss_grad,
             handles,
             accumulator.running_sums(),
+            call_name="igrad" if kind == "I" else "bwd",
         )
         self.stage_calls.append(backward.op)
         for v, g in backward.variable_grads.items():

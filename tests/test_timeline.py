@@ -203,6 +203,19 @@ def test_rewriter_op_names_classify_into_kind_micro_batch_and_stage():
         1,
         None,
     )
+    assert c("dapple/mb3/s1r0/igrad/gradients/layer_2/MatMul_grad/MatMul", "MatMul") == (
+        "I",
+        3,
+        1,
+        None,
+    )
+    assert c("dapple/mb3/s1r0/wgrad/gradients/layer_2/MatMul_grad/MatMul_1", "MatMul") == (
+        "W",
+        3,
+        1,
+        None,
+    )
+    assert c("dapple/mb3/s1r0/W_end", "NoOp") == ("W", 3, 1, None)
     assert c("dapple/mb0/s0_to_s1/send_r1", "IdentityN") == ("transfer", 0, 0, 1)
     assert c("dapple/mb2/s1_to_s0/k0_j1/strided_slice", "StridedSlice") == ("transfer", 2, 1, 0)
     assert c(
@@ -266,19 +279,19 @@ def _traced_trainer_step(schedule_name):
     return timeline.tasks_from_step_stats(metadata.step_stats)
 
 
-@pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe", "zb-h1"])
 def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedule_name, tmp_path):
     tasks = _traced_trainer_step(schedule_name)
     lists = schedules.action_lists(schedule_name, STAGES, MICRO_BATCHES)
     assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}
-    assert {(t.device, t.stage) for t in tasks if t.kind in "FB"} == {
+    assert {(t.device, t.stage) for t in tasks if t.kind in timeline.COMPUTE} == {
         (DEVICES[0], 0),
         (DEVICES[1], 1),
     }
-    # The picture shows the same: per device row, the F/B boxes in schedule order.
+    # The picture shows the same: per device row, the F/B (F/I/W) boxes in schedule order.
     chart = timeline.render_png(tasks, str(tmp_path / "step.png"))
     for s, device in enumerate(DEVICES):
-        drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FB"]
+        drawn = [label for label, _, _ in chart.rows[device] if label[0] in "FBIW"]
         assert drawn == schedules.format_actions(lists[s]).split()
     for device, fraction in timeline.bubble_fraction(tasks).items():
         assert 0.0 <= fraction < 1.0, device
