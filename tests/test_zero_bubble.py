@@ -12,11 +12,14 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from dapple_tf.layers import layer
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.backward_split import split_weight_gradients
 from graph_rewrite.graphdefs import GradRef
+from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template
 from planner.plan_format import even_plan
+from planner.schedules import Action
 
 v1 = tf.compat.v1
 GLOBAL_BATCH = 24
@@ -163,6 +166,47 @@ def test_each_micro_batch_has_one_w_call_per_slot():
         assert len([a for _, a in ends if a.kind == "W"]) == 4 * 2 * 2
     finally:
         trainer.close()
+
+
+def _parameter_free_middle_fn(features):
+    with layer("a"):
+        h = models._dense(features["x"], 8, "dense", tf.tanh)
+    with layer("mix"):  # no variables: its I computes everything, its W is empty
+        h = tf.tanh(h * 2.0) + h
+    with layer("loss"):
+        return models._xent(models._dense(h, 4, "logits"), features["y"])
+
+
+def test_a_stage_without_weights_has_empty_w_actions_and_trains_like_single_device():
+    case = models.ModelCase(
+        "parameter_free_middle",
+        _parameter_free_middle_fn,
+        models.MLP.feature_spec,
+        models.MLP.make_batch,
+    )
+    opt = OPTIMIZERS["momentum"]
+    reference = SingleDeviceTrainer(
+        case.model_fn, case.feature_spec, opt, GLOBAL_BATCH, seed=SEED, optimize_graph=False
+    )
+    plan = even_plan(["a", "mix", "loss"], [1, 1, 1], GLOBAL_BATCH, 4, "zb-h1")
+    trainer = Trainer(
+        case.model_fn, case.feature_spec, opt, plan, GLOBAL_BATCH, seed=SEED, optimize_graph=False
+    )
+    try:
+        assert trainer.rewritten.stage_graphs[1].deferred_weights is None
+        w_end = trainer.rewritten.end_ops[(Slot(1, 0), Action("W", 1, 0))]
+        assert w_end.type == "NoOp" and w_end.name == "dapple/mb0/s1r0/W_end"
+        for batch in batches(case):
+            np.testing.assert_allclose(
+                trainer.train_step(batch), reference.train_step(batch), rtol=1e-5, atol=1e-6
+            )
+        expected = reference.get_weights()
+        final = trainer.get_weights()
+        for name, value in expected.items():
+            np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    finally:
+        trainer.close()
+        reference.close()
 
 
 def test_stacked_weight_gradients_with_zb_h1_are_refused():
