@@ -1,7 +1,8 @@
-"""Bubble: measured vs theoretical for S in {2, 4}, M in {1, 2, 4, 8, 16}, GPipe vs 1F1B.
+"""Bubble: measured vs theoretical for S in {2, 4}, M in {1, 2, 4, 8, 16}, GPipe, 1F1B, ZB-H1.
 
     python bench/bench_bubble.py [--width 512] [--micro-batch 64] [--steps 3]
                                  [--stages 2 4] [--micro-batches 1 2 4 8 16]
+                                 [--schedules gpipe 1f1b zb-h1]
 
 Model: an MLP of 8 equal dense+tanh layers (the last also computes the loss), split evenly into
 S stages on S logical CPU devices; the micro-batch size is fixed, so the global batch is
@@ -9,9 +10,11 @@ micro-batch x M. For each setting, after a warm-up step, `--steps` steps are tra
 (`Trainer.traced_step`); each trace is cut into tasks (`dapple_tf.timeline.tasks_from_step_stats`)
 and its bubble fraction per device (`bubble_fraction`: the share of the window from the first
 forward to the last backward in which the device runs no forward or backward) is averaged over
-devices. The table shows the median over traced steps next to (S-1)/(M+S-1)
-(`theoretical_bubble`). On this machine the S logical devices share the same few cores with
-each other (and with other jobs), so stages slow each other down when they overlap.
+devices (for zb-h1, its I and W actions count as busy like F and B). The table shows the median
+over traced steps next to the schedule's unit-time bubble (`planner.schedules.unit_bubble`: F =
+1, B = 2, I = W = 1; (S-1)/(M+S-1) for GPipe and 1F1B, (S-1)/(3M+S-1) for ZB-H1). On this
+machine the S logical devices share the same few cores with each other (and with other jobs), so
+stages slow each other down when they overlap.
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ import tensorflow as tf  # noqa: E402
 
 from dapple_tf import devices  # noqa: E402
 from bench_models import mlp_fn  # noqa: E402
-from dapple_tf.timeline import (
+from dapple_tf.timeline import (  # noqa: E402
     bubble_fraction,
     pipeline_window,
-    tasks_from_step_stats,  # noqa: E402
-    theoretical_bubble,
+    tasks_from_step_stats,
 )
 from dapple_tf.trainer import Trainer  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
+from planner import schedules  # noqa: E402
 from planner.plan_format import even_plan  # noqa: E402
 
 v1 = tf.compat.v1
@@ -53,6 +56,9 @@ def main(argv=None):
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument(
+        "--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"], choices=schedules.EXECUTABLE
+    )
+    parser.add_argument(
         "--optimize-graph", action="store_true", help="keep Grappler on (slower set-up)"
     )
     args = parser.parse_args(argv)
@@ -65,7 +71,7 @@ def main(argv=None):
     rows = []
     for S in args.stages:
         for M in args.micro_batches:
-            for schedule in ("gpipe", "1f1b"):
+            for schedule in args.schedules:
                 gbs = args.micro_batch * M
                 batch = {
                     "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
@@ -97,7 +103,7 @@ def main(argv=None):
                         S,
                         M,
                         schedule,
-                        theoretical_bubble(S, M),
+                        schedules.unit_bubble(schedules.action_lists(schedule, S, M), S),
                         statistics.median(bubbles),
                         min(bubbles),
                         max(bubbles),
@@ -116,7 +122,7 @@ def main(argv=None):
     )
     print()
     print(
-        "| S | M | schedule | theoretical (S-1)/(M+S-1) | measured (median) | measured min-max "
+        "| S | M | schedule | theoretical (unit time) | measured (median) | measured min-max "
         "| pipeline window ms |"
     )
     print("|---|---|---|---|---|---|---|")

@@ -1,4 +1,4 @@
-"""Peak live activation memory per stage, GPipe vs 1F1B, measured from the allocator records of a
+"""Peak live activation memory per stage, GPipe vs 1F1B vs ZB-H1, measured from the allocator records of a
 traced training step (S = 4 stages, M = 8 micro-batches, 4 logical CPU devices).
 
     python bench/bench_memory.py [--width 512] [--micro-batch 64] [--stages 4] [--micro-batches 8]
@@ -9,7 +9,10 @@ a warm-up step, once over the forward ops only (`.../fwd/`: the activations kept
 backward) and once over all clone ops (adds backward temporaries and each micro-batch's weight
 gradients, alive until accumulated). Theory: GPipe keeps the activations of all M forwards of a stage alive until its
 backwards start; 1F1B keeps at most min(S - k, M) on stage k (planner.schedules
-`warmup_forwards`), so the expected ratio 1f1b/gpipe is min(S - k, M) / M.
+`warmup_forwards`), so the expected ratio 1f1b/gpipe is min(S - k, M) / M. ZB-H1 keeps
+min(S, M) micro-batches on every stage (a forward's tensors live until its W), so its peak over
+stages should equal 1F1B's (stage 0's); it is skipped with --stack-weight-gradients, which it
+refuses.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ def main(argv=None):
     layers = build_template(fn, spec).layers
     peaks = {}
     start = time.perf_counter()
-    for schedule in ("gpipe", "1f1b"):
+    names = ("gpipe", "1f1b") if args.stack_weight_gradients else ("gpipe", "1f1b", "zb-h1")
+    for schedule in names:
         plan = even_plan(layers, [1] * S, gbs, M, schedule)
         trainer = Trainer(
             fn,
@@ -107,6 +111,17 @@ def main(argv=None):
             f"| {k} | {ga / 2**20:.2f} | {fa / 2**20:.2f} | {fa / ga if ga else float('nan'):.2f} "
             f"| {min(S - k, M) / M:.2f} | {g / 2**20:.2f} | {f / 2**20:.2f} | "
             f"{f / g if g else float('nan'):.2f} |"
+        )
+    print()
+    print("| schedule | peak over stages, all clone ops MiB | / 1f1b's | per stage MiB |")
+    print("|---|---|---|---|")
+    top_1f1b = max(peaks["1f1b", k] for k in range(S))
+    for name in names:
+        per_stage = [peaks[name, k] for k in range(S)]
+        print(
+            f"| {name} | {max(per_stage) / 2**20:.2f} | {max(per_stage) / top_1f1b:.3f} | "
+            + " ".join(f"{p / 2**20:.2f}" for p in per_stage)
+            + " |"
         )
 
 

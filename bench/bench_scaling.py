@@ -2,6 +2,7 @@
 
     python bench/bench_scaling.py [--runs single,1:1,DP2,1:1:1:1,2x2] [--steps 12] [--warmup 3]
                                   [--model mlp|bert|gnmt] [--global-batch N] [--launcher gloo|mpi]
+                                  [--stack-weight-gradients] [--zero-bubble]
 
 The way GPUs behave: every rank computes on a core of its own. Each run is launched as
 `horovodrun --gloo -np N -H localhost:N` (`--launcher mpi`: `horovodrun --mpi`), every rank
@@ -120,7 +121,13 @@ def workload(model: str, global_batch: int):
 
 
 def worker(
-    run: str, steps: int, warmup: int, stack: bool = False, model: str = "mlp", global_batch=None
+    run: str,
+    steps: int,
+    warmup: int,
+    stack: bool = False,
+    model: str = "mlp",
+    global_batch=None,
+    schedule: str = "1f1b",
 ) -> None:
     """One rank of a horovodrun launch (or the single-process baseline): pin, build, time."""
     local_rank = int(
@@ -174,12 +181,12 @@ def worker(
         print("RESULT " + json.dumps({"rank": 0, "core": core, "times": results}), flush=True)
         return
     _, replicas, micro_batches = RUNS[run]
-    plan = even_plan(layers, replicas, global_batch, micro_batches, "1f1b")
+    plan = even_plan(layers, replicas, global_batch, micro_batches, schedule)
     trainer = dapple_tf.Trainer(
         model_fn, spec, optimizer_fn, plan, global_batch, seed=1, stack_weight_gradients=stack
     )
     times = timed_steps(trainer, batch, steps, warmup)
-    name = run + (" stacked" if stack else "")
+    name = run + (" stacked" if stack else "") + ("" if schedule == "1f1b" else f" {schedule}")
     print(
         "RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {name: times}}),
         flush=True,
@@ -196,6 +203,7 @@ def launch(
     model: str = "mlp",
     global_batch: int = GLOBAL_BATCH,
     launcher: str = "gloo",
+    schedule: str = "1f1b",
 ) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
@@ -212,6 +220,8 @@ def launch(
         model,
         "--global-batch",
         str(global_batch),
+        "--schedule",
+        schedule,
     ] + (["--stack-weight-gradients"] if stack else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     if run == "single":
@@ -260,6 +270,12 @@ def main(argv=None):
         help="also run the multi-rank plans with stack_weight_gradients=True",
     )
     parser.add_argument(
+        "--zero-bubble",
+        action="store_true",
+        help="also run the multi-rank pipelines (M > 1) with the zb-h1 schedule",
+    )
+    parser.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the launched ranks (repeatable)"
     )
     parser.add_argument("--model", choices=("mlp", "bert", "gnmt"), default="mlp")
@@ -285,6 +301,7 @@ def main(argv=None):
             args.stack_weight_gradients,
             args.model,
             global_batch,
+            args.schedule,
         )
         return
     env_extra = dict(kv.split("=", 1) for kv in args.env)
@@ -315,6 +332,20 @@ def main(argv=None):
                     args.launcher,
                 )
             )
+        if args.zero_bubble and run != "single" and len(RUNS[run][1]) > 1:
+            results.update(
+                launch(
+                    run,
+                    args.steps,
+                    args.warmup,
+                    env_extra,
+                    False,
+                    args.model,
+                    global_batch,
+                    args.launcher,
+                    "zb-h1",
+                )
+            )
     base = (
         statistics.median(results["SingleDeviceTrainer"])
         if "SingleDeviceTrainer" in results
@@ -327,7 +358,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for name, times in results.items():
         median = statistics.median(times)
-        run = name.replace(" stacked", "")
+        run = name.replace(" stacked", "").replace(" zb-h1", "")
         ranks = RUNS[run][0] if run in RUNS else 1
         limit = f"{physical_limit(run):.2f}x" if run in RUNS else "1.00x"
         speedup = f"{base / median:.2f}x" if base else "-"

@@ -400,6 +400,19 @@ def start_times(
     return starts
 
 
+def unit_bubble(
+    lists: Sequence[Sequence[Action]],
+    num_stages: int,
+    durations: Mapping[str, int] = UNIT_DURATIONS,
+) -> float:
+    """The idle share of the device groups' time over the step (`start_times`' model): for 1F1B
+    and GPipe with B = 2F, (S-1)/(M+S-1); the theory a measured bubble is compared with."""
+    starts = start_times(lists, num_stages, durations)
+    span = max(t + durations[a.kind] for row, acts in zip(starts, lists) for t, a in zip(row, acts))
+    busy = sum(durations[a.kind] for actions in lists for a in actions)
+    return 1.0 - busy / (span * len(lists))
+
+
 def format_timeline(
     lists: Sequence[Sequence[Action]],
     num_stages: int,
@@ -423,8 +436,7 @@ def format_timeline(
             for u in range(t + 1, t + durations[action.kind]):
                 cells[u] = ""
         rows.append(f"group {g} |" + "".join(c.ljust(width) for c in cells).rstrip())
-    busy = sum(durations[a.kind] for actions in lists for a in actions)
-    bubble = 1.0 - busy / (span * len(lists))
+    bubble = unit_bubble(lists, num_stages, durations)
     units = ", ".join(f"{k}={durations[k]}" for k in KINDS)
     rows.append(f"step: {span} time units ({units}), bubble {bubble:.1%}")
     return "\n".join(rows)

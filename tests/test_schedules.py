@@ -295,3 +295,14 @@ def write_golden_files():
 
 if __name__ == "__main__":
     write_golden_files()
+
+
+@pytest.mark.parametrize("S,M", [(2, 4), (4, 8), (4, 16)])
+def test_unit_bubble_is_the_closed_form_for_1f1b_gpipe_and_zb_h1(S, M):
+    theory = (S - 1) / (M + S - 1)
+    for name in ("1f1b", "gpipe"):
+        lists = schedules.action_lists(name, S, M)
+        assert schedules.unit_bubble(lists, S) == pytest.approx(theory), name
+    # ZB-H1 with F = I = W = 1: the step is 3M + S - 1 units, each group busy 3M of them
+    zb = schedules.unit_bubble(schedules.action_lists("zb-h1", S, M), S)
+    assert zb == pytest.approx((S - 1) / (3 * M + S - 1))
