@@ -620,6 +620,18 @@ def fit_fixed_and_per_row(
 
 # Gradient ops that read only a tensor's shape: they run as soon as it exists, keeping nothing.
 _METADATA_OP_TYPES = frozenset({"Shape", "ShapeN", "Size", "Rank", "BroadcastGradientArgs"})
+# Ops whose output is their first input's buffer (TensorFlow's CPU and GPU kernels forward it):
+# a tensor read through one of them and directly is kept once.
+_ALIAS_OP_TYPES = frozenset(
+    {"Reshape", "Identity", "ExpandDims", "Squeeze", "StopGradient", "Snapshot"}
+)
+
+
+def _buffer_of(tensor: tf.Tensor) -> tf.Tensor:
+    """The tensor whose buffer `tensor` is: itself, or what it aliases through `_ALIAS_OP_TYPES`."""
+    while tensor.op.type in _ALIAS_OP_TYPES and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    return tensor
 
 
 def saved_tensor_bytes(
@@ -630,13 +642,16 @@ def saved_tensor_bytes(
 ) -> list[int]:
     """Bytes per layer of the forward tensors the gradient ops read: what a layer keeps alive
     from its forward until its backward (variables and their reads excluded: they are
-    parameters; so are reads by shape-only ops). Tensors without a static shape are sized by
-    running `tf.shape` in `session`."""
+    parameters; so are reads by shape-only ops). A tensor read both directly and through an
+    alias (a Reshape, an Identity: the same buffer) counts once, in the layer of the tensor
+    that owns the buffer. Tensors without a static shape are sized by running `tf.shape` in
+    `session`."""
     kept: dict[str, tuple[tf.Tensor, int]] = {}
     for op in template.backward_ops:
         if op.type in _METADATA_OP_TYPES:
             continue
-        for t in op.inputs:
+        for read in op.inputs:
+            t = _buffer_of(read)
             layer = layers.forward_layer.get(t.op.name)
             if layer is None or t.op.type in _VARIABLE_OP_TYPES or t.dtype == tf.resource:
                 continue

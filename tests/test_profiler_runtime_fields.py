@@ -38,6 +38,24 @@ def test_saved_bytes_are_every_forward_tensor_the_gradient_ops_read():
     assert saved == {"a": 5 * 8 * 4 + 5 * 4 * 4, "b": 0}
 
 
+def reshaping_model(features):
+    with v1.variable_scope("a"):
+        w1 = v1.get_variable("w", [8, 4])
+        y = tf.nn.relu(tf.matmul(features["x"], w1))
+    with v1.variable_scope("b"):
+        w2 = v1.get_variable("w", [4, 3])
+        h = tf.reshape(tf.identity(y), [-1, 4])  # y's buffer: MatMul's gradient reads h
+        return tf.reduce_sum(tf.matmul(h, w2))
+
+
+def test_a_tensor_read_directly_and_through_a_reshape_is_saved_once():
+    template = profiler.build_template(reshaping_model, SPEC, 5)
+    layers = profiler.find_layers(template)
+    saved = dict(zip(layers.names, profiler.saved_tensor_bytes(template, layers)))
+    # ReluGrad reads y, b's MatMul gradient reads reshape(identity(y)): one buffer, a's
+    assert saved == {"a": 5 * 8 * 4 + 5 * 4 * 4, "b": 0}
+
+
 def test_saved_bytes_exceed_the_layer_output_when_the_backward_reads_inner_tensors():
     template, layers = template_and_layers(batch_size=5)
     saved = profiler.saved_tensor_bytes(template, layers)
