@@ -307,43 +307,23 @@ def main(argv=None):
     env_extra = dict(kv.split("=", 1) for kv in args.env)
     results: dict[str, list[float]] = {}
     for run in args.runs.split(","):
-        results.update(
-            launch(
-                run,
-                args.steps,
-                args.warmup,
-                env_extra,
-                False,
-                args.model,
-                global_batch,
-                args.launcher,
-            )
-        )
+        variants = [(False, "1f1b")]  # (stack_weight_gradients, schedule)
         if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
-            results.update(
-                launch(
-                    run,
-                    args.steps,
-                    args.warmup,
-                    env_extra,
-                    True,
-                    args.model,
-                    global_batch,
-                    args.launcher,
-                )
-            )
+            variants.append((True, "1f1b"))
         if args.zero_bubble and run != "single" and len(RUNS[run][1]) > 1:
+            variants.append((False, "zb-h1"))
+        for stack, schedule in variants:
             results.update(
                 launch(
                     run,
                     args.steps,
                     args.warmup,
                     env_extra,
-                    False,
+                    stack,
                     args.model,
                     global_batch,
                     args.launcher,
-                    "zb-h1",
+                    schedule,
                 )
             )
     base = (

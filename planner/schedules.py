@@ -95,8 +95,9 @@ def zero_bubble_h1(num_stages: int, num_micro_batches: int) -> ActionLists:
     Stage s runs 1F1B's warm-up forwards; then for each micro-batch its I, then the oldest
     waiting W once more than s are waiting, then the next forward; the s W's still waiting fill
     the drain. Holding s W's back keeps s more micro-batches in flight on stage s than 1F1B
-    does: every stage peaks at min(S, M), 1F1B's peak on stage 0, so the peak over stages (what
-    bounds memory) is 1F1B's. With F, I and W equally long the bubble is a third of 1F1B's."""
+    does: every stage peaks at min(S, M) micro-batches, 1F1B's count on stage 0 (in bytes a
+    pending W holds more than a forward's tensors: bench/README.md, "Memory"). With F, I and W
+    equally long the bubble is (S-1)/(3M+S-1) against 1F1B's (S-1)/(M+S-1)."""
     _check_sizes(num_stages, num_micro_batches)
     lists = []
     for s in range(num_stages):
