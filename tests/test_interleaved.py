@@ -221,3 +221,17 @@ def test_a_device_in_two_groups_is_refused():
 def test_the_micro_batch_count_must_be_a_multiple_of_the_group_count():
     with pytest.raises(PlanError, match="on 2 device groups needs a multiple of 2 micro-batches"):
         plan_on([[0], [1], [0], [1]], num_micro_batches=3)
+
+
+def test_the_planner_refuses_to_search_interleaved_plans_naming_what_it_plans():
+    """The search over interleaved plans is not there yet: asking for one is a clear error."""
+    import planner
+    from planner.profile import LayerCost, Profile
+
+    profile = Profile.chain([LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(8)], 8)
+    with pytest.raises(
+        PlanError,
+        match="the planner does not search interleaved-1f1b plans yet; write the plan by hand "
+        r"\(.*\) or plan one of gpipe, 1f1b, zb-h1",
+    ):
+        planner.plan(profile, [4], 64, schedule=INTERLEAVED)
