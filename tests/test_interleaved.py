@@ -235,3 +235,23 @@ def test_the_planner_refuses_to_search_interleaved_plans_naming_what_it_plans():
         r"\(.*\) or plan one of gpipe, 1f1b, zb-h1",
     ):
         planner.plan(profile, [4], 64, schedule=INTERLEAVED)
+
+
+def test_the_timeline_reads_each_devices_interleaved_actions_in_its_groups_order():
+    """dapple_tf.timeline on a traced step: each device's F and B tasks, of both its stages,
+    started in its group's list order."""
+    from dapple_tf import timeline
+
+    trainer = interleaved_trainer("mlp", [1, 1], 2, 4)
+    try:
+        batch = models.MLP.make_batch(np.random.default_rng(0), GLOBAL_BATCH)
+        trainer.train_step(batch)
+        _, metadata = trainer.traced_step(batch)
+        order = timeline.compute_order(timeline.tasks_from_step_stats(metadata.step_stats))
+        lists = trainer.rewritten.schedule
+        assert len(order) == 2
+        for device, actions in order.items():
+            group = int(device.rsplit(":", 1)[1])
+            assert actions == lists[group], device
+    finally:
+        trainer.close()
