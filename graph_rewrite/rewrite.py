@@ -5,9 +5,9 @@ its forward and backward become library functions) -> place -> variables -> clon
 per micro-batch and slot) + boundary, built in the schedule's simulated execution order so each
 action's start ops are created under a control dependency on the end op of the previous action
 on its device (its slot's; under interleaved-1f1b, of any of the device's slots: the device
-follows its group's list) -> accumulate (per slot, over micro-batches, inside the backward calls) -> allreduce
-(over a stage's replicas, then over the stages of tied variables) -> clip -> one optimizer
-apply.
+follows its group's list) -> accumulate (per slot, over micro-batches, inside the backward
+calls) -> allreduce (over a stage's replicas, then over the stages of tied variables) -> clip ->
+one optimizer apply.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
@@ -678,8 +678,9 @@ def local_feature_rows(
 ) -> dict[str, tuple[tuple[int, int], ...]]:
     """Feature -> the global-batch rows the local slots read of it, as sorted, merged [lo, hi)
     ranges (features no local slot reads are left out). A rank holding one slot of the first
-    stage gets its input rows, one of the last stage its label rows, a middle stage none; one
-    process holding every slot gets the whole batch. Features in `whole` are read whole (e.g.
+    stage gets its input rows, one of the last stage its label rows, a middle stage none (under
+    interleaved-1f1b a rank's slots may include both); one process holding every slot gets the
+    whole batch. Features in `whole` are read whole (e.g.
     the weights a WeightedLoss's global denominator sums)."""
     ranges: dict[str, list[tuple[int, int]]] = {f: [(0, plan.global_batch_size)] for f in whole}
     b = plan.micro_batch_size

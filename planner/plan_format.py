@@ -208,7 +208,7 @@ class Plan:
         for g, devices in enumerate(groups):
             for d in devices:
                 if d in devices[devices.index(d) + 1 :]:
-                    raise PlanError(f"device {d} appears twice in stage {g}'s devices")
+                    raise PlanError(f"device {d} appears twice in device group {list(devices)}")
                 if group_of_device.setdefault(d, g) != g:
                     raise PlanError(
                         f"device {d} is in device groups {list(groups[group_of_device[d]])} and "

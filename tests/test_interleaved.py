@@ -255,3 +255,8 @@ def test_the_timeline_reads_each_devices_interleaved_actions_in_its_groups_order
             assert actions == lists[group], device
     finally:
         trainer.close()
+
+
+def test_a_device_twice_in_one_group_is_refused():
+    with pytest.raises(PlanError, match=r"device 0 appears twice in device group \[0, 0\]"):
+        plan_on([[0, 0], [1, 2], [0, 0], [1, 2]])
