@@ -260,3 +260,41 @@ def test_the_timeline_reads_each_devices_interleaved_actions_in_its_groups_order
 def test_a_device_twice_in_one_group_is_refused():
     with pytest.raises(PlanError, match=r"device 0 appears twice in device group \[0, 0\]"):
         plan_on([[0, 0], [1, 2], [0, 0], [1, 2]])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["moments", "fused"])
+def test_batch_norm_under_interleaved_1f1b_trains_like_its_single_device_reference(fused):
+    """Each micro-batch clone normalises its own rows, the moving statistics come from the
+    whole global batch (tests/test_batch_norm.py's reference), with the batch-norm layers'
+    stages 0, 1, 2 on two replica groups."""
+    import batch_norm_model as bn
+
+    gbs = 32
+    plan = even_plan(bn.LAYERS, [2, 2], gbs, 4, INTERLEAVED, chunks=2)
+    rng = np.random.default_rng(3)
+    data = [bn.make_batch(rng, gbs) for _ in range(STEPS)]
+
+    def run(trainer):
+        try:
+            initial = trainer.get_weights()
+            return initial, [trainer.train_step(b) for b in data], trainer.get_weights()
+        finally:
+            trainer.close()
+
+    chunks = bn.ghost_chunks(plan)
+    assert chunks == (8, 8, 8)
+    expected = run(
+        SingleDeviceTrainer(
+            bn.model(chunks, fused), bn.SPEC, adam, gbs, seed=SEED, optimize_graph=False
+        )
+    )
+    got = run(
+        Trainer(bn.model(fused=fused), bn.SPEC, adam, plan, gbs, seed=SEED, optimize_graph=False)
+    )
+    for name, value in expected[0].items():
+        np.testing.assert_array_equal(got[0][name], value, err_msg=f"initial {name}")
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-6)
+    assert sorted(got[2]) == sorted(expected[2])
+    assert any("moving_mean" in name for name in expected[2])
+    for name, value in expected[2].items():
+        np.testing.assert_allclose(got[2][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
