@@ -72,7 +72,7 @@ def worker(model: str, preset: str, ranks: int) -> None:
         trainer.train_step(batch)
     record = {
         "rank": trainer.rank,
-        "layers": len(plan.stages[trainer.slot.stage].layers),
+        "layers": sum(len(plan.stages[slot.stage].layers) for slot in trainer.slots),
         "parameter_bytes": params,
         "held_bytes": held,
         "whole_model_parameter_bytes": whole,

@@ -6,7 +6,8 @@ rank; the user script does not change. On every rank, in the same order:
      and plans on rank 0 only) and broadcasts it.
   2. The template is built (same seed, same model_fn: the same graph on every rank), the
      process sets of the plan are registered (stage replica groups, tied-variable groups,
-     boundary pairs, in one fixed order), and the rewrite builds only this rank's slot with
+     boundary pairs, in one fixed order), and the rewrite builds only this rank's slots (one;
+     under interleaved-1f1b one per stage of its device group) with
      a HorovodTransport (pair broadcasts) and a HorovodGradientSync (per-variable allreduce).
   3. The step ends with `step_end`: a global allreduce of each rank's share of the loss that
      runs after the optimizer update and after every collective of the step, so every rank
@@ -96,7 +97,7 @@ class MultiRankTrainer(Trainer):
                 f"plan is for global batch size {self.plan.global_batch_size}, but "
                 f"the trainer was given {self.global_batch_size}"
             )
-        self.slot = _slot_of_rank(self.plan, self.rank)
+        self.slots = _slots_of_rank(self.plan, self.rank)
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
         self.ranks_of_variable = _ranks_of_variable(self.plan, specs)
@@ -116,7 +117,9 @@ class MultiRankTrainer(Trainer):
         self.collective_log = rank_failures.CollectiveLog()
         self.gradient_reduction = GradientReduction(self.process_sets, self.collective_log)
         self.transport_kind = _transport_kind(transport)
-        self.keys = CollectiveKeys(self.size, process_sets.gradient_groups(self.plan, tied))
+        self.keys = CollectiveKeys(
+            self.size, process_sets.gradient_groups(self.plan, tied), self.plan.num_stages
+        )
         timeout_s = comm.step_timeout_s()
         if self.transport_kind == "tf":
             self.cluster = tf_cluster.start(self.rank, self.size, comm.allgather_objects, config)
@@ -161,7 +164,7 @@ class MultiRankTrainer(Trainer):
             optimizer_fn,
             device_name=lambda d: device,
             clip_norm=clip_norm,
-            local_slots=[self.slot],
+            local_slots=self.slots,
             transport=transport,
             gradient_sync=sync,
             input_fn=input_fn,
@@ -173,7 +176,7 @@ class MultiRankTrainer(Trainer):
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
         with self.graph.as_default(), tf.device(device):
-            holds_loss = self.slot.stage == self.plan.num_stages - 1
+            holds_loss = any(slot.stage == self.plan.num_stages - 1 for slot in self.slots)
             share = self.rewritten.loss if holds_loss else tf.constant(0.0, tf.float32)
             share = tf.cast(share, tf.float32)
             ends = [op for op in self.rewritten.end_ops.values()]
@@ -335,14 +338,20 @@ def _gradient_sum_kind(transport: str) -> str:
     return kind
 
 
-def _slot_of_rank(plan: Plan, rank: int) -> Slot:
-    for s, stage in enumerate(plan.stages):
-        if rank in stage.devices:
-            return Slot(s, stage.devices.index(rank))
-    raise PlanError(
-        f"rank {rank} holds no stage of plan {plan.notation} (devices "
-        f"{list(plan.devices)}); launch exactly one rank per plan device"
-    )
+def _slots_of_rank(plan: Plan, rank: int) -> list[Slot]:
+    """The slots of plan device `rank`: one, or under interleaved-1f1b one per stage of its
+    device group (v chunks)."""
+    slots = [
+        Slot(s, stage.devices.index(rank))
+        for s, stage in enumerate(plan.stages)
+        if rank in stage.devices
+    ]
+    if not slots:
+        raise PlanError(
+            f"rank {rank} holds no stage of plan {plan.notation} (devices "
+            f"{list(plan.devices)}); launch exactly one rank per plan device"
+        )
+    return slots
 
 
 def _stage_boundaries(specs) -> list[tuple[int, int]]:

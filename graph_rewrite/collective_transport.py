@@ -14,10 +14,14 @@ back (measured: with a rank pinned to one core, sends left ungated ran only afte
 forward, in pairs, and the receiving stage idled). It is also in `outgoing`, which the
 runtime's step-end collective depends on.
 
-Keys (`CollectiveKeys`): a group per rank pair, and per direction of the pair a running count of
-the pieces created. Both ends create one direction's pieces in the same order: each rank holds
-one slot, so a direction is one boundary, whose transfers both ranks build in micro-batch order;
-the runtime checks that both ends agree before the first step (`check_keys`). `all_reduce_sum`
+Keys (`CollectiveKeys`): a group per rank pair, and per boundary direction (from stage, to
+stage) a running count of the pieces the pair moves across it. Both ends create one boundary
+direction's pieces in the same order, micro-batch order (every schedule runs a stage's forwards
+and its backwards in micro-batch order). A count per boundary, not per pair direction: under
+interleaved-1f1b a rank holds several stages, so one pair direction carries several boundaries
+(ranks 0 -> 1 with stages [0, 2] on rank 0 and [1, 3] on rank 1: activations 0 -> 1 and 2 -> 3,
+gradients 2 -> 1), whose pieces the two ranks create in different interleavings. The runtime
+checks that both ends agree before the first step (`check_keys`). `all_reduce_sum`
 is the same machinery for sums over a group of ranks (gradients, the step-end loss).
 """
 
@@ -34,7 +38,7 @@ from .place import Slot
 
 GROUP_KEY_BASE = 1000  # leaves small keys to user code that creates collectives of its own
 # Streams of instance keys within a group: pair transfers to the higher rank, to the lower rank,
-# and reductions.
+# and reductions; then one per boundary direction (`CollectiveKeys.boundary_stream`).
 STREAMS = (UP, DOWN, REDUCE) = (0, 1, 2)
 
 
@@ -48,10 +52,23 @@ class CollectiveKeys:
     in the same order; `names` records them by group so `check_keys` can verify that before
     the first step."""
 
-    def __init__(self, world_size: int, groups: Sequence[tuple[int, ...]] = ()):
+    def __init__(
+        self, world_size: int, groups: Sequence[tuple[int, ...]] = (), num_stages: int = 1
+    ):
         self.world_size = world_size
         self.groups = [tuple(g) for g in groups]
+        self.num_stages = num_stages
+        self.num_streams = len(STREAMS) + num_stages * num_stages
         self.names: dict[tuple[int, ...], list[str]] = {}
+
+    def boundary_stream(self, from_stage: int, to_stage: int) -> int:
+        """The stream of the pieces a pair moves from stage `from_stage` to `to_stage`."""
+        if not (0 <= from_stage < self.num_stages and 0 <= to_stage < self.num_stages):
+            raise ValueError(
+                f"boundary s{from_stage} -> s{to_stage} is outside the {self.num_stages} stages "
+                f"these keys were made for"
+            )
+        return len(STREAMS) + from_stage * self.num_stages + to_stage
 
     def group_key(self, ranks) -> int:
         group = tuple(sorted(set(ranks)))
@@ -74,7 +91,7 @@ class CollectiveKeys:
         group = tuple(sorted(set(ranks)))
         names = self.names.setdefault((group, stream), [])
         names.append(name)
-        return (len(names) - 1) * len(STREAMS) + stream + 1
+        return (len(names) - 1) * self.num_streams + stream + 1
 
 
 class CollectiveTransport:
@@ -115,14 +132,14 @@ class CollectiveTransport:
             return pieces
         if self.rank not in (src, dst):
             return None
-        pair, direction = (src, dst), (UP if src < dst else DOWN)
+        pair, stream = (src, dst), self.keys.boundary_stream(from_slot.stage, to_slot.stage)
         group = self.keys.group_key(pair)
         names = [f"{name}/rank{src}_to_rank{dst}/p{n}" for n in range(len(specs))]
         # Outside the schedule's control dependencies: see the module doc.
         with tf.control_dependencies(None), tf.device(self.device):
             if self.rank == src:
                 for piece, piece_name in zip(pieces, names):
-                    key = self.keys.instance_key(pair, piece_name, direction)
+                    key = self.keys.instance_key(pair, piece_name, stream)
                     self.outgoing.append(
                         _named(
                             piece_name,
@@ -139,7 +156,7 @@ class CollectiveTransport:
                 return None
             received = []
             for spec, piece_name in zip(specs, names):
-                key = self.keys.instance_key(pair, piece_name, direction)
+                key = self.keys.instance_key(pair, piece_name, stream)
                 received.append(
                     _named(
                         piece_name,

@@ -10,8 +10,10 @@ sender's and a receiver's rows, so each overlap is one pair broadcast. Names:
 Broadcasts whose result this rank does not use (it is the sender) are collected in `outgoing`:
 the runtime makes the step's last collective depend on them, or nothing would run them.
 
-`HorovodGradientSync` (an allreduce.GradientSync): a rank holds one slot, so its gradients are
-already summed over its micro-batches; each variable's gradient is then summed over every rank
+`HorovodGradientSync` (an allreduce.GradientSync): a rank holds one replica of each of its stages
+(one stage; under interleaved-1f1b the v stages of its device group), so its gradients are
+already summed over its micro-batches; the gradients of a variable several local stages read (a
+tied weight) are summed in-graph first; each variable's gradient is then summed over every rank
 that holds a user of it (its stage's replicas, plus the ranks of the other stages reading a
 tied variable) with one per-tensor allreduce (Horovod's, or the `sum_dense` given: the multi-rank
 trainer passes TF collective all-reduces, see dapple_tf/multirank.py). Gradients that are IndexedSlices on every such
@@ -29,6 +31,7 @@ import tensorflow as tf
 
 from planner.plan_format import Plan
 
+from .allreduce import LocalGradientSync
 from .boundary import identity_n
 from .place import Slot
 
@@ -114,11 +117,13 @@ class HorovodGradientSync:
         return out
 
     def sum_replicas(self, stage, grads_by_replica, device_of_variable):
-        (grads,) = grads_by_replica.values()  # one slot per rank
+        (grads,) = grads_by_replica.values()  # one replica of a stage per rank
         return grads
 
     def sum_stages(self, grads_by_stage, device_of_variable):
-        (grads,) = grads_by_stage.values()
+        # the local stages first (interleaved-1f1b: a tied weight read by two stages of this
+        # rank), then across ranks
+        grads = LocalGradientSync().sum_stages(grads_by_stage, device_of_variable)
         kinds = {
             v: (SPARSE if isinstance(g, tf.IndexedSlices) else DENSE) for v, g in grads.items()
         }

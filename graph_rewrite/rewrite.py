@@ -3,17 +3,18 @@
 Passes (one module each): partition -> stage_graph (differentiate each distinct stage once;
 its forward and backward become library functions) -> place -> variables -> clone (one call
 per micro-batch and slot) + boundary, built in the schedule's simulated execution order so each
-action's start ops are created under a control dependency on the end op of its slot's previous
-action -> accumulate (per slot, over micro-batches, inside the backward calls) -> allreduce
-(over a stage's replicas, then over the stages of tied variables) -> clip -> one optimizer
-apply.
+action's start ops are created under a control dependency on the end op of the previous action
+on its device (its slot's; under interleaved-1f1b, of any of the device's slots: the device
+follows its group's list) -> accumulate (per slot, over micro-batches, inside the backward
+calls) -> allreduce (over a stage's replicas, then over the stages of tied variables) -> clip ->
+one optimizer apply.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
 gradient seed (`.../loss_grad`); for a W action (zb-h1), its call `.../wgrad` itself. Its end
 op: a NoOp `dapple/mb<i>/s<s>r<k>/F_end|B_end|I_end|W_end` after its send ops (and loss /
-variable gradients / call). So the executor runs each slot's actions in list order, and nothing
-of action k+1 that depends on its inputs starts before action k ended.
+variable gradients / call). So the executor runs each device's actions in list order, and
+nothing of action k+1 that depends on its inputs starts before action k ended.
 
 Split backwards (zb-h1): I(i) is the backward call as for B, without the weight gradients the
 input gradients do not need (`StageGraph.deferred_weights`); W(i) calls those on micro-batch i's
@@ -59,7 +60,7 @@ class TrainingGraph:
     global_step: tf.Variable
     optimizer: object
     gradients: dict[str, object]  # variable -> final gradient (after sync, clipping)
-    schedule: list[list[Action]]  # per stage (graph_rewrite/schedule.py)
+    schedule: list[list[Action]]  # per device group (graph_rewrite/schedule.py)
     device_of_slot: dict[Slot, str]
     device_of_variable: dict[str, str]
     local_slots: tuple[Slot, ...]
@@ -220,7 +221,8 @@ class _Builder:
         self.deferred_inputs: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.start_ops: dict = {}
         self.end_ops: dict = {}
-        self.last_end: dict[Slot, tf.Operation] = {}
+        # plan device id -> end op of the last action built on it
+        self.last_end: dict[int, tf.Operation] = {}
         # every forward, backward and W call of the step, in build order: the variable updates
         # wait for all of them (see `apply`)
         self.stage_calls: list[tf.Operation] = []
@@ -319,8 +321,12 @@ class _Builder:
 
     # ---- one action of one slot -----------------------------------------------------------
     def build_action(self, slot: Slot, action: Action):
+        """Build `action` of `slot` after the previous action on the slot's device: the
+        device's chain follows its group's list, which under interleaved-1f1b mixes the
+        actions of the group's stages."""
         kind, i = action.kind, action.micro_batch
-        previous = self.last_end.get(slot)
+        device_id = self.plan.stages[slot.stage].devices[slot.replica]
+        previous = self.last_end.get(device_id)
         deps = [previous] if previous is not None else []
         if kind == "F":
             start, end = self._forward(slot, i, deps)
@@ -330,7 +336,7 @@ class _Builder:
             start, end = self._backward(slot, i, deps, kind)
         self.start_ops[(slot, action)] = start
         self.end_ops[(slot, action)] = end
-        self.last_end[slot] = end
+        self.last_end[device_id] = end
 
     def _forward(self, slot: Slot, i: int, deps):
         stage = self.stage_graphs[slot.stage]
@@ -672,8 +678,9 @@ def local_feature_rows(
 ) -> dict[str, tuple[tuple[int, int], ...]]:
     """Feature -> the global-batch rows the local slots read of it, as sorted, merged [lo, hi)
     ranges (features no local slot reads are left out). A rank holding one slot of the first
-    stage gets its input rows, one of the last stage its label rows, a middle stage none; one
-    process holding every slot gets the whole batch. Features in `whole` are read whole (e.g.
+    stage gets its input rows, one of the last stage its label rows, a middle stage none (under
+    interleaved-1f1b a rank's slots may include both); one process holding every slot gets the
+    whole batch. Features in `whole` are read whole (e.g.
     the weights a WeightedLoss's global denominator sums)."""
     ranges: dict[str, list[tuple[int, int]]] = {f: [(0, plan.global_batch_size)] for f in whole}
     b = plan.micro_batch_size

@@ -15,10 +15,13 @@ from planner.hpgo_search import HpgoSearch
 from planner.plan_format import Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
-from planner.schedules import EXECUTABLE, in_flight_peaks
+from planner.schedules import CHUNKED, EXECUTABLE, in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
+# the executable schedules the search predicts plans for: not yet those with several stages per
+# device group (interleaved-1f1b runs from a plan written by hand, docs/formats.md)
+PLANNED_SCHEDULES = tuple(s for s in EXECUTABLE if s not in CHUNKED)
 
 
 def _as_profile(profile, profile_batch_size) -> Profile:
@@ -93,6 +96,12 @@ def plan(
     started = time.perf_counter()
     if cost_model not in COST_MODELS:
         raise PlanError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
+    if schedule in CHUNKED:
+        raise PlanError(
+            f"the planner does not search {schedule} plans yet; write the plan by hand (several "
+            f"stages per device group, docs/formats.md) or plan one of "
+            f"{', '.join(PLANNED_SCHEDULES)}"
+        )
     if schedule is not None and schedule not in EXECUTABLE:
         raise PlanError(
             f"schedule must be one of {', '.join(EXECUTABLE)} (or None to choose), got {schedule!r}"

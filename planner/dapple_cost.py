@@ -30,7 +30,7 @@ import numpy as np
 from planner.cluster import Cluster
 from planner.profile import Profile
 from planner.schedules import in_flight_peaks
-from planner.simulate import simulate
+from planner.simulate import chunks_of, simulate
 from planner.states import States, topological_states
 
 
@@ -134,7 +134,10 @@ class DappleModel:
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
-        in_flight = in_flight_peaks(schedule, S, M)
+        chunks = chunks_of(schedule, devices)
+        # per device group; a stage of an interleaved group is charged its group's peak
+        group_in_flight = in_flight_peaks(schedule, S, M, chunks)
+        in_flight = [group_in_flight[s % len(group_in_flight)] for s in range(S)]
         fwd, bwd, ar, mem = [], [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
@@ -172,7 +175,7 @@ class DappleModel:
                     0.0,
                     simulated=False,
                 )
-        sim = simulate(schedule, fwd, bwd, transfer, ar, M)
+        sim = simulate(schedule, fwd, bwd, transfer, ar, M, chunks)
         return DappleEval(
             sim.step_time_s,
             self.single_device_s / sim.step_time_s,

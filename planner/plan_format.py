@@ -86,8 +86,19 @@ class Plan:
 
     @property
     def devices(self) -> tuple[int, ...]:
-        """All device ids the plan uses, in stage order."""
-        return tuple(d for s in self.stages for d in s.devices)
+        """All device ids the plan uses, each once, in stage order."""
+        return tuple(dict.fromkeys(d for s in self.stages for d in s.devices))
+
+    @property
+    def device_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The distinct device lists of the stages, in stage order: one per stage, or under
+        interleaved-1f1b P groups, stage s on group s mod P."""
+        return tuple(dict.fromkeys(s.devices for s in self.stages))
+
+    @property
+    def chunks(self) -> int:
+        """Stages per device group (v): 1 but under an interleaved schedule."""
+        return self.num_stages // len(self.device_groups)
 
     @property
     def num_devices(self) -> int:
@@ -158,17 +169,14 @@ class Plan:
                     f"batch or micro-batch count so that every stage's replica count divides the "
                     f"micro-batch size"
                 )
-        seen_devices: dict[int, int] = {}
         for i, s in enumerate(self.stages):
             for d in s.devices:
                 if d < 0:
                     raise PlanError(f"stage {i} names negative device id {d}")
-                if d in seen_devices:
-                    raise PlanError(
-                        f"device {d} is used by stage {seen_devices[d]} and stage {i}; "
-                        f"a device holds exactly one stage replica"
-                    )
-                seen_devices[d] = i
+        if self.schedule in schedules.CHUNKED:
+            self._check_interleaved_groups()
+        else:
+            self._check_one_stage_per_device()
         seen_layers: dict[str, int] = {}
         for i, s in enumerate(self.stages):
             for name in s.layers:
@@ -177,6 +185,55 @@ class Plan:
                         f"layer '{name}' appears in stage {seen_layers[name]} and stage {i}"
                     )
                 seen_layers[name] = i
+
+    def _check_one_stage_per_device(self):
+        seen_devices: dict[int, int] = {}
+        for i, s in enumerate(self.stages):
+            for d in s.devices:
+                if d in seen_devices:
+                    raise PlanError(
+                        f"device {d} is used by stage {seen_devices[d]} and stage {i}; "
+                        f"a device holds exactly one stage replica (several stages per device "
+                        f"only under schedule {' or '.join(schedules.CHUNKED)})"
+                    )
+                seen_devices[d] = i
+
+    def _check_interleaved_groups(self):
+        """Interleaved contract: P distinct device groups (stages 0..P-1), stage s on group
+        s mod P (the same device list, in the same replica order), so every group holds
+        v = S / P stages; no device in two groups; M a multiple of P."""
+        groups = self.device_groups
+        num_groups = len(groups)
+        group_of_device: dict[int, int] = {}
+        for g, devices in enumerate(groups):
+            for d in devices:
+                if d in devices[devices.index(d) + 1 :]:
+                    raise PlanError(f"device {d} appears twice in device group {list(devices)}")
+                if group_of_device.setdefault(d, g) != g:
+                    raise PlanError(
+                        f"device {d} is in device groups {list(groups[group_of_device[d]])} and "
+                        f"{list(devices)}; under {self.schedule} a device belongs to one group "
+                        f"(stage s on group s mod P, each group the same device list)"
+                    )
+        for s, stage in enumerate(self.stages):
+            expected = groups[s % num_groups]
+            if stage.devices != expected:
+                raise PlanError(
+                    f"{self.schedule} puts stage s on device group s mod P (P = {num_groups} "
+                    f"groups {[list(g) for g in groups]}): stage {s} must be on "
+                    f"{list(expected)}, the plan puts it on {list(stage.devices)}"
+                )
+        if self.num_stages % num_groups:
+            raise PlanError(
+                f"{self.schedule}: the {self.num_stages} stages do not divide over the "
+                f"{num_groups} device groups {[list(g) for g in groups]}; every group holds the "
+                f"same number of stages"
+            )
+        if self.num_micro_batches % num_groups:
+            raise PlanError(
+                f"{self.schedule} on {num_groups} device groups needs a multiple of "
+                f"{num_groups} micro-batches, got {self.num_micro_batches}"
+            )
 
     def _check_schedule(self):
         """Only schedules the rewriter can run (planner.schedules.EXECUTABLE)."""
@@ -304,18 +361,25 @@ def even_plan(
     global_batch_size: int,
     num_micro_batches: int,
     schedule: str = "1f1b",
+    chunks: int = 1,
 ) -> Plan:
     """A plan that splits `layers` into len(replicas_per_stage) contiguous stages of near-equal
     layer count, stage i on the next replicas_per_stage[i] device ids. Handy for tests and for
-    DAPPLE notation given on the command line (e.g. '3:1')."""
-    num_stages = len(replicas_per_stage)
+    DAPPLE notation given on the command line (e.g. '3:1'). With `chunks` = v > 1
+    (interleaved-1f1b), `replicas_per_stage` describes the P device groups and the layers split
+    into v * P stages, stage s on group s mod P."""
+    groups, device = [], 0
+    for r in replicas_per_stage:
+        groups.append(tuple(range(device, device + r)))
+        device += r
+    num_stages = len(groups) * chunks
     if num_stages > len(layers):
         raise PlanError(f"cannot split {len(layers)} layers into {num_stages} stages")
-    stages, start, device = [], 0, 0
-    for i, r in enumerate(replicas_per_stage):
+    stages, start = [], 0
+    for i in range(num_stages):
         end = start + (len(layers) - start) // (num_stages - i)
-        stages.append(Stage(tuple(layers[start:end]), tuple(range(device, device + r))))
-        start, device = end, device + r
+        stages.append(Stage(tuple(layers[start:end]), groups[i % len(groups)]))
+        start = end
     return Plan(global_batch_size, num_micro_batches, schedule, tuple(stages))
 
 

@@ -41,7 +41,7 @@ from planner.cluster import Cluster
 from planner.dapple_cost import DappleEval, DappleModel
 from planner.profile import Profile
 from planner.schedules import in_flight_peaks
-from planner.simulate import simulate
+from planner.simulate import chunks_of, simulate
 from planner.states import States
 
 
@@ -176,7 +176,10 @@ class RuntimeModel(DappleModel):
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
-        in_flight = in_flight_peaks(schedule, S, M)
+        chunks = chunks_of(schedule, devices)
+        # per device group; a stage of an interleaved group is charged its group's peak
+        group_in_flight = in_flight_peaks(schedule, S, M, chunks)
+        in_flight = [group_in_flight[s % len(group_in_flight)] for s in range(S)]
         fwd, bwd, tail, mem = [], [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
@@ -211,9 +214,9 @@ class RuntimeModel(DappleModel):
                 0.0,
                 simulated=False,
             )
-        sim = simulate(schedule, fwd, bwd, transfer, tail, M)
+        sim = simulate(schedule, fwd, bwd, transfer, tail, M, chunks)
         step = max(sim.step_time_s, shared)
-        busy = sum(M * (f + b) for f, b in zip(fwd, bwd)) / max(1, S)
+        busy = sum(M * (f + b) for f, b in zip(fwd, bwd)) / max(1, S // chunks)  # per group
         return DappleEval(
             step,
             self.single_device_s / step,

@@ -179,7 +179,7 @@ SCHEDULES: dict[str, Generator] = {
     "zb-h1": zero_bubble_h1,
 }
 CHUNKED = ("interleaved-1f1b",)  # generators that take `chunks`
-EXECUTABLE = ("gpipe", "1f1b", "zb-h1")  # what graph_rewrite can build today
+EXECUTABLE = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")  # what graph_rewrite can build
 
 
 def action_lists(

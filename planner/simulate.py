@@ -1,14 +1,15 @@
 """Event-level simulation of one training step of a pipeline schedule.
 
-A schedule is data: for each stage, the ordered actions F(i) / B(i), or F(i) / I(i) / W(i), it
-runs, from the schedule library (planner/schedules.py; schedules with one stage per device
-group: gpipe, 1f1b, zb-h1). `simulate` plays them: a stage runs one action at a time in its
-order; F(i) on stage s starts once F(i) left stage s-1 and crossed the boundary, B(i) or I(i)
-once the input gradient of (s+1, i) left stage s+1 and crossed back (on the last stage, once its
-own F(i) is done), W(i) once the stage is free (its I(i) came before it). Transfers occupy the
-boundary link, not the stages (send/recv run beside compute); each direction of a link carries
-one micro-batch at a time, in order (full duplex). After its last action a stage allreduces its
-gradients across its replicas, overlapping the other stages' drain.
+A schedule is data: for each device group, the ordered actions F(i) / B(i), or F(i) / I(i) /
+W(i), of its stages, from the schedule library (planner/schedules.py; one stage per group, or
+under interleaved-1f1b `chunks` stages per group, stage s on group s mod P). `simulate` plays
+them: a group runs one action at a time in its order; F(i) on stage s starts once F(i) left
+stage s-1 and crossed the boundary, B(i) or I(i) once the input gradient of (s+1, i) left stage
+s+1 and crossed back (on the last stage, once its own F(i) is done), W(i) once the group is free
+(its I(i) came before it). Transfers occupy the boundary link, not the groups (send/recv run
+beside compute); each direction of a link carries one micro-batch at a time, in order (full
+duplex). After its last action a group allreduces its stages' gradients across their replicas,
+overlapping the other groups' drain.
 
 A split backward's times are not measured: I takes `INPUT_GRADIENT_SHARE` of the stage's
 backward time and W the rest. Half each is the rule of the zero-bubble paper (Qi et al., ICLR
@@ -30,22 +31,33 @@ INPUT_GRADIENT_SHARE = 0.5  # of a stage's backward time, for I; W takes the res
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int):
-    """Per stage, its actions as (kind, micro-batch) pairs, what the simulation loop reads."""
-    lists = schedules.action_lists(schedule, num_stages, num_micro_batches)
-    for s, actions in enumerate(lists):
-        if any(a.stage != s for a in actions):
+def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int, chunks: int = 1):
+    """Per device group, its actions as (kind, stage, micro-batch), what the simulation loop
+    reads."""
+    lists = schedules.action_lists(schedule, num_stages, num_micro_batches, chunks)
+    groups = len(lists)
+    for g, actions in enumerate(lists):
+        if any(a.stage % groups != g for a in actions):
             raise ValueError(
-                f"simulate plays schedules with one stage per device group; '{schedule}' is not one"
+                f"simulate plays schedules with stage s on device group s mod P; '{schedule}' "
+                f"is not one"
             )
-    return tuple(tuple((a.kind, a.micro_batch) for a in actions) for actions in lists)
+    return tuple(tuple((a.kind, a.stage, a.micro_batch) for a in actions) for actions in lists)
+
+
+def chunks_of(schedule: str, devices: Sequence[Sequence[int]]) -> int:
+    """Stages per device group of a candidate (its stages' device lists): 1 but under an
+    interleaved schedule, where the distinct lists are the groups."""
+    if schedule not in schedules.CHUNKED:
+        return 1
+    return len(devices) // len({tuple(d) for d in devices})
 
 
 @dataclasses.dataclass(frozen=True)
 class SimResult:
     step_time_s: float
-    compute_end_s: tuple[float, ...]  # per stage: end of its last backward
-    busy_s: tuple[float, ...]  # per stage: compute time per step
+    compute_end_s: tuple[float, ...]  # per device group (stage): end of its last action
+    busy_s: tuple[float, ...]  # per device group (stage): compute time per step
 
     @property
     def bubble_fraction(self) -> float:
@@ -63,9 +75,12 @@ def simulate(
     transfer_s: Sequence[float],
     allreduce_s: Sequence[float],
     num_micro_batches: int,
+    chunks: int = 1,
 ) -> SimResult:
     """forward_s/backward_s: per stage, one micro-batch on one replica; transfer_s: per boundary
-    (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage.
+    (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage
+    (a device group runs its stages' allreduces one after another after its last action).
+    `chunks`: stages per device group (interleaved-1f1b).
 
     Beyond EXTRAPOLATE_ABOVE micro-batches the pipeline is in (or near) its steady state, where
     each further micro-batch adds about the same time to each stage's end: the ends are
@@ -74,45 +89,61 @@ def simulate(
     M = num_micro_batches
     if M > EXTRAPOLATE_ABOVE:
         lo, hi = EXTRAPOLATE_ABOVE // 2, EXTRAPOLATE_ABOVE
-        a = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, lo)
-        b = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, hi)
+        a = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, lo, chunks)
+        b = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, hi, chunks)
         ends = tuple(
             eb + (eb - ea) * (M - hi) / (hi - lo)
             for ea, eb in zip(a.compute_end_s, b.compute_end_s)
         )
-        step = max(e + r for e, r in zip(ends, allreduce_s))
-        busy = tuple(M * (f + bw) for f, bw in zip(forward_s, backward_s))
-        return SimResult(step, ends, busy)
-    return _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, M)
+        return _result(ends, forward_s, backward_s, allreduce_s, M)
+    return _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, M, chunks)
 
 
-def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micro_batches):
+def _result(ends, forward_s, backward_s, allreduce_s, num_micro_batches) -> SimResult:
+    """The step from each device group's compute end: group g holds stages g, g + P, ..."""
+    groups = len(ends)
+    tails = [sum(allreduce_s[g::groups]) for g in range(groups)]
+    busy = [
+        num_micro_batches * (sum(forward_s[g::groups]) + sum(backward_s[g::groups]))
+        for g in range(groups)
+    ]
+    step = max(e + r for e, r in zip(ends, tails))
+    return SimResult(step, tuple(ends), tuple(busy))
+
+
+def _simulate(
+    schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micro_batches, chunks=1
+):
     S, M = len(forward_s), num_micro_batches
-    actions = _cached_actions(schedule, S, M)
+    actions = _cached_actions(schedule, S, M, chunks)
+    G = len(actions)
     unset = -1.0
     f_arrive = [[unset] * M for _ in range(S)]  # F(i) output available at stage s+1
     b_arrive = [[unset] * M for _ in range(S)]  # B(i) gradient available at stage s-1
     f_own = [[unset] * M for _ in range(S)]
     link_f = [0.0] * S  # forward link s -> s+1 free at
     link_b = [0.0] * S  # backward link s -> s-1 free at
-    pos = [0] * S
-    free_at = [0.0] * S
+    pos = [0] * G
+    free_at = [0.0] * G
     remaining = sum(len(acts) for acts in actions)
     descending = False
     while remaining:
         progressed = False
         # sweep up the pipeline for forwards, down for backwards, alternately
-        for s in range(S - 1, -1, -1) if descending else range(S):
-            acts, p, t = actions[s], pos[s], free_at[s]
-            prev_f = f_arrive[s - 1] if s > 0 else None
-            next_b = b_arrive[s + 1] if s < S - 1 else None
-            fwd, bwd = forward_s[s], backward_s[s]
-            input_part = bwd * INPUT_GRADIENT_SHARE
-            tr_out = transfer_s[s] if s < S - 1 else 0.0
-            tr_in = transfer_s[s - 1] if s > 0 else 0.0
+        for g in range(G - 1, -1, -1) if descending else range(G):
+            acts, p, t = actions[g], pos[g], free_at[g]
             n = len(acts)
+            current = -1  # the stage whose numbers are loaded (a group's list may switch)
             while p < n:
-                kind, i = acts[p]
+                kind, s, i = acts[p]
+                if s != current:
+                    current = s
+                    prev_f = f_arrive[s - 1] if s > 0 else None
+                    next_b = b_arrive[s + 1] if s < S - 1 else None
+                    fwd, bwd = forward_s[s], backward_s[s]
+                    input_part = bwd * INPUT_GRADIENT_SHARE
+                    tr_out = transfer_s[s] if s < S - 1 else 0.0
+                    tr_in = transfer_s[s - 1] if s > 0 else 0.0
                 if kind == "F":
                     ready = 0.0 if prev_f is None else prev_f[i]
                     if ready == unset:
@@ -133,16 +164,13 @@ def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micr
                         start = t if t > link_b[s] else link_b[s]
                         link_b[s] = b_arrive[s][i] = start + tr_in
                 p += 1
-            if p != pos[s]:
-                remaining -= p - pos[s]
-                pos[s], free_at[s] = p, t
+            if p != pos[g]:
+                remaining -= p - pos[g]
+                pos[g], free_at[g] = p, t
                 progressed = True
         descending = not descending
         if not progressed and not descending:
             raise RuntimeError(
                 f"schedule {schedule} deadlocks with {S} stages and {M} micro-batches"
             )
-    ends = tuple(free_at)
-    step = max(e + a for e, a in zip(ends, allreduce_s))
-    busy = tuple(M * (f + b) for f, b in zip(forward_s, backward_s))
-    return SimResult(step, ends, busy)
+    return _result(free_at, forward_s, backward_s, allreduce_s, M)

@@ -42,6 +42,32 @@ def test_instance_keys_of_a_groups_streams_never_collide_and_count_per_stream():
     assert keys.names[((0, 1), DOWN)] == ["down0", "down1", "down2"]
 
 
+def test_boundaries_between_the_same_two_ranks_number_their_pieces_apart():
+    """interleaved-1f1b: ranks 0 and 1 hold stages [0, 2] and [1, 3], so the pair moves pieces
+    across boundaries 0 -> 1, 2 -> 3 (and back); the two ranks create them in different
+    interleavings, and every piece still gets the same key on both ranks."""
+    pieces = [(a, b, i) for a, b in [(0, 1), (2, 3), (1, 0), (3, 2)] for i in range(3)]
+    sender_order = sorted(pieces, key=lambda p: (p[2], p[0]))
+    receiver_order = sorted(pieces, key=lambda p: (p[0], p[2]))
+    assert sender_order != receiver_order
+    found = []
+    for order in (sender_order, receiver_order):
+        keys = CollectiveKeys(2, num_stages=4)
+        found.append(
+            {
+                (a, b, i): keys.instance_key(
+                    (0, 1), f"mb{i}/s{a}_to_s{b}", keys.boundary_stream(a, b)
+                )
+                for a, b, i in order
+            }
+        )
+        reductions = [keys.instance_key((0, 1), f"sum{k}", REDUCE) for k in range(3)]
+        assert len(set(found[-1].values()) | set(reductions)) == len(pieces) + 3
+    assert found[0] == found[1]
+    with pytest.raises(ValueError, match="boundary s4 -> s0 is outside the 4 stages"):
+        CollectiveKeys(2, num_stages=4).boundary_stream(4, 0)
+
+
 def test_check_keys_names_the_ranks_and_the_first_collective_that_differs():
     mine = {((0, 1), UP): ["a", "b", "c"]}
     check_keys(mine, [mine, {((0, 1), UP): ["a", "b", "c"]}], rank=0)

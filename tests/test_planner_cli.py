@@ -244,7 +244,7 @@ def test_schedule_chunks_put_several_stages_on_a_group(capsys):
     argv = ["schedule", "--schedule", "interleaved-1f1b", "--stages", "4", "--micro-batches", "4"]
     assert main(argv + ["--chunks", "2"]) == 0
     out = capsys.readouterr().out
-    assert "the rewriter runs only gpipe, 1f1b, zb-h1 so far" in out
+    assert "the rewriter runs only" not in out
     assert "4 stages on 2 device group(s)" in out
     assert "group 1 (stages 1, 3): 1F0 1F1 3F0 3B0" in out
 

@@ -8,15 +8,46 @@ from planner.cluster import GB, Cluster
 from planner.dapple_cost import DappleModel
 from planner.plan_format import PlanError
 from planner.profile import LayerCost, Profile
+from planner.runtime_cost import RuntimeModel
 from planner.simulate import simulate
 
 
 # ---- schedules (their orders: tests/test_schedules.py) ------------------------------------------
 def test_simulate_refuses_schedules_it_cannot_play(monkeypatch):
-    two_chunks = schedules.interleaved_one_f_one_b(4, 4, 2)  # 2 stages on each device group
-    monkeypatch.setattr(schedules, "action_lists", lambda name, s, m: two_chunks)
-    with pytest.raises(ValueError, match="one stage per device group; 'two-chunks' is not"):
-        simulate("two-chunks", [1.0] * 4, [1.0] * 4, [0.0] * 3, [0.0] * 4, 4)
+    lists = schedules.interleaved_one_f_one_b(4, 4, 2)  # stages 0, 2 on group 0; 1, 3 on 1
+    swapped = [lists[1], lists[0]]  # stage 1 on group 0: not s mod P
+    monkeypatch.setattr(schedules, "action_lists", lambda name, s, m, chunks: swapped)
+    with pytest.raises(ValueError, match="stage s on device group s mod P; 'swapped' is not"):
+        simulate("swapped", [1.0] * 4, [1.0] * 4, [0.0] * 3, [0.0] * 4, 4, chunks=2)
+
+
+@pytest.mark.parametrize("num_stages,chunks,num_micro_batches", [(4, 2, 4), (4, 2, 8), (6, 3, 4)])
+def test_interleaved_1f1b_plays_its_groups_lists(num_stages, chunks, num_micro_batches):
+    """With unit F, B = 2F and free transfers, the simulated step of interleaved-1f1b is the
+    library's unit timeline's span: each device group runs its stages' actions in its list."""
+    S, M = num_stages, num_micro_batches
+    sim = simulate("interleaved-1f1b", [1.0] * S, [2.0] * S, [0.0] * (S - 1), [0.0] * S, M, chunks)
+    lists = schedules.action_lists("interleaved-1f1b", S, M, chunks)
+    starts = schedules.start_times(lists, S)
+    span = max(
+        t + schedules.UNIT_DURATIONS[a.kind] for g, l in zip(starts, lists) for t, a in zip(g, l)
+    )
+    assert sim.step_time_s == pytest.approx(span)
+    assert len(sim.busy_s) == S // chunks and sim.busy_s[0] == pytest.approx(3 * M * chunks)
+    assert sim.bubble_fraction == pytest.approx(schedules.unit_bubble(lists, S))
+
+
+@pytest.mark.parametrize("cost_model", [DappleModel, RuntimeModel])
+def test_cost_models_evaluate_an_interleaved_plan_with_any_multiple_of_p_micro_batches(cost_model):
+    layers = [LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(8)]
+    profile = Profile.chain(layers, 8)
+    cluster = Cluster.from_seps([2])
+    model = cost_model(profile, cluster, 48)
+    ends = [1, 3, 5, 7]  # 4 stages of 2 layers
+    devices = [[0], [1], [0], [1]]
+    for micro_batch_size in (8, 12):  # M = 6 and 4: multiples of the 2 groups, not of 4 stages
+        result = model.evaluate(ends, devices, micro_batch_size, "interleaved-1f1b")
+        assert result.step_time_s > 0 and result.fits
 
 
 @pytest.mark.parametrize("num_stages,num_micro_batches", [(2, 4), (4, 8), (4, 4), (3, 7)])

@@ -10,6 +10,7 @@ from planner.schedules import (
     check_schedule,
     format_actions,
     gpipe,
+    interleaved_one_f_one_b,
     one_f_one_b,
     zero_bubble_h1,
 )
@@ -68,9 +69,26 @@ def test_zb_h1_build_order_on_two_stages():
 
 def test_a_schedule_the_rewriter_cannot_run_is_refused():
     plan = plan_of("1f1b", 2, 2)
-    object.__setattr__(plan, "schedule", "interleaved-1f1b")  # a Plan itself refuses it
+    object.__setattr__(plan, "schedule", "zigzag")  # a Plan itself refuses it
     with pytest.raises(
         ScheduleError,
-        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, not 'interleaved-1f1b'",
+        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, interleaved-1f1b, not 'zigzag'",
     ):
         plan_schedule(plan)
+
+
+@pytest.mark.parametrize(
+    "replicas,chunks,num_micro_batches", [([1, 1], 2, 4), ([2, 2], 2, 8), ([1, 1, 1, 1], 2, 4)]
+)
+def test_an_interleaved_plans_lists_are_the_librarys_one_per_device_group(
+    replicas, chunks, num_micro_batches
+):
+    """v, the chunk count, is the plan's stages per device group."""
+    plan = even_plan(LAYERS, replicas, 48, num_micro_batches, "interleaved-1f1b", chunks)
+    built = plan_schedule(plan)
+    num_stages = len(replicas) * chunks
+    assert plan.num_stages == num_stages and plan.chunks == chunks
+    assert built.lists == interleaved_one_f_one_b(num_stages, num_micro_batches, chunks)
+    assert built.build_order == check_schedule(built.lists, num_stages, num_micro_batches).order
+    for g, actions in enumerate(built.lists):
+        assert {a.stage for a in actions} == set(range(g, num_stages, len(replicas)))

@@ -3,7 +3,9 @@ single-device training, and a run killed mid-way resumes from its last checkpoin
 
 One launch trains the transformer with a tied embedding (used by the first and the last stage)
 on the plans 2x2, 4 stages and 3:1 with gpipe and 1f1b, and 2x2 and 4 stages with zb-h1 (3 steps
-each), a model whose only replicated gradient is sparse (embedding, 2x2: an allgather of rows),
+each), interleaved-1f1b with Adam (several stages per rank: the transformer, the skip model and
+the while-loop RNN on 4 stages over replica groups [0, 2] and [1, 3], the transformer with all 4
+stages on every rank), a model whose only replicated gradient is sparse (embedding, 2x2: an allgather of rows),
 a skip connection from stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2);
 the test compares the
 losses every rank returned and the final weights (model, momentum slots, global_step) with
@@ -31,6 +33,13 @@ pytestmark = pytest.mark.slow
 PLANS = ["2x2", "4stages", "3:1"]
 SCHEDULES = ["gpipe", "1f1b"]
 ZB_H1_PLANS = ["2x2", "4stages"]  # zb-h1: I and W actions (tests/test_zero_bubble.py)
+# interleaved-1f1b with Adam: several stages per rank (tests/test_interleaved.py)
+INTERLEAVED_CONFIGS = [
+    ("transformer", "il2x2"),  # stages 0, 2 on ranks [0, 2], 1, 3 on [1, 3]; tied 0 and 3
+    ("transformer", "il1x4"),  # all 4 stages on every rank: the tie summed on the rank first
+    ("skip", "il2x2"),  # skip connection from stage 0 to stage 3
+    ("rnn", "il2x2"),  # while loops
+]
 
 
 def _skip_without_horovod():
@@ -57,11 +66,11 @@ def restored_into_single_device(model_fn, feature_spec, path):
         trainer.close()
 
 
-def single_device_run(case, steps, clip_norm=None):
+def single_device_run(case, steps, clip_norm=None, optimizer_fn=checks.optimizer):
     trainer = SingleDeviceTrainer(
         case.model_fn,
         case.feature_spec,
-        checks.optimizer,
+        optimizer_fn,
         checks.GLOBAL_BATCH,
         seed=checks.SEED,
         optimize_graph=False,
@@ -82,6 +91,7 @@ def equivalence_run(tmp_path_factory):
     configs = (
         [f"transformer/{p}/{s}" for p in PLANS for s in SCHEDULES]
         + [f"transformer/{p}/zb-h1" for p in ZB_H1_PLANS]
+        + [f"{m}/{p}/interleaved-1f1b/adam" for m, p in INTERLEAVED_CONFIGS]
         + [
             "sparse/2x2/1f1b",
             "skip/skip0to2/1f1b",
@@ -89,7 +99,7 @@ def equivalence_run(tmp_path_factory):
         ]
     )
     result = runner.run(
-        "trainer_checks.py", 4, ["equivalence", out, ",".join(configs)], timeout_s=480
+        "trainer_checks.py", 4, ["equivalence", out, ",".join(configs)], timeout_s=600
     )
     assert result.returncode == 0, result.output[-6000:]
     return out, result
@@ -119,13 +129,25 @@ def test_four_ranks_train_the_tied_transformer_like_one_device_under_zb_h1(
     )
 
 
+@pytest.mark.parametrize("model,plan", INTERLEAVED_CONFIGS)
+def test_four_ranks_train_like_one_device_under_interleaved_1f1b(equivalence_run, model, plan):
+    reference = single_device_run(models.ALL[model], checks.STEPS, optimizer_fn=checks.adam)
+    _check_equal_to_single_device(
+        equivalence_run, reference, model, plan, "interleaved-1f1b", adam_optimizer=True
+    )
+
+
 def test_boundary_tensors_travel_as_tf_collective_broadcasts_by_default(equivalence_run):
+    """...and a plan whose stages are all on every rank (il1x4) sends nothing across ranks."""
     _, result = equivalence_run
     records = result.records("TRANSPORT")
     assert sorted(records) == [0, 1, 2, 3]
     for rank, recs in records.items():
         for record in recs:
             assert record["kind"] == "tf", record
+            if "-il1x4-" in record["tag"]:
+                assert record["transfer_ops"] == "", record
+                continue
             assert set(record["transfer_ops"].split(",")) <= {
                 "CollectiveBcastSendV2",
                 "CollectiveBcastRecvV2",
@@ -139,11 +161,11 @@ def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact
 
 
 def _check_equal_to_single_device(
-    equivalence_run, reference, model, plan, schedule, clip=False, num_ranks=4
+    equivalence_run, reference, model, plan, schedule, clip=False, num_ranks=4, adam_optimizer=False
 ):
     out, result = equivalence_run
     initial, expected_losses, expected = reference
-    tag = checks.tag_of(model, plan, schedule, clip)
+    tag = checks.tag_of(model, plan, schedule, clip, adam_optimizer)
     got = np.load(os.path.join(out, tag + ".npz"))
     for name, value in initial.items():
         np.testing.assert_array_equal(got["initial/" + name], value, err_msg=f"initial {name}")
@@ -170,8 +192,12 @@ def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_re
     result = runner.run(
         "trainer_checks.py",
         4,
-        ["equivalence", tmp_path, "transformer/2x2/1f1b,transformer/3:1/gpipe"],
-        timeout_s=400,
+        [
+            "equivalence",
+            tmp_path,
+            "transformer/2x2/1f1b,transformer/3:1/gpipe,transformer/il2x2/interleaved-1f1b/adam",
+        ],
+        timeout_s=450,
         env={"DAPPLE_TRANSPORT": "horovod"},
     )
     assert result.returncode == 0, result.output[-6000:]
@@ -187,6 +213,13 @@ def test_horovod_transport_still_trains_like_one_device(tmp_path, transformer_re
             np.testing.assert_allclose(
                 got["final/" + name], value, rtol=1e-5, atol=1e-6, err_msg=name
             )
+    _, adam_losses, adam_weights = single_device_run(
+        models.TRANSFORMER, checks.STEPS, optimizer_fn=checks.adam
+    )
+    got = np.load(tmp_path / "transformer-il2x2-interleaved-1f1b-adam.npz")
+    np.testing.assert_allclose(got["losses"], adam_losses, rtol=1e-5, atol=1e-6)
+    for name, value in adam_weights.items():
+        np.testing.assert_allclose(got["final/" + name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # ---- plans the cluster needs: skip connections between non-adjacent stages, clip_norm ---------

@@ -15,22 +15,24 @@ from graph_rewrite.template import build_template
 from planner.plan_format import even_plan
 from planner.schedules import Action, action_lists, format_actions
 
-BOUNDARY = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)$")
+BOUNDARY = re.compile(r"^dapple/mb(\d+)/s(\d+)_to_s(\d+)/(send|recv)(_r\d+)?$")
 W_CALL = re.compile(r"^dapple/mb(\d+)/s(\d+)r0/wgrad/")
 
 
-def action_times(run_metadata, num_stages, backward="B"):
+def action_times(run_metadata, num_stages, backward="B", replica_suffix=""):
     """stage -> {action: start micros} from the boundary ops of the traced step. Stage s's F(i)
     is its forward recv (stage 0: its forward send); B(i) (or I(i): `backward`) its gradient
-    recv (last stage: its gradient send)."""
+    recv (last stage: its gradient send). `replica_suffix`: "_r0" reads replica 0's ops of
+    stages with several replicas."""
     start = {}
     for dev in run_metadata.step_stats.dev_stats:
         for node in dev.node_stats:
-            if BOUNDARY.match(node.node_name):
+            match = BOUNDARY.match(node.node_name)
+            if match and (match.group(5) or "") == replica_suffix:
                 start[node.node_name] = node.all_start_micros
     times = {s: {} for s in range(num_stages)}
     for name, micros in start.items():
-        i, a, b, kind = BOUNDARY.match(name).groups()
+        i, a, b, kind, _ = BOUNDARY.match(name).groups()
         i, a, b = int(i), int(a), int(b)
         if a < b and kind == "recv":
             times[b][Action("F", b, i)] = micros
@@ -122,3 +124,34 @@ def test_zb_h1_runs_each_w_after_its_i_and_before_the_next_action_of_its_list():
                     assert last <= spans[(s, following.micro_batch)][0], (action, following)
                 else:
                     assert last <= times[s][following], (action, following)
+
+
+@pytest.mark.parametrize("replicas", [[1, 1], [2, 2]], ids=["2-devices", "2-groups-of-2"])
+def test_each_device_executes_its_groups_interleaved_list_in_order(replicas):
+    """interleaved-1f1b, 4 stages in 2 chunks on 2 device groups, M = 4: each device runs the
+    actions of its two stages in the order of its group's list (the boundary ops of replica 0,
+    as above, merged over the group's stages)."""
+    case = models.MLP
+    layers = build_template(case.model_fn, case.feature_spec).layers
+    num_stages, chunks, num_micro_batches, gbs = 4, 2, 4, 32
+    plan = even_plan(layers, replicas, gbs, num_micro_batches, "interleaved-1f1b", chunks)
+    trainer = Trainer(
+        case.model_fn,
+        case.feature_spec,
+        lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
+        plan,
+        gbs,
+        seed=1,
+    )
+    batch = case.make_batch(np.random.default_rng(0), gbs)
+    trainer.train_step(batch)
+    _, metadata = trainer.traced_step(batch)
+    times = action_times(metadata, num_stages, replica_suffix="_r0" if replicas[0] > 1 else "")
+    expected = action_lists("interleaved-1f1b", num_stages, num_micro_batches, chunks)
+    for g, actions in enumerate(expected):
+        group_times = {
+            a: t for s in range(g, num_stages, len(replicas)) for a, t in times[s].items()
+        }
+        assert len(group_times) == len(actions), f"group {g}: {sorted(group_times)}"
+        executed = sorted(group_times, key=group_times.get)
+        assert format_actions(executed) == format_actions(actions), f"group {g}"

@@ -150,6 +150,15 @@ ZB_H1_CASES = [
 ]
 
 
+# interleaved-1f1b: `replicas` per device group, 2 stages per group (stage s on group s mod P)
+INTERLEAVED_CASES = [
+    ("mlp", [1, 1], "interleaved-1f1b", 4),
+    ("transformer", [2, 2], "interleaved-1f1b", 2),
+    ("rnn", [1, 1], "interleaved-1f1b", 2),
+    ("batch_norm", [1, 1], "interleaved-1f1b", 2),
+]
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-micro-batch", "stacked"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 @pytest.mark.parametrize(
@@ -158,12 +167,12 @@ ZB_H1_CASES = [
     ids=[f"{m}-{':'.join(map(str, r))}-{s}-{n}" for m, r, s, n in CASES],
 )
 def test_every_read_of_a_variable_runs_before_its_update(
-    monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked
+    monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked, chunks=1
 ):
     monkeypatch.setattr(compat, "onednn_enabled", lambda: transposed)
     case = model_case(model)
     layers = build_template(case.model_fn, case.feature_spec).layers
-    plan = even_plan(layers, replicas, GLOBAL_BATCH, num_micro_batches, schedule)
+    plan = even_plan(layers, replicas, GLOBAL_BATCH, num_micro_batches, schedule, chunks)
     trainer = Trainer(
         case.model_fn,
         case.feature_spec,
@@ -196,4 +205,20 @@ def test_every_read_of_a_variable_runs_before_its_update_under_zb_h1(
     waits for them as for every forward and backward call."""
     test_every_read_of_a_variable_runs_before_its_update(
         monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked=False
+    )
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-micro-batch", "stacked"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+@pytest.mark.parametrize(
+    "model,replicas,schedule,num_micro_batches",
+    INTERLEAVED_CASES,
+    ids=[f"{m}-{':'.join(map(str, r))}-{s}-{n}" for m, r, s, n in INTERLEAVED_CASES],
+)
+def test_every_read_of_a_variable_runs_before_its_update_under_interleaved_1f1b(
+    monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked
+):
+    """Several stages per device: every call of each of them is waited for."""
+    test_every_read_of_a_variable_runs_before_its_update(
+        monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked, chunks=2
     )

@@ -1,11 +1,12 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
+trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][,...]
     For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
-    train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
-    check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
-    <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
-    rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
+    train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip';
+    Adam instead of the model's optimizer with '/adam'), check get_weights() before training,
+    run STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<tag>.npz (tag:
+    <model>-<plan>-<schedule>[-clip][-adam]) with the losses (as every rank saw them) and the
+    final weights. Plans: PLANS (even splits), SPLITS and INTERLEAVED. Models:
     those of rewrite_models.ALL, tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
     0.1, its layer rule, Adam), and bn / bnfused (tests/batch_norm_model.py: moments batch
     norm, the last one fused).
@@ -49,6 +50,12 @@ PLANS = {"2x2": [2, 2], "4stages": [1, 1, 1, 1], "3:1": [3, 1], "1:1": [1, 1], "
 # Plans with a chosen split: (layer count, replicas) per stage. skip0to2 puts the skip model's
 # layers a | b c | d | loss on 4 ranks, so a's output travels from stage 0 to stage 2.
 SPLITS = {"skip0to2": [(1, 1), (2, 1), (1, 1), (1, 1)]}
+# Interleaved plans (schedule interleaved-1f1b): the device groups; the layers split evenly into
+# 4 stages, stage s on group s mod P. il2x2: stages 0, 2 on ranks [0, 2], stages 1, 3 on [1, 3]
+# (issue #15's example); il1x4: all 4 stages on ranks [0, 1, 2, 3] (the tied embedding's stages
+# 0 and 3 on every rank).
+INTERLEAVED = {"il2x2": [(0, 2), (1, 3)], "il1x4": [(0, 1, 2, 3)]}
+INTERLEAVED_STAGES = 4
 
 
 def optimizer():
@@ -90,6 +97,11 @@ def model_case(model):
 
 
 def make_plan(layers, plan_name, schedule):
+    if plan_name in INTERLEAVED:
+        groups = INTERLEAVED[plan_name]
+        split = even_plan(layers, [1] * INTERLEAVED_STAGES, GLOBAL_BATCH, MICRO_BATCHES)
+        stages = [Stage(st.layers, groups[s % len(groups)]) for s, st in enumerate(split.stages)]
+        return Plan(GLOBAL_BATCH, MICRO_BATCHES, schedule, tuple(stages))
     if plan_name in PLANS:
         return even_plan(layers, PLANS[plan_name], GLOBAL_BATCH, MICRO_BATCHES, schedule)
     stages, start, device = [], 0, 0
@@ -125,8 +137,9 @@ def make_trainer(
     )
 
 
-def tag_of(model, plan_name, schedule, clip=False):
-    return f"{model}-{plan_name}-{schedule}{'-clip' if clip else ''}".replace(":", "_")
+def tag_of(model, plan_name, schedule, clip=False, adam_optimizer=False):
+    options = ("-clip" if clip else "") + ("-adam" if adam_optimizer else "")
+    return f"{model}-{plan_name}-{schedule}{options}".replace(":", "_")
 
 
 def equivalence(out_dir, configs):
@@ -134,6 +147,8 @@ def equivalence(out_dir, configs):
         model, plan_name, schedule, *options = config.split("/")
         case, layers, optimizer_fn = model_case(model)
         clip = "clip" in options
+        if "adam" in options:
+            optimizer_fn = adam
         trainer = make_trainer(
             case,
             plan_name,
@@ -166,7 +181,7 @@ def equivalence(out_dir, configs):
         initial = trainer.get_weights()
         losses = [trainer.train_step(b) for b in batches(case, STEPS)]
         final = trainer.get_weights()
-        tag = tag_of(model, plan_name, schedule, clip)
+        tag = tag_of(model, plan_name, schedule, clip, "adam" in options)
         trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
