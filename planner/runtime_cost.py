@@ -38,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from planner.cluster import Cluster
-from planner.dapple_cost import DappleEval, DappleModel
+from planner.dapple_cost import DappleEval, DappleModel, chunks_of, device_group_memory
 from planner.profile import Profile
 from planner.schedules import in_flight_peaks
 from planner.simulate import simulate
@@ -176,8 +176,9 @@ class RuntimeModel(DappleModel):
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
-        in_flight = in_flight_peaks(schedule, S, M)
-        fwd, bwd, tail, mem = [], [], [], []
+        chunks = chunks_of(devices)
+        in_flight = in_flight_peaks(schedule, S, M, chunks)
+        fwd, bwd, tail = [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
             f, bw = self.stage_compute_s(b, e, micro_batch_size / r)
@@ -186,7 +187,9 @@ class RuntimeModel(DappleModel):
             fwd.append(f)
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
+        mem = device_group_memory(
+            self.stage_memory, begins, ends, devices, micro_batch_size, in_flight
+        )
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
@@ -211,7 +214,7 @@ class RuntimeModel(DappleModel):
                 0.0,
                 simulated=False,
             )
-        sim = simulate(schedule, fwd, bwd, transfer, tail, M)
+        sim = simulate(schedule, fwd, bwd, transfer, tail, M, chunks)
         step = max(sim.step_time_s, shared)
         busy = sum(M * (f + b) for f, b in zip(fwd, bwd)) / max(1, S)
         return DappleEval(

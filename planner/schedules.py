@@ -341,7 +341,7 @@ def peak_in_flight(lists: Sequence[Sequence[Action]]) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def in_flight_peaks(
     name: str, num_stages: int, num_micro_batches: int, chunks: int = 1
 ) -> tuple[int, ...]:
