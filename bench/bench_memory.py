@@ -2,6 +2,8 @@
 traced training step (S = 4 stages, M = 8 micro-batches, 4 logical CPU devices).
 
     python bench/bench_memory.py [--width 512] [--micro-batch 64] [--stages 4] [--micro-batches 8]
+    python bench/bench_memory.py --model bert [--micro-batch 8]   # BERT blocks (hidden 128,
+        4 heads, FFN 512, 64 tokens), 2 blocks per stage
 
 Per stage: the peak of the running sum of allocations and frees of the stage's clone ops
 (`dapple_tf.memory.peak_live_bytes`, all micro-batches of slot s<k>r0) in one traced step after
@@ -43,9 +45,12 @@ v1 = tf.compat.v1
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("mlp", "bert"), default="mlp")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers-per-stage", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=64, help="rows per micro-batch")
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="rows per micro-batch (mlp 64, bert 8)"
+    )
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument(
@@ -58,14 +63,36 @@ def main(argv=None):
     S, M = args.stages, args.micro_batches
     devices.create_logical_cpus(S)
     depth = S * args.layers_per_stage
-    fn = functools.partial(mlp_fn, depth=depth, width=args.width)
-    spec = {"x": ((args.width,), tf.float32), "y": ((), tf.int32)}
-    gbs = args.micro_batch * M
+    rows = args.micro_batch or (64 if args.model == "mlp" else 8)
+    gbs = rows * M
     rng = np.random.default_rng(0)
-    batch = {
-        "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
-        "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32),
-    }
+    if args.model == "mlp":
+        fn = functools.partial(mlp_fn, depth=depth, width=args.width)
+        spec = {"x": ((args.width,), tf.float32), "y": ((), tf.int32)}
+        batch = {
+            "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
+            "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32),
+        }
+        one_mb = rows * args.width * 4
+        title = (
+            f"MLP {depth} layers x width {args.width}, micro-batch {rows} rows (one layer's "
+            f"output of one micro-batch = {one_mb / 2**20:.3f} MiB)"
+        )
+    else:
+        import models
+
+        bert = models.get_model(
+            "bert",
+            "tiny",
+            hidden_size=128,
+            num_layers=depth,
+            num_heads=4,
+            intermediate_size=512,
+            seq_length=64,
+        )
+        fn, spec = bert.model_fn, bert.feature_spec
+        batch = bert.synthetic_batch(gbs, rng)
+        title = f"BERT {depth} blocks (hidden 128, 4 heads, FFN 512, 64 tokens), {rows} rows"
     layers = build_template(fn, spec).layers
     peaks = {}
     start = time.perf_counter()
@@ -91,11 +118,8 @@ def main(argv=None):
                 metadata, device, re.compile(rf"^dapple/mb\d+/s{k}r0/fwd/")
             )
         trainer.close()
-    one_mb = args.micro_batch * args.width * 4
     print(
-        f"MLP {depth} layers x width {args.width}, S={S}, M={M}, micro-batch {args.micro_batch} "
-        f"rows (one layer's output of one micro-batch = {one_mb / 2**20:.3f} MiB), "
-        f"{S} logical CPU devices, {time.perf_counter() - start:.0f} s"
+        f"{title}, S={S}, M={M}, {S} logical CPU devices, {time.perf_counter() - start:.0f} s"
         f"{', stacked weight gradients' if args.stack_weight_gradients else ''}"
     )
     print()

@@ -203,17 +203,23 @@ def measure_p2p_bandwidth(
     config = session_config or _session_config(src, dst)
     with new_session(graph, config) as session:
         session.run(init)
-
-        def run_s(fetch):
-            begin = time.perf_counter()
-            session.run(fetch)
-            return time.perf_counter() - begin
-
-        for _ in range(2):
-            session.run([local, remote])
-        # Alternate the two so that load from other processes hits both alike.
-        extra = statistics.median(run_s(remote) - run_s(local) for _ in range(repeats))
+        extra = _median_extra_s(session, remote, local, repeats)
     return nbytes / max(extra, 1e-6)
+
+
+def _median_extra_s(session, fetch, baseline, repeats: int) -> float:
+    """Median over `repeats` of (time of running `fetch`) - (time of running `baseline`), after
+    two warm-up runs of both. The two alternate so that load from other processes hits both
+    alike."""
+
+    def run_s(what):
+        begin = time.perf_counter()
+        session.run(what)
+        return time.perf_counter() - begin
+
+    for _ in range(2):
+        session.run([fetch, baseline])
+    return statistics.median(run_s(fetch) - run_s(baseline) for _ in range(repeats))
 
 
 def _session_config(*devices: str) -> v1.ConfigProto:
@@ -249,15 +255,7 @@ def measure_accumulate_bandwidth(
         init = v1.global_variables_initializer()
     with new_session(graph, _session_config(device)) as session:
         session.run(init)
-
-        def run_s(fetch):
-            begin = time.perf_counter()
-            session.run(fetch)
-            return time.perf_counter() - begin
-
-        for _ in range(2):
-            session.run([total, reads])
-        extra = statistics.median(run_s(total) - run_s(reads) for _ in range(repeats))
+        extra = _median_extra_s(session, total, reads, repeats)
     return nbytes / max(extra, nbytes / 1e12)
 
 

@@ -39,7 +39,7 @@ from .allreduce import GradientSync, LocalGradientSync
 from .boundary import ROWS, WHOLE, BoundaryTransfer, LocalTransport, Transport, identity_n
 from .partition import StageSpec, partition
 from .place import Slot, all_slots, slot_devices, variable_devices
-from .schedule import Action, plan_schedule
+from .schedule import Action, plan_schedule, zero_bubble_held_back
 from .stage_graph import StageGraph, build_stage_graphs, is_differentiable
 from .template import Template
 
@@ -122,6 +122,8 @@ def rewrite(
         ),
         defer_weight_gradients=defer_weights,
     )
+    if defer_weights:  # zb-h1: hold back only as many W's as 1F1B's peak memory allows
+        pipeline_schedule = plan_schedule(plan, zero_bubble_held_back(plan, stage_graphs))
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()
     builder = _Builder(

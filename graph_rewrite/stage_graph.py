@@ -80,6 +80,11 @@ class DeferredWeights:
     accumulate_function: StageFunction | None
     running_sum_inputs: dict[str, str]
     running_sum_outputs: dict[str, str]
+    # What one pending micro-batch holds (static shapes; variable reads count 0): from its
+    # forward until its I, the forward's tensors the backward reads; from its I until its W,
+    # the tensors W reads. ZB-H1's memory bound (planner.schedules.memory_bounded_held_back).
+    forward_bytes: int = 0
+    input_bytes: int = 0
 
     def results(self, accumulating: bool) -> list[str]:
         """Names of the results of `function` or, if `accumulating`, `accumulate_function`."""
@@ -594,6 +599,11 @@ def _stage_graph(
         deferred_weights = _deferred_weights(
             split, {v: variable_grads[v] for v in split.variables}, spec.index, spec_of
         )
+        deferred_weights = dataclasses.replace(
+            deferred_weights,
+            forward_bytes=_held_bytes(forward_refs, spec_of, variable_reads),
+            input_bytes=_held_bytes(deferred_weights.inputs, spec_of, variable_reads),
+        )
         variable_grads = {v: r for v, r in variable_grads.items() if v not in split.variables}
         weight_outputs = list(split.input_results)
     if stacking:
@@ -710,6 +720,21 @@ def _deferred_weights(
         running_sum_inputs=running_sum_inputs,
         running_sum_outputs=running_sum_outputs,
     )
+
+
+def _held_bytes(tensors, spec_of, variable_reads) -> int:
+    """Bytes of `tensors` (names in the stage's GraphDefs) one micro-batch's call holds: static
+    shapes only; variable reads (the same buffer for every micro-batch), resources and variants
+    count 0."""
+    total = 0
+    for name in tensors:
+        if name in variable_reads:
+            continue
+        spec = spec_of(name)
+        if spec.dtype in (tf.resource, tf.variant) or not spec.shape.is_fully_defined():
+            continue
+        total += spec.shape.num_elements() * spec.dtype.size
+    return total
 
 
 class _SpecLookup:

@@ -142,6 +142,9 @@ def summary(result: Plan, profile: Profile) -> str:
             f"  M = {result.num_micro_batches} micro-batches of "
             f"{p.get('micro_batch_size')} rows, bubble {p.get('bubble_fraction', 0):.1%}"
         )
+        choice = p.get("schedule_choice")
+        if choice:
+            lines.append(f"  schedule {result.schedule}: {choice['why']}")
     for s, stage in enumerate(result.stages):
         first, last = desc[stage.layers[0]], desc[stage.layers[-1]]
         mem = p.get("peak_memory_bytes") or []

@@ -9,19 +9,16 @@ from typing import Sequence
 
 from planner.cluster import GB, Cluster, ClusterError
 from planner.dapple_cost import DappleModel
-from planner.dapple_search import DappleSearch
+from planner.dapple_search import OTHER_SCHEDULE_MARGIN, DappleSearch
 from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
 from planner.plan_format import Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
-from planner.schedules import CHUNKED, EXECUTABLE, in_flight_peaks
+from planner.schedules import EXECUTABLE, in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
-# the executable schedules the search predicts plans for: not yet those with several stages per
-# device group (interleaved-1f1b runs from a plan written by hand, docs/formats.md)
-PLANNED_SCHEDULES = tuple(s for s in EXECUTABLE if s not in CHUNKED)
 
 
 def _as_profile(profile, profile_batch_size) -> Profile:
@@ -84,7 +81,8 @@ def plan(
 
     cost_model "dapple-tf" (default): plans the runtime can execute, memory-checked against the
     device memory (default 16 GB, or the cluster's), step time simulated for the schedule
-    (`schedule=None` chooses between 1f1b and gpipe) and micro-batch size (`None` chooses).
+    (`schedule=None` chooses among the schedules the rewriter runs, see
+    `planner.dapple_search.SEARCHED_SCHEDULES`) and micro-batch size (`None` chooses).
     cost_model "hpgo": the published DAPPLE planner's scoring, for comparison; its plans may not
     be executable (then `plan.executable` is False and predicted["executable"] says why).
     cost_model "runtime": this project's runtime as it really runs (`planner.runtime_cost`):
@@ -96,12 +94,6 @@ def plan(
     started = time.perf_counter()
     if cost_model not in COST_MODELS:
         raise PlanError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
-    if schedule in CHUNKED:
-        raise PlanError(
-            f"the planner does not search {schedule} plans yet; write the plan by hand (several "
-            f"stages per device group, docs/formats.md) or plan one of "
-            f"{', '.join(PLANNED_SCHEDULES)}"
-        )
     if schedule is not None and schedule not in EXECUTABLE:
         raise PlanError(
             f"schedule must be one of {', '.join(EXECUTABLE)} (or None to choose), got {schedule!r}"
@@ -209,8 +201,37 @@ def _plan_dapple(
         "cuts_after": _describe_cuts(model.states, best.ends),
         "executable": True,
         "search": {"simulated": search.stats.simulated, "exhaustive": search.stats.exhaustive},
+        "schedule_choice": _schedule_choice(search, best),
     }
     return Plan(gbs, gbs // best.micro_batch_size, best.schedule, stages, predicted)
+
+
+def _schedule_choice(search: DappleSearch, best) -> dict:
+    """Which schedules were compared on the chosen layout, their predicted steps, and why the
+    plan's schedule won (the plan file's answer to "why this schedule")."""
+    times = search.schedule_comparison(best)
+    chosen = best.schedule
+    if chosen == "interleaved-1f1b":
+        chosen += f" v={len(best.ends) // len(best.base[0])}"
+    if len(times) == 1:
+        return {"predicted_step_s": times, "chosen": chosen, "why": f"{chosen} was asked for"}
+    fitting = {k: t for k, t in times.items() if t is not None}
+    fastest = min(fitting, key=fitting.get)
+    margin = f"{OTHER_SCHEDULE_MARGIN * 100:g}%"
+    others = ", ".join(
+        f"{k} {t:.4g} s" if t is not None else f"{k} does not fit"
+        for k, t in times.items()
+        if k not in (chosen, fastest)
+    )
+    if fastest == chosen:
+        why = f"{chosen} has the shortest predicted step on this layout ({fitting[chosen]:.4g} s)"
+    else:
+        why = (
+            f"{fastest} is predicted {fitting[fastest]:.4g} s against {chosen}'s "
+            f"{fitting[chosen]:.4g} s, less than {margin} faster"
+        )
+    why += f"; others: {others or 'none'}; a schedule other than 1f1b must be {margin} faster"
+    return {"predicted_step_s": times, "chosen": chosen, "why": why}
 
 
 def _plan_hpgo(prof, clu, gbs, mbs, optimizer_slots) -> Plan:

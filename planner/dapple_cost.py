@@ -2,8 +2,9 @@
 
 A candidate: stages over contiguous cut points of a topological layer order, stage s with
 `r_s` replicas on a device set, micro-batch size `b` (rows; b divisible by every r_s, so the
-runtime can execute it), `M = GBS / b` micro-batches, schedule "1f1b" or "gpipe" (or, when asked, "zb-h1": its I and W
-each half of the stage's backward, planner/simulate.py).
+runtime can execute it), `M = GBS / b` micro-batches, a schedule of the library ("zb-h1": its I
+and W each half of the stage's backward, planner/simulate.py; "interleaved-1f1b": stages
+round-robin on device groups, `chunks_of`).
 
 Per micro-batch and replica: forward/backward time = profile ms/1000 x (b / r_s) / PBS (linear in
 rows). A boundary moves `out x b / PBS` bytes one way per micro-batch (activations forward,
@@ -18,6 +19,8 @@ Memory per device of stage s:
   + activations of one micro-batch on this replica x the micro-batches the schedule keeps in
         flight on the stage (`planner.schedules.in_flight_peaks`; 1f1b: min(S - s, M), gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
+A device group holding several stages (interleaved) holds all their parameters and buffers, and
+its in-flight micro-batch chunks each at its largest stage's activations (`device_group_memory`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import numpy as np
 
 from planner.cluster import Cluster
 from planner.profile import Profile
-from planner.schedules import in_flight_peaks
-from planner.simulate import chunks_of, simulate
+from planner.schedules import SPLIT_BACKWARD, in_flight_peaks
+from planner.simulate import group_busy_s, simulate
 from planner.states import States, topological_states
 
 
@@ -46,6 +49,46 @@ class DappleEval:
     fits: bool
     bubble_fraction: float
     simulated: bool = True  # False: skipped (does not fit, or cannot beat `skip_above`)
+
+
+def chunks_of(devices: Sequence[Sequence[int]]) -> int:
+    """Stages per device group of a layout: 1 when every stage has devices of its own; v when
+    the S stages sit round-robin on P = S / v groups (stage s on the devices of stage s mod P,
+    interleaved-1f1b's contract). ValueError for any other sharing of devices."""
+    layout = [tuple(d) for d in devices]
+    groups = len(set(layout))
+    if groups == len(layout):
+        return 1
+    if len(layout) % groups or any(d != layout[s % groups] for s, d in enumerate(layout)):
+        raise ValueError(
+            f"stages share devices other than round-robin (stage s on the devices of stage "
+            f"s mod {groups}): {layout}"
+        )
+    return len(layout) // groups
+
+
+def device_group_memory(
+    stage_memory, begins, ends, devices, micro_batch_size: int, in_flight: Sequence[int]
+) -> list[float]:
+    """Per stage, the peak memory of the device group holding it. One stage per group: its
+    `stage_memory` with the group's in-flight count. Several (interleaved): the sum of its
+    stages' memory with nothing in flight, plus the group's in-flight micro-batch chunks each
+    holding as much as its largest stage keeps for one."""
+    S, groups = len(ends), len(in_flight)
+    spans = list(zip(begins, ends, (len(d) for d in devices)))
+    if groups == S:
+        return [
+            stage_memory(b, e, r, micro_batch_size, in_flight[s])
+            for s, (b, e, r) in enumerate(spans)
+        ]
+    fixed = [stage_memory(b, e, r, micro_batch_size, 0) for b, e, r in spans]
+    per_chunk = [
+        stage_memory(b, e, r, micro_batch_size, 1) - f for (b, e, r), f in zip(spans, fixed)
+    ]
+    group = [
+        sum(fixed[g::groups]) + in_flight[g] * max(per_chunk[g::groups]) for g in range(groups)
+    ]
+    return [group[s % groups] for s in range(S)]
 
 
 class DappleModel:
@@ -134,18 +177,18 @@ class DappleModel:
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
-        chunks = chunks_of(schedule, devices)
-        # per device group; a stage of an interleaved group is charged its group's peak
-        group_in_flight = in_flight_peaks(schedule, S, M, chunks)
-        in_flight = [group_in_flight[s % len(group_in_flight)] for s in range(S)]
-        fwd, bwd, ar, mem = [], [], [], []
+        chunks = chunks_of(devices)
+        in_flight = in_flight_peaks(schedule, S, M, chunks)
+        fwd, bwd, ar = [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
             rows = micro_batch_size / r / self.pbs
             fwd.append(self.rng(self.cum_fwd, b, e) * rows)
             bwd.append(self.rng(self.cum_bwd, b, e) * rows)
             ar.append(self.allreduce_s(devices[s], self.rng(self.cum_params, b, e)))
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
+        mem = device_group_memory(
+            self.stage_memory, begins, ends, devices, micro_batch_size, in_flight
+        )
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs
@@ -154,13 +197,17 @@ class DappleModel:
         limit = device_memory if device_memory is not None else self.cluster.device_memory_bytes
         fits = max(mem) <= limit
         if skip_above is not None:
-            bound = 0.0
-            through = 0.0  # fill + drain through the stages before s
+            # Stage s starts once micro-batch 0 went through the stages before it and, where its
+            # last action is a backward (not a W held back: zb-h1), ends before they drain.
+            drains = schedule not in SPLIT_BACKWARD
+            bound = max(group_busy_s(fwd, bwd, M, chunks))  # a device group's own work
+            through = 0.0
             for s in range(S):
                 bound = max(
                     bound, through + M * (fwd[s] + bwd[s]), M * transfer[s - 1] if s else 0.0
                 )
-                through += fwd[s] + bwd[s] + 2 * (transfer[s] if s < S - 1 else 0.0)
+                out = transfer[s] if s < S - 1 else 0.0
+                through += fwd[s] + out + (bwd[s] + out if drains else 0.0)
             if not fits or bound > skip_above:
                 step = bound if fits else float("inf")
                 return DappleEval(

@@ -7,8 +7,10 @@ divisors of b that fit, so every plan found is executable. A DP over suffixes of
 the least bottleneck (whole-batch compute per replica, boundary traffic) per cell, rejecting any
 stage over the device memory with the micro-batches 1f1b keeps in flight on it (they depend only
 on the suffix length; gpipe keeps more). The best finalists are placed (packed from the last
-device, or from device 0), simulated under each schedule, and the fastest that fits wins. Small
-problems are enumerated exhaustively instead.
+device, or from device 0), simulated under each schedule (interleaved-1f1b: the layout's layers
+re-cut into S v stages round-robin on its S groups, `schedule_layouts`), and the fastest that
+fits wins (1f1b unless another schedule is OTHER_SCHEDULE_MARGIN faster). Small problems are
+enumerated exhaustively instead.
 
 Beyond 128 devices the DP allocates devices in whole hosts (or N/128 blocks) to stay fast.
 """
@@ -22,10 +24,21 @@ import math
 import numpy as np
 
 from planner.dapple_cost import DappleEval, DappleModel
-from planner.schedules import in_flight_peaks
+from planner.schedules import EXECUTABLE, in_flight_peaks
 from planner.states import coarsen_cuts
 
 INF = float("inf")
+# The schedules the search tries (those the rewriter can run), and the chunk counts v it tries
+# for interleaved-1f1b. 1f1b is the reference: another schedule is chosen only if it is at least
+# OTHER_SCHEDULE_MARGIN faster (gpipe and zb-h1 hold more activations; interleaving makes v
+# times the transfers).
+SEARCHED_SCHEDULES = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
+INTERLEAVED_CHUNKS = (2, 3, 4)
+OTHER_SCHEDULE_MARGIN = 0.01
+# Beyond the exhaustive search, the DP's layouts are scored under the reference schedules; the
+# others (which only shorten a layout's bubble) are then tried on the REFINED_LAYOUTS best ones.
+REFERENCE_SCHEDULES = ("1f1b", "gpipe")
+REFINED_LAYOUTS = 8
 
 
 @dataclasses.dataclass
@@ -35,6 +48,8 @@ class DappleCandidate:
     micro_batch_size: int
     schedule: str
     eval: DappleEval
+    # the one-stage-per-group layout an interleaved candidate was cut from (else ends, devices)
+    base: tuple = ()
 
 
 @dataclasses.dataclass
@@ -103,12 +118,16 @@ class DappleSearch:
         self.c = model.cluster
         self.N = self.c.num_devices
         self.fixed_b = micro_batch_size
-        self.schedules = [schedule] if schedule else ["1f1b", "gpipe"]
+        self.schedules = (
+            [schedule] if schedule else [s for s in SEARCHED_SCHEDULES if s in EXECUTABLE]
+        )
         self.keep = keep
         self.finalists = finalists
         self.exhaustive_limit = exhaustive_limit
         self.limit = self.c.device_memory_bytes
         self.stats = DappleSearchStats()
+        self._scores: dict = {}  # (layout, b) -> its best evaluated step time
+        self._to_refine: set = set()  # layouts evaluated under the reference schedules only
         self.best: DappleCandidate | None = None
         self.unit = 1 if self.N <= 128 else self._block_size()
         self.cuts = useful_cuts(model)
@@ -136,30 +155,96 @@ class DappleSearch:
         return _lcm_closure(replicas, gbs)
 
     # ---- scoring --------------------------------------------------------------------------------
-    def _offer(self, ends, devices, b) -> None:
+    def _offer(self, ends, devices, b, schedules=None) -> None:
+        """Evaluate the layout (ends, devices) with micro-batch size b under `schedules` (default
+        all searched ones; beyond the exhaustive search only the reference ones, the layout's
+        best time remembered for `_refine`), keeping the best candidate."""
         if self.use_all_devices and sum(len(d) for d in devices) != self.N:
             return
-        for schedule in self.schedules:
-            skip = self.best.eval.step_time_s * 1.02 if self.best is not None else float("inf")
-            ev = self.m.evaluate(ends, devices, b, schedule, self.limit, skip_above=skip)
-            self.stats.simulated += ev.simulated
-            self.stats.smallest_peak_memory = min(
-                self.stats.smallest_peak_memory, max(ev.peak_memory_bytes)
+        base = (tuple(ends), tuple(tuple(d) for d in devices))
+        if schedules is None:
+            schedules = self.schedules
+            reference = [s for s in schedules if s in REFERENCE_SCHEDULES]
+            if reference and not self.stats.exhaustive:
+                schedules = reference
+                self._to_refine.add((base, b))
+        for schedule in schedules:
+            for layout_ends, layout in self.schedule_layouts(ends, devices, b, schedule):
+                skip = self.best.eval.step_time_s * 1.02 if self.best is not None else INF
+                ev = self.m.evaluate(layout_ends, layout, b, schedule, self.limit, skip_above=skip)
+                self.stats.simulated += ev.simulated
+                self.stats.smallest_peak_memory = min(
+                    self.stats.smallest_peak_memory, max(ev.peak_memory_bytes)
+                )
+                if ev.fits:
+                    key = (base, b)
+                    self._scores[key] = min(self._scores.get(key, INF), ev.step_time_s)
+                if not ev.fits or not ev.simulated:
+                    continue
+                cand = DappleCandidate(layout_ends, layout, b, schedule, ev, base)
+                if self.best is None or self._better(cand, self.best):
+                    self.best = cand
+
+    def _refine(self) -> None:
+        """The searched schedules other than the reference ones, on the REFINED_LAYOUTS layouts
+        that the reference ones scored best (they only shorten a layout's bubble)."""
+        others = [s for s in self.schedules if s not in REFERENCE_SCHEDULES]
+        ranked = sorted(self._to_refine, key=lambda key: self._scores.get(key, INF))
+        for (ends, devices), b in ranked[:REFINED_LAYOUTS]:
+            if self._scores.get(((ends, devices), b), INF) < INF:
+                self._offer(ends, devices, b, others)
+
+    def schedule_layouts(self, ends, devices, b, schedule):
+        """The layouts `schedule` runs for the one-stage-per-group layout (ends, devices): that
+        layout itself; for interleaved-1f1b, each v in INTERLEAVED_CHUNKS that fits: the layers
+        cut into S v compute-balanced stages, stage c on the devices of stage c mod S (S groups
+        of equal replica counts, M a multiple of S)."""
+        ends = tuple(ends)
+        devices = tuple(tuple(d) for d in devices)
+        if schedule != "interleaved-1f1b":
+            return [(ends, devices)]
+        S, M = len(ends), self.m.gbs // b
+        if S < 2 or M % S or len({len(d) for d in devices}) != 1:
+            return []
+        cum = (self.m.cum_fwd + self.m.cum_bwd)[self.cuts]
+        layouts = []
+        for v in INTERLEAVED_CHUNKS:
+            K = S * v
+            if K > len(self.cuts):
+                break
+            picks = np.searchsorted(cum, cum[-1] * np.arange(1, K) / K)
+            inner = sorted({self.cuts[min(int(k), len(self.cuts) - 2)] for k in picks})
+            if len(inner) != K - 1:
+                continue  # too few places to cut evenly
+            layouts.append(
+                (tuple(inner) + (self.cuts[-1],), tuple(devices[c % S] for c in range(K)))
             )
-            if not ev.fits or not ev.simulated:
-                continue
-            cand = DappleCandidate(tuple(ends), tuple(tuple(d) for d in devices), b, schedule, ev)
-            if self.best is None or self._better(cand, self.best):
-                self.best = cand
+        return layouts
 
     @staticmethod
     def _better(a: DappleCandidate, b: DappleCandidate) -> bool:
-        """Faster wins; gpipe must be 1% faster to beat 1f1b (it holds more activations)."""
+        """Faster wins; a schedule other than 1f1b must be OTHER_SCHEDULE_MARGIN faster."""
         ta, tb = a.eval.step_time_s, b.eval.step_time_s
         if a.schedule != b.schedule:
-            ta *= 1.01 if a.schedule == "gpipe" else 1.0
-            tb *= 1.01 if b.schedule == "gpipe" else 1.0
+            ta *= 1.0 if a.schedule == "1f1b" else 1.0 + OTHER_SCHEDULE_MARGIN
+            tb *= 1.0 if b.schedule == "1f1b" else 1.0 + OTHER_SCHEDULE_MARGIN
         return ta < tb * (1 - 1e-12)
+
+    def schedule_comparison(self, best: DappleCandidate) -> dict[str, float | None]:
+        """The predicted step (s) of every searched schedule on the layout `best` came from
+        (None where it does not fit or cannot run it), keyed '1f1b', ..., 'interleaved-1f1b v=2':
+        what the plan file shows as the reason for its schedule."""
+        ends, devices = best.base
+        b = best.micro_batch_size
+        times: dict[str, float | None] = {}
+        for schedule in self.schedules:
+            for layout_ends, layout in self.schedule_layouts(ends, devices, b, schedule):
+                ev = self.m.evaluate(layout_ends, layout, b, schedule, self.limit)
+                label = schedule
+                if schedule == "interleaved-1f1b":
+                    label += f" v={len(layout_ends) // len(ends)}"
+                times[label] = float(ev.step_time_s) if ev.fits else None
+        return times
 
     def run(self) -> DappleCandidate | None:
         if self.every_micro_batch_size:
@@ -178,6 +263,7 @@ class DappleSearch:
                 self.j_cap = 32 if self.N <= 128 else 16
                 for b in sizes:
                     self._dp(b)
+            self._refine()
         return self.best
 
     def smallest_memory(self) -> float:

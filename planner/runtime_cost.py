@@ -38,10 +38,10 @@ from typing import Sequence
 import numpy as np
 
 from planner.cluster import Cluster
-from planner.dapple_cost import DappleEval, DappleModel
+from planner.dapple_cost import DappleEval, DappleModel, chunks_of, device_group_memory
 from planner.profile import Profile
 from planner.schedules import in_flight_peaks
-from planner.simulate import chunks_of, simulate
+from planner.simulate import simulate
 from planner.states import States
 
 
@@ -176,11 +176,9 @@ class RuntimeModel(DappleModel):
         S = len(ends)
         M = self.gbs // micro_batch_size
         begins = [0] + [e + 1 for e in ends[:-1]]
-        chunks = chunks_of(schedule, devices)
-        # per device group; a stage of an interleaved group is charged its group's peak
-        group_in_flight = in_flight_peaks(schedule, S, M, chunks)
-        in_flight = [group_in_flight[s % len(group_in_flight)] for s in range(S)]
-        fwd, bwd, tail, mem = [], [], [], []
+        chunks = chunks_of(devices)
+        in_flight = in_flight_peaks(schedule, S, M, chunks)
+        fwd, bwd, tail = [], [], []
         for s, (b, e) in enumerate(zip(begins, ends)):
             r = len(devices[s])
             f, bw = self.stage_compute_s(b, e, micro_batch_size / r)
@@ -189,7 +187,9 @@ class RuntimeModel(DappleModel):
             fwd.append(f)
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
+        mem = device_group_memory(
+            self.stage_memory, begins, ends, devices, micro_batch_size, in_flight
+        )
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs

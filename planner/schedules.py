@@ -89,18 +89,28 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> ActionLists:
     return lists
 
 
-def zero_bubble_h1(num_stages: int, num_micro_batches: int) -> ActionLists:
+def zero_bubble_h1(
+    num_stages: int, num_micro_batches: int, held_back: Sequence[int] | None = None
+) -> ActionLists:
     """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): 1F1B with each backward
     split into I, on the critical path back through the stages, and W, which nothing waits for.
     Stage s runs 1F1B's warm-up forwards; then for each micro-batch its I, then the oldest
-    waiting W once more than s are waiting, then the next forward; the s W's still waiting fill
-    the drain. Holding s W's back keeps s more micro-batches in flight on stage s than 1F1B
-    does: every stage peaks at min(S, M) micro-batches, 1F1B's count on stage 0 (in bytes a
-    pending W holds more than a forward's tensors: bench/README.md, "Memory"). With F, I and W
-    equally long the bubble is (S-1)/(3M+S-1) against 1F1B's (S-1)/(M+S-1)."""
+    waiting W once more than h_s are waiting, then the next forward; the W's still waiting fill
+    the drain. The paper's h_s = s (`held_back` None) keeps s more micro-batches in flight on
+    stage s than 1F1B does: every stage peaks at min(S, M) micro-batches, 1F1B's count on stage
+    0. In bytes that is 1F1B's peak only if a pending W holds no more than a forward's tensors;
+    `memory_bounded_held_back` gives the h_s that keep each stage within it when it holds more.
+    With F, I and W equally long and h_s = s the bubble is (S-1)/(3M+S-1) against 1F1B's
+    (S-1)/(M+S-1)."""
     _check_sizes(num_stages, num_micro_batches)
+    if held_back is None:
+        held_back = range(num_stages)
+    elif len(held_back) != num_stages or any(h < 0 for h in held_back):
+        raise ScheduleError(
+            f"held_back needs one count >= 0 per stage ({num_stages}), got {list(held_back)}"
+        )
     lists = []
-    for s in range(num_stages):
+    for s, hold in zip(range(num_stages), held_back):
         warmup = warmup_forwards(s, num_stages, num_micro_batches)
         actions = [Action("F", s, i) for i in range(warmup)]
         next_f = warmup
@@ -108,7 +118,7 @@ def zero_bubble_h1(num_stages: int, num_micro_batches: int) -> ActionLists:
         for i in range(num_micro_batches):
             actions.append(Action("I", s, i))
             waiting_w.append(i)
-            if len(waiting_w) > s:
+            if len(waiting_w) > hold:
                 actions.append(Action("W", s, waiting_w.popleft()))
             if next_f < num_micro_batches:
                 actions.append(Action("F", s, next_f))
@@ -116,6 +126,52 @@ def zero_bubble_h1(num_stages: int, num_micro_batches: int) -> ActionLists:
         actions.extend(Action("W", s, i) for i in waiting_w)
         lists.append(actions)
     return lists
+
+
+def peak_bytes(actions: Sequence[Action], forward_bytes: float, weight_bytes: float) -> float:
+    """The most bytes one stage's pending micro-batches hold along its list: from F to I (or B)
+    a micro-batch holds `forward_bytes` (the forward's tensors its backward reads), from I to W
+    `weight_bytes` (the tensors its W reads)."""
+    held = peak = 0.0
+    for action in actions:
+        if action.kind == "F":
+            held += forward_bytes
+        elif action.kind == "I":
+            held += weight_bytes - forward_bytes
+        elif action.kind == "B":
+            held -= forward_bytes
+        else:
+            held -= weight_bytes
+        peak = max(peak, held)
+    return peak
+
+
+def memory_bounded_held_back(
+    num_stages: int,
+    num_micro_batches: int,
+    forward_bytes: Sequence[float | None],
+    weight_bytes: Sequence[float | None],
+) -> tuple[int, ...]:
+    """ZB-H1's held-back W counts h_s that keep its peak memory at 1F1B's: per stage, the largest
+    h_s <= s whose list's `peak_bytes` stays within min(S, M) forwards' bytes (what 1F1B's
+    first stage holds, and every stage of a balanced pipeline under the paper's ZB-H1 when a
+    pending W holds no more than a forward). A stage whose bytes are unknown (None) keeps the
+    paper's h_s = s. When a pending W holds more than a forward (an MLP's: a layer's input and
+    output gradient, against its input alone), later stages hold back fewer W's: less memory,
+    more bubble."""
+    S, M = num_stages, num_micro_batches
+    held_back = list(range(S))
+    for s in range(S):
+        f, w = forward_bytes[s], weight_bytes[s]
+        if f is None or w is None:
+            continue
+        budget = min(S, M) * f * (1 + 1e-9)
+        while held_back[s] > 0:
+            actions = zero_bubble_h1(S, M, held_back)[s]
+            if peak_bytes(actions, f, w) <= budget:
+                break
+            held_back[s] -= 1
+    return tuple(held_back)
 
 
 def interleaved_one_f_one_b(num_stages: int, num_micro_batches: int, chunks: int) -> ActionLists:
@@ -179,23 +235,41 @@ SCHEDULES: dict[str, Generator] = {
     "zb-h1": zero_bubble_h1,
 }
 CHUNKED = ("interleaved-1f1b",)  # generators that take `chunks`
+SPLIT_BACKWARD = ("zb-h1",)  # schedules whose backwards are I and W actions
 EXECUTABLE = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")  # what graph_rewrite can build
 
 
 def action_lists(
-    name: str, num_stages: int, num_micro_batches: int, chunks: int = 1
+    name: str,
+    num_stages: int,
+    num_micro_batches: int,
+    chunks: int = 1,
+    held_back: Sequence[int] | None = None,
 ) -> ActionLists:
-    """The named schedule's lists, one per device group."""
+    """The named schedule's lists, one per device group (`held_back`: zb-h1's per stage)."""
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule '{name}'; known: {', '.join(SCHEDULES)}")
-    if name in CHUNKED:
-        return SCHEDULES[name](num_stages, num_micro_batches, chunks)
-    if chunks != 1:
+    if held_back is not None:
+        if name != "zb-h1":
+            raise ScheduleError(f"held_back counts are zb-h1's; schedule '{name}' has none")
+        return zero_bubble_h1(num_stages, num_micro_batches, held_back)
+    if name not in CHUNKED and chunks != 1:
         raise ScheduleError(
             f"schedule '{name}' puts one stage on each device group; {chunks} chunks need "
             f"{' or '.join(CHUNKED)}"
         )
-    return SCHEDULES[name](num_stages, num_micro_batches)
+    return [list(actions) for actions in _generated(name, num_stages, num_micro_batches, chunks)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _generated(name: str, num_stages: int, num_micro_batches: int, chunks: int):
+    """A generator's lists as tuples, generated once (the planner asks for the same sizes
+    again and again: its memory model and its simulation both read them)."""
+    if name in CHUNKED:
+        lists = SCHEDULES[name](num_stages, num_micro_batches, chunks)
+    else:
+        lists = SCHEDULES[name](num_stages, num_micro_batches)
+    return tuple(tuple(actions) for actions in lists)
 
 
 def _check_sizes(num_stages: int, num_micro_batches: int) -> None:
@@ -341,7 +415,7 @@ def peak_in_flight(lists: Sequence[Sequence[Action]]) -> tuple[int, ...]:
     return tuple(peaks)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def in_flight_peaks(
     name: str, num_stages: int, num_micro_batches: int, chunks: int = 1
 ) -> tuple[int, ...]:

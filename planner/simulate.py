@@ -1,15 +1,15 @@
 """Event-level simulation of one training step of a pipeline schedule.
 
-A schedule is data: for each device group, the ordered actions F(i) / B(i), or F(i) / I(i) /
-W(i), of its stages, from the schedule library (planner/schedules.py; one stage per group, or
-under interleaved-1f1b `chunks` stages per group, stage s on group s mod P). `simulate` plays
-them: a group runs one action at a time in its order; F(i) on stage s starts once F(i) left
-stage s-1 and crossed the boundary, B(i) or I(i) once the input gradient of (s+1, i) left stage
-s+1 and crossed back (on the last stage, once its own F(i) is done), W(i) once the group is free
-(its I(i) came before it). Transfers occupy the boundary link, not the groups (send/recv run
-beside compute); each direction of a link carries one micro-batch at a time, in order (full
-duplex). After its last action a group allreduces its stages' gradients across their replicas,
-overlapping the other groups' drain.
+A schedule is data: for each device group, the ordered actions F(s, i) / B(s, i), or
+F / I(s, i) / W(s, i), it runs, from the schedule library (planner/schedules.py: gpipe, 1f1b and
+zb-h1 put one stage on each group, interleaved-1f1b several). `simulate` plays them: a group runs
+one action at a time in its order; F(s, i) starts once F(s-1, i) ended and crossed the boundary,
+B(s, i) or I(s, i) once the input gradient of (s+1, i) ended and crossed back (on the last stage,
+once its own F(i) is done), W(s, i) once the group is free (its I(s, i) came before it).
+Transfers occupy a link between two groups, not the groups (send/recv run beside compute); each
+direction of a link carries one micro-batch at a time, in order (full duplex). After its last
+action a stage allreduces its gradients across its replicas, overlapping the other stages'
+drain.
 
 A split backward's times are not measured: I takes `INPUT_GRADIENT_SHARE` of the stage's
 backward time and W the rest. Half each is the rule of the zero-bubble paper (Qi et al., ICLR
@@ -30,34 +30,42 @@ from planner import schedules
 INPUT_GRADIENT_SHARE = 0.5  # of a stage's backward time, for I; W takes the rest
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int, chunks: int = 1):
-    """Per device group, its actions as (kind, stage, micro-batch), what the simulation loop
-    reads."""
+F, B, I, W = 0, 1, 2, 3  # action kinds as the simulation loop reads them
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_actions(schedule: str, num_stages: int, num_micro_batches: int, chunks: int):
+    """Per device group, its actions as (kind code, stage, micro-batch, link) tuples, what the
+    simulation loop reads: `link` numbers the direction of the link the action's result
+    crosses (from group g to group h: g * groups + h), -1 when it crosses none."""
     lists = schedules.action_lists(schedule, num_stages, num_micro_batches, chunks)
     groups = len(lists)
+    code = {"F": F, "B": B, "I": I, "W": W}
+    played = []
     for g, actions in enumerate(lists):
         if any(a.stage % groups != g for a in actions):
             raise ValueError(
                 f"simulate plays schedules with stage s on device group s mod P; '{schedule}' "
                 f"is not one"
             )
-    return tuple(tuple((a.kind, a.stage, a.micro_batch) for a in actions) for actions in lists)
-
-
-def chunks_of(schedule: str, devices: Sequence[Sequence[int]]) -> int:
-    """Stages per device group of a candidate (its stages' device lists): 1 but under an
-    interleaved schedule, where the distinct lists are the groups."""
-    if schedule not in schedules.CHUNKED:
-        return 1
-    return len(devices) // len({tuple(d) for d in devices})
+        row = []
+        for a in actions:
+            s = a.stage
+            link = -1
+            if a.kind == "F" and s < num_stages - 1:
+                link = g * groups + (s + 1) % groups
+            elif a.kind in "BI" and s > 0:
+                link = g * groups + (s - 1) % groups
+            row.append((code[a.kind], s, a.micro_batch, link))
+        played.append(tuple(row))
+    return tuple(played)
 
 
 @dataclasses.dataclass(frozen=True)
 class SimResult:
     step_time_s: float
-    compute_end_s: tuple[float, ...]  # per device group (stage): end of its last action
-    busy_s: tuple[float, ...]  # per device group (stage): compute time per step
+    compute_end_s: tuple[float, ...]  # per stage: end of its last backward (or W)
+    busy_s: tuple[float, ...]  # per device group: compute time per step
 
     @property
     def bubble_fraction(self) -> float:
@@ -78,51 +86,60 @@ def simulate(
     chunks: int = 1,
 ) -> SimResult:
     """forward_s/backward_s: per stage, one micro-batch on one replica; transfer_s: per boundary
-    (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage
-    (a device group runs its stages' allreduces one after another after its last action).
-    `chunks`: stages per device group (interleaved-1f1b).
+    (S-1), one micro-batch one way (the gradient going back takes as long); allreduce_s: per stage.
+    `chunks` > 1 (interleaved-1f1b): stage s on device group s mod (S / chunks); a group runs
+    its stages' actions one at a time, and all transfers from one group to another share that
+    direction of their link.
 
     Beyond EXTRAPOLATE_ABOVE micro-batches the pipeline is in (or near) its steady state, where
     each further micro-batch adds about the same time to each stage's end: the ends are
     extrapolated linearly from runs with EXTRAPOLATE_ABOVE/2 and EXTRAPOLATE_ABOVE micro-batches
-    (within 0.1% of the full simulation on random pipelines; see the tests)."""
+    (within 0.1% of the full simulation on random pipelines for 1f1b and gpipe, 0.5% for zb-h1
+    and interleaved-1f1b; see the tests). Interleaved schedules, whose micro-batch count must
+    divide by the groups, are extrapolated from the nearest multiples."""
     M = num_micro_batches
+    times = (forward_s, backward_s, transfer_s, allreduce_s)
     if M > EXTRAPOLATE_ABOVE:
-        lo, hi = EXTRAPOLATE_ABOVE // 2, EXTRAPOLATE_ABOVE
-        a = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, lo, chunks)
-        b = _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, hi, chunks)
+        groups = len(forward_s) // chunks if chunks > 1 else 1
+        hi = EXTRAPOLATE_ABOVE - EXTRAPOLATE_ABOVE % groups
+        lo = hi // 2 - (hi // 2) % groups
+        a = _simulate(schedule, *times, lo, chunks)
+        b = _simulate(schedule, *times, hi, chunks)
         ends = tuple(
             eb + (eb - ea) * (M - hi) / (hi - lo)
             for ea, eb in zip(a.compute_end_s, b.compute_end_s)
         )
-        return _result(ends, forward_s, backward_s, allreduce_s, M)
-    return _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, M, chunks)
+        step = max(e + r for e, r in zip(ends, allreduce_s))
+        return SimResult(step, ends, group_busy_s(forward_s, backward_s, M, chunks))
+    return _simulate(schedule, *times, M, chunks)
 
 
-def _result(ends, forward_s, backward_s, allreduce_s, num_micro_batches) -> SimResult:
-    """The step from each device group's compute end: group g holds stages g, g + P, ..."""
-    groups = len(ends)
-    tails = [sum(allreduce_s[g::groups]) for g in range(groups)]
-    busy = [
-        num_micro_batches * (sum(forward_s[g::groups]) + sum(backward_s[g::groups]))
-        for g in range(groups)
-    ]
-    step = max(e + r for e, r in zip(ends, tails))
-    return SimResult(step, tuple(ends), tuple(busy))
+def group_busy_s(forward_s, backward_s, num_micro_batches, chunks) -> tuple[float, ...]:
+    """Per device group (stage s on group s mod S/chunks): its compute time per step."""
+    groups = len(forward_s) // chunks
+    busy = [0.0] * groups
+    for s, (f, b) in enumerate(zip(forward_s, backward_s)):
+        busy[s % groups] += num_micro_batches * (f + b)
+    return tuple(busy)
 
 
-def _simulate(
-    schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micro_batches, chunks=1
-):
+def _simulate(schedule, forward_s, backward_s, transfer_s, allreduce_s, num_micro_batches, chunks):
     S, M = len(forward_s), num_micro_batches
     actions = _cached_actions(schedule, S, M, chunks)
     G = len(actions)
     unset = -1.0
-    f_arrive = [[unset] * M for _ in range(S)]  # F(i) output available at stage s+1
-    b_arrive = [[unset] * M for _ in range(S)]  # B(i) gradient available at stage s-1
+    f_arrive = [[unset] * M for _ in range(S)]  # F(s, i)'s output available at stage s+1
+    b_arrive = [[unset] * M for _ in range(S)]  # B/I(s, i)'s gradient available at stage s-1
     f_own = [[unset] * M for _ in range(S)]
-    link_f = [0.0] * S  # forward link s -> s+1 free at
-    link_b = [0.0] * S  # backward link s -> s-1 free at
+    # per kind code (F, B, I, W) and stage: how long the action takes
+    duration = (
+        list(forward_s),
+        list(backward_s),
+        [b * INPUT_GRADIENT_SHARE for b in backward_s],
+        [b * (1.0 - INPUT_GRADIENT_SHARE) for b in backward_s],
+    )
+    stage_end = [0.0] * S
+    link_free = [0.0] * (G * G)  # per direction of a link between two groups
     pos = [0] * G
     free_at = [0.0] * G
     remaining = sum(len(acts) for acts in actions)
@@ -133,36 +150,30 @@ def _simulate(
         for g in range(G - 1, -1, -1) if descending else range(G):
             acts, p, t = actions[g], pos[g], free_at[g]
             n = len(acts)
-            current = -1  # the stage whose numbers are loaded (a group's list may switch)
             while p < n:
-                kind, s, i = acts[p]
-                if s != current:
-                    current = s
-                    prev_f = f_arrive[s - 1] if s > 0 else None
-                    next_b = b_arrive[s + 1] if s < S - 1 else None
-                    fwd, bwd = forward_s[s], backward_s[s]
-                    input_part = bwd * INPUT_GRADIENT_SHARE
-                    tr_out = transfer_s[s] if s < S - 1 else 0.0
-                    tr_in = transfer_s[s - 1] if s > 0 else 0.0
-                if kind == "F":
-                    ready = 0.0 if prev_f is None else prev_f[i]
+                kind, s, i, link = acts[p]
+                if kind == F:
+                    ready = 0.0 if s == 0 else f_arrive[s - 1][i]
                     if ready == unset:
                         break
-                    t = (ready if ready > t else t) + fwd
+                    t = (ready if ready > t else t) + duration[F][s]
                     f_own[s][i] = t
-                    if s < S - 1:
-                        start = t if t > link_f[s] else link_f[s]
-                        link_f[s] = f_arrive[s][i] = start + tr_out
-                elif kind == "W":
-                    t += bwd - input_part
+                    if link >= 0:
+                        free = link_free[link]
+                        link_free[link] = f_arrive[s][i] = (t if t > free else free) + transfer_s[s]
+                elif kind == W:
+                    t += duration[W][s]
                 else:  # B, or I: the backward's input gradient, then sent back
-                    ready = f_own[s][i] if next_b is None else next_b[i]
+                    ready = f_own[s][i] if s == S - 1 else b_arrive[s + 1][i]
                     if ready == unset:
                         break
-                    t = (ready if ready > t else t) + (bwd if kind == "B" else input_part)
-                    if s > 0:
-                        start = t if t > link_b[s] else link_b[s]
-                        link_b[s] = b_arrive[s][i] = start + tr_in
+                    t = (ready if ready > t else t) + duration[kind][s]
+                    if link >= 0:
+                        free = link_free[link]
+                        link_free[link] = b_arrive[s][i] = (t if t > free else free) + transfer_s[
+                            s - 1
+                        ]
+                stage_end[s] = t
                 p += 1
             if p != pos[g]:
                 remaining -= p - pos[g]
@@ -173,4 +184,6 @@ def _simulate(
             raise RuntimeError(
                 f"schedule {schedule} deadlocks with {S} stages and {M} micro-batches"
             )
-    return _result(free_at, forward_s, backward_s, allreduce_s, M)
+    ends = tuple(stage_end)
+    step = max(e + a for e, a in zip(ends, allreduce_s))
+    return SimResult(step, ends, group_busy_s(forward_s, backward_s, M, chunks))

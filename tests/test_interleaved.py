@@ -223,18 +223,19 @@ def test_the_micro_batch_count_must_be_a_multiple_of_the_group_count():
         plan_on([[0], [1], [0], [1]], num_micro_batches=3)
 
 
-def test_the_planner_refuses_to_search_interleaved_plans_naming_what_it_plans():
-    """The search over interleaved plans is not there yet: asking for one is a clear error."""
+def test_the_planner_plans_an_interleaved_plan_that_the_plan_contract_accepts():
+    """Asked for interleaved-1f1b, the search re-cuts its layouts into v stages per group; the
+    plan it writes passes the contract (stage s on group s mod P) and says v."""
     import planner
     from planner.profile import LayerCost, Profile
 
     profile = Profile.chain([LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(8)], 8)
-    with pytest.raises(
-        PlanError,
-        match="the planner does not search interleaved-1f1b plans yet; write the plan by hand "
-        r"\(.*\) or plan one of gpipe, 1f1b, zb-h1",
-    ):
-        planner.plan(profile, [4], 64, schedule=INTERLEAVED)
+    plan = planner.plan(profile, [2], 64, micro_batch_size=8, schedule=INTERLEAVED)
+    assert plan.schedule == INTERLEAVED and plan.chunks > 1
+    assert plan.device_groups == ((0,), (1,))
+    assert all(st.devices == plan.device_groups[s % 2] for s, st in enumerate(plan.stages))
+    assert plan.predicted["schedule_choice"]["chosen"] == f"{INTERLEAVED} v={plan.chunks}"
+    assert Plan.from_dict(plan.to_dict()) == plan
 
 
 def test_the_timeline_reads_each_devices_interleaved_actions_in_its_groups_order():

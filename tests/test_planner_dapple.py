@@ -21,20 +21,31 @@ def test_simulate_refuses_schedules_it_cannot_play(monkeypatch):
         simulate("swapped", [1.0] * 4, [1.0] * 4, [0.0] * 3, [0.0] * 4, 4, chunks=2)
 
 
-@pytest.mark.parametrize("num_stages,chunks,num_micro_batches", [(4, 2, 4), (4, 2, 8), (6, 3, 4)])
-def test_interleaved_1f1b_plays_its_groups_lists(num_stages, chunks, num_micro_batches):
-    """With unit F, B = 2F and free transfers, the simulated step of interleaved-1f1b is the
-    library's unit timeline's span: each device group runs its stages' actions in its list."""
-    S, M = num_stages, num_micro_batches
-    sim = simulate("interleaved-1f1b", [1.0] * S, [2.0] * S, [0.0] * (S - 1), [0.0] * S, M, chunks)
-    lists = schedules.action_lists("interleaved-1f1b", S, M, chunks)
-    starts = schedules.start_times(lists, S)
-    span = max(
-        t + schedules.UNIT_DURATIONS[a.kind] for g, l in zip(starts, lists) for t, a in zip(g, l)
-    )
-    assert sim.step_time_s == pytest.approx(span)
-    assert len(sim.busy_s) == S // chunks and sim.busy_s[0] == pytest.approx(3 * M * chunks)
-    assert sim.bubble_fraction == pytest.approx(schedules.unit_bubble(lists, S))
+@pytest.mark.parametrize(
+    "groups,chunks,num_micro_batches", [(2, 2, 4), (2, 2, 8), (4, 2, 8), (2, 4, 8), (3, 2, 6)]
+)
+def test_interleaved_1f1b_plays_its_groups_with_megatrons_bubble(groups, chunks, num_micro_batches):
+    """S = P v stages, stage s on group s mod P, each chunk F = 1 and B = 2, free transfers: the
+    step is 3 (v M + P - 1) and the bubble (P - 1) / (v M + P - 1) (Narayanan et al., SC'21),
+    which is also the library's unit-time timeline."""
+    P, v, M = groups, chunks, num_micro_batches
+    S = P * v
+    result = simulate("interleaved-1f1b", [1.0] * S, [2.0] * S, [0.0] * (S - 1), [0.0] * S, M, v)
+    assert result.step_time_s == pytest.approx(3 * (v * M + P - 1))
+    assert len(result.busy_s) == P and len(result.compute_end_s) == S
+    assert result.bubble_fraction == pytest.approx((P - 1) / (v * M + P - 1))
+    lists = schedules.action_lists("interleaved-1f1b", S, M, v)
+    assert result.bubble_fraction == pytest.approx(schedules.unit_bubble(lists, S))
+
+
+def test_interleaved_boundaries_between_the_same_two_groups_share_the_link():
+    """4 stages on 2 groups: boundaries 0 and 2 both go from group 0 to group 1, so that
+    direction carries 2 M transfers; with a slow link they, not compute, set the step."""
+    M, transfer = 4, 5.0
+    result = simulate("interleaved-1f1b", [0.1] * 4, [0.1] * 4, [transfer] * 3, [0.0] * 4, M, 2)
+    assert result.step_time_s >= 2 * M * transfer
+    one_per_boundary = simulate("1f1b", [0.1] * 4, [0.1] * 4, [transfer] * 3, [0.0] * 4, M)
+    assert result.step_time_s > one_per_boundary.step_time_s
 
 
 @pytest.mark.parametrize("cost_model", [DappleModel, RuntimeModel])
@@ -69,7 +80,7 @@ def test_zb_h1_plays_i_and_w_as_halves_of_the_backward(num_stages, num_micro_bat
         assert zb.step_time_s == pytest.approx(3 * M + S - 1)
 
 
-def test_the_planner_predicts_a_zb_h1_plan_when_asked_and_does_not_choose_it_itself():
+def test_the_planner_chooses_the_schedule_it_predicts_fastest_and_says_why():
     layers = [LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(8)]
     profile = Profile.chain(layers, 8)
     zb = planner.plan(profile, [4], 64, micro_batch_size=4, schedule="zb-h1")
@@ -78,7 +89,28 @@ def test_the_planner_predicts_a_zb_h1_plan_when_asked_and_does_not_choose_it_its
     assert zb.notation == one_f_one_b.notation == "2:2"  # 2 stages x 2 replicas, M = 16
     assert zb.predicted["step_time_s"] < one_f_one_b.predicted["step_time_s"]
     assert zb.predicted["bubble_fraction"] < one_f_one_b.predicted["bubble_fraction"] / 2
-    assert planner.plan(profile, [4], 64, micro_batch_size=4).schedule in ("1f1b", "gpipe")
+    assert zb.predicted["schedule_choice"]["why"] == "zb-h1 was asked for"
+    chosen = planner.plan(profile, [4], 64, micro_batch_size=4)
+    choice = chosen.predicted["schedule_choice"]
+    compared = choice["predicted_step_s"]
+    assert set(compared) >= {"1f1b", "gpipe", "zb-h1", "interleaved-1f1b v=2"}
+    assert compared["1f1b"] > compared["zb-h1"]
+    fastest = min(compared, key=compared.get)
+    assert choice["chosen"] == fastest
+    assert chosen.predicted["step_time_s"] == pytest.approx(compared[fastest])
+    assert choice["why"].startswith(f"{fastest} has the shortest predicted step")
+    # interleaving 4 chunks on 2 groups of 2: the bubble (P-1)/(vM+P-1) beats zb-h1's here
+    assert fastest == "interleaved-1f1b v=4" and chosen.chunks == 4
+
+
+def test_1f1b_is_kept_unless_another_schedule_is_a_margin_faster():
+    """With one stage every schedule plays the same; 1f1b is kept and the reason says so."""
+    layers = [LayerCost(f"l{i}", 10.0, 20.0, 1e6, 1e8) for i in range(2)]
+    plan = planner.plan(Profile.chain(layers, 8), [1], 16, micro_batch_size=8)
+    assert plan.schedule == "1f1b"
+    times = plan.predicted["schedule_choice"]["predicted_step_s"]
+    assert times["zb-h1"] == pytest.approx(times["1f1b"])
+    assert "must be 1% faster" in plan.predicted["schedule_choice"]["why"]
 
 
 # ---- simulation ----------------------------------------------------------------------------------
@@ -142,7 +174,10 @@ def test_plans_over_the_device_memory_are_rejected_for_a_pipeline_that_fits():
     assert plan.num_stages >= 2
     assert max(plan.predicted["peak_memory_bytes"]) <= 16 * GB
     unlimited = planner.plan(Profile.chain(layers, 8), [4], 32, device_memory_gb=1000)
-    assert unlimited.num_stages == 1
+    assert max(unlimited.predicted["peak_memory_bytes"]) > 16 * GB
+    assert unlimited.predicted["step_time_s"] < plan.predicted["step_time_s"]
+    dp = planner.plan(Profile.chain(layers, 8), [4], 32, device_memory_gb=1000, schedule="1f1b")
+    assert dp.num_stages == 1  # among 1f1b plans, data parallelism (32 GB per device)
 
 
 def test_when_nothing_fits_the_error_names_the_smallest_memory_that_would():
@@ -163,19 +198,74 @@ def test_optimizer_slots_are_configurable():
     assert model.evaluate([0], [(0,)], 1, "1f1b", 1e12).peak_memory_bytes[0] == pytest.approx(2e9)
 
 
-def test_long_pipelines_are_extrapolated_within_a_tenth_of_a_percent():
+def test_long_pipelines_are_extrapolated_close_to_the_full_simulation():
     import random
     from planner import simulate as sim
 
     rng = random.Random(0)
+    cases = [(schedule, 1) for schedule in ("1f1b", "gpipe", "zb-h1")] + [("interleaved-1f1b", 2)]
     for _ in range(10):
-        S = rng.randint(1, 5)
-        fwd = [rng.uniform(0.1, 2) for _ in range(S)]
-        bwd = [rng.uniform(0.1, 4) for _ in range(S)]
-        tr = [rng.uniform(0, 3) for _ in range(S - 1)]
-        ar = [rng.uniform(0, 5) for _ in range(S)]
-        for schedule in ("1f1b", "gpipe"):
-            direct = sim._simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s
-            assert sim.simulate(schedule, fwd, bwd, tr, ar, 600).step_time_s == pytest.approx(
-                direct, rel=1e-3
+        for schedule, chunks in cases:
+            S = rng.randint(1, 3) * chunks
+            fwd = [rng.uniform(0.1, 2) for _ in range(S)]
+            bwd = [rng.uniform(0.1, 4) for _ in range(S)]
+            tr = [rng.uniform(0, 3) for _ in range(S - 1)]
+            ar = [rng.uniform(0, 5) for _ in range(S)]
+            M = 600 - 600 % (S // chunks)
+            direct = sim._simulate(schedule, fwd, bwd, tr, ar, M, chunks).step_time_s
+            tolerance = 1e-3 if schedule in ("1f1b", "gpipe") else 5e-3
+            assert sim.simulate(schedule, fwd, bwd, tr, ar, M, chunks).step_time_s == pytest.approx(
+                direct, rel=tolerance
             )
+
+
+# ---- interleaved-1f1b in the search ---------------------------------------------------------------
+def _uniform_model(num_layers=8, devices=2, gbs=16, activation_bytes=1e6):
+    layers = [LayerCost(f"l{i}", 10.0, 20.0, activation_bytes, 1e6) for i in range(num_layers)]
+    cluster = Cluster.from_seps([devices], intra_host_bandwidth=1e15)
+    return DappleModel(Profile.chain(layers, 4), cluster, gbs)
+
+
+def test_interleaved_layouts_cut_the_layers_into_v_even_stages_round_robin():
+    from planner.dapple_search import DappleSearch
+
+    search = DappleSearch(_uniform_model())
+    base_ends, base_devices = (3, 7), ((0,), (1,))
+    layouts = search.schedule_layouts(base_ends, base_devices, 4, "interleaved-1f1b")  # M = 4
+    assert layouts[0] == ((1, 3, 5, 7), ((0,), (1,), (0,), (1,)))
+    assert layouts[-1] == (tuple(range(8)), ((0,), (1,)) * 4)
+    assert search.schedule_layouts(base_ends, base_devices, 4, "1f1b") == [
+        (base_ends, base_devices)
+    ]
+    # M = 16 / 16 = 1 is not a multiple of the 2 groups; unequal replica counts; one stage
+    assert search.schedule_layouts(base_ends, base_devices, 16, "interleaved-1f1b") == []
+    assert search.schedule_layouts(base_ends, ((0,), (1, 2)), 4, "interleaved-1f1b") == []
+    assert search.schedule_layouts((7,), ((0,),), 4, "interleaved-1f1b") == []
+
+
+def test_an_interleaved_group_holds_all_its_stages_parameters_and_its_in_flight_chunks():
+    """4 stages of 2 layers on 2 groups, M = 4, one row per replica and layer of 1e6 bytes of
+    parameters and 1e6 of activations: each stage holds 4e6 x 2 (weights, gradients, 2 optimizer
+    slots) and 2e6 of boundary buffers; a group holds both its stages' and, per micro-batch
+    chunk in flight (`in_flight_peaks`), one stage's 2e6 of activations."""
+    model = _uniform_model()
+    ends, devices = (1, 3, 5, 7), ((0,), (1,), (0,), (1,))
+    ev = model.evaluate(ends, devices, 4, "interleaved-1f1b")
+    in_flight = schedules.in_flight_peaks("interleaved-1f1b", 4, 4, 2)
+    assert in_flight[0] > schedules.in_flight_peaks("1f1b", 2, 4)[0]  # 1F1B on 2 groups: 2
+    for s in range(4):
+        assert ev.peak_memory_bytes[s] == pytest.approx(2 * (8e6 + 2e6) + in_flight[s % 2] * 2e6)
+
+
+def test_the_search_interleaves_when_asked_and_beats_1f1b_on_the_same_groups():
+    from planner.dapple_search import DappleSearch
+
+    model = _uniform_model()
+    best = DappleSearch(model, micro_batch_size=4, schedule="interleaved-1f1b").run()
+    assert best.schedule == "interleaved-1f1b"
+    groups = len(set(best.devices))
+    assert groups == 2 and len(best.ends) % groups == 0 and len(best.ends) > groups
+    assert all(d == best.devices[s % groups] for s, d in enumerate(best.devices))
+    plain = model.evaluate(best.base[0], best.base[1], 4, "1f1b")
+    assert best.eval.step_time_s < plain.step_time_s
+    assert best.eval.bubble_fraction < plain.bubble_fraction

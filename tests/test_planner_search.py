@@ -8,7 +8,7 @@ import pytest
 import planner
 from planner.cluster import Cluster
 from planner.dapple_cost import DappleModel
-from planner.dapple_search import DappleSearch
+from planner.dapple_search import OTHER_SCHEDULE_MARGIN, DappleSearch
 from planner.hpgo import HpgoModel, HpgoPlan
 from planner.hpgo_search import _scattered
 from planner.plan_format import PlanError
@@ -67,9 +67,13 @@ def brute_force_hpgo(model, num_devices):
     return best
 
 
-def brute_force_dapple(model, num_devices, schedules=("1f1b", "gpipe")):
-    """Least simulated step over every executable plan that fits (single host: placement is free)."""
-    best = float("inf")
+def brute_force_dapple(model, num_devices):
+    """Least simulated step over every executable plan that fits (single host: placement is
+    free), under every schedule the search tries on each layout (DappleSearch.schedule_layouts),
+    with the search's preference for 1f1b (another schedule must be OTHER_SCHEDULE_MARGIN
+    faster)."""
+    search = DappleSearch(model)
+    best_key, best = float("inf"), float("inf")
     L, gbs = model.L, model.gbs
     for b in (d for d in range(1, gbs + 1) if gbs % d == 0):
         reps = [r for r in range(1, min(b, num_devices) + 1) if b % r == 0]
@@ -79,10 +83,13 @@ def brute_force_dapple(model, num_devices, schedules=("1f1b", "gpipe")):
                 for counts in itertools.product(reps, repeat=S):
                     if sum(counts) > num_devices:
                         continue
-                    for schedule in schedules:
-                        ev = model.evaluate(ends, _packed(counts), b, schedule)
-                        if ev.fits:
-                            best = min(best, ev.step_time_s)
+                    for schedule in search.schedules:
+                        layouts = search.schedule_layouts(ends, _packed(counts), b, schedule)
+                        for layout_ends, layout in layouts:
+                            ev = model.evaluate(layout_ends, layout, b, schedule)
+                            margin = 1.0 if schedule == "1f1b" else 1.0 + OTHER_SCHEDULE_MARGIN
+                            if ev.fits and ev.step_time_s * margin < best_key:
+                                best_key, best = ev.step_time_s * margin, ev.step_time_s
     return best
 
 

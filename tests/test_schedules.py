@@ -187,6 +187,73 @@ def test_zb_h1_peak_in_flight_is_1f1bs():
         assert zb == (min(s, m),) * s, (s, m)
 
 
+def test_zb_h1_with_any_held_back_counts_passes_the_checker_on_the_grid():
+    """Held-back W counts h_s (memory_bounded_held_back's) change only where each stage's W's
+    sit: every count, from none to more than s, still gives a complete, deadlock-free ZB-H1,
+    in which stage s has at most h_s W's waiting after each I; the default is the paper's
+    h_s = s."""
+    import random
+
+    rng = random.Random(3)
+    for s, m, _ in grid("zb-h1"):
+        held_back = [rng.randint(0, s + 1) for _ in range(s)]
+        lists = action_lists("zb-h1", s, m, held_back=held_back)
+        check_schedule(lists, s, m)
+        for stage, actions in enumerate(lists):
+            waiting = 0
+            for k, a in enumerate(actions):
+                waiting += {"I": 1, "W": -1}.get(a.kind, 0)
+                if a.kind == "F" and k and actions[k - 1].kind in "IW":
+                    assert waiting <= held_back[stage], (s, m, held_back, stage)
+        assert action_lists("zb-h1", s, m, held_back=range(s)) == action_lists("zb-h1", s, m)
+
+
+def test_held_back_counts_are_refused_for_other_schedules_and_when_malformed():
+    with pytest.raises(ScheduleError, match="held_back counts are zb-h1's"):
+        action_lists("1f1b", 2, 4, held_back=[0, 1])
+    with pytest.raises(ScheduleError, match="one count >= 0 per stage"):
+        action_lists("zb-h1", 2, 4, held_back=[0])
+    with pytest.raises(ScheduleError, match="one count >= 0 per stage"):
+        action_lists("zb-h1", 2, 4, held_back=[0, -1])
+
+
+def test_peak_bytes_adds_forwards_until_i_and_weight_inputs_until_w():
+    actions = [F(0, 0), F(0, 1), Action("I", 0, 0), F(0, 2), Action("I", 0, 1)]
+    actions += [Action("W", 0, 0), Action("I", 0, 2), Action("W", 0, 1), Action("W", 0, 2)]
+    # held: 3, 6, 3+5, 6+5, 3+10 (peak), 3+5, 10, 5, 0
+    assert schedules.peak_bytes(actions, 3.0, 5.0) == 13.0
+    assert schedules.peak_bytes([F(0, 0), B(0, 0), F(0, 1), B(0, 1)], 3.0, 0.0) == 3.0
+
+
+@pytest.mark.parametrize("num_stages,num_micro_batches", [(4, 8), (8, 16), (3, 2), (6, 6)])
+def test_memory_bounded_held_back_keeps_each_stage_within_s_forwards(num_stages, num_micro_batches):
+    """A pending W holding no more than a forward: the paper's h_s = s. Holding more (twice, as
+    an MLP layer's input and output gradient against its input), the largest h_s <= s whose
+    list stays within min(S, M) forwards' bytes (or 0): one more W would not."""
+    S, M = num_stages, num_micro_batches
+    assert schedules.memory_bounded_held_back(S, M, [3.0] * S, [3.0] * S) == tuple(range(S))
+    assert schedules.memory_bounded_held_back(S, M, [3.0] * S, [2.0] * S) == tuple(range(S))
+    forward = [3.0 + s for s in range(S)]
+    weight = [2 * f for f in forward]
+    held_back = schedules.memory_bounded_held_back(S, M, forward, weight)
+    assert held_back[0] == 0 and held_back != tuple(range(S))
+    for s in range(S):
+        budget = min(S, M) * forward[s]
+
+        def peak(h):
+            counts = list(held_back)
+            counts[s] = h
+            return schedules.peak_bytes(
+                schedules.zero_bubble_h1(S, M, counts)[s], forward[s], weight[s]
+            )
+
+        assert held_back[s] == 0 or peak(held_back[s]) <= budget, s
+        assert held_back[s] == s or peak(held_back[s] + 1) > budget, s
+    # unknown sizes (None): the paper's count
+    unknown = schedules.memory_bounded_held_back(S, M, [None] * S, [None] * S)
+    assert unknown == tuple(range(S))
+
+
 @pytest.mark.parametrize("num_stages,num_micro_batches", [(4, 8), (8, 16), (2, 4)])
 def test_zb_h1_bubble_is_a_third_of_1f1bs_with_equal_f_i_w(num_stages, num_micro_batches):
     def step(name):

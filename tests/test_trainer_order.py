@@ -106,7 +106,7 @@ def test_zb_h1_runs_each_w_after_its_i_and_before_the_next_action_of_its_list():
     _, metadata = trainer.traced_step(batch)
     times = action_times(metadata, num_stages, backward="I")
     spans = w_intervals(metadata)
-    expected = action_lists("zb-h1", num_stages, num_micro_batches)
+    expected = trainer.rewritten.schedule  # zb-h1's lists, held-back counts memory-bounded
     for s in range(num_stages):
         assert len(times[s]) == 2 * num_micro_batches, f"stage {s}: {sorted(times[s])}"
         executed = sorted(times[s], key=times[s].get)
