@@ -5,8 +5,11 @@ slots (e.g. `layer_0/dense/kernel/Adam`), the optimizer's non-slot variables and
 from __future__ import annotations
 
 import os
+import warnings
 
 import tensorflow as tf
+
+from graph_rewrite.weight_versions import PREVIOUS_WEIGHTS_SCOPE
 
 v1 = tf.compat.v1
 
@@ -48,8 +51,33 @@ def restore(session, saver, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     if not os.path.exists(path + ".index"):
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}.index)")
+    _check_weight_versions(path, session.graph)
     with session.graph.as_default():
         saver.restore(session, path)
+
+
+def _check_weight_versions(path: str, graph: tf.Graph) -> None:
+    """A checkpoint of an asynchronous schedule (pipedream-2bw) holds each weight's previous
+    version too (`dapple/previous_weights/<name>`, graph_rewrite/weight_versions.py): a
+    synchronous graph restores the newest version, the variables' own names, with a warning.
+    A pipedream-2bw graph needs the previous versions: refuse a checkpoint without them."""
+    prefix = PREVIOUS_WEIGHTS_SCOPE + "/"
+    saved = {name for name, _ in tf.train.list_variables(path)}
+    present = set(variables_by_name(graph))
+    if any(n.startswith(prefix) and n not in present for n in saved):
+        warnings.warn(
+            f"checkpoint {path} was saved under an asynchronous schedule (pipedream-2bw) and "
+            f"holds two versions of the weights; restoring the newest one (the weights the "
+            f"next step would have updated) into this synchronous trainer",
+            stacklevel=3,
+        )
+    missing = sorted(n for n in present if n.startswith(prefix) and n not in saved)
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} holds one version of the weights, but this trainer's "
+            f"schedule (pipedream-2bw) needs the previous version too ({len(missing)} "
+            f"variables, e.g. '{missing[0]}'): restore checkpoints saved under pipedream-2bw"
+        )
 
 
 def unreadable_reason(path: str | os.PathLike) -> str | None:

@@ -40,6 +40,7 @@ from graph_rewrite.partition import partition
 from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template, initial_values
 from planner.plan_format import Plan, PlanError
+from planner.schedules import check_async_allowed
 
 from . import checkpoint, checkpoint_sharded, comm, devices, process_sets, rank_failures, tf_cluster
 from .boundary_exchange import BoundaryExchange
@@ -70,6 +71,7 @@ class MultiRankTrainer(Trainer):
         input_fn: Callable | None = None,
         stack_weight_gradients: bool = False,
         layers=None,
+        allow_async: bool = False,
     ):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
@@ -96,6 +98,7 @@ class MultiRankTrainer(Trainer):
                 f"plan is for global batch size {self.plan.global_batch_size}, but "
                 f"the trainer was given {self.global_batch_size}"
             )
+        check_async_allowed(self.plan.schedule, allow_async)
         self.slot = _slot_of_rank(self.plan, self.rank)
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
@@ -210,6 +213,7 @@ class MultiRankTrainer(Trainer):
             )
         )
         self.session.run(self._broadcast_init)
+        self._reset_previous_weights()
         directory, temporary = rank_failures.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0
         self.watchdog = rank_failures.Watchdog(

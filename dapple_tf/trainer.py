@@ -29,6 +29,7 @@ from graph_rewrite.template import (
     initial_values,
 )
 from planner.plan_format import Plan, PlanError
+from planner.schedules import check_async_allowed
 
 from . import checkpoint, devices
 
@@ -239,7 +240,10 @@ class Trainer(_SessionTrainer):
     the stacked rows of all micro-batches instead of once per micro-batch and summed: fewer,
     larger matmuls; the inputs of those gradients, e.g. the layer inputs, then stay alive
     until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py; not
-    with schedule zb-h1, whose W actions compute weight gradients once per micro-batch).
+    with schedule zb-h1, whose W actions compute weight gradients once per micro-batch),
+    allow_async (accept a plan whose schedule is asynchronous, `pipedream-2bw`: each step's
+    gradient is computed on the previous step's weights and `train_step` returns the loss at
+    those weights; update rule in docs/async.md; refused without it).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
@@ -272,6 +276,7 @@ class Trainer(_SessionTrainer):
         transport: str | None = None,
         stack_weight_gradients: bool = False,
         layers: LayerRule = None,
+        allow_async: bool = False,
     ):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
@@ -287,6 +292,7 @@ class Trainer(_SessionTrainer):
             optimizer_fn,
             layers=layers,
         )
+        check_async_allowed(self.plan.schedule, allow_async)
         clock.mark("plan")
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         clock.mark("template")
@@ -324,7 +330,13 @@ class Trainer(_SessionTrainer):
         if unknown:
             raise KeyError(f"initial values of variables {unknown} the training graph lacks")
         self._finish_init(values)
+        self._reset_previous_weights()
         clock.mark("session + variable init (initial values assigned)")
+
+    def _reset_previous_weights(self):
+        """pipedream-2bw: the previous weights start as the variables' values, W(-1) = W(0)."""
+        if self.rewritten.reset_previous_weights is not None:
+            self.session.run(self.rewritten.reset_previous_weights)
 
 
 class SingleDeviceTrainer(_SessionTrainer):
