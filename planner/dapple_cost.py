@@ -14,7 +14,7 @@ inside a host, else the inter-host allreduce bandwidth; it starts when the stage
 ends. Step time comes from `simulate`.
 
 Memory per device of stage s:
-    parameters x (1 weights + 1 gradients + optimizer_slots)
+    parameters x (weight versions + 1 gradients + optimizer_slots)   (versions: 1; pipedream-2bw 2)
   + activations of one micro-batch on this replica x the micro-batches the schedule keeps in
         flight on the stage (`planner.schedules.in_flight_peaks`; 1f1b: min(S - s, M), gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
@@ -29,7 +29,7 @@ import numpy as np
 
 from planner.cluster import Cluster
 from planner.profile import Profile
-from planner.schedules import in_flight_peaks
+from planner.schedules import in_flight_peaks, weight_versions
 from planner.simulate import simulate
 from planner.states import States, topological_states
 
@@ -98,7 +98,13 @@ class DappleModel:
         return 2.0 * (n - 1) / n * nbytes / bw
 
     def stage_memory(
-        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+        self,
+        b_state: int,
+        e_state: int,
+        replicas: int,
+        micro_batch_size: int,
+        in_flight: int,
+        versions: int = 1,
     ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
@@ -106,7 +112,7 @@ class DappleModel:
         boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
         return (
-            params * (2.0 + self.optimizer_slots)
+            params * (versions + 1.0 + self.optimizer_slots)
             + in_flight * act * rows
             + 2.0 * max(boundary_in, boundary_out) * rows
         )
@@ -142,7 +148,11 @@ class DappleModel:
             fwd.append(self.rng(self.cum_fwd, b, e) * rows)
             bwd.append(self.rng(self.cum_bwd, b, e) * rows)
             ar.append(self.allreduce_s(devices[s], self.rng(self.cum_params, b, e)))
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
+            mem.append(
+                self.stage_memory(
+                    b, e, r, micro_batch_size, in_flight[s], weight_versions(schedule)
+                )
+            )
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs

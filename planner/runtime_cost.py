@@ -21,7 +21,8 @@ and prices what the runtime really does (graph_rewrite/, dapple_tf/):
   free: the model never prefers more logical CPU devices for speed.
 * The step is the larger of the schedule simulation (`simulate`) and that bound.
 
-Memory per device of stage s: parameters x (weights + running gradient sum) + the measured
+Memory per device of stage s: parameters x (weights, twice under pipedream-2bw: its previous
+version, + running gradient sum) + the measured
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
 (`planner.schedules.in_flight_peaks`; 1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary
@@ -40,7 +41,7 @@ import numpy as np
 from planner.cluster import Cluster
 from planner.dapple_cost import DappleEval, DappleModel
 from planner.profile import Profile
-from planner.schedules import in_flight_peaks
+from planner.schedules import in_flight_peaks, weight_versions
 from planner.simulate import simulate
 from planner.states import States
 
@@ -145,7 +146,13 @@ class RuntimeModel(DappleModel):
         ).speedup
 
     def stage_memory(
-        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+        self,
+        b_state: int,
+        e_state: int,
+        replicas: int,
+        micro_batch_size: int,
+        in_flight: int,
+        versions: int = 1,
     ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
@@ -155,7 +162,7 @@ class RuntimeModel(DappleModel):
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
         workspace = float(self.workspace[b_state : e_state + 1].max())
         return (
-            2.0 * params
+            (versions + 1.0) * params
             + slots
             + in_flight * kept * rows
             + 2.0 * max(boundary_in, boundary_out) * rows
@@ -186,7 +193,11 @@ class RuntimeModel(DappleModel):
             fwd.append(f)
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
-            mem.append(self.stage_memory(b, e, r, micro_batch_size, in_flight[s]))
+            mem.append(
+                self.stage_memory(
+                    b, e, r, micro_batch_size, in_flight[s], weight_versions(schedule)
+                )
+            )
         transfer = []
         for s in range(S - 1):
             nbytes = self.out[ends[s]] * micro_batch_size / self.pbs

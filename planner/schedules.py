@@ -188,6 +188,12 @@ ASYNC = ("pipedream-2bw",)
 EXECUTABLE = ("gpipe", "1f1b", "zb-h1", *ASYNC)  # what graph_rewrite can build today
 
 
+def weight_versions(schedule: str) -> int:
+    """Copies of the weights a stage keeps under `schedule`: 2 under pipedream-2bw (the
+    weights and their previous version), else 1."""
+    return 2 if schedule == "pipedream-2bw" else 1
+
+
 def check_async_allowed(schedule: str, allow_async: bool, flag: str = "allow_async=True") -> None:
     """ScheduleError if `schedule` is asynchronous and the user did not opt in with `flag`."""
     if schedule in ASYNC and not allow_async:

@@ -241,3 +241,31 @@ def test_a_synchronous_checkpoint_is_refused_by_a_2bw_trainer(tmp_path):
             trainer.restore(path)
     finally:
         trainer.close()
+
+
+def test_train_py_runs_and_resumes_2bw_only_with_allow_async(tmp_path):
+    """The training loop (train.py's runner): --schedule pipedream-2bw --allow_async trains,
+    checkpoints both weight versions and resumes; its plan file without --allow_async is
+    refused naming the flag."""
+    from dapple_tf import runner
+
+    def config(steps, **fields):
+        fields.setdefault("dapple_plan", "1:1")
+        return runner.TrainingConfig(
+            model="gnmt",
+            preset="tiny",
+            steps=steps,
+            model_dir=str(tmp_path),
+            num_devices=2,
+            save_every=2,
+            **fields,
+        )
+
+    first = runner.run_training(config(2, schedule=SCHEDULE, allow_async=True))
+    assert first["global_step"] == 2 and first["plan"].schedule == SCHEDULE
+    saved = {name for name, _ in tf.train.list_variables(str(tmp_path / "ckpt-2"))}
+    assert previous_weights_name("encoder_embedding/embedding") in saved, sorted(saved)[:10]
+    resumed = runner.run_training(config(3, schedule=SCHEDULE, allow_async=True))
+    assert resumed["steps_run"] == 1 and resumed["global_step"] == 3
+    with pytest.raises(runner.ConfigError, match="pass --allow_async"):
+        runner.run_training(config(4, dapple_plan=str(tmp_path / "plan.json")))

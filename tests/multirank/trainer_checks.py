@@ -1,11 +1,12 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][,...]
+trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][/steps<n>][,...]
     For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
-    train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip'),
-    check get_weights() before training, run STEPS steps, save a checkpoint; rank 0 writes
-    <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]) with the losses (as every
-    rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
+    train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip';
+    Adam instead of momentum with '/adam'; allow_async for an asynchronous schedule),
+    check get_weights() before training, run STEPS steps (n with '/steps<n>'), save a
+    checkpoint; rank 0 writes <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip])
+    with the losses (as every rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
     those of rewrite_models.ALL, tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
     0.1, its layer rule, Adam), and bn / bnfused (tests/batch_norm_model.py: moments batch
     norm, the last one fused).
@@ -42,6 +43,7 @@ import tf1_bert  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import Plan, Stage, even_plan  # noqa: E402
+from planner.schedules import ASYNC  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCHES, STEPS, SEED = 48, 4, 3, 7
 CLIP_NORM = 0.05  # below the global gradient norm of every test model's first steps
@@ -122,6 +124,7 @@ def make_trainer(
         optimize_graph=optimize_graph,
         clip_norm=clip_norm,
         layers=layers,
+        allow_async=schedule in ASYNC,
     )
 
 
@@ -133,6 +136,9 @@ def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
         case, layers, optimizer_fn = model_case(model)
+        if "adam" in options:
+            optimizer_fn = adam
+        steps = next((int(o[len("steps") :]) for o in options if o.startswith("steps")), STEPS)
         clip = "clip" in options
         trainer = make_trainer(
             case,
@@ -164,7 +170,7 @@ def equivalence(out_dir, configs):
             flush=True,
         )
         initial = trainer.get_weights()
-        losses = [trainer.train_step(b) for b in batches(case, STEPS)]
+        losses = [trainer.train_step(b) for b in batches(case, steps)]
         final = trainer.get_weights()
         tag = tag_of(model, plan_name, schedule, clip)
         trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
