@@ -464,12 +464,12 @@ TWO_BW_STEPS = 4
 TWO_BW_TWO_RANKS = [("transformer", "1:1"), ("transformer", "DP2"), ("skip", "1:1"), ("rnn", "1:1")]
 
 
-def two_bw_reference(case):
+def two_bw_reference(case, steps=TWO_BW_STEPS):
     """(initial weights, losses, final weights) of the 2BW reference simulation, Adam."""
     reference = TwoBWReference(case.model_fn, case.feature_spec, checks.adam, checks.SEED)
     try:
         initial = reference.get_weights()
-        losses = [reference.train_step(b) for b in checks.batches(case, TWO_BW_STEPS)]
+        losses = [reference.train_step(b) for b in checks.batches(case, steps)]
         return initial, losses, reference.get_weights()
     finally:
         reference.close()
@@ -480,7 +480,10 @@ def two_rank_2bw(tmp_path_factory):
     return _equivalence_launch(
         tmp_path_factory.mktemp("2bw_2"),
         2,
-        [f"{m}/{p}/pipedream-2bw/adam/steps{TWO_BW_STEPS}" for m, p in TWO_BW_TWO_RANKS],
+        [
+            f"{m}/{p}/pipedream-2bw/adam/steps{TWO_BW_STEPS}" + ("/resume2" if m == "rnn" else "")
+            for m, p in TWO_BW_TWO_RANKS
+        ],
     )
 
 
@@ -508,6 +511,24 @@ def test_2bw_on_four_ranks_2x2_with_tied_weights_equals_its_reference_simulation
         "pipedream-2bw",
         steps=TWO_BW_STEPS,
     )
+
+
+def test_2bw_on_two_ranks_resumed_from_its_checkpoint_continues_exactly(two_rank_2bw):
+    """The RNN on 1:1: 4 steps, save, a new trainer (other initial values) restores and trains
+    2 more: the reference simulation's 6 steps (both weight versions, Adam's state)."""
+    out, _ = two_rank_2bw
+    _, expected_losses, expected = two_bw_reference(models.RNN, TWO_BW_STEPS + 2)
+    got = np.load(os.path.join(out, "rnn-1_1-pipedream-2bw.npz"))
+    np.testing.assert_allclose(
+        np.concatenate([got["losses"], got["resumed_losses"]]),
+        expected_losses,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    resumed = {k[len("resumed/") :]: got[k] for k in got.files if k.startswith("resumed/")}
+    assert sorted(resumed) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_2bw_checkpoint_of_two_ranks_restores_the_newest_weights_into_one_device(two_rank_2bw):

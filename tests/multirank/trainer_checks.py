@@ -1,12 +1,15 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][/steps<n>][,...]
+trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][/steps<n>][/resume<k>][,...]
     For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
     train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip';
     Adam instead of momentum with '/adam'; allow_async for an asynchronous schedule),
     check get_weights() before training, run STEPS steps (n with '/steps<n>'), save a
     checkpoint; rank 0 writes <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip])
-    with the losses (as every rank saw them) and the final weights. Plans: PLANS (even splits) and SPLITS. Models:
+    with the losses (as every rank saw them) and the final weights. With '/resume<k>': then a
+    new trainer (other initial values: seed + 1) restores that checkpoint and trains k more
+    steps on the batches that follow; the npz also holds its losses and final weights
+    (resumed_losses, resumed/<name>). Plans: PLANS (even splits) and SPLITS. Models:
     those of rewrite_models.ALL, tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
     0.1, its layer rule, Adam), and bn / bnfused (tests/batch_norm_model.py: moments batch
     norm, the last one fused).
@@ -111,6 +114,7 @@ def make_trainer(
     clip_norm=None,
     layers=None,
     optimizer_fn=optimizer,
+    seed=SEED,
 ):
     names = build_template(case.model_fn, case.feature_spec, layers=layers).layers
     plan = make_plan(names, plan_name, schedule)
@@ -120,7 +124,7 @@ def make_trainer(
         optimizer_fn,
         plan,
         GLOBAL_BATCH,
-        seed=SEED,
+        seed=seed,
         optimize_graph=optimize_graph,
         clip_norm=clip_norm,
         layers=layers,
@@ -139,16 +143,22 @@ def equivalence(out_dir, configs):
         if "adam" in options:
             optimizer_fn = adam
         steps = next((int(o[len("steps") :]) for o in options if o.startswith("steps")), STEPS)
+        resume = next((int(o[len("resume") :]) for o in options if o.startswith("resume")), 0)
         clip = "clip" in options
-        trainer = make_trainer(
-            case,
-            plan_name,
-            schedule,
-            optimize_graph="grappler" in options,
-            clip_norm=CLIP_NORM if clip else None,
-            layers=layers,
-            optimizer_fn=optimizer_fn,
-        )
+
+        def new_trainer(seed=SEED):
+            return make_trainer(
+                case,
+                plan_name,
+                schedule,
+                optimize_graph="grappler" in options,
+                clip_norm=CLIP_NORM if clip else None,
+                layers=layers,
+                optimizer_fn=optimizer_fn,
+                seed=seed,
+            )
+
+        trainer = new_trainer()
         rank = trainer.rank
         transfer_ops = sorted(
             {
@@ -173,9 +183,17 @@ def equivalence(out_dir, configs):
         losses = [trainer.train_step(b) for b in batches(case, steps)]
         final = trainer.get_weights()
         tag = tag_of(model, plan_name, schedule, clip)
-        trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
+        path = trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
+        resumed = {}
+        if resume:
+            trainer = new_trainer(SEED + 1)
+            trainer.restore(path)
+            resumed_losses = [trainer.train_step(b) for b in batches(case, steps + resume)[steps:]]
+            resumed = {"resumed/" + k: v for k, v in trainer.get_weights().items()}
+            resumed["resumed_losses"] = np.array(resumed_losses)
+            trainer.close()
         print(
             "LOSSES "
             + json.dumps({"tag": tag, "rank": rank, "losses": losses, "global_step": step}),
@@ -187,6 +205,7 @@ def equivalence(out_dir, configs):
                 losses=np.array(losses),
                 **{"initial/" + k: v for k, v in initial.items()},
                 **{"final/" + k: v for k, v in final.items()},
+                **resumed,
             )
 
 
