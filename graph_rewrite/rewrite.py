@@ -6,7 +6,8 @@ per micro-batch and slot) + boundary, built in the schedule's simulated executio
 action's start ops are created under a control dependency on the end op of its slot's previous
 action -> accumulate (per slot, over micro-batches, inside the backward calls) -> allreduce
 (over a stage's replicas, then over the stages of tied variables) -> clip -> one optimizer
-apply.
+apply. Under pipedream-2bw (weight_versions.py) every call reads each trainable variable's
+previous weights instead, and the apply waits for the copy of the variables into them.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
@@ -29,9 +30,8 @@ from typing import Callable, Iterable
 
 import tensorflow as tf
 
+from planner import schedules
 from planner.plan_format import Plan
-
-from planner.schedules import ASYNC
 
 from . import clone, functions, graphdefs, transposed_weights, variables, weight_versions
 from .moving_statistics import moving_statistics_updates
@@ -110,7 +110,7 @@ def rewrite(
             f"one per micro-batch, where its order puts them: use one or the other"
         )
     specs = partition(template, plan)
-    two_weight_versions = plan.schedule in ASYNC
+    two_weight_versions = schedules.weight_versions(plan.schedule) == 2
     if two_weight_versions:
         _check_two_weight_versions(plan, specs)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
@@ -145,7 +145,7 @@ def rewrite(
         builder.create_inputs_and_variables()
         reset_previous_weights = None
         if two_weight_versions:
-            reset_previous_weights = builder.read_previous_weights()
+            reset_previous_weights = builder.create_previous_weights()
         clock.mark("variables")
         for action in pipeline_schedule.build_order:
             for slot in local:
@@ -290,7 +290,7 @@ class _Builder:
         ):
             self.global_denominator = self._global_denominator()
 
-    def read_previous_weights(self) -> tf.Operation:
+    def create_previous_weights(self) -> tf.Operation:
         """pipedream-2bw: create each trainable variable's previous weights, which every call
         of the step reads instead of it (graph_rewrite/weight_versions.py); return the op
         setting them to the variables' values."""
