@@ -338,6 +338,16 @@ class Trainer(_SessionTrainer):
         if self.rewritten.reset_previous_weights is not None:
             self.session.run(self.rewritten.reset_previous_weights)
 
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Set the variables named in `weights`. Under pipedream-2bw a trainable variable given
+        without its previous weights (`dapple/previous_weights/<name>`) sets those too: the
+        pair starts over as at step 0, W(-1) = W(0)."""
+        weights = dict(weights)
+        for name, previous in self.rewritten.previous_weights.items():
+            if name in weights:
+                weights.setdefault(previous.op.name, weights[name])
+        super().set_weights(weights)
+
 
 class SingleDeviceTrainer(_SessionTrainer):
     """The plain single-device build of the same model: the reference for equivalence tests and

@@ -269,3 +269,31 @@ def test_train_py_runs_and_resumes_2bw_only_with_allow_async(tmp_path):
     assert resumed["steps_run"] == 1 and resumed["global_step"] == 3
     with pytest.raises(runner.ConfigError, match="pass --allow_async"):
         runner.run_training(config(4, dapple_plan=str(tmp_path / "plan.json")))
+
+
+def test_set_weights_without_the_previous_weights_starts_the_pair_over():
+    """Weights set without their previous version (e.g. from a synchronous run) start the
+    pair as at step 0, W(-1) = W(0); given explicitly, the previous version is kept."""
+    case = models.MLP
+    trainer = two_bw_trainer("mlp", [1, 1])
+    try:
+        trainer.train_step(batches(case, 1)[0])
+        before = trainer.get_weights()
+        new = {"layer_0/dense/kernel": before["layer_0/dense/kernel"] + 1.0}
+        trainer.set_weights(new)
+        got = trainer.get_weights()
+        np.testing.assert_array_equal(
+            got[previous_weights_name("layer_0/dense/kernel")], new["layer_0/dense/kernel"]
+        )
+        explicit = before[previous_weights_name("layer_0/dense/kernel")] - 1.0
+        trainer.set_weights(
+            {
+                "layer_0/dense/kernel": new["layer_0/dense/kernel"],
+                previous_weights_name("layer_0/dense/kernel"): explicit,
+            }
+        )
+        got = trainer.get_weights()
+        np.testing.assert_array_equal(got[previous_weights_name("layer_0/dense/kernel")], explicit)
+        np.testing.assert_array_equal(got["layer_1/dense/kernel"], before["layer_1/dense/kernel"])
+    finally:
+        trainer.close()
