@@ -175,6 +175,7 @@ class MultiRankTrainer(Trainer):
         self.feature_rows = self.rewritten.feature_rows
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
+        self._previous_weights_reset = self.rewritten.reset_previous_weights
         with self.graph.as_default(), tf.device(device):
             holds_loss = self.slot.stage == self.plan.num_stages - 1
             share = self.rewritten.loss if holds_loss else tf.constant(0.0, tf.float32)
@@ -299,7 +300,7 @@ class MultiRankTrainer(Trainer):
     def restore(self, path: str | os.PathLike) -> None:
         """Restore this rank's variables from a checkpoint written on any plan (or by a
         single-device run); every rank must call it."""
-        checkpoint.restore(self.session, self._saver, path)
+        checkpoint.restore(self.session, self._saver, path, self._newest_only)
         self._random_step = None
         comm.allgather_objects(None, "dapple.restore.done")
 

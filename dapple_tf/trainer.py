@@ -47,6 +47,8 @@ class _SessionTrainer:
     global_batch_size: int
     feature_rows: dict | None = None  # feature -> rows read here; None: whole global batches
     input_fn = None  # the dataset the features default to (Trainer only)
+    # pipedream-2bw: the op setting the previous weights to the variables (Trainer only)
+    _previous_weights_reset: tf.Operation | None = None
 
     def _finish_init(self, values: Mapping[str, np.ndarray] | None = None):
         """Create the assign, read and save ops, finalize the graph, initialize every variable:
@@ -63,6 +65,12 @@ class _SessionTrainer:
                 self._assign_ops[name] = var.assign(ph, read_value=False)
             self._global_step_value = self._global_step_var.read_value()
             self._saver = checkpoint.make_saver(self.graph)
+            self._newest_only = None  # restores a checkpoint without the previous weights
+            if self._previous_weights_reset is not None:
+                self._newest_only = (
+                    checkpoint.make_saver(self.graph, without_previous_weights=True),
+                    self._previous_weights_reset,
+                )
             initializer = v1.variables_initializer(
                 [v for n, v in self._variables.items() if n not in values]
             )
@@ -195,7 +203,7 @@ class _SessionTrainer:
         return checkpoint.save(self.session, self._saver, path)
 
     def restore(self, path: str | os.PathLike) -> None:
-        checkpoint.restore(self.session, self._saver, path)
+        checkpoint.restore(self.session, self._saver, path, self._newest_only)
         self._random_step = None
 
     @property
@@ -313,6 +321,7 @@ class Trainer(_SessionTrainer):
         self.loss = self.rewritten.loss
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
+        self._previous_weights_reset = self.rewritten.reset_previous_weights
         self.session = devices.new_session(
             self.graph,
             devices.session_config(
@@ -335,8 +344,8 @@ class Trainer(_SessionTrainer):
 
     def _reset_previous_weights(self):
         """pipedream-2bw: the previous weights start as the variables' values, W(-1) = W(0)."""
-        if self.rewritten.reset_previous_weights is not None:
-            self.session.run(self.rewritten.reset_previous_weights)
+        if self._previous_weights_reset is not None:
+            self.session.run(self._previous_weights_reset)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Set the variables named in `weights`. Under pipedream-2bw a trainable variable given

@@ -226,21 +226,36 @@ def test_a_2bw_checkpoint_restores_the_newest_weights_into_a_synchronous_trainer
         np.testing.assert_array_equal(value, saved[name], err_msg=name)
 
 
-def test_a_synchronous_checkpoint_is_refused_by_a_2bw_trainer(tmp_path):
-    case = models.MLP
+def test_a_synchronous_checkpoint_starts_a_2bw_trainer_as_at_step_0(tmp_path):
+    """A checkpoint without previous weights (a synchronous run's) restores into a 2BW
+    trainer with a warning: the previous weights start as the restored weights, W(-1) = W(0),
+    so the next step equals a synchronous step from the checkpoint."""
+    case = models.TRANSFORMER
+    data = batches(case, 2)
     single = SingleDeviceTrainer(
         case.model_fn, case.feature_spec, adam, GLOBAL_BATCH, seed=SEED, optimize_graph=False
     )
     try:
+        single.train_step(data[0])
         path = single.save(tmp_path / "ckpt")
+        saved = single.get_weights()
+        expected_loss = single.train_step(data[1])
+        expected = single.get_weights()
     finally:
         single.close()
-    trainer = two_bw_trainer("mlp", [1, 1])
+    trainer = two_bw_trainer("transformer", [1, 1], seed=SEED + 1)
     try:
-        with pytest.raises(ValueError, match="previous version"):
+        with pytest.warns(UserWarning, match="one version of the weights"):
             trainer.restore(path)
+        restored = trainer.get_weights()
+        for name in case_trainable_names(restored):
+            np.testing.assert_array_equal(restored[previous_weights_name(name)], saved[name])
+        loss = trainer.train_step(data[1])
+        got = trainer.get_weights()
     finally:
         trainer.close()
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert_weights_close({n: v for n, v in got.items() if n in expected}, expected)
 
 
 def test_train_py_runs_and_resumes_2bw_only_with_allow_async(tmp_path):
