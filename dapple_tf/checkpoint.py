@@ -1,6 +1,7 @@
 """Checkpoints keyed by single-device variable names, so pipelined and plain single-device runs
 restore each other's checkpoints. Holds every global variable: model variables, optimizer
-slots (e.g. `layer_0/dense/kernel/Adam`), the optimizer's non-slot variables and global_step."""
+slots (e.g. `layer_0/dense/kernel/Adam`), the optimizer's non-slot variables and global_step;
+under pipedream-2bw also each weight's previous version (`restore` says how they interchange)."""
 
 from __future__ import annotations
 
