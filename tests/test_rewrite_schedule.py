@@ -71,6 +71,6 @@ def test_a_schedule_the_rewriter_cannot_run_is_refused():
     object.__setattr__(plan, "schedule", "interleaved-1f1b")  # a Plan itself refuses it
     with pytest.raises(
         ScheduleError,
-        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, not 'interleaved-1f1b'",
+        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, pipedream-2bw, not 'interleaved-1f1b'",
     ):
         plan_schedule(plan)
