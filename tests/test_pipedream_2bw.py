@@ -124,6 +124,20 @@ def test_2bw_trains_like_its_reference_simulation(model, replicas):
     assert_weights_differ(final, sync_final)
 
 
+def test_2bw_with_grappler_on_trains_like_its_reference_simulation():
+    """Grappler (the default `optimize_graph=True`) keeps the copy between the reads of the
+    previous weights and the update."""
+    expected_losses, expected = reference_run("transformer")
+    trainer = two_bw_trainer("transformer", [2, 2], optimize_graph=True)
+    try:
+        losses = [trainer.train_step(b) for b in batches(models.TRANSFORMER)]
+        final = trainer.get_weights()
+    finally:
+        trainer.close()
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    assert_weights_close(final, expected)
+
+
 def test_the_previous_weights_are_one_variable_per_weight_even_when_tied():
     trainer = two_bw_trainer("transformer", [1, 1])
     try:
