@@ -21,7 +21,7 @@ v1 = tf.compat.v1
 
 
 class TwoBWReference:
-    def __init__(self, model_fn, feature_spec, optimizer_fn, seed):
+    def __init__(self, model_fn, feature_spec, optimizer_fn, seed, clip_norm=None):
         self.graph, self.features, loss = build_model_graph(model_fn, feature_spec, seed)
         with self.graph.as_default():
             if isinstance(loss, WeightedLoss):
@@ -32,6 +32,8 @@ class TwoBWReference:
                 (g, v) for g, v in zip(tf.gradients(loss, trainable), trainable) if g is not None
             ]
             self.gradients = [g for g, _ in pairs]
+            if clip_norm is not None:  # the stale gradient, clipped by its global norm
+                self.gradients, _ = tf.clip_by_global_norm(self.gradients, clip_norm)
             self.trainable = {v.op.name: v for _, v in pairs}
             self.fed_gradients = [_placeholder_like(g, v) for g, v in pairs]
             global_step = v1.train.get_or_create_global_step()

@@ -138,6 +138,27 @@ def test_2bw_with_grappler_on_trains_like_its_reference_simulation():
     assert_weights_close(final, expected)
 
 
+def test_2bw_with_clip_norm_clips_the_stale_gradient():
+    case = models.TRANSFORMER
+    clip_norm = 0.05  # below the gradient norm of the first steps
+    reference = TwoBWReference(case.model_fn, case.feature_spec, adam, SEED, clip_norm=clip_norm)
+    try:
+        expected_losses = [reference.train_step(b) for b in batches(case)]
+        expected = reference.get_weights()
+    finally:
+        reference.close()
+    unclipped = reference_run("transformer")[1]
+    assert_weights_differ(expected, unclipped)
+    trainer = two_bw_trainer("transformer", [2, 2], clip_norm=clip_norm)
+    try:
+        losses = [trainer.train_step(b) for b in batches(case)]
+        final = trainer.get_weights()
+    finally:
+        trainer.close()
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
+    assert_weights_close(final, expected)
+
+
 def test_the_previous_weights_are_one_variable_per_weight_even_when_tied():
     trainer = two_bw_trainer("transformer", [1, 1])
     try:
