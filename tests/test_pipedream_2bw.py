@@ -124,11 +124,17 @@ def test_2bw_trains_like_its_reference_simulation(model, replicas):
     assert_weights_differ(final, sync_final)
 
 
-def test_2bw_with_grappler_on_trains_like_its_reference_simulation():
+@pytest.mark.parametrize(
+    "options",
+    [{"optimize_graph": True}, {"stack_weight_gradients": True}],
+    ids=["grappler", "stacked-weight-gradients"],
+)
+def test_2bw_with_grappler_or_stacked_gradients_trains_like_its_reference_simulation(options):
     """Grappler (the default `optimize_graph=True`) keeps the copy between the reads of the
-    previous weights and the update."""
+    previous weights and the update; stacked weight-gradient calls read the previous weights
+    too."""
     expected_losses, expected = reference_run("transformer")
-    trainer = two_bw_trainer("transformer", [2, 2], optimize_graph=True)
+    trainer = two_bw_trainer("transformer", [2, 2], **options)
     try:
         losses = [trainer.train_step(b) for b in batches(models.TRANSFORMER)]
         final = trainer.get_weights()
