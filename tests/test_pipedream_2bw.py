@@ -180,6 +180,12 @@ def test_the_previous_weights_are_one_variable_per_weight_even_when_tied():
             if all(v in stage.spec.variables for stage in trainer.rewritten.stage_graphs)
         ]
         assert tied, "the transformer's embedding should be read by both stages"
+        handles = [
+            op.name
+            for op in trainer.graph.get_operations()
+            if op.type == "VarHandleOp" and op.name.startswith(previous_weights_name(""))
+        ]
+        assert sorted(handles) == sorted(previous_weights_name(v) for v in trainable)
     finally:
         trainer.close()
 
