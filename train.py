@@ -48,7 +48,14 @@ flags.DEFINE_enum(
     "schedule",
     None,
     list(EXECUTABLE),
-    "pipeline schedule (default: the planner's choice, 1f1b for notation plans)",
+    "pipeline schedule (default: the planner's choice, 1f1b for notation plans); "
+    "pipedream-2bw is asynchronous and needs --allow_async",
+)
+flags.DEFINE_bool(
+    "allow_async",
+    False,
+    "accept an asynchronous schedule (pipedream-2bw: each step's gradient is computed on the "
+    "previous step's weights; docs/async.md), by --schedule or in a plan file",
 )
 flags.DEFINE_integer(
     "num_devices",
@@ -163,6 +170,17 @@ def _check_data_dir(value):
 def _check_model_dir(value):
     if value is not None and os.path.exists(value) and not os.path.isdir(value):
         raise flags.ValidationError(f"'{value}' exists and is not a directory")
+    return True
+
+
+@flags.multi_flags_validator(["schedule", "allow_async"])
+def _check_async(values):
+    from planner.schedules import ScheduleError, check_async_allowed
+
+    try:
+        check_async_allowed(values["schedule"], values["allow_async"], "--allow_async")
+    except ScheduleError as e:
+        raise flags.ValidationError(str(e))
     return True
 
 

@@ -41,6 +41,7 @@ from graph_rewrite.partition import partition
 from graph_rewrite.place import Slot
 from graph_rewrite.template import build_template, initial_values
 from planner.plan_format import Plan, PlanError
+from planner.schedules import check_async_allowed
 
 from . import checkpoint, checkpoint_sharded, comm, devices, process_sets, rank_failures, tf_cluster
 from .boundary_exchange import BoundaryExchange
@@ -71,6 +72,7 @@ class MultiRankTrainer(Trainer):
         input_fn: Callable | None = None,
         stack_weight_gradients: bool = False,
         layers=None,
+        allow_async: bool = False,
     ):
         self.global_batch_size = int(global_batch_size)
         self.input_fn = input_fn
@@ -97,6 +99,7 @@ class MultiRankTrainer(Trainer):
                 f"plan is for global batch size {self.plan.global_batch_size}, but "
                 f"the trainer was given {self.global_batch_size}"
             )
+        check_async_allowed(self.plan.schedule, allow_async)
         self.slots = _slots_of_rank(self.plan, self.rank)
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         specs = partition(self.template, self.plan)
@@ -175,6 +178,7 @@ class MultiRankTrainer(Trainer):
         self.feature_rows = self.rewritten.feature_rows
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
+        self._previous_weights_reset = self.rewritten.reset_previous_weights
         with self.graph.as_default(), tf.device(device):
             holds_loss = any(slot.stage == self.plan.num_stages - 1 for slot in self.slots)
             share = self.rewritten.loss if holds_loss else tf.constant(0.0, tf.float32)
@@ -213,6 +217,7 @@ class MultiRankTrainer(Trainer):
             )
         )
         self.session.run(self._broadcast_init)
+        self._reset_previous_weights()
         directory, temporary = rank_failures.shared_heartbeat_dir(heartbeat_dir)
         self._remove_heartbeats = temporary and self.rank == 0
         self.watchdog = rank_failures.Watchdog(
@@ -298,7 +303,7 @@ class MultiRankTrainer(Trainer):
     def restore(self, path: str | os.PathLike) -> None:
         """Restore this rank's variables from a checkpoint written on any plan (or by a
         single-device run); every rank must call it."""
-        checkpoint.restore(self.session, self._saver, path)
+        checkpoint.restore(self.session, self._saver, path, self._newest_only)
         self._random_step = None
         comm.allgather_objects(None, "dapple.restore.done")
 

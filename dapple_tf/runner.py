@@ -23,6 +23,7 @@ from dapple_tf.calibration import StepTimer, prediction_report, record_measureme
 from dapple_tf.stop_signals import StopAgreement, StopSignals
 from models.data import DataError
 from planner.plan_format import PlanError
+from planner.schedules import ASYNC
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,7 @@ class TrainingConfig:
     seed: int = 0
     calibrate: bool = False
     layers: str | None = None  # layer rule: a regular expression over scope paths
+    allow_async: bool = False  # accept an asynchronous schedule (pipedream-2bw)
 
     @classmethod
     def from_flags(cls, flag_values) -> TrainingConfig:
@@ -165,6 +167,7 @@ def resolve_plan(
             batch_fn=spec.synthetic_batch,
             optimizer_fn=optimizer_fn,
             layers=config.layers,
+            allow_async=config.allow_async,
         )
     if os.path.exists(choice) or choice.endswith(".json"):
         plan = Plan.load(choice)
@@ -174,6 +177,11 @@ def resolve_plan(
                 f"this run uses {global_batch_size} (--global_batch_size)"
             )
         plan.check_layers(_layer_names(config, spec))
+        if plan.schedule in ASYNC and not config.allow_async:
+            raise ConfigError(
+                f"plan {choice} has the asynchronous schedule '{plan.schedule}' (one-step-stale "
+                f"weights, docs/async.md): pass --allow_async to train with it"
+            )
         return plan
     replicas = parse_notation(choice)
     num_micro_batches = notation_micro_batches(
@@ -323,6 +331,7 @@ def run_training(config: TrainingConfig) -> dict:
             seed=config.seed,
             optimize_graph=use_grappler(),
             layers=config.layers,
+            allow_async=config.allow_async,
         )
 
     trainer = make_trainer(plan)

@@ -29,6 +29,7 @@ from graph_rewrite.template import (
     initial_values,
 )
 from planner.plan_format import Plan, PlanError
+from planner.schedules import check_async_allowed
 
 from . import checkpoint, devices
 
@@ -46,6 +47,8 @@ class _SessionTrainer:
     global_batch_size: int
     feature_rows: dict | None = None  # feature -> rows read here; None: whole global batches
     input_fn = None  # the dataset the features default to (Trainer only)
+    # pipedream-2bw: the op setting the previous weights to the variables (Trainer only)
+    _previous_weights_reset: tf.Operation | None = None
 
     def _finish_init(self, values: Mapping[str, np.ndarray] | None = None):
         """Create the assign, read and save ops, finalize the graph, initialize every variable:
@@ -62,6 +65,12 @@ class _SessionTrainer:
                 self._assign_ops[name] = var.assign(ph, read_value=False)
             self._global_step_value = self._global_step_var.read_value()
             self._saver = checkpoint.make_saver(self.graph)
+            self._newest_only = None  # restores a checkpoint without the previous weights
+            if self._previous_weights_reset is not None:
+                self._newest_only = (
+                    checkpoint.make_saver(self.graph, without_previous_weights=True),
+                    self._previous_weights_reset,
+                )
             initializer = v1.variables_initializer(
                 [v for n, v in self._variables.items() if n not in values]
             )
@@ -194,7 +203,7 @@ class _SessionTrainer:
         return checkpoint.save(self.session, self._saver, path)
 
     def restore(self, path: str | os.PathLike) -> None:
-        checkpoint.restore(self.session, self._saver, path)
+        checkpoint.restore(self.session, self._saver, path, self._newest_only)
         self._random_step = None
 
     @property
@@ -239,7 +248,10 @@ class Trainer(_SessionTrainer):
     the stacked rows of all micro-batches instead of once per micro-batch and summed: fewer,
     larger matmuls; the inputs of those gradients, e.g. the layer inputs, then stay alive
     until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py; not
-    with schedule zb-h1, whose W actions compute weight gradients once per micro-batch).
+    with schedule zb-h1, whose W actions compute weight gradients once per micro-batch),
+    allow_async (accept a plan whose schedule is asynchronous, `pipedream-2bw`: each step's
+    gradient is computed on the previous step's weights and `train_step` returns the loss at
+    those weights; update rule in docs/async.md; refused without it).
 
     Under horovodrun/mpirun with more than one rank, `Trainer(...)` builds a
     `dapple_tf.multirank.MultiRankTrainer` (this rank's slot only; same methods).
@@ -272,6 +284,7 @@ class Trainer(_SessionTrainer):
         transport: str | None = None,
         stack_weight_gradients: bool = False,
         layers: LayerRule = None,
+        allow_async: bool = False,
     ):
         del transport  # multi-rank only (MultiRankTrainer); one process needs no transport
         self.global_batch_size = int(global_batch_size)
@@ -287,6 +300,7 @@ class Trainer(_SessionTrainer):
             optimizer_fn,
             layers=layers,
         )
+        check_async_allowed(self.plan.schedule, allow_async)
         clock.mark("plan")
         self.template = build_template(model_fn, feature_spec, seed=seed, layers=layers)
         clock.mark("template")
@@ -307,6 +321,7 @@ class Trainer(_SessionTrainer):
         self.loss = self.rewritten.loss
         self.train_op = self.rewritten.train_op
         self._global_step_var = self.rewritten.global_step
+        self._previous_weights_reset = self.rewritten.reset_previous_weights
         self.session = devices.new_session(
             self.graph,
             devices.session_config(
@@ -324,7 +339,23 @@ class Trainer(_SessionTrainer):
         if unknown:
             raise KeyError(f"initial values of variables {unknown} the training graph lacks")
         self._finish_init(values)
+        self._reset_previous_weights()
         clock.mark("session + variable init (initial values assigned)")
+
+    def _reset_previous_weights(self):
+        """pipedream-2bw: the previous weights start as the variables' values, W(-1) = W(0)."""
+        if self._previous_weights_reset is not None:
+            self.session.run(self._previous_weights_reset)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Set the variables named in `weights`. Under pipedream-2bw a trainable variable given
+        without its previous weights (`dapple/previous_weights/<name>`) sets those too: the
+        pair starts over as at step 0, W(-1) = W(0)."""
+        weights = dict(weights)
+        for name, previous in self.rewritten.previous_weights.items():
+            if name in weights:
+                weights.setdefault(previous.op.name, weights[name])
+        super().set_weights(weights)
 
 
 class SingleDeviceTrainer(_SessionTrainer):

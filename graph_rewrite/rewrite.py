@@ -7,7 +7,9 @@ action's start ops are created under a control dependency on the end op of the p
 on its device (its slot's; under interleaved-1f1b, of any of the device's slots: the device
 follows its group's list) -> accumulate (per slot, over micro-batches, inside the backward
 calls) -> allreduce (over a stage's replicas, then over the stages of tied variables) -> clip ->
-one optimizer apply.
+one optimizer apply. Under pipedream-2bw (weight_versions.py) every call reads each trainable
+variable's previous weights instead, and the apply waits for the copy of the variables into
+them.
 
 An action's start ops: its recv ops and, for a forward, the IdentityN gating the micro-batch's
 feature rows (`dapple/mb<i>/s<s>r<k>/features`); for the last stage's backward, the loss
@@ -30,9 +32,10 @@ from typing import Callable, Iterable
 
 import tensorflow as tf
 
+from planner import schedules
 from planner.plan_format import Plan
 
-from . import clone, functions, graphdefs, transposed_weights, variables
+from . import clone, functions, graphdefs, transposed_weights, variables, weight_versions
 from .moving_statistics import moving_statistics_updates
 from .accumulate import SlotAccumulator
 from .allreduce import GradientSync, LocalGradientSync
@@ -68,6 +71,11 @@ class TrainingGraph:
     end_ops: dict[tuple[Slot, Action], tf.Operation]
     stage_graphs: list[StageGraph | None]  # by stage; None where no slot of it is local
     phase_seconds: dict[str, float]  # wall time of each phase of the rewrite
+    # pipedream-2bw (graph_rewrite/weight_versions.py): variable -> its previous weights, which
+    # the step's calls read; and the op setting them to the variables' values (W(-1) = W(0):
+    # the trainer runs it once the variables hold their initial values). Empty / None otherwise.
+    previous_weights: dict[str, tf.Variable] = dataclasses.field(default_factory=dict)
+    reset_previous_weights: tf.Operation | None = None
 
 
 def rewrite(
@@ -104,6 +112,9 @@ def rewrite(
             f"one per micro-batch, where its order puts them: use one or the other"
         )
     specs = partition(template, plan)
+    two_weight_versions = schedules.weight_versions(plan.schedule) == 2
+    if two_weight_versions:
+        _check_two_weight_versions(plan, specs)
     local = tuple(sorted(local_slots)) if local_slots is not None else tuple(all_slots(plan))
     device_of_slot = slot_devices(plan, device_name)
     rows_of_stage = [plan.micro_batch_size // stage.num_replicas for stage in plan.stages]
@@ -136,6 +147,9 @@ def rewrite(
     clock.mark("partition + stage functions")
     with graph.as_default():
         builder.create_inputs_and_variables()
+        reset_previous_weights = None
+        if two_weight_versions:
+            reset_previous_weights = builder.create_previous_weights()
         clock.mark("variables")
         for action in pipeline_schedule.build_order:
             for slot in local:
@@ -167,7 +181,21 @@ def rewrite(
         end_ops=builder.end_ops,
         stage_graphs=stage_graphs,
         phase_seconds=clock.seconds,
+        previous_weights=builder.previous_weights,
+        reset_previous_weights=reset_previous_weights,
     )
+
+
+def _check_two_weight_versions(plan: Plan, specs: list[StageSpec]) -> None:
+    """pipedream-2bw keeps two versions of the trainable weights only: refuse moving
+    statistics (batch norm), whose update rule under it is not defined."""
+    moving = sorted({v for spec in specs for v in spec.moving_variables})
+    if moving:
+        raise ValueError(
+            f"schedule '{plan.schedule}' does not support moving statistics (batch norm's "
+            f"UPDATE_OPS) yet; the model updates {moving[:4]}"
+            f"{' ...' if len(moving) > 4 else ''}: use a synchronous schedule"
+        )
 
 
 class PhaseClock:
@@ -206,6 +234,8 @@ class _Builder:
         self.features: dict[str, tf.Tensor] = {}
         self.feature_rows: dict[str, tuple[tuple[int, int], ...]] = {}
         self.variables: dict[str, tf.Variable] = {}
+        # pipedream-2bw: variable -> the previous weights the step's calls read in its place
+        self.previous_weights: dict[str, tf.Variable] = {}
         self.forward_tensors: dict[tuple[Slot, int], dict[str, tf.Tensor]] = {}
         self.forward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
         self.backward_transfers: dict[tuple[int, int, int], BoundaryTransfer] = {}
@@ -264,6 +294,22 @@ class _Builder:
             slot.stage == self.plan.num_stages - 1 for slot in self.local
         ):
             self.global_denominator = self._global_denominator()
+
+    def create_previous_weights(self) -> tf.Operation:
+        """pipedream-2bw: create each trainable variable's previous weights, which every call
+        of the step reads instead of it (graph_rewrite/weight_versions.py); return the op
+        setting them to the variables' values."""
+        self.previous_weights = weight_versions.create_previous_weights(
+            self.variables, tf.compat.v1.get_default_graph()
+        )
+        return weight_versions.copy_to_previous_weights(
+            self.previous_weights, self.variables, [], "dapple/reset_previous_weights"
+        )
+
+    def _weights_read(self, name: str) -> tf.Variable:
+        """The variable the step's calls read for `name`: its previous weights under
+        pipedream-2bw, else itself."""
+        return self.previous_weights.get(name, self.variables[name])
 
     def _denominator_features(self) -> tuple[str, ...]:
         """The features a WeightedLoss's denominator reads: the last stage needs all their rows
@@ -365,7 +411,7 @@ class _Builder:
             for t, value in spec.derived_inputs.items():  # shape-derived: this clone's value
                 with tf.device(device):
                     received[t] = tf.constant(value, name=f"{prefix}/derived")
-        handles = {v: self.variables[v].handle for v in spec.variables}
+        handles = {v: self._weights_read(v).handle for v in spec.variables}
         tensors, call = clone.call_forward(
             stage, device, prefix, features, received, handles, self._transposed_weights(slot)
         )
@@ -396,7 +442,7 @@ class _Builder:
             with tf.control_dependencies(None), tf.device(self.device_of_slot[slot]):
                 self.transposed[slot] = {
                     v: tf.transpose(
-                        self.variables[v].value(), name=f"dapple/transposed/{slot.tag}/{v}"
+                        self._weights_read(v).value(), name=f"dapple/transposed/{slot.tag}/{v}"
                     )
                     for v in names
                 }
@@ -429,7 +475,7 @@ class _Builder:
                 start_ops.append(loss_grad.op)
         with tf.device(device), tf.name_scope(prefix + "/"):
             grad_inputs = {t: (g[0] if len(g) == 1 else tf.add_n(g)) for t, g in grads_in.items()}
-        handles = {v: self.variables[v].handle for v in spec.variables}
+        handles = {v: self._weights_read(v).handle for v in spec.variables}
         accumulator = self.accumulators[slot]
         backward = clone.call_backward(
             stage,
@@ -632,11 +678,29 @@ class _Builder:
         with tf.device(first_device):
             global_step = v1.train.get_or_create_global_step()
         optimizer = optimizer_fn()
-        with self._after_every_stage_call():
+        with self._after_every_stage_call(), self._after_copying_previous_weights(gradients):
             train_op = optimizer.apply_gradients(
                 [(g, self.variables[v]) for v, g in gradients.items()], global_step=global_step
             )
         return train_op, optimizer, global_step
+
+    def _after_copying_previous_weights(self, gradients: dict):
+        """pipedream-2bw: control dependencies on the copy of W(t) into the previous weights,
+        made after every call of the step and the final gradients (every read of W(t-1),
+        also a stacked weight-gradient call's); the update writes W(t+1) only after it. No
+        dependencies otherwise."""
+        if not self.previous_weights:
+            return contextlib.nullcontext()
+        gradient_ops = [
+            (g.values if isinstance(g, tf.IndexedSlices) else g).op for g in gradients.values()
+        ]
+        copied = weight_versions.copy_to_previous_weights(
+            self.previous_weights,
+            self.variables,
+            self.stage_calls + gradient_ops,
+            "dapple/copy_previous_weights",
+        )
+        return tf.control_dependencies([copied])
 
     def _after_every_stage_call(self):
         """Control dependencies on every forward and backward call of the step, for the ops

@@ -2,7 +2,8 @@
 
     python -m planner plan --profile PATH --profile-batch-size PBS --global-batch-size GBS \\
         --cluster 8,16 [--micro-batch-size MBS] [--cost-model hpgo|dapple-tf|runtime] \\
-        [--schedule 1f1b|gpipe|zb-h1] [--device-memory-gb 16] [--out plan.json] [--json]
+        [--schedule 1f1b|gpipe|zb-h1|pipedream-2bw --allow_async] [--device-memory-gb 16] \\
+        [--out plan.json] [--json]
 
 Also: `python -m planner convert IN OUT [--profile-batch-size PBS]` between graph.txt and JSON,
 and `python -m planner schedule --schedule zb-h1 --stages 4 --micro-batches 8 [--chunks V]`:
@@ -19,7 +20,7 @@ from planner.cluster import GB, Cluster, ClusterError
 from planner.plan_format import Plan, PlanError
 from planner.profile import Profile, ProfileError
 from planner import schedules
-from planner.schedules import EXECUTABLE, ScheduleError
+from planner.schedules import ASYNC, EXECUTABLE, ScheduleError
 
 
 def _positive_int(text: str) -> int:
@@ -70,7 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline replica, default 1); default: the planner chooses",
     )
     p.add_argument("--cost-model", choices=COST_MODELS, default="dapple-tf")
-    p.add_argument("--schedule", choices=EXECUTABLE, help="default: the planner chooses")
+    p.add_argument(
+        "--schedule",
+        choices=EXECUTABLE,
+        help="default: the planner chooses (1f1b or gpipe; never an asynchronous schedule)",
+    )
+    p.add_argument(
+        "--allow_async",
+        action="store_true",
+        help="accept an asynchronous --schedule (pipedream-2bw: one-step-stale weights, "
+        "docs/async.md)",
+    )
     p.add_argument(
         "--device-memory-gb",
         type=_positive_float,
@@ -171,6 +182,11 @@ def summary(result: Plan, profile: Profile) -> str:
 
 def _run_plan(args) -> int:
     cluster = _cluster_from_arg(args.cluster)
+    if args.schedule in ASYNC and not args.allow_async:
+        raise PlanError(
+            f"--schedule {args.schedule} is asynchronous (one-step-stale weights, "
+            f"docs/async.md): pass --allow_async to plan for it"
+        )
     profile = Profile.load(args.profile, args.profile_batch_size)
     result = plan(
         profile,
@@ -184,6 +200,7 @@ def _run_plan(args) -> int:
         intra_host_bandwidth=args.intra_host_gbps and args.intra_host_gbps * GB,
         inter_host_bandwidth=args.inter_host_gbps and args.inter_host_gbps * GB,
         inter_host_allreduce_bandwidth=args.allreduce_gbps and args.allreduce_gbps * GB,
+        allow_async=args.allow_async,
     )
     text = result.to_json()
     if args.out:

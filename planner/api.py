@@ -15,7 +15,7 @@ from planner.hpgo_search import HpgoSearch
 from planner.plan_format import Plan, PlanError, Stage
 from planner.profile import Profile, ProfileError
 from planner.runtime_cost import RuntimeModel
-from planner.schedules import EXECUTABLE, in_flight_peaks
+from planner.schedules import ASYNC, EXECUTABLE, in_flight_peaks
 from planner.states import hpgo_states
 
 COST_MODELS = ("dapple-tf", "hpgo", "runtime")
@@ -76,6 +76,7 @@ def plan(
     inter_host_bandwidth: float | None = None,
     inter_host_allreduce_bandwidth: float | None = None,
     use_all_devices: bool = False,
+    allow_async: bool = False,
 ) -> Plan:
     """The best hybrid pipeline/data-parallel plan for `profile` on `cluster`.
 
@@ -89,6 +90,9 @@ def plan(
     fixed cost per micro-batch, accumulation, transfer latency, devices sharing a processor;
     it may choose fewer devices than the cluster has (one device, one micro-batch included)
     unless `use_all_devices` (multi-rank runs need a slot on every rank).
+    An asynchronous schedule (`planner.schedules.ASYNC`, pipedream-2bw) only with
+    `allow_async`; the search itself never chooses one (it compares the synchronous
+    schedules; an asynchronous schedule is planned only when named, with 1F1B's step model).
     `predicted` holds step_time_s, speedup, dp_speedup, peak_memory_bytes (per stage), and more.
     """
     started = time.perf_counter()
@@ -97,6 +101,11 @@ def plan(
     if schedule is not None and schedule not in EXECUTABLE:
         raise PlanError(
             f"schedule must be one of {', '.join(EXECUTABLE)} (or None to choose), got {schedule!r}"
+        )
+    if schedule in ASYNC and not allow_async:
+        raise PlanError(
+            f"schedule '{schedule}' is asynchronous (its steps use one-step-stale weights, "
+            f"docs/async.md); pass allow_async=True to plan for it"
         )
     if (
         not isinstance(global_batch_size, int)

@@ -15,7 +15,7 @@ inside a host, else the inter-host allreduce bandwidth; it starts when the stage
 ends. Step time comes from `simulate`.
 
 Memory per device of stage s:
-    parameters x (1 weights + 1 gradients + optimizer_slots)
+    parameters x (weight versions + 1 gradients + optimizer_slots)   (versions: 1; pipedream-2bw 2)
   + activations of one micro-batch on this replica x the micro-batches the schedule keeps in
         flight on the stage (`planner.schedules.in_flight_peaks`; 1f1b: min(S - s, M), gpipe: M)
   + 2 x the larger boundary buffer (input or output, one micro-batch: activation + gradient)
@@ -26,13 +26,14 @@ its in-flight micro-batch chunks each at its largest stage's activations (`devic
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
 
 from planner.cluster import Cluster
 from planner.profile import Profile
-from planner.schedules import SPLIT_BACKWARD, in_flight_peaks
+from planner.schedules import SPLIT_BACKWARD, in_flight_peaks, weight_versions
 from planner.simulate import group_busy_s, simulate
 from planner.states import States, topological_states
 
@@ -141,7 +142,13 @@ class DappleModel:
         return 2.0 * (n - 1) / n * nbytes / bw
 
     def stage_memory(
-        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+        self,
+        b_state: int,
+        e_state: int,
+        replicas: int,
+        micro_batch_size: int,
+        in_flight: int,
+        versions: int = 1,
     ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
@@ -149,7 +156,7 @@ class DappleModel:
         boundary_in = self.out[b_state - 1] if b_state > 0 else 0.0
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
         return (
-            params * (2.0 + self.optimizer_slots)
+            params * (versions + 1.0 + self.optimizer_slots)
             + in_flight * act * rows
             + 2.0 * max(boundary_in, boundary_out) * rows
         )
@@ -187,7 +194,12 @@ class DappleModel:
             bwd.append(self.rng(self.cum_bwd, b, e) * rows)
             ar.append(self.allreduce_s(devices[s], self.rng(self.cum_params, b, e)))
         mem = device_group_memory(
-            self.stage_memory, begins, ends, devices, micro_batch_size, in_flight
+            functools.partial(self.stage_memory, versions=weight_versions(schedule)),
+            begins,
+            ends,
+            devices,
+            micro_batch_size,
+            in_flight,
         )
         transfer = []
         for s in range(S - 1):

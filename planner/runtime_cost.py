@@ -21,7 +21,8 @@ and prices what the runtime really does (graph_rewrite/, dapple_tf/):
   free: the model never prefers more logical CPU devices for speed.
 * The step is the larger of the schedule simulation (`simulate`) and that bound.
 
-Memory per device of stage s: parameters x (weights + running gradient sum) + the measured
+Memory per device of stage s: parameters x (weights, twice under pipedream-2bw: its previous
+version, + running gradient sum) + the measured
 optimizer slot bytes (else `optimizer_slots` x parameters) + the bytes each layer keeps for its
 backward (`saved_bytes`, else its output activations) x rows/PBS x micro-batches in flight
 (`planner.schedules.in_flight_peaks`; 1f1b: min(S-s, M), gpipe: M) + 2 x the larger boundary
@@ -33,6 +34,7 @@ activations), all scaled by rows/PBS.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -40,7 +42,7 @@ import numpy as np
 from planner.cluster import Cluster
 from planner.dapple_cost import DappleEval, DappleModel, chunks_of, device_group_memory
 from planner.profile import Profile
-from planner.schedules import in_flight_peaks
+from planner.schedules import in_flight_peaks, weight_versions
 from planner.simulate import simulate
 from planner.states import States
 
@@ -145,7 +147,13 @@ class RuntimeModel(DappleModel):
         ).speedup
 
     def stage_memory(
-        self, b_state: int, e_state: int, replicas: int, micro_batch_size: int, in_flight: int
+        self,
+        b_state: int,
+        e_state: int,
+        replicas: int,
+        micro_batch_size: int,
+        in_flight: int,
+        versions: int = 1,
     ) -> float:
         rows = micro_batch_size / replicas / self.pbs
         params = self.rng(self.cum_params, b_state, e_state)
@@ -155,7 +163,7 @@ class RuntimeModel(DappleModel):
         boundary_out = self.out[e_state] if e_state < self.L - 1 else 0.0
         workspace = float(self.workspace[b_state : e_state + 1].max())
         return (
-            2.0 * params
+            (versions + 1.0) * params
             + slots
             + in_flight * kept * rows
             + 2.0 * max(boundary_in, boundary_out) * rows
@@ -188,7 +196,12 @@ class RuntimeModel(DappleModel):
             bwd.append(bw + accumulate)
             tail.append(self.replica_sum_s(devices[s], params) + self.rng(self.cum_apply, b, e))
         mem = device_group_memory(
-            self.stage_memory, begins, ends, devices, micro_batch_size, in_flight
+            functools.partial(self.stage_memory, versions=weight_versions(schedule)),
+            begins,
+            ends,
+            devices,
+            micro_batch_size,
+            in_flight,
         )
         transfer = []
         for s in range(S - 1):

@@ -233,10 +233,33 @@ SCHEDULES: dict[str, Generator] = {
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_one_f_one_b,
     "zb-h1": zero_bubble_h1,
+    # PipeDream-2BW (Narayanan et al., ICML'21): 1F1B's order within a step; its difference is
+    # the update rule (two weight versions per stage, a one-step-stale gradient: docs/async.md)
+    "pipedream-2bw": one_f_one_b,
 }
 CHUNKED = ("interleaved-1f1b",)  # generators that take `chunks`
 SPLIT_BACKWARD = ("zb-h1",)  # schedules whose backwards are I and W actions
-EXECUTABLE = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")  # what graph_rewrite can build
+# Asynchronous schedules: training differs from synchronous training by design, so a plan,
+# trainer or planner search uses one only when the user opts in (`allow_async`).
+ASYNC = ("pipedream-2bw",)
+# what graph_rewrite can build
+EXECUTABLE = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", *ASYNC)
+
+
+def weight_versions(schedule: str) -> int:
+    """Copies of the weights a stage keeps under `schedule`: 2 under pipedream-2bw (the
+    weights and their previous version), else 1."""
+    return 2 if schedule == "pipedream-2bw" else 1
+
+
+def check_async_allowed(schedule: str, allow_async: bool, flag: str = "allow_async=True") -> None:
+    """ScheduleError if `schedule` is asynchronous and the user did not opt in with `flag`."""
+    if schedule in ASYNC and not allow_async:
+        raise ScheduleError(
+            f"schedule '{schedule}' is asynchronous: each step's gradient is computed on the "
+            f"previous step's weights, so training differs from synchronous training "
+            f"(docs/async.md); pass {flag} to use it"
+        )
 
 
 def action_lists(

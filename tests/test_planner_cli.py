@@ -131,6 +131,45 @@ def test_device_memory_and_schedule_flags_reach_the_plan(capsys):
     assert data["predicted"]["device_memory_bytes"] == 32e9
 
 
+XLNET_ON_8 = [
+    "plan",
+    "--profile",
+    XLNET,
+    "--profile-batch-size",
+    "1",
+    "--global-batch-size",
+    "64",
+    "--cluster",
+    "8",
+    "--micro-batch-size",
+    "8",
+    "--json",
+]
+
+
+def test_an_async_schedule_is_planned_only_with_allow_async(capsys):
+    assert main(XLNET_ON_8 + ["--schedule", "pipedream-2bw"]) == 2
+    assert "pass --allow_async" in capsys.readouterr().err
+    assert main(XLNET_ON_8 + ["--schedule", "pipedream-2bw", "--allow_async"]) == 0
+    two_bw = json.loads(capsys.readouterr().out)
+    assert two_bw["schedule"] == "pipedream-2bw"
+    assert main(XLNET_ON_8 + ["--schedule", "1f1b"]) == 0
+    one_f_one_b = json.loads(capsys.readouterr().out)
+    # the previous weights: one more copy of each stage's parameters
+    assert two_bw["notation"] == one_f_one_b["notation"]
+    assert all(
+        a > b
+        for a, b in zip(
+            two_bw["predicted"]["peak_memory_bytes"], one_f_one_b["predicted"]["peak_memory_bytes"]
+        )
+    )
+
+
+def test_the_search_never_chooses_an_async_schedule_even_when_allowed(capsys):
+    assert main(XLNET_ON_8 + ["--allow_async"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"] in ("1f1b", "gpipe")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

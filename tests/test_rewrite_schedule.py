@@ -72,7 +72,8 @@ def test_a_schedule_the_rewriter_cannot_run_is_refused():
     object.__setattr__(plan, "schedule", "zigzag")  # a Plan itself refuses it
     with pytest.raises(
         ScheduleError,
-        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, interleaved-1f1b, not 'zigzag'",
+        match="the rewriter runs schedules gpipe, 1f1b, zb-h1, interleaved-1f1b, pipedream-2bw, "
+        "not 'zigzag'",
     ):
         plan_schedule(plan)
 

@@ -104,13 +104,26 @@ def test_the_library_imports_no_tensorflow():
 
 
 def test_unknown_schedule_name_is_rejected_with_the_known_names():
-    with pytest.raises(ScheduleError, match="gpipe, 1f1b, interleaved-1f1b, zb-h1"):
+    with pytest.raises(ScheduleError, match="gpipe, 1f1b, interleaved-1f1b, zb-h1, pipedream-2bw"):
         action_lists("zigzag", 2, 2)
 
 
-def test_the_rewriter_runs_gpipe_1f1b_zb_h1_and_interleaved_1f1b_of_the_known_schedules():
-    assert schedules.EXECUTABLE == ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")
+def test_the_rewriter_runs_gpipe_1f1b_zb_h1_interleaved_1f1b_and_pipedream_2bw():
+    assert schedules.EXECUTABLE == ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "pipedream-2bw")
     assert set(schedules.EXECUTABLE) <= set(schedules.SCHEDULES)
+    assert schedules.ASYNC == ("pipedream-2bw",)
+
+
+def test_pipedream_2bw_runs_1f1bs_order_within_a_step():
+    for s, m in [(2, 4), (4, 8), (3, 2)]:
+        assert action_lists("pipedream-2bw", s, m) == action_lists("1f1b", s, m)
+
+
+def test_an_async_schedule_is_refused_unless_allowed_naming_the_flag():
+    with pytest.raises(ScheduleError, match="asynchronous.*pass --allow_async to use it"):
+        schedules.check_async_allowed("pipedream-2bw", False, "--allow_async")
+    schedules.check_async_allowed("pipedream-2bw", True)
+    schedules.check_async_allowed("1f1b", False)
 
 
 def test_a_plan_with_a_schedule_the_rewriter_cannot_run_yet_is_refused(monkeypatch):
@@ -119,7 +132,7 @@ def test_a_plan_with_a_schedule_the_rewriter_cannot_run_yet_is_refused(monkeypat
     with pytest.raises(
         PlanError,
         match="'interleaved-1f1b' is in the schedule library, but the rewriter cannot run it "
-        "yet; runnable schedules: gpipe, 1f1b, zb-h1",
+        "yet; runnable schedules: gpipe, 1f1b, zb-h1, pipedream-2bw",
     ):
         even_plan(["a", "b"], [1, 1], 8, 4, "interleaved-1f1b")
 
@@ -127,7 +140,8 @@ def test_a_plan_with_a_schedule_the_rewriter_cannot_run_yet_is_refused(monkeypat
 def test_a_plan_with_an_unknown_schedule_is_refused_naming_the_runnable_ones():
     with pytest.raises(
         PlanError,
-        match="'zigzag' is unknown; runnable schedules: gpipe, 1f1b, zb-h1, interleaved-1f1b",
+        match="'zigzag' is unknown; runnable schedules: gpipe, 1f1b, zb-h1, interleaved-1f1b, "
+        "pipedream-2bw",
     ):
         even_plan(["a", "b"], [1, 1], 8, 4, "zigzag")
 

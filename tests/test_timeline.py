@@ -265,6 +265,7 @@ def _traced_trainer_step(schedule_name):
         lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
         plan,
         16,
+        allow_async=schedule_name == "pipedream-2bw",
     )
     rng = np.random.default_rng(0)
     batch = {
@@ -279,7 +280,7 @@ def _traced_trainer_step(schedule_name):
     return timeline.tasks_from_step_stats(metadata.step_stats), trainer.rewritten.schedule
 
 
-@pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe", "zb-h1"])
+@pytest.mark.parametrize("schedule_name", ["1f1b", "gpipe", "zb-h1", "pipedream-2bw"])
 def test_traced_trainer_step_runs_each_devices_actions_in_schedule_order(schedule_name, tmp_path):
     tasks, lists = _traced_trainer_step(schedule_name)  # the lists the graph runs
     assert timeline.compute_order(tasks) == {DEVICES[s]: list(lists[s]) for s in range(STAGES)}

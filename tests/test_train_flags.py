@@ -48,6 +48,8 @@ def train_py_error(*flags, cwd=REPO):
             "flag --data_dir=/no/such/dir: '/no/such/dir' is not a directory",
         ),
         (["--cluster=16,8"], "host boundaries must increase, found '16,8'"),
+        (["--schedule=pipedream-2bw"], "asynchronous"),
+        (["--schedule=pipedream-2bw"], "pass --allow_async to use it"),
         (["--cluster=8,x"], "expected increasing device counts like '8,16', found '8,x'"),
         (["--trace_step=30", "--steps=20"], "--trace_step=30 is after the last step (--steps=20)"),
         (

@@ -7,13 +7,15 @@ each), interleaved-1f1b with Adam (several stages per rank: the transformer, the
 the while-loop RNN on 4 stages over replica groups [0, 2] and [1, 3], the transformer with all 4
 stages on every rank), a model whose only replicated gradient is sparse (embedding, 2x2: an allgather of rows),
 a skip connection from stage 0 to stage 2 (1:1:1:1) and the transformer with clip_norm (2x2);
-the test compares the
+and the transformer under pipedream-2bw (2x2, Adam, 4 steps); the test compares the
 losses every rank returned and the final weights (model, momentum slots, global_step) with
 SingleDeviceTrainer on the same batches, at the single-process equivalence tolerances
 (rtol 1e-5, atol 1e-6). The checkpoint each run saved restores into a single-device graph.
 Two-rank launches check clip_norm (1:1 and DP2), batch norm (moving statistics from the global
 batch, summed across the ranks of a replicated stage; tests/batch_norm_model.py), the GPU
-pinning of every session, and a rank killed mid-step; a 4-rank one the killed rank too.
+pinning of every session, pipedream-2bw (1:1 and DP2: the transformer, the skip and the
+RNN models, against the update rule's reference simulation, tests/async_reference.py) and a
+rank killed mid-step; a 4-rank one the killed rank too.
 """
 
 import json
@@ -25,6 +27,7 @@ import pytest
 
 import batch_norm_model
 import rewrite_models as models
+from async_reference import TwoBWReference
 from dapple_tf.trainer import SingleDeviceTrainer
 from multirank import runner, trainer_checks as checks
 
@@ -96,6 +99,7 @@ def equivalence_run(tmp_path_factory):
             "sparse/2x2/1f1b",
             "skip/skip0to2/1f1b",
             "transformer/2x2/1f1b/clip",
+            f"transformer/2x2/pipedream-2bw/adam/steps{TWO_BW_STEPS}",
         ]
     )
     result = runner.run(
@@ -161,7 +165,15 @@ def test_sparse_embedding_gradients_summed_across_replicas_stay_sparse_and_exact
 
 
 def _check_equal_to_single_device(
-    equivalence_run, reference, model, plan, schedule, clip=False, num_ranks=4, adam_optimizer=False
+    equivalence_run,
+    reference,
+    model,
+    plan,
+    schedule,
+    clip=False,
+    num_ranks=4,
+    adam_optimizer=False,
+    steps=None,
 ):
     out, result = equivalence_run
     initial, expected_losses, expected = reference
@@ -178,7 +190,7 @@ def _check_equal_to_single_device(
         np.testing.assert_allclose(
             rec["losses"], expected_losses, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}"
         )
-        assert rec["global_step"] == checks.STEPS
+        assert rec["global_step"] == (steps or checks.STEPS)
     final = {k[len("final/") :]: got[k] for k in got.files if k.startswith("final/")}
     assert sorted(final) == sorted(expected)
     for name, value in expected.items():
@@ -486,3 +498,99 @@ def test_killed_rank_stops_the_run_and_a_rerun_resumes_to_the_uninterrupted_weig
     for name, value in uninterrupted.items():
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert int(final["global_step"]) == steps
+
+
+# ---- pipedream-2bw: two weight versions per stage, across ranks --------------------------------
+TWO_BW_STEPS = 4
+TWO_BW_TWO_RANKS = [("transformer", "1:1"), ("transformer", "DP2"), ("skip", "1:1"), ("rnn", "1:1")]
+
+
+def two_bw_reference(case, steps=TWO_BW_STEPS):
+    """(initial weights, losses, final weights) of the 2BW reference simulation, Adam."""
+    reference = TwoBWReference(case.model_fn, case.feature_spec, checks.adam, checks.SEED)
+    try:
+        initial = reference.get_weights()
+        losses = [reference.train_step(b) for b in checks.batches(case, steps)]
+        return initial, losses, reference.get_weights()
+    finally:
+        reference.close()
+
+
+@pytest.fixture(scope="module")
+def two_rank_2bw(tmp_path_factory):
+    return _equivalence_launch(
+        tmp_path_factory.mktemp("2bw_2"),
+        2,
+        [
+            f"{m}/{p}/pipedream-2bw/adam/steps{TWO_BW_STEPS}" + ("/resume2" if m == "rnn" else "")
+            for m, p in TWO_BW_TWO_RANKS
+        ],
+    )
+
+
+@pytest.mark.parametrize("model,plan", TWO_BW_TWO_RANKS)
+def test_2bw_on_two_ranks_equals_its_reference_simulation(two_rank_2bw, model, plan):
+    _check_equal_to_single_device(
+        two_rank_2bw,
+        two_bw_reference(models.ALL[model]),
+        model,
+        plan,
+        "pipedream-2bw",
+        num_ranks=2,
+        adam_optimizer=True,
+        steps=TWO_BW_STEPS,
+    )
+
+
+def test_2bw_on_four_ranks_2x2_with_tied_weights_equals_its_reference_simulation(
+    equivalence_run,
+):
+    _check_equal_to_single_device(
+        equivalence_run,
+        two_bw_reference(models.TRANSFORMER),
+        "transformer",
+        "2x2",
+        "pipedream-2bw",
+        adam_optimizer=True,
+        steps=TWO_BW_STEPS,
+    )
+
+
+def test_2bw_on_two_ranks_resumed_from_its_checkpoint_continues_exactly(two_rank_2bw):
+    """The RNN on 1:1: 4 steps, save, a new trainer (other initial values) restores and trains
+    2 more: the reference simulation's 6 steps (both weight versions, Adam's state)."""
+    out, _ = two_rank_2bw
+    _, expected_losses, expected = two_bw_reference(models.RNN, TWO_BW_STEPS + 2)
+    got = np.load(os.path.join(out, "rnn-1_1-pipedream-2bw-adam.npz"))
+    np.testing.assert_allclose(
+        np.concatenate([got["losses"], got["resumed_losses"]]),
+        expected_losses,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    resumed = {k[len("resumed/") :]: got[k] for k in got.files if k.startswith("resumed/")}
+    assert sorted(resumed) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(resumed[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_2bw_checkpoint_of_two_ranks_restores_the_newest_weights_into_one_device(two_rank_2bw):
+    out, _ = two_rank_2bw
+    case = models.TRANSFORMER
+    final = np.load(os.path.join(out, "transformer-1_1-pipedream-2bw-adam.npz"))
+    trainer = SingleDeviceTrainer(
+        case.model_fn,
+        case.feature_spec,
+        checks.adam,
+        checks.GLOBAL_BATCH,
+        seed=checks.SEED + 1,
+        optimize_graph=False,
+    )
+    try:
+        with pytest.warns(UserWarning, match="asynchronous schedule"):
+            trainer.restore(os.path.join(out, "ckpt-transformer-1_1-pipedream-2bw-adam"))
+        restored = trainer.get_weights()
+    finally:
+        trainer.close()
+    for name, value in restored.items():
+        np.testing.assert_array_equal(value, final["final/" + name], err_msg=name)

@@ -79,10 +79,8 @@ def variable_of(name, nodes, inputs):
     return None
 
 
-def reads_not_before_update(trainer, batch):
-    """(read op, write op, variable) for every read of a variable that is not an ancestor of an
-    op of the same step that writes the variable."""
-    nodes, inputs = executed_graph(trainer, batch)
+def reads_and_writes(nodes, inputs):
+    """variable -> its read ops, variable -> its write ops, in the executed graph."""
     reads, writes = collections.defaultdict(list), collections.defaultdict(list)
     for name, node in nodes.items():
         if not node.input:
@@ -92,6 +90,14 @@ def reads_not_before_update(trainer, batch):
             reads[variable_of(resource, nodes, inputs)].append(name)
         elif node.op.startswith(WRITES_PREFIXES):
             writes[variable_of(resource, nodes, inputs)].append(name)
+    return reads, writes
+
+
+def reads_not_before_update(trainer, batch):
+    """(read op, write op, variable) for every read of a variable that is not an ancestor of an
+    op of the same step that writes the variable."""
+    nodes, inputs = executed_graph(trainer, batch)
+    reads, writes = reads_and_writes(nodes, inputs)
     ancestors = {}
 
     def ancestors_of(name):
@@ -159,6 +165,13 @@ INTERLEAVED_CASES = [
 ]
 
 
+TWO_BW_CASES = [
+    ("mlp", [1, 1], "pipedream-2bw", 4),
+    ("transformer", [2, 2], "pipedream-2bw", 2),
+    ("rnn", [1, 1], "pipedream-2bw", 2),
+]
+
+
 @pytest.mark.parametrize("stacked", [False, True], ids=["per-micro-batch", "stacked"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
 @pytest.mark.parametrize(
@@ -169,6 +182,28 @@ INTERLEAVED_CASES = [
 def test_every_read_of_a_variable_runs_before_its_update(
     monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked, chunks=1
 ):
+    trainer, batch = make_trainer(
+        monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked, chunks
+    )
+    try:
+        assert reads_not_before_update(trainer, batch) == []
+    finally:
+        trainer.close()
+
+
+def make_trainer(
+    monkeypatch,
+    model,
+    replicas,
+    schedule,
+    num_micro_batches,
+    transposed,
+    stacked,
+    chunks=1,
+    **options,
+):
+    """The trainer and a batch of one case (the transposed-weights pass on or off; `chunks`
+    stages per device group: interleaved-1f1b)."""
     monkeypatch.setattr(compat, "onednn_enabled", lambda: transposed)
     case = model_case(model)
     layers = build_template(case.model_fn, case.feature_spec).layers
@@ -182,14 +217,11 @@ def test_every_read_of_a_variable_runs_before_its_update(
         seed=3,
         optimize_graph=False,
         stack_weight_gradients=stacked,
+        **options,
     )
-    try:
-        if transposed and model != "rnn":
-            assert any(s.transposed_weights for s in trainer.rewritten.stage_graphs)
-        batch = case.make_batch(np.random.default_rng(0), GLOBAL_BATCH)
-        assert reads_not_before_update(trainer, batch) == []
-    finally:
-        trainer.close()
+    if transposed and model != "rnn":
+        assert any(s.transposed_weights for s in trainer.rewritten.stage_graphs)
+    return trainer, case.make_batch(np.random.default_rng(0), GLOBAL_BATCH)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
@@ -222,3 +254,47 @@ def test_every_read_of_a_variable_runs_before_its_update_under_interleaved_1f1b(
     test_every_read_of_a_variable_runs_before_its_update(
         monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked, chunks=2
     )
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-micro-batch", "stacked"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["plain", "transposed"])
+@pytest.mark.parametrize(
+    "model,replicas,schedule,num_micro_batches",
+    TWO_BW_CASES,
+    ids=[f"{m}-{':'.join(map(str, r))}-{s}-{n}" for m, r, s, n in TWO_BW_CASES],
+)
+def test_under_2bw_the_calls_read_only_the_previous_weights_and_before_their_copy(
+    monkeypatch, model, replicas, schedule, num_micro_batches, transposed, stacked
+):
+    """pipedream-2bw (graph_rewrite/weight_versions.py): every read of a variable runs before
+    the step's writes of it, the previous weights included: the calls' reads of W(t-1) before
+    the copy of W(t) into them, the copy's reads of W(t) before the optimizer's update. And
+    the step reads the trainable variables themselves only to copy them."""
+    trainer, batch = make_trainer(
+        monkeypatch,
+        model,
+        replicas,
+        schedule,
+        num_micro_batches,
+        transposed,
+        stacked,
+        allow_async=True,
+    )
+    try:
+        assert reads_not_before_update(trainer, batch) == []
+        nodes, inputs = executed_graph(trainer, batch)
+        reads, writes = reads_and_writes(nodes, inputs)
+        previous = {v.op.name: name for name, v in trainer.rewritten.previous_weights.items()}
+        assert set(previous.values()) == {
+            n for n, v in trainer.template.variables.items() if v.trainable
+        }
+        for name in previous:
+            assert reads[name] and writes[name], name
+        for name in previous.values():
+            assert reads[name], name
+            outside_copy = [
+                r for r in reads[name] if not r.startswith("dapple/copy_previous_weights/")
+            ]
+            assert outside_copy == [], name
+    finally:
+        trainer.close()

@@ -1,12 +1,16 @@
 """dapple_tf.Trainer under horovodrun (4 ranks): the unchanged single-process API.
 
-trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][,...]
+trainer_checks.py equivalence <out_dir> <model>/<plan>/<schedule>[/grappler][/clip][/adam][/steps<n>][/resume<k>][,...]
     For every (model, plan, schedule): build Trainer (Grappler on with '/grappler', as in
     train.py; off otherwise, to keep graph building fast; clip_norm=CLIP_NORM with '/clip';
-    Adam instead of the model's optimizer with '/adam'), check get_weights() before training,
-    run STEPS steps, save a checkpoint; rank 0 writes <out_dir>/<tag>.npz (tag:
-    <model>-<plan>-<schedule>[-clip][-adam]) with the losses (as every rank saw them) and the
-    final weights. Plans: PLANS (even splits), SPLITS and INTERLEAVED. Models:
+    Adam instead of the model's optimizer with '/adam'; allow_async for an asynchronous
+    schedule), check get_weights() before training, run STEPS steps (n with '/steps<n>'), save
+    a checkpoint; rank 0 writes <out_dir>/<tag>.npz (tag: <model>-<plan>-<schedule>[-clip]
+    [-adam]) with the losses (as every rank saw them) and the final weights. With
+    '/resume<k>': then a new trainer (other initial values: seed + 1) restores that checkpoint
+    and trains k more steps on the batches that follow; the npz also holds its losses and
+    final weights (resumed_losses, resumed/<name>). Plans: PLANS (even splits), SPLITS and
+    INTERLEAVED. Models:
     those of rewrite_models.ALL, tf1bert0 / tf1bert1 (tests/tf1_bert.py with dropout 0 /
     0.1, its layer rule, Adam), and bn / bnfused (tests/batch_norm_model.py: moments batch
     norm, the last one fused).
@@ -43,6 +47,7 @@ import tf1_bert  # noqa: E402
 import dapple_tf  # noqa: E402
 from graph_rewrite.template import build_template  # noqa: E402
 from planner.plan_format import Plan, Stage, even_plan  # noqa: E402
+from planner.schedules import ASYNC  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCHES, STEPS, SEED = 48, 4, 3, 7
 CLIP_NORM = 0.05  # below the global gradient norm of every test model's first steps
@@ -121,6 +126,7 @@ def make_trainer(
     clip_norm=None,
     layers=None,
     optimizer_fn=optimizer,
+    seed=SEED,
 ):
     names = build_template(case.model_fn, case.feature_spec, layers=layers).layers
     plan = make_plan(names, plan_name, schedule)
@@ -130,10 +136,11 @@ def make_trainer(
         optimizer_fn,
         plan,
         GLOBAL_BATCH,
-        seed=SEED,
+        seed=seed,
         optimize_graph=optimize_graph,
         clip_norm=clip_norm,
         layers=layers,
+        allow_async=schedule in ASYNC,
     )
 
 
@@ -146,18 +153,25 @@ def equivalence(out_dir, configs):
     for config in configs:
         model, plan_name, schedule, *options = config.split("/")
         case, layers, optimizer_fn = model_case(model)
-        clip = "clip" in options
         if "adam" in options:
             optimizer_fn = adam
-        trainer = make_trainer(
-            case,
-            plan_name,
-            schedule,
-            optimize_graph="grappler" in options,
-            clip_norm=CLIP_NORM if clip else None,
-            layers=layers,
-            optimizer_fn=optimizer_fn,
-        )
+        steps = next((int(o[len("steps") :]) for o in options if o.startswith("steps")), STEPS)
+        resume = next((int(o[len("resume") :]) for o in options if o.startswith("resume")), 0)
+        clip = "clip" in options
+
+        def new_trainer(seed=SEED):
+            return make_trainer(
+                case,
+                plan_name,
+                schedule,
+                optimize_graph="grappler" in options,
+                clip_norm=CLIP_NORM if clip else None,
+                layers=layers,
+                optimizer_fn=optimizer_fn,
+                seed=seed,
+            )
+
+        trainer = new_trainer()
         rank = trainer.rank
         transfer_ops = sorted(
             {
@@ -179,12 +193,20 @@ def equivalence(out_dir, configs):
             flush=True,
         )
         initial = trainer.get_weights()
-        losses = [trainer.train_step(b) for b in batches(case, STEPS)]
+        losses = [trainer.train_step(b) for b in batches(case, steps)]
         final = trainer.get_weights()
         tag = tag_of(model, plan_name, schedule, clip, "adam" in options)
-        trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
+        path = trainer.save(os.path.join(out_dir, f"ckpt-{tag}"))
         step = trainer.global_step
         trainer.close()
+        resumed = {}
+        if resume:
+            trainer = new_trainer(SEED + 1)
+            trainer.restore(path)
+            resumed_losses = [trainer.train_step(b) for b in batches(case, steps + resume)[steps:]]
+            resumed = {"resumed/" + k: v for k, v in trainer.get_weights().items()}
+            resumed["resumed_losses"] = np.array(resumed_losses)
+            trainer.close()
         print(
             "LOSSES "
             + json.dumps({"tag": tag, "rank": rank, "losses": losses, "global_step": step}),
@@ -196,6 +218,7 @@ def equivalence(out_dir, configs):
                 losses=np.array(losses),
                 **{"initial/" + k: v for k, v in initial.items()},
                 **{"final/" + k: v for k, v in final.items()},
+                **resumed,
             )
 
 
