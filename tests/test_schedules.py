@@ -132,7 +132,7 @@ def test_a_plan_with_a_schedule_the_rewriter_cannot_run_yet_is_refused(monkeypat
     with pytest.raises(
         PlanError,
         match="'interleaved-1f1b' is in the schedule library, but the rewriter cannot run it "
-        "yet; runnable schedules: gpipe, 1f1b, zb-h1, pipedream-2bw",
+        "yet; runnable schedules: gpipe, 1f1b, zb-h1",
     ):
         even_plan(["a", "b"], [1, 1], 8, 4, "interleaved-1f1b")
 
