@@ -1,8 +1,9 @@
-"""Bubble: measured vs theoretical for S in {2, 4}, M in {1, 2, 4, 8, 16}, GPipe, 1F1B, ZB-H1.
+"""Bubble: measured vs theoretical for S in {2, 4}, M in {1, 2, 4, 8, 16}, GPipe, 1F1B, ZB-H1
+(and interleaved 1F1B).
 
     python bench/bench_bubble.py [--width 512] [--micro-batch 64] [--steps 3]
                                  [--stages 2 4] [--micro-batches 1 2 4 8 16]
-                                 [--schedules gpipe 1f1b zb-h1]
+                                 [--schedules gpipe 1f1b zb-h1 interleaved-1f1b] [--chunks 2]
 
 Model: an MLP of 8 equal dense+tanh layers (the last also computes the loss), split evenly into
 S stages on S logical CPU devices; the micro-batch size is fixed, so the global batch is
@@ -12,7 +13,9 @@ and its bubble fraction per device (`bubble_fraction`: the share of the window f
 forward to the last backward in which the device runs no forward or backward) is averaged over
 devices (for zb-h1, its I and W actions count as busy like F and B). The table shows the median
 over traced steps next to the schedule's unit-time bubble (`planner.schedules.unit_bubble`: F =
-1, B = 2, I = W = 1; (S-1)/(M+S-1) for GPipe and 1F1B, (S-1)/(3M+S-1) for ZB-H1). On this
+1, B = 2, I = W = 1; (S-1)/(M+S-1) for GPipe and 1F1B, (S-1)/(3M+S-1) for ZB-H1). Under
+interleaved-1f1b, S is the number of devices, each holding `--chunks` = v of the S v stages
+(round-robin), theory (S-1)/(vM+S-1); M must be a multiple of S (other M are skipped). On this
 machine the S logical devices share the same few cores with each other (and with other jobs), so
 stages slow each other down when they overlap.
 """
@@ -59,6 +62,9 @@ def main(argv=None):
         "--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"], choices=schedules.EXECUTABLE
     )
     parser.add_argument(
+        "--chunks", type=int, default=2, help="interleaved-1f1b: stages per device (v)"
+    )
+    parser.add_argument(
         "--optimize-graph", action="store_true", help="keep Grappler on (slower set-up)"
     )
     args = parser.parse_args(argv)
@@ -72,12 +78,15 @@ def main(argv=None):
     for S in args.stages:
         for M in args.micro_batches:
             for schedule in args.schedules:
+                chunks = args.chunks if schedule in schedules.CHUNKED else 1
+                if M % S and chunks > 1:
+                    continue  # interleaving needs M a multiple of the devices
                 gbs = args.micro_batch * M
                 batch = {
                     "x": rng.standard_normal((gbs, args.width)).astype(np.float32),
                     "y": rng.integers(0, 10, size=(gbs,)).astype(np.int32),
                 }
-                plan = even_plan(layers, [1] * S, gbs, M, schedule)
+                plan = even_plan(layers, [1] * S, gbs, M, schedule, chunks)
                 trainer = Trainer(
                     fn,
                     spec,
@@ -102,8 +111,10 @@ def main(argv=None):
                     (
                         S,
                         M,
-                        schedule,
-                        schedules.unit_bubble(schedules.action_lists(schedule, S, M), S),
+                        schedule + (f" v={chunks}" if chunks > 1 else ""),
+                        schedules.unit_bubble(
+                            schedules.action_lists(schedule, S * chunks, M, chunks), S * chunks
+                        ),
                         statistics.median(bubbles),
                         min(bubbles),
                         max(bubbles),
@@ -111,7 +122,7 @@ def main(argv=None):
                     )
                 )
                 print(
-                    f"S={S} M={M:2d} {schedule:5s} theory {rows[-1][3]:.3f} measured "
+                    f"S={S} M={M:2d} {rows[-1][2]:5s} theory {rows[-1][3]:.3f} measured "
                     f"{rows[-1][4]:.3f}  window {rows[-1][7]:.1f} ms",
                     file=sys.stderr,
                     flush=True,

@@ -2,7 +2,7 @@
 
     python bench/bench_scaling.py [--runs single,1:1,DP2,1:1:1:1,2x2] [--steps 12] [--warmup 3]
                                   [--model mlp|bert|gnmt] [--global-batch N] [--launcher gloo|mpi]
-                                  [--stack-weight-gradients] [--zero-bubble]
+                                  [--stack-weight-gradients] [--zero-bubble] [--interleaved V]
 
 The way GPUs behave: every rank computes on a core of its own. Each run is launched as
 `horovodrun --gloo -np N -H localhost:N` (`--launcher mpi`: `horovodrun --mpi`), every rank
@@ -16,7 +16,9 @@ per step (each rank reports its own times; every rank leaves a step only after t
 collective, so they agree closely).
 
 Physical limit of a pipeline of S equal stages with M micro-batches on S cores: S*M/(M+S-1)
-(1:1 M=8: 1.78x); of data parallelism on R cores: R.
+(1:1 M=8: 1.78x); interleaved over v chunks per core: S*M/(M+(S-1)/v) (1:1, v=2: 1.88x); of
+data parallelism on R cores: R. `--interleaved V` adds, for each pipeline run, the same devices
+running interleaved-1f1b with V stages each (the layers cut into V*S stages, round-robin).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def worker(
     model: str = "mlp",
     global_batch=None,
     schedule: str = "1f1b",
+    chunks: int = 1,
 ) -> None:
     """One rank of a horovodrun launch (or the single-process baseline): pin, build, time."""
     local_rank = int(
@@ -181,12 +184,13 @@ def worker(
         print("RESULT " + json.dumps({"rank": 0, "core": core, "times": results}), flush=True)
         return
     _, replicas, micro_batches = RUNS[run]
-    plan = even_plan(layers, replicas, global_batch, micro_batches, schedule)
+    plan = even_plan(layers, replicas, global_batch, micro_batches, schedule, chunks)
     trainer = dapple_tf.Trainer(
         model_fn, spec, optimizer_fn, plan, global_batch, seed=1, stack_weight_gradients=stack
     )
     times = timed_steps(trainer, batch, steps, warmup)
     name = run + (" stacked" if stack else "") + ("" if schedule == "1f1b" else f" {schedule}")
+    name += f" v={chunks}" if chunks > 1 else ""
     print(
         "RESULT " + json.dumps({"rank": trainer.rank, "core": core, "times": {name: times}}),
         flush=True,
@@ -204,6 +208,7 @@ def launch(
     global_batch: int = GLOBAL_BATCH,
     launcher: str = "gloo",
     schedule: str = "1f1b",
+    chunks: int = 1,
 ) -> dict[str, list[float]]:
     """Run `run` (as horovodrun ranks, or one process) and return name -> per-step times (the
     slowest rank's time of each step)."""
@@ -222,6 +227,8 @@ def launch(
         str(global_batch),
         "--schedule",
         schedule,
+        "--interleaved",
+        str(chunks),
     ] + (["--stack-weight-gradients"] if stack else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", **env_extra)
     if run == "single":
@@ -248,12 +255,13 @@ def launch(
     return merged
 
 
-def physical_limit(run: str) -> float:
+def physical_limit(run: str, chunks: int = 1) -> float:
     """Best speedup over one core: R-way data parallel S-stage pipelines on R*S ranks reach
-    R*S*M/(M+S-1); with fewer cores than ranks, the cores bound it (cores/ranks of that)."""
+    R*S*M/(M+(S-1)/v) (v chunks per rank, interleaved; 1 otherwise); with fewer cores than
+    ranks, the cores bound it (cores/ranks of that)."""
     ranks, replicas, micro_batches = RUNS[run]
     stages = len(replicas)
-    limit = replicas[0] * stages * micro_batches / (micro_batches + stages - 1)
+    limit = replicas[0] * stages * micro_batches / (micro_batches + (stages - 1) / chunks)
     cores = len(os.sched_getaffinity(0))
     return limit * min(1.0, cores / ranks)
 
@@ -275,6 +283,13 @@ def main(argv=None):
         help="also run the multi-rank pipelines (M > 1) with the zb-h1 schedule",
     )
     parser.add_argument("--schedule", default="1f1b", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interleaved",
+        type=int,
+        default=1,
+        metavar="V",
+        help="also run each pipeline (M > 1) as interleaved-1f1b with V stages per rank",
+    )
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the launched ranks (repeatable)"
     )
@@ -302,16 +317,20 @@ def main(argv=None):
             args.model,
             global_batch,
             args.schedule,
+            args.interleaved if args.schedule == "interleaved-1f1b" else 1,
         )
         return
     env_extra = dict(kv.split("=", 1) for kv in args.env)
     results: dict[str, list[float]] = {}
     for run in args.runs.split(","):
         variants = [(False, "1f1b")]  # (stack_weight_gradients, schedule)
+        pipeline = run != "single" and len(RUNS[run][1]) > 1
         if args.stack_weight_gradients and run != "single" and RUNS[run][2] > 1:
             variants.append((True, "1f1b"))
-        if args.zero_bubble and run != "single" and len(RUNS[run][1]) > 1:
+        if args.zero_bubble and pipeline:
             variants.append((False, "zb-h1"))
+        if args.interleaved > 1 and pipeline:
+            variants.append((False, "interleaved-1f1b"))
         for stack, schedule in variants:
             results.update(
                 launch(
@@ -324,6 +343,7 @@ def main(argv=None):
                     global_batch,
                     args.launcher,
                     schedule,
+                    args.interleaved if schedule == "interleaved-1f1b" else 1,
                 )
             )
     base = (
@@ -338,9 +358,10 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for name, times in results.items():
         median = statistics.median(times)
-        run = name.replace(" stacked", "").replace(" zb-h1", "")
+        run, _, variant = name.partition(" ")
+        chunks = int(variant.split("v=")[1]) if "v=" in variant else 1
         ranks = RUNS[run][0] if run in RUNS else 1
-        limit = f"{physical_limit(run):.2f}x" if run in RUNS else "1.00x"
+        limit = f"{physical_limit(run, chunks):.2f}x" if run in RUNS else "1.00x"
         speedup = f"{base / median:.2f}x" if base else "-"
         print(
             f"| {name} | {ranks} | {median * 1e3:.1f} | {min(times) * 1e3:.1f}-"
