@@ -71,6 +71,7 @@ class MultiRankTrainer(Trainer):
         transport: str | None = None,
         input_fn: Callable | None = None,
         stack_weight_gradients: bool = False,
+        bound_zero_bubble_memory: bool = False,
         layers=None,
         allow_async: bool = False,
     ):
@@ -172,6 +173,7 @@ class MultiRankTrainer(Trainer):
             gradient_sync=sync,
             input_fn=input_fn,
             stack_weight_gradients=stack_weight_gradients,
+            bound_zero_bubble_memory=bound_zero_bubble_memory,
         )
         self.graph = self.rewritten.graph
         self.features = self.rewritten.features

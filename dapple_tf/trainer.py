@@ -249,6 +249,9 @@ class Trainer(_SessionTrainer):
     larger matmuls; the inputs of those gradients, e.g. the layer inputs, then stay alive
     until the stage's last backward, as under GPipe; graph_rewrite/stacked_gradients.py; not
     with schedule zb-h1, whose W actions compute weight gradients once per micro-batch),
+    bound_zero_bubble_memory (zb-h1: stage s holds back fewer than the paper's s W's where a
+    pending W holds more bytes than a pending forward, so that no stage holds more than 1F1B's
+    first stage: less memory, more bubble; docs/passes/schedule.md),
     allow_async (accept a plan whose schedule is asynchronous, `pipedream-2bw`: each step's
     gradient is computed on the previous step's weights and `train_step` returns the loss at
     those weights; update rule in docs/async.md; refused without it).
@@ -283,6 +286,7 @@ class Trainer(_SessionTrainer):
         input_fn: Callable | None = None,
         transport: str | None = None,
         stack_weight_gradients: bool = False,
+        bound_zero_bubble_memory: bool = False,
         layers: LayerRule = None,
         allow_async: bool = False,
     ):
@@ -313,6 +317,7 @@ class Trainer(_SessionTrainer):
             clip_norm=clip_norm,
             input_fn=input_fn,
             stack_weight_gradients=stack_weight_gradients,
+            bound_zero_bubble_memory=bound_zero_bubble_memory,
         )
         clock.mark("rewrite")
         self.graph = self.rewritten.graph

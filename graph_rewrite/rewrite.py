@@ -90,6 +90,7 @@ def rewrite(
     gradient_sync: GradientSync | None = None,
     input_fn: Callable[[dict], object] | None = None,
     stack_weight_gradients: bool = False,
+    bound_zero_bubble_memory: bool = False,
 ) -> TrainingGraph:
     """Build the training graph of the slots in `local_slots` (default: all, one process).
     `device_name` maps a plan device id to a device string of this process. The features are
@@ -101,7 +102,9 @@ def rewrite(
     (graph_rewrite/stacked_gradients.py); their inputs stay alive until then. Not with a
     schedule that splits backwards into I and W (zb-h1): its W actions compute the weight
     gradients the input gradients do not need, once per micro-batch, where the schedule puts
-    them (`StageGraph.deferred_weights`)."""
+    them (`StageGraph.deferred_weights`). `bound_zero_bubble_memory`: zb-h1 holds back on
+    each stage only as many W's as keep its bytes within 1F1B's peak
+    (`schedule.zero_bubble_held_back`), instead of the paper's s on stage s."""
     clock = PhaseClock()
     pipeline_schedule = plan_schedule(plan)
     defer_weights = any(a.kind == "W" for actions in pipeline_schedule.lists for a in actions)
@@ -133,7 +136,7 @@ def rewrite(
         ),
         defer_weight_gradients=defer_weights,
     )
-    if defer_weights:  # zb-h1: hold back only as many W's as 1F1B's peak memory allows
+    if defer_weights and bound_zero_bubble_memory:  # zb-h1 within 1F1B's peak memory
         pipeline_schedule = plan_schedule(plan, zero_bubble_held_back(plan, stage_graphs))
     transport = transport or LocalTransport(device_of_slot)
     gradient_sync = gradient_sync or LocalGradientSync()

@@ -328,12 +328,21 @@ def tanh_mlp_batches(rows, steps=STEPS, width=WIDTH):
     ]
 
 
-def tanh_mlp_trainer(schedule, optimizer="momentum", width=WIDTH, rows=ROWS):
+def tanh_mlp_trainer(schedule, optimizer="momentum", width=WIDTH, rows=ROWS, bound=True):
     fn = functools.partial(tanh_mlp_fn, width=width)
     spec = {"x": ((width,), tf.float32), "y": ((), tf.int32)}
     layers = build_template(fn, spec).layers
     plan = even_plan(layers, [1] * 4, rows * 8, 8, schedule)
-    return Trainer(fn, spec, OPTIMIZERS[optimizer], plan, rows * 8, seed=SEED, optimize_graph=False)
+    return Trainer(
+        fn,
+        spec,
+        OPTIMIZERS[optimizer],
+        plan,
+        rows * 8,
+        seed=SEED,
+        optimize_graph=False,
+        bound_zero_bubble_memory=bound,
+    )
 
 
 def test_zb_h1_holds_back_fewer_ws_where_a_pending_w_holds_more_than_a_forward():
@@ -341,15 +350,20 @@ def test_zb_h1_holds_back_fewer_ws_where_a_pending_w_holds_more_than_a_forward()
     forward holds its input and its two layers' outputs (3 tensors of ROWS x WIDTH); a pending W
     its two layers' inputs and output gradients (4). Stage s may hold back W's only while its
     bytes stay within 4 forwards' (planner.schedules.memory_bounded_held_back): 0, 0, 1, 1
-    W's instead of the paper's 0, 1, 2, 3, and that is the order the step runs."""
+    W's instead of the paper's 0, 1, 2, 3, and that is the order the step runs. Opt-in
+    (`bound_zero_bubble_memory=True`): by default the paper's hold-backs, whose smaller bubble
+    is faster (bench/README.md)."""
     trainer = tanh_mlp_trainer("zb-h1")
+    paper = tanh_mlp_trainer("zb-h1", bound=False)
     try:
         one = ROWS * WIDTH * 4
         middle = trainer.rewritten.stage_graphs[1].deferred_weights
         assert (middle.forward_bytes, middle.input_bytes) == (3 * one, 4 * one)
         assert trainer.rewritten.schedule == schedules.zero_bubble_h1(4, 8, (0, 0, 1, 1))
+        assert paper.rewritten.schedule == schedules.zero_bubble_h1(4, 8)
     finally:
         trainer.close()
+        paper.close()
 
 
 def test_memory_bounded_zb_h1_trains_like_single_device():
@@ -376,7 +390,8 @@ def test_memory_bounded_zb_h1_trains_like_single_device():
 def test_zb_h1_peak_memory_stays_near_1f1bs():
     """The measured peak over the 4 stages (`dapple_tf.memory.peak_live_bytes` of every clone op,
     a traced step; bench_memory.py's figure) at bench_memory's sizes (width 512, 64 rows):
-    zb-h1's within 10% of 1F1B's (measured 1.07x; the paper's hold-backs 0, 1, 2, 3 gave 1.34x).
+    memory-bounded zb-h1's within 10% of 1F1B's (measured 1.01-1.07x; the paper's hold-backs
+    0, 1, 2, 3 give 1.34x, more than 10% over: checked too, so the bound is what keeps it).
     The figure leaves out a stage's received inputs, which logical CPU devices share with the
     sender instead of copying; at width 128 and 16 rows it is 1.10x."""
     from dapple_tf.memory import peak_live_bytes, stage_prefix
@@ -384,8 +399,8 @@ def test_zb_h1_peak_memory_stays_near_1f1bs():
     width, rows = 512, 64
     batch = tanh_mlp_batches(rows * 8, steps=1, width=width)[0]
     peaks = {}
-    for schedule in ("1f1b", "zb-h1"):
-        trainer = tanh_mlp_trainer(schedule, width=width, rows=rows)
+    for schedule, bound in (("1f1b", True), ("zb-h1", True), ("paper zb-h1", False)):
+        trainer = tanh_mlp_trainer(schedule.split()[-1], width=width, rows=rows, bound=bound)
         try:
             trainer.train_step(batch)
             _, metadata = trainer.traced_step(batch)
@@ -396,4 +411,4 @@ def test_zb_h1_peak_memory_stays_near_1f1bs():
             )
         finally:
             trainer.close()
-    assert peaks["zb-h1"] <= 1.10 * peaks["1f1b"], peaks
+    assert peaks["zb-h1"] <= 1.10 * peaks["1f1b"] < peaks["paper zb-h1"], peaks
