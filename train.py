@@ -51,6 +51,14 @@ flags.DEFINE_enum(
     "pipeline schedule (default: the planner's choice, 1f1b for notation plans); "
     "pipedream-2bw is asynchronous and needs --allow_async",
 )
+flags.DEFINE_integer(
+    "chunks",
+    None,
+    "interleaved-1f1b with a notation plan: stages per device group (default 2); the notation "
+    "gives the groups' replica counts, e.g. --dapple_plan=2:2 --chunks=2 is 4 stages on 2 "
+    "groups of 2 devices",
+    lower_bound=1,
+)
 flags.DEFINE_bool(
     "allow_async",
     False,
@@ -181,6 +189,18 @@ def _check_async(values):
         check_async_allowed(values["schedule"], values["allow_async"], "--allow_async")
     except ScheduleError as e:
         raise flags.ValidationError(str(e))
+    return True
+
+
+@flags.multi_flags_validator(["chunks", "schedule"])
+def _check_chunks(values):
+    from planner.schedules import CHUNKED
+
+    if values["chunks"] is not None and values["schedule"] not in CHUNKED:
+        raise flags.ValidationError(
+            f"--chunks={values['chunks']} puts several stages on each device group, which only "
+            f"--schedule={' or '.join(CHUNKED)} runs (got --schedule={values['schedule']})"
+        )
     return True
 
 

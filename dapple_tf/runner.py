@@ -23,7 +23,9 @@ from dapple_tf.calibration import StepTimer, prediction_report, record_measureme
 from dapple_tf.stop_signals import StopAgreement, StopSignals
 from models.data import DataError
 from planner.plan_format import PlanError
-from planner.schedules import ASYNC
+from planner.schedules import ASYNC, CHUNKED
+
+INTERLEAVED_CHUNKS = 2  # stages per device group of an interleaved notation plan by default
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,7 @@ class TrainingConfig:
     global_batch_size: int | None = None
     num_micro_batches: int | None = None
     schedule: str | None = None
+    chunks: int | None = None  # interleaved-1f1b notation plans: stages per device group
     num_devices: int | None = None
     cluster: str | None = None
     steps: int = 20
@@ -149,7 +152,8 @@ def resolve_plan(
 ):
     """The Plan for this run: 'auto' profiles the model and asks the planner; a path is read;
     DAPPLE notation ('2:2', '3:1', 'DP4') splits the layers evenly over that many stages, with
-    `batching.notation_micro_batches` micro-batches unless --num_micro_batches says."""
+    `batching.notation_micro_batches` micro-batches unless --num_micro_batches says (under
+    interleaved-1f1b: over --chunks times as many stages, round-robin on those device groups)."""
     from planner.plan_format import Plan, even_plan, parse_notation
 
     choice = config.dapple_plan
@@ -187,12 +191,15 @@ def resolve_plan(
     num_micro_batches = notation_micro_batches(
         replicas, global_batch_size, config.num_micro_batches
     )
+    schedule = config.schedule or "1f1b"
+    chunks = config.chunks or (INTERLEAVED_CHUNKS if schedule in CHUNKED else 1)
     return even_plan(
         _layer_names(config, spec),
         replicas,
         global_batch_size,
         num_micro_batches,
-        config.schedule or "1f1b",
+        schedule,
+        chunks,
     )
 
 

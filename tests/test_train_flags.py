@@ -51,6 +51,8 @@ def train_py_error(*flags, cwd=REPO):
         (["--schedule=pipedream-2bw"], "asynchronous"),
         (["--schedule=pipedream-2bw"], "pass --allow_async to use it"),
         (["--cluster=8,x"], "expected increasing device counts like '8,16', found '8,x'"),
+        (["--chunks=2"], "--chunks=2 puts several stages on each device group, which only"),
+        (["--chunks=0", "--schedule=interleaved-1f1b"], "flag --chunks=0: 0 is not a positive"),
         (["--trace_step=30", "--steps=20"], "--trace_step=30 is after the last step (--steps=20)"),
         (
             ["--dapple_plan=3:1", "--global_batch_size=8"],
@@ -148,3 +150,21 @@ def test_a_requested_micro_batch_count_is_kept_or_refused():
     assert notation_micro_batches([2, 2], 16, 2) == 2
     with pytest.raises(BatchError, match="need a multiple of 2"):
         notation_micro_batches([2, 2], 16, 16)
+
+
+@pytest.mark.parametrize("chunks, stages", [(None, 4), (3, 6)])
+def test_an_interleaved_notation_plan_puts_chunks_stages_on_each_device_group(chunks, stages):
+    """--dapple_plan=1:1 --schedule=interleaved-1f1b: the notation names the 2 device groups;
+    the layers split into --chunks (default 2) times as many stages, stage s on group s mod 2."""
+    import models
+    from dapple_tf.runner import TrainingConfig, resolve_plan
+
+    spec = models.get_model("gnmt", "tiny")  # 9 layers
+    config = TrainingConfig(
+        model="gnmt", dapple_plan="1:1", schedule="interleaved-1f1b", chunks=chunks
+    )
+    plan = resolve_plan(config, spec, 16, 2)
+    assert plan.schedule == "interleaved-1f1b"
+    assert plan.num_stages == stages and plan.device_groups == ((0,), (1,))
+    assert [st.devices for st in plan.stages] == [(s % 2,) for s in range(stages)]
+    assert plan.num_micro_batches % 2 == 0
