@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from equivalence import assert_same_training
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.place import Slot
 from graph_rewrite.schedule import plan_schedule
@@ -72,11 +73,7 @@ def interleaved_trainer(model, replicas, chunks, num_micro_batches, **options):
 def assert_trains_like_single_device(trainer, model):
     expected_losses, expected = single_device_run(model)
     losses = [trainer.train_step(b) for b in batches(models.ALL[model])]
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
-    final = trainer.get_weights()
-    assert sorted(final) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_training(losses, trainer.get_weights(), expected_losses, expected)
 
 
 CASES = [

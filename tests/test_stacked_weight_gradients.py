@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from equivalence import assert_same_training
 from dapple_tf.layers import layer
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.backward_split import split_backward
@@ -112,11 +113,7 @@ def stacked_trainer(
 def assert_trains_like_single_device(trainer, model, optimizer):
     expected_losses, expected = single_device_run(model, optimizer)
     losses = [trainer.train_step(b) for b in batches(CASES[model])]
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
-    final = trainer.get_weights()
-    assert sorted(final) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_same_training(losses, trainer.get_weights(), expected_losses, expected)
 
 
 def stacked_variables(trainer):

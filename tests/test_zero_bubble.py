@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import rewrite_models as models
+from equivalence import assert_same_training
 from dapple_tf.layers import layer
 from dapple_tf.trainer import SingleDeviceTrainer, Trainer
 from graph_rewrite.backward_split import split_weight_gradients
@@ -105,11 +106,7 @@ def test_zb_h1_trains_like_single_device(model, replicas, num_micro_batches, opt
     try:
         assert deferred_variables(trainer), "no weight gradient was deferred to W"
         losses = [trainer.train_step(b) for b in batches(models.ALL[model])]
-        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
-        final = trainer.get_weights()
-        assert sorted(final) == sorted(expected)
-        for name, value in expected.items():
-            np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_same_training(losses, trainer.get_weights(), expected_losses, expected)
     finally:
         trainer.close()
 
@@ -120,10 +117,7 @@ def test_zb_h1_with_grappler_on_trains_like_single_device():
     trainer = zb_trainer("transformer", [1, 1, 1, 1], 4, optimize_graph=True)
     try:
         losses = [trainer.train_step(b) for b in batches(models.TRANSFORMER)]
-        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
-        final = trainer.get_weights()
-        for name, value in expected.items():
-            np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_same_training(losses, trainer.get_weights(), expected_losses, expected)
     finally:
         trainer.close()
 
@@ -378,10 +372,9 @@ def test_memory_bounded_zb_h1_trains_like_single_device():
     try:
         expected_losses = [reference.train_step(b) for b in batches_]
         losses = [trainer.train_step(b) for b in batches_]
-        np.testing.assert_allclose(losses, expected_losses, rtol=1e-5, atol=1e-6)
-        expected, final = reference.get_weights(), trainer.get_weights()
-        for name, value in expected.items():
-            np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_same_training(
+            losses, trainer.get_weights(), expected_losses, reference.get_weights()
+        )
     finally:
         reference.close()
         trainer.close()
