@@ -9,7 +9,7 @@ from typing import Sequence
 
 from planner.cluster import GB, Cluster, ClusterError
 from planner.dapple_cost import DappleModel
-from planner.dapple_search import OTHER_SCHEDULE_MARGIN, DappleSearch
+from planner.dapple_search import OTHER_SCHEDULE_MARGIN, DappleSearch, schedule_label
 from planner.hpgo import HpgoModel
 from planner.hpgo_search import HpgoSearch
 from planner.plan_format import Plan, PlanError, Stage
@@ -219,9 +219,7 @@ def _schedule_choice(search: DappleSearch, best) -> dict:
     """Which schedules were compared on the chosen layout, their predicted steps, and why the
     plan's schedule won (the plan file's answer to "why this schedule")."""
     times = search.schedule_comparison(best)
-    chosen = best.schedule
-    if chosen == "interleaved-1f1b":
-        chosen += f" v={len(best.ends) // len(best.base[0])}"
+    chosen = schedule_label(best.schedule, len(best.ends), len(best.base[0]))
     if len(times) == 1:
         return {"predicted_step_s": times, "chosen": chosen, "why": f"{chosen} was asked for"}
     fitting = {k: t for k, t in times.items() if t is not None}

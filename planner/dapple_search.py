@@ -41,6 +41,14 @@ REFERENCE_SCHEDULES = ("1f1b", "gpipe")
 REFINED_LAYOUTS = 8
 
 
+def schedule_label(schedule: str, num_stages: int, num_groups: int) -> str:
+    """How plans and their comparisons name a schedule: interleaved-1f1b with its v, as in
+    'interleaved-1f1b v=2'."""
+    if schedule == "interleaved-1f1b":
+        return f"{schedule} v={num_stages // num_groups}"
+    return schedule
+
+
 @dataclasses.dataclass
 class DappleCandidate:
     ends: tuple[int, ...]
@@ -240,9 +248,7 @@ class DappleSearch:
         for schedule in self.schedules:
             for layout_ends, layout in self.schedule_layouts(ends, devices, b, schedule):
                 ev = self.m.evaluate(layout_ends, layout, b, schedule, self.limit)
-                label = schedule
-                if schedule == "interleaved-1f1b":
-                    label += f" v={len(layout_ends) // len(ends)}"
+                label = schedule_label(schedule, len(layout_ends), len(ends))
                 times[label] = float(ev.step_time_s) if ev.fits else None
         return times
 
