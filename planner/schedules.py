@@ -424,18 +424,8 @@ def _deadlock_message(lists, position, needs, done) -> str:
 
 def peak_in_flight(lists: Sequence[Sequence[Action]]) -> tuple[int, ...]:
     """Per device group: the most micro-batches (of all its stages) whose F ran and whose B or
-    W has not, at any point of its list."""
-    peaks = []
-    for actions in lists:
-        in_flight = peak = 0
-        for action in actions:
-            if action.kind == "F":
-                in_flight += 1
-                peak = max(peak, in_flight)
-            elif action.kind in "BW":
-                in_flight -= 1
-        peaks.append(peak)
-    return tuple(peaks)
+    W has not, at any point of its list: `peak_bytes` with a micro-batch as the unit."""
+    return tuple(int(peak_bytes(actions, 1, 1)) for actions in lists)
 
 
 @functools.lru_cache(maxsize=1024)
